@@ -1,0 +1,138 @@
+"""Dynamic-routing CapsNet after Sabour, Frosst & Hinton, "Dynamic Routing Between Capsules" (2017).
+
+conv1 (256 @ 9x9, ReLU) -> primary capsules (32 maps of 8-D capsules from one 9x9 stride-2
+convolution: 32*6*6 = 1,152 capsules) -> digit capsules (10 x 16-D, one 8x16 transform per
+(input, parent) pair, 3 routing iterations) -> class score = capsule length.
+A decoder (160 -> 512 -> 1024 -> 784, sigmoid) reconstructs the image from the masked
+digit capsules and regularises training.
+
+Routing is fully vectorised: the only Python loop is over the routing iterations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import ClassifierModel, ModelOutput
+
+
+@dataclass
+class CapsNetConfig:
+    num_classes: int = 10
+    conv_channels: int = 256  # conv1 width
+    primary_maps: int = 32  # number of primary capsule maps (each 6x6 capsules)
+    primary_dim: int = 8
+    digit_dim: int = 16
+    routing_iters: int = 3
+    decoder: bool = True
+    decoder_hidden: tuple[int, int] = (512, 1024)
+    # Margin loss (eq. 4 of the paper) and reconstruction weight.
+    m_plus: float = 0.9
+    m_minus: float = 0.1
+    lambda_absent: float = 0.5
+    reconstruction_weight: float = 0.0005
+    # Std of the initial capsule transforms W_ij. With the paper's softmax over parents, the
+    # 1,152 predictions are summed per parent; unit-variance transforms make every |s_j| huge,
+    # squash saturates at length ~1 for all classes and the margin loss gradient vanishes
+    # (training stalls near 10 %). 0.01 keeps |s_j| ~ 1 at the start, where squash is steep.
+    transform_init_std: float = 0.01
+
+
+def squash(s: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+    """v = |s|^2 / (1 + |s|^2) * s / |s|, written as s * |s| / (1 + |s|^2).
+
+    The eps inside the square root keeps the value and its gradient finite at s = 0
+    (the naive form divides by |s|). Output lengths stay in [0, 1).
+    """
+    squared_norm = (s * s).sum(dim=dim, keepdim=True)
+    return s * torch.sqrt(squared_norm + eps) / (1.0 + squared_norm)
+
+
+def margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float = 0.9, m_minus: float = 0.1,
+                lambda_absent: float = 0.5) -> torch.Tensor:
+    """Eq. 4: sum over classes of T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2.
+
+    lengths: (B, C) capsule lengths; returns the per-sample loss, shape (B,).
+    """
+    present = F.one_hot(labels, lengths.shape[1]).to(lengths.dtype)  # (B, C)
+    loss = present * F.relu(m_plus - lengths) ** 2 + lambda_absent * (1 - present) * F.relu(lengths - m_minus) ** 2
+    return loss.sum(dim=1)
+
+
+class CapsNet(ClassifierModel):
+    name = "capsnet"
+
+    def __init__(self, config: CapsNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or CapsNetConfig()
+        self.conv1 = nn.Conv2d(1, c.conv_channels, 9)  # 28 -> 20
+        # All primary capsules from one convolution: channel k*dim + d is component d of map k.
+        self.primary = nn.Conv2d(c.conv_channels, c.primary_maps * c.primary_dim, 9, stride=2)  # 20 -> 6
+        self.num_primary = c.primary_maps * 6 * 6
+        # W[i, j] maps input capsule i (primary_dim) to its prediction for parent j (digit_dim).
+        self.transforms = nn.Parameter(
+            c.transform_init_std * torch.randn(self.num_primary, c.num_classes, c.digit_dim, c.primary_dim))
+        if c.decoder:
+            h1, h2 = c.decoder_hidden
+            self.decoder = nn.Sequential(
+                nn.Linear(c.num_classes * c.digit_dim, h1), nn.ReLU(inplace=True),
+                nn.Linear(h1, h2), nn.ReLU(inplace=True),
+                nn.Linear(h2, 28 * 28), nn.Sigmoid(),
+            )
+        else:
+            self.decoder = None
+
+    def primary_capsules(self, images: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        x = F.relu(self.conv1(images))  # (B, 256, 20, 20)
+        x = self.primary(x)  # (B, maps*dim, 6, 6)
+        b = x.shape[0]
+        x = x.view(b, c.primary_maps, c.primary_dim, 6 * 6)  # (B, maps, dim, 36)
+        u = x.permute(0, 1, 3, 2).reshape(b, self.num_primary, c.primary_dim)  # (B, 1152, 8)
+        return squash(u)
+
+    def route(self, u_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing by agreement (Procedure 1). u_hat: (B, N_in, C, D) predictions.
+
+        Returns parent capsules v (B, C, D) and the last coupling coefficients c (B, N_in, C).
+        """
+        logits = u_hat.new_zeros(u_hat.shape[:3])  # b_ij: (B, N_in, C)
+        # Intermediate iterations only decide the coupling coefficients; like the reference
+        # implementations we do not backpropagate through them (cheaper, and more stable).
+        u_hat_detached = u_hat.detach()
+        for iteration in range(self.config.routing_iters):
+            coupling = logits.softmax(dim=2)  # over parents, as in the paper
+            last = iteration == self.config.routing_iters - 1
+            u = u_hat if last else u_hat_detached
+            s = torch.einsum("bic,bicd->bcd", coupling, u)  # (B, C, D)
+            v = squash(s)
+            if not last:
+                logits = logits + torch.einsum("bicd,bcd->bic", u_hat_detached, v)  # agreement
+        return v, coupling
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                return_coupling: bool = False) -> ModelOutput:
+        u = self.primary_capsules(images)  # (B, 1152, 8)
+        u_hat = torch.einsum("icdk,bik->bicd", self.transforms, u)  # (B, 1152, 10, 16)
+        v, coupling = self.route(u_hat)  # (B, 10, 16), (B, 1152, 10)
+        lengths = v.norm(dim=-1)  # (B, 10)
+        reconstructions = None
+        if self.decoder is not None:
+            # Mask with the true label in training, with the longest capsule otherwise.
+            target = labels if (labels is not None and self.training) else lengths.argmax(dim=1)
+            mask = F.one_hot(target, self.config.num_classes).to(v.dtype)  # (B, 10)
+            reconstructions = self.decoder((v * mask.unsqueeze(-1)).flatten(1)).view(-1, 1, 28, 28)
+        return ModelOutput(scores=lengths, capsules=v, reconstructions=reconstructions,
+                           coupling=coupling if return_coupling else None)
+
+    def loss(self, output: ModelOutput, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        loss = margin_loss(output.scores.float(), labels, c.m_plus, c.m_minus, c.lambda_absent)  # (B,)
+        if output.reconstructions is not None:
+            squared_error = (output.reconstructions.float() - images.float()) ** 2
+            loss = loss + c.reconstruction_weight * squared_error.flatten(1).sum(dim=1)
+        return loss.mean()
