@@ -146,11 +146,14 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
         rank: int = 0, world_size: int = 1, checkpoint_path: str | Path | None = None,
         resume_from: str | Path | None = None, on_progress: ProgressCallback | None = None,
         on_checkpoint: Callable[[Path, int], None] | None = None,
+        on_epoch_end: Callable[[dict[str, Any], Path | None], None] | None = None,
         should_stop: Callable[[], bool] | None = None) -> FitResult:
     """Train for config.epochs epochs (continuing from `resume_from` if given), then evaluate.
 
     Only rank 0 evaluates, writes `checkpoint_path` after every epoch, calls `on_checkpoint`
     and `on_progress`.  The returned rotation accuracies are empty on other ranks.
+    `on_epoch_end(record, checkpoint)` runs on every rank after every epoch (checkpoint is
+    None except on rank 0), for frameworks whose reporting is a collective barrier.
     """
     bare = unwrap(model)
     device = next(bare.parameters()).device
@@ -186,11 +189,14 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
             upright = evaluate(model, test.images, test.labels, batch_size=config.eval_batch_size, amp=config.amp)
             record.update(test_accuracy=upright.accuracy, test_loss=upright.loss)
         history.append(record)
+        saved: Path | None = None
         if rank == 0 and checkpoint_path is not None:
-            path = save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch=epoch + 1,
-                                   train_config=config.to_dict(), history=history)
+            saved = save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch=epoch + 1,
+                                    train_config=config.to_dict(), history=history)
             if on_checkpoint is not None:
-                on_checkpoint(path, epoch + 1)
+                on_checkpoint(saved, epoch + 1)
+        if on_epoch_end is not None:
+            on_epoch_end(record, saved)
         if emit is not None:
             emit({"type": "epoch", **record, "epochs": config.epochs, "gpu_memory_bytes": _gpu_memory(device)})
     train_seconds = time.perf_counter() - began
