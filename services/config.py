@@ -1,0 +1,118 @@
+"""Service settings, read once from the environment.
+
+Every capsctl process (CLI, worker, exporter) builds one ``Settings`` with
+``Settings.from_env()`` and passes it down; nothing else reads ``os.environ``.
+
+=========================  ===========================  ====================================
+field                      environment variable         default
+=========================  ===========================  ====================================
+redis_url                  CAPSNET_REDIS_URL            redis://127.0.0.1:6379/0
+redis_prefix               CAPSNET_REDIS_PREFIX         capsnet:
+ray_address                RAY_ADDRESS                  None (start/attach a local Ray)
+state_dir                  CAPSNET_STATE_DIR            ~/.local/state/capsctl
+artifacts                  CAPSNET_ARTIFACTS            ~/.local/share/capsctl/artifacts
+metrics_port               CAPSNET_METRICS_PORT         9310
+lease_seconds              CAPSNET_LEASE_SECONDS        30
+heartbeat_seconds          CAPSNET_HEARTBEAT_SECONDS    5
+data_dir                   CAPSNET_DATA_DIR             None (capsnet_core's own default)
+=========================  ===========================  ====================================
+
+``redis_url`` may be ``rediss://`` (TLS) and carry a user/password
+(``redis://:secret@host:6379/0``); ``redis_client`` hands it to ``redis.Redis.from_url``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import redis
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_PREFIX = "capsnet:"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value that cannot be used (one-line message)."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}: must be an integer in {lo}..{hi} (got {raw!r})") from None
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name}: must be an integer in {lo}..{hi} (got {value})")
+    return value
+
+
+def _path(env: Mapping[str, str], name: str, default: Path | None) -> Path | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    return Path(raw.strip()).expanduser()
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_prefix: str = DEFAULT_PREFIX
+    ray_address: str | None = None
+    artifacts: Path = Path("~/.local/share/capsctl/artifacts").expanduser()
+    state_dir: Path = Path("~/.local/state/capsctl").expanduser()
+    metrics_port: int = 9310
+    lease_seconds: int = 30
+    heartbeat_seconds: int = 5
+    data_dir: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``env`` (default ``os.environ``); keyword overrides win (e.g. CLI flags)."""
+        env = os.environ if env is None else env
+        home = Path.home()
+        state_dir = _path(env, "CAPSNET_STATE_DIR", home / ".local" / "state" / "capsctl")
+        artifacts = _path(env, "CAPSNET_ARTIFACTS", home / ".local" / "share" / "capsctl" / "artifacts")
+        prefix = env.get("CAPSNET_REDIS_PREFIX", DEFAULT_PREFIX)
+        if not prefix or any(c.isspace() for c in prefix):
+            raise SettingsError(f"CAPSNET_REDIS_PREFIX: must be non-empty without spaces (got {prefix!r})")
+        lease = _int(env, "CAPSNET_LEASE_SECONDS", 30, 2, 86400)
+        heartbeat = _int(env, "CAPSNET_HEARTBEAT_SECONDS", 5, 1, 86400)
+        settings = cls(
+            redis_url=(env.get("CAPSNET_REDIS_URL") or DEFAULT_REDIS_URL).strip(),
+            redis_prefix=prefix,
+            ray_address=(env.get("RAY_ADDRESS") or "").strip() or None,
+            artifacts=artifacts,  # type: ignore[arg-type]
+            state_dir=state_dir,  # type: ignore[arg-type]
+            metrics_port=_int(env, "CAPSNET_METRICS_PORT", 9310, 0, 65535),
+            lease_seconds=lease,
+            heartbeat_seconds=heartbeat,
+            data_dir=_path(env, "CAPSNET_DATA_DIR", None),
+        )
+        if overrides:
+            settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        if settings.heartbeat_seconds >= settings.lease_seconds:
+            raise SettingsError(
+                f"CAPSNET_HEARTBEAT_SECONDS: must be shorter than the lease ({settings.lease_seconds} s), "
+                f"got {settings.heartbeat_seconds}")
+        return settings
+
+
+def redis_client(settings: Settings | str, **kwargs: Any) -> redis.Redis:
+    """A ``redis.Redis`` for the settings' URL (or a URL), with ``decode_responses=True``.
+
+    TLS (``rediss://``), passwords and ``?ssl_cert_reqs=...`` query options are handled by
+    ``redis.Redis.from_url``; extra keyword arguments are passed through.
+    """
+    url = settings if isinstance(settings, str) else settings.redis_url
+    kwargs.setdefault("decode_responses", True)
+    kwargs.setdefault("health_check_interval", 30)
+    return redis.Redis.from_url(url, **kwargs)
+
+
+__all__ = ["DEFAULT_PREFIX", "DEFAULT_REDIS_URL", "Settings", "SettingsError", "redis_client"]
