@@ -1,0 +1,538 @@
+"""Job specifications: what a user may ask the cluster to do, validated before it is queued.
+
+Three kinds share one discriminated union on ``kind``::
+
+    {"kind": "train", "model": "capsnet", "gpus": 1, "epochs": 5, "augment": "shift2+rot15"}
+    {"kind": "eval", "source": "j-m3x9k2a1-4f7q", "angles": [-45, 0, 45]}
+    {"kind": "tune", "models": ["capsnet", "lenet5"], "angles": [0, 15, 35], "seeds": 3}
+
+``parse_spec`` accepts a dict or JSON text and raises ``SpecError`` (a ``ValueError``) whose
+message is one line naming the field and what is allowed, e.g. ``eval_angles: duplicate angle 15``.
+Unknown fields are rejected everywhere. Numbers are strict: ``"2"`` or ``true`` is not an integer.
+
+The JSON field ``model_config`` (model config overrides such as
+``{"conv_channels": 16, "primary_maps": 4}``) is the Python attribute ``model_overrides``:
+pydantic reserves ``model_config`` for itself. Use ``spec.model_kwargs(name)`` to get the
+overrides for one model. Serialise with ``spec.to_json()`` / ``spec.to_dict()`` (by alias).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from capsnet_core.augment import parse_preset, preset_for
+from capsnet_core.models import MODEL_NAMES, model_config_fields
+
+KINDS = ("train", "eval", "tune")
+PRIORITIES = ("high", "normal", "low")
+DATASETS = ("mnist", "fashion-mnist")
+DEFAULT_ANGLES = (0.0, 15.0, 35.0)
+MAX_ANGLES = 32
+MAX_TRIALS = 5000
+JOB_ID_RE = re.compile(r"^j-[0-9a-z]{6,12}-[0-9a-z]{4,12}$")
+TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
+
+Priority = Literal["high", "normal", "low"]
+Dataset = Literal["mnist", "fashion-mnist"]
+ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
+
+
+def _int(lo: int, hi: int | None = None) -> Any:
+    return Annotated[int, Strict(), Field(ge=lo, le=hi)]
+
+
+def _float(gt: float | None = None, ge: float | None = None, le: float | None = None) -> Any:
+    return Annotated[float, Strict(), Field(gt=gt, ge=ge, le=le, allow_inf_nan=False)]
+
+
+Bool = Annotated[bool, Strict()]
+Angle = Annotated[float, Strict()]
+Rate = _float(gt=0, le=1)
+
+# What each field allows, used to turn pydantic's type/range errors into one clear line.
+_HINTS: dict[str, str] = {
+    "gpus": "an integer in 0..64",
+    "workers": "an integer in 1..64",
+    "epochs": "an integer in 1..1000",
+    "batch_size": "an integer in 1..65536",
+    "lr": "a number in (0, 1]",
+    "lr_decay": "a number in (0, 1]",
+    "seed": "an integer in 0..4294967295",
+    "max_retries": "an integer in 0..20",
+    "train_subset": f"an integer in 1..{TRAIN_IMAGES} or null",
+    "test_subset": f"an integer in 1..{TEST_IMAGES} or null",
+    "samples": "an integer in 1..1000",
+    "seeds": "an integer in 1..10",
+    "gpus_per_trial": "an integer in 0..8",
+    "max_concurrent": "an integer in 1..64",
+    "asha": "true or false",
+    "name": "a string of at most 100 characters",
+    "source": "a job id or a checkpoint path",
+    "augment": "an augmentation preset string such as 'shift2+rot15'",
+    "angles": "a list of 1..32 numbers in [-180, 180]",
+    "eval_angles": "a list of 1..32 numbers in [-180, 180]",
+    "models": f"a list of model names ({', '.join(MODEL_NAMES)})",
+    "routing_iters": "a list of integers in 1..10",
+    "model_config": "an object of model config overrides",
+}
+_ITEM_HINTS: dict[str, str] = {
+    "angles": "a number in [-180, 180]",
+    "eval_angles": "a number in [-180, 180]",
+    "lr": "a number in (0, 1]",
+    "routing_iters": "an integer in 1..10",
+    "augment": "an augmentation preset string",
+}
+
+
+class SpecError(ValueError):
+    """An invalid job spec. ``str(err)`` is one line: ``<field>: <what is wrong / allowed>``."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        message = " ".join(str(message).split())
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_angles(values: list[float]) -> list[float]:
+    if len(values) == 0:
+        raise ValueError("must list at least one angle")
+    if len(values) > MAX_ANGLES:
+        raise ValueError(f"at most {MAX_ANGLES} angles allowed (got {len(values)})")
+    seen: set[float] = set()
+    out = []
+    for a in values:
+        a = float(a)
+        if not math.isfinite(a) or not -180.0 <= a <= 180.0:
+            raise ValueError(f"angle {a:g} is outside [-180, 180]")
+        if a in seen:
+            raise ValueError(f"duplicate angle {a:g}")
+        seen.add(a)
+        out.append(a)
+    return out
+
+
+def _check_preset(value: str) -> str:
+    parse_preset(value)  # raises ValueError with a one-line explanation
+    return value.strip()
+
+
+def _check_name(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value.strip():
+        raise ValueError("must not be blank")
+    if len(value) > 100:
+        raise ValueError(f"at most 100 characters allowed (got {len(value)})")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters or newlines")
+    return value.strip()
+
+
+def _check_config_value(model: str, key: str, value: Any, default: Any) -> Any:
+    where = f"model_config.{key}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: {model} expects true or false (got {value!r})")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
+            raise ValueError(f"{where}: {model} expects an integer in 1..65536 (got {value!r})")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{where}: {model} expects a number >= 0 (got {value!r})")
+        return float(value)
+    if isinstance(default, tuple):
+        ok = (isinstance(value, list | tuple) and len(value) == len(default)
+              and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536 for v in value))
+        if not ok:
+            raise ValueError(f"{where}: {model} expects a list of {len(default)} integers in 1..65536 "
+                             f"(got {value!r})")
+        return list(value)
+    return value
+
+
+def _check_model_config(models: list[str], config: dict[str, Any]) -> dict[str, Any]:
+    """Validate overrides against the models' config dataclasses (build_model's rules).
+
+    Two forms: flat ``{"conv_channels": 16}`` (each key must belong to at least one of the
+    job's models and applies to those that have it) or per model
+    ``{"capsnet": {"conv_channels": 16}, "lenet5": {...}}``.
+    """
+    if not config:
+        return {}
+    fields = {m: model_config_fields(m) for m in models}
+    if all(k in MODEL_NAMES for k in config) and all(isinstance(v, dict) for v in config.values()):
+        out: dict[str, Any] = {}
+        for model, sub in config.items():
+            if model not in models:
+                raise ValueError(f"model_config.{model}: {model} is not a model of this job "
+                                 f"({', '.join(models)})")
+            for key, value in sub.items():
+                if key not in fields[model]:
+                    raise ValueError(f"model_config.{model}.{key}: unknown {model} config field; "
+                                     f"known: {', '.join(sorted(fields[model]))}")
+                _check_config_value(model, key, value, fields[model][key])
+            out[model] = {k: _check_config_value(model, k, v, fields[model][k]) for k, v in sub.items()}
+        return out
+    out = {}
+    for key, value in config.items():
+        owners = [m for m in models if key in fields[m]]
+        if not owners:
+            known = sorted(set().union(*fields.values()))
+            raise ValueError(f"model_config.{key}: unknown {'/'.join(models)} config field; "
+                             f"known: {', '.join(known)}")
+        for m in owners:
+            value = _check_config_value(m, key, value, fields[m][key])
+        out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class _SpecBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              protected_namespaces=(), validate_default=False)
+
+    kind: str
+    name: str | None = None
+    priority: Priority = "normal"
+    max_retries: _int(0, 20) = 2  # type: ignore[valid-type]
+
+    @field_validator("name")
+    @classmethod
+    def _v_name(cls, v: str | None) -> str | None:
+        return _check_name(v)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+    def resources(self) -> dict[str, int]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """The model label used in metrics (``capsnet``, ``capsnet+lenet5``, ``-`` for eval)."""
+        return "-"
+
+
+class TrainSpec(_SpecBase):
+    kind: Literal["train"] = "train"
+    model: ModelName = "capsnet"
+    gpus: _int(0, 64) = 0  # type: ignore[valid-type]
+    workers: _int(1, 64) = 1  # type: ignore[valid-type]
+    epochs: _int(1, 1000) = 10  # type: ignore[valid-type]
+    batch_size: _int(1, 65536) = 128  # type: ignore[valid-type]
+    lr: Rate = 1e-3  # type: ignore[valid-type]
+    lr_decay: Rate = 1.0  # type: ignore[valid-type]
+    augment: str = "shift2"
+    eval_angles: list[Angle] = Field(default_factory=lambda: list(DEFAULT_ANGLES))
+    dataset: Dataset = "mnist"
+    seed: _int(0, 2**32 - 1) = 0  # type: ignore[valid-type]
+    model_overrides: dict[str, Any] = Field(default_factory=dict, alias="model_config")
+    train_subset: _int(1, TRAIN_IMAGES) | None = None  # type: ignore[valid-type]
+    test_subset: _int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
+
+    @field_validator("augment")
+    @classmethod
+    def _v_augment(cls, v: str) -> str:
+        return _check_preset(v)
+
+    @field_validator("eval_angles")
+    @classmethod
+    def _v_angles(cls, v: list[float]) -> list[float]:
+        return _check_angles(v)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainSpec:
+        if self.gpus > 0 and self.workers not in (1, self.gpus):
+            raise ValueError(f"workers: with gpus > 0 there is one rank per GPU; leave workers at 1 "
+                             f"(got workers={self.workers}, gpus={self.gpus})")
+        if self.batch_size < self.ranks:
+            raise ValueError(f"batch_size: must be at least the number of ranks ({self.ranks}), "
+                             f"got {self.batch_size}")
+        object.__setattr__(self, "model_overrides", _check_model_config([self.model], self.model_overrides))
+        return self
+
+    @property
+    def ranks(self) -> int:
+        """Data-parallel processes: one per GPU, else ``workers`` CPU ranks."""
+        return self.gpus if self.gpus > 0 else self.workers
+
+    def resources(self) -> dict[str, int]:
+        return {"gpus": self.gpus, "cpus": self.ranks}
+
+    def model_kwargs(self, name: str | None = None) -> dict[str, Any]:
+        return _kwargs_for(name or self.model, self.model_overrides)
+
+    @property
+    def label(self) -> str:
+        return self.model
+
+
+class EvalSpec(_SpecBase):
+    kind: Literal["eval"] = "eval"
+    source: str
+    angles: list[Angle] = Field(default_factory=lambda: list(DEFAULT_ANGLES))
+    dataset: Dataset = "mnist"
+    test_subset: _int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
+
+    @field_validator("angles")
+    @classmethod
+    def _v_angles(cls, v: list[float]) -> list[float]:
+        return _check_angles(v)
+
+    @field_validator("source")
+    @classmethod
+    def _v_source(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must be a job id (j-...) or a checkpoint path")
+        if len(v) > 1024 or any(ord(c) < 32 for c in v):
+            raise ValueError("must be a job id or a checkpoint path of at most 1024 printable characters")
+        return v
+
+    @property
+    def source_job(self) -> str | None:
+        """The job id when ``source`` names a job, else None (then it is a checkpoint path)."""
+        return self.source if JOB_ID_RE.match(self.source) else None
+
+    def resources(self) -> dict[str, int]:
+        return {"gpus": 0, "cpus": 1}
+
+
+class TuneSpec(_SpecBase):
+    kind: Literal["tune"] = "tune"
+    models: list[ModelName] = Field(default_factory=lambda: list(MODEL_NAMES))
+    angles: list[Angle] = Field(default_factory=lambda: list(DEFAULT_ANGLES))
+    eval_angles: list[Angle] | None = None
+    augment: list[str] | None = None
+    lr: list[Rate] | None = None  # type: ignore[valid-type]
+    routing_iters: list[_int(1, 10)] | None = None  # type: ignore[valid-type]
+    samples: _int(1, 1000) = 1  # type: ignore[valid-type]
+    seeds: _int(1, 10) = 1  # type: ignore[valid-type]
+    seed: _int(0, 2**32 - 1) = 0  # type: ignore[valid-type]
+    epochs: _int(1, 1000) = 10  # type: ignore[valid-type]
+    batch_size: _int(1, 65536) = 128  # type: ignore[valid-type]
+    gpus_per_trial: _int(0, 8) = 0  # type: ignore[valid-type]
+    max_concurrent: _int(1, 64) = 2  # type: ignore[valid-type]
+    asha: Bool = True
+    dataset: Dataset = "mnist"
+    train_subset: _int(1, TRAIN_IMAGES) | None = None  # type: ignore[valid-type]
+    test_subset: _int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
+    model_overrides: dict[str, Any] = Field(default_factory=dict, alias="model_config")
+
+    @field_validator("angles")
+    @classmethod
+    def _v_angles(cls, v: list[float]) -> list[float]:
+        return _check_angles(v)
+
+    @field_validator("eval_angles")
+    @classmethod
+    def _v_eval_angles(cls, v: list[float] | None) -> list[float] | None:
+        return None if v is None else _check_angles(v)
+
+    @field_validator("models")
+    @classmethod
+    def _v_models(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"must list at least one model ({', '.join(MODEL_NAMES)})")
+        dup = next((m for i, m in enumerate(v) if m in v[:i]), None)
+        if dup:
+            raise ValueError(f"duplicate model {dup}")
+        return v
+
+    @field_validator("augment")
+    @classmethod
+    def _v_augment(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        out = []
+        for i, preset in enumerate(v):
+            try:
+                out.append(_check_preset(preset))
+            except ValueError as err:
+                raise ValueError(f"[{i}] {err}") from None
+        return out
+
+    @field_validator("lr", "routing_iters")
+    @classmethod
+    def _v_grid(cls, v: list[Any] | None) -> list[Any] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("must list at least one value, or be left out")
+        if len(v) > 16:
+            raise ValueError(f"at most 16 values allowed (got {len(v)})")
+        dup = next((x for i, x in enumerate(v) if x in v[:i]), None)
+        if dup is not None:
+            raise ValueError(f"duplicate value {dup:g}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TuneSpec:
+        if self.eval_angles is None:
+            object.__setattr__(self, "eval_angles", list(self.angles))
+        if self.augment is None:
+            object.__setattr__(self, "augment", [preset_for(2, abs(a)) for a in self.angles])
+        elif len(self.augment) != len(self.angles):
+            raise ValueError(f"augment: must list one preset per training angle ({len(self.angles)} angles, "
+                             f"got {len(self.augment)} presets)")
+        if self.routing_iters is not None and "capsnet" not in self.models:
+            raise ValueError("routing_iters: only applies to capsnet, which is not in models")
+        object.__setattr__(self, "model_overrides", _check_model_config(list(self.models), self.model_overrides))
+        n = self.num_trials()
+        if n > MAX_TRIALS:
+            raise ValueError(f"samples: the search has {n} trials, more than the {MAX_TRIALS} allowed; "
+                             f"use fewer models, angles, lr, routing_iters, seeds or samples")
+        return self
+
+    def conditions(self) -> list[tuple[float, str]]:
+        """(training angle, augmentation preset) pairs."""
+        return list(zip(self.angles, self.augment or [], strict=True))
+
+    def num_trials(self) -> int:
+        per_model = 0
+        for m in self.models:
+            routing = len(self.routing_iters) if (m == "capsnet" and self.routing_iters) else 1
+            per_model += len(self.angles) * len(self.lr or [None]) * routing
+        return per_model * self.seeds * self.samples
+
+    def resources(self) -> dict[str, int]:
+        """Peak demand: ``min(max_concurrent, trials)`` trials at once, one CPU each."""
+        concurrent = min(self.max_concurrent, self.num_trials())
+        return {"gpus": self.gpus_per_trial * concurrent, "cpus": concurrent}
+
+    def model_kwargs(self, name: str) -> dict[str, Any]:
+        return _kwargs_for(name, self.model_overrides)
+
+    @property
+    def label(self) -> str:
+        return "+".join(sorted(self.models))
+
+
+def _kwargs_for(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    if overrides and all(k in MODEL_NAMES for k in overrides):
+        return dict(overrides.get(name, {}))
+    fields = model_config_fields(name)
+    return {k: v for k, v in overrides.items() if k in fields}
+
+
+JobSpec = Annotated[TrainSpec | EvalSpec | TuneSpec, Field(discriminator="kind")]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)
+_MODELS_BY_KIND: dict[str, type[_SpecBase]] = {"train": TrainSpec, "eval": EvalSpec, "tune": TuneSpec}
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _loc_str(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _format_error(err: dict[str, Any], kind: str | None) -> SpecError:
+    loc = list(err.get("loc", ()))
+    if loc and loc[0] in KINDS and kind == loc[0]:
+        loc = loc[1:]  # the discriminated union's tag
+    if loc and loc[0] == "model_overrides":
+        loc[0] = "model_config"
+    field = _loc_str(loc)
+    top = str(loc[0]) if loc else ""
+    typ = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    got = f" (got {_short(err.get('input'))})"
+    hint = _ITEM_HINTS.get(top) if len(loc) > 1 and isinstance(loc[1], int) else _HINTS.get(top)
+
+    if typ == "value_error":
+        text = str(ctx.get("error", err.get("msg", "")))
+        if not field:  # model validators put the field in the message themselves
+            return SpecError(text, text.split(":", 1)[0])
+        if text.startswith("["):  # list item errors from list validators: "[2] ..."
+            idx, _, rest = text.partition("] ")
+            return SpecError(f"{field}{idx}]: {rest}", f"{field}{idx}]")
+        return SpecError(f"{field}: {text}", field)
+    if typ == "union_tag_invalid":
+        return SpecError(f"kind: must be one of {', '.join(KINDS)} (got {_short(ctx.get('tag'))})", "kind")
+    if typ == "union_tag_not_found":
+        return SpecError(f"kind: required; one of {', '.join(KINDS)}", "kind")
+    if typ == "missing":
+        return SpecError(f"{field}: required" + (f"; {hint}" if hint else ""), field)
+    if typ == "extra_forbidden":
+        model = _MODELS_BY_KIND.get(kind or "")
+        allowed = sorted((f.alias or n) for n, f in model.model_fields.items()) if model else []
+        return SpecError(f"{field}: unknown field for a {kind} job; allowed: {', '.join(allowed)}", field)
+    if typ == "literal_error":
+        expected = str(ctx.get("expected", "")).replace(" or ", ", ")
+        return SpecError(f"{field}: must be one of {expected}{got}", field)
+    if hint:
+        return SpecError(f"{field}: must be {hint}{got}", field)
+    return SpecError(f"{field}: {err.get('msg', 'invalid')}{got}", field)
+
+
+def parse_spec(data: Any) -> TrainSpec | EvalSpec | TuneSpec:
+    """Validate a job spec given as a dict, JSON text or an already-built spec."""
+    if isinstance(data, _SpecBase):
+        return data  # type: ignore[return-value]
+    if isinstance(data, bytes | bytearray):
+        data = data.decode("utf-8", errors="replace")
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"spec: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})",
+                            "spec") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec: must be a JSON object with a kind of {', '.join(KINDS)} "
+                        f"(got {type(data).__name__})", "spec")
+    kind = data.get("kind") if isinstance(data.get("kind"), str) else None
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        errors = err.errors(include_url=False)
+        raise _format_error(errors[0], kind) from None
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of ``JobSpec`` (all three kinds, discriminated on ``kind``)."""
+    schema = _ADAPTER.json_schema(by_alias=True)
+    schema.setdefault("title", "JobSpec")
+    return schema
+
+
+__all__ = [
+    "DATASETS", "DEFAULT_ANGLES", "JOB_ID_RE", "KINDS", "PRIORITIES", "EvalSpec", "JobSpec", "SpecError",
+    "TrainSpec", "TuneSpec", "json_schema", "parse_spec",
+]
