@@ -1,0 +1,451 @@
+-- capsctl job queue: the Lua scripts behind services/queue.py.
+--
+-- services/queue.py splits this file at the "--!script <name>" lines and registers every
+-- script as  PRELUDE .. KEY_FUNCTIONS .. body  (redis.register_script, EVALSHA). A script
+-- runs atomically, so every transition below (hash fields, queue/index/lease zsets, counters,
+-- the job's event stream) happens all at once or not at all.
+--
+-- Calling convention (every script):
+--   KEYS    empty: keys are built from the prefix (see services/keys.py; the k_<name>()
+--           helpers are generated from its TEMPLATES), so all keys must live on one node.
+--   ARGV[1] key prefix            ARGV[2] "now" in seconds ('' = Redis server TIME)
+--   ARGV[3] event stream MAXLEN   ARGV[4] dead-letter list cap   ARGV[5] notify list cap
+--   ARGV[6..] the script's own arguments, read with arg(1), arg(2), ...
+--
+-- Job states: queued -> running -> succeeded | failed | cancelled, and
+-- running -> retrying -> queued (after the backoff) ; running -> queued (lease expired).
+-- Fencing: every call from a worker carries the lease token it got from claim; a token that
+-- no longer matches (lease expired and the job was requeued/reclaimed) changes nothing.
+
+--!prelude
+local P = ARGV[1]
+local NOW
+if ARGV[2] ~= nil and ARGV[2] ~= '' then
+  NOW = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local NOWS = string.format('%.6f', NOW)
+local EVENTS_MAXLEN = ARGV[3]
+local DEAD_MAX = tonumber(ARGV[4])
+local NOTIFY_MAX = tonumber(ARGV[5])
+local function arg(i) return ARGV[5 + i] end
+
+-- @@KEY_FUNCTIONS@@
+
+local PRIORITIES = {'high', 'normal', 'low'}
+local PRIORITY_OK = {high = true, normal = true, low = true}
+-- the per-state timestamp field a transition into that state sets
+local TS_FIELD = {queued = 'queued_at', running = 'started_at', retrying = 'retrying_at',
+                  succeeded = 'finished_at', failed = 'finished_at', cancelled = 'finished_at'}
+local LIGHT = {'state', 'priority', 'kind', 'model', 'attempt', 'retry_base', 'max_retries',
+               'gpus', 'cpus', 'seq', 'lease_token', 'worker', 'cancel_requested'}
+local FULL = {'state', 'priority', 'kind', 'model', 'attempt', 'retry_base', 'max_retries',
+              'gpus', 'cpus', 'seq', 'lease_token', 'worker', 'cancel_requested', 'spec'}
+
+local function count(field, n)
+  redis.call('HINCRBY', k_counters(), field, n or 1)
+end
+
+-- Read some fields of a job hash into a table. Returns nil, reason when the key is missing
+-- or is not a hash (garbage must never make a script raise to the worker).
+local function job_fields(id, names)
+  local vals = redis.pcall('HMGET', k_job(id), unpack(names))
+  if type(vals) ~= 'table' or vals.err then return nil, 'job key is not a hash' end
+  local j, any = {}, false
+  for i, n in ipairs(names) do
+    if vals[i] then j[n] = vals[i]; any = true end
+  end
+  if not any then return nil, 'job hash is missing' end
+  return j
+end
+
+-- Enough fields to put the job back in a queue?
+local function queueable(j)
+  return PRIORITY_OK[j.priority] and tonumber(j.gpus) and tonumber(j.cpus) and tonumber(j.seq)
+end
+
+local function emit(id, etype, data_json)
+  redis.call('XADD', k_events(id), 'MAXLEN', '~', EVENTS_MAXLEN, '*',
+             'type', etype, 'at', NOWS, 'data', data_json)
+end
+
+-- Move a job between states: the (state, priority) index zsets, the state and timestamp
+-- fields, one entry appended to the JSON list 'transitions', and a 'state' event.
+local function transition(id, old_state, new_state, prio, attempt, extra)
+  local jk = k_job(id)
+  if old_state then redis.call('ZREM', k_state(old_state, prio), id) end
+  redis.call('ZADD', k_state(new_state, prio), NOW, id)
+  redis.call('HSET', jk, 'state', new_state, 'updated_at', NOWS, TS_FIELD[new_state], NOWS)
+  local entry = {state = new_state, at = NOW, attempt = tonumber(attempt) or 0}
+  if old_state then entry.from = old_state end
+  if extra then for k, v in pairs(extra) do entry[k] = v end end
+  local item = cjson.encode(entry)
+  local cur = redis.call('HGET', jk, 'transitions')
+  if (not cur) or cur == '' or cur == '[]' or string.sub(cur, -1) ~= ']' then
+    cur = '[' .. item .. ']'
+  else
+    cur = string.sub(cur, 1, -2) .. ',' .. item .. ']'
+  end
+  redis.call('HSET', jk, 'transitions', cur)
+  emit(id, 'state', item)
+end
+
+-- A terminal transition plus its outcome counter.
+local function finish(id, j, old_state, new_state, outcome, extra)
+  transition(id, old_state, new_state, j.priority, j.attempt, extra)
+  count('finished:' .. (j.kind or '?') .. ':' .. (j.model or '?') .. ':' .. outcome)
+end
+
+-- Put a job id into its (priority, gpus, cpus) queue at its original sequence number, so a
+-- requeued or retried job keeps its place among jobs submitted after it; wake one waiter.
+local function enqueue(id, j)
+  redis.call('ZADD', k_queue(j.priority, j.gpus, j.cpus), tonumber(j.seq), id)
+  redis.call('SADD', k_shapes(j.priority), j.gpus .. ':' .. j.cpus)
+  redis.call('LPUSH', k_notify(), '1')
+  redis.call('LTRIM', k_notify(), 0, NOTIFY_MAX - 1)
+end
+
+local function dead_letter(id, reason, source)
+  local entry = {job_id = id, reason = reason, at = NOW, source = source}
+  redis.call('LPUSH', k_dead(), cjson.encode(entry))
+  redis.call('LTRIM', k_dead(), 0, DEAD_MAX - 1)
+  count('dead_lettered')
+end
+
+-- A key of the wrong type where a queue structure should be: move it aside, record why.
+local function quarantine(key, why)
+  local dest = k_quarantine(key, math.floor(NOW * 1000))
+  redis.call('RENAME', key, dest)
+  dead_letter('', why .. '; moved to ' .. dest, key)
+end
+
+-- The job as seen by the holder of `token`, or nil when the token is stale (fencing).
+local function fenced(id, token, names)
+  if token == nil or token == '' then return nil end
+  local j = job_fields(id, names or LIGHT)
+  if not j or j.state ~= 'running' or j.lease_token ~= token then return nil end
+  return j
+end
+
+-- Release the lease of a job leaving 'running'.
+local function release(id)
+  redis.call('ZREM', k_leases(), id)
+  redis.call('HSET', k_job(id), 'lease_token', '')
+  redis.call('HDEL', k_job(id), 'lease_expires_at')
+end
+
+-- Retrying jobs whose backoff is over go back to their queue.
+local function promote_due(limit)
+  local ids = redis.call('ZRANGEBYSCORE', k_delayed(), '-inf', NOW, 'LIMIT', 0, limit)
+  local out = {}
+  for _, id in ipairs(ids) do
+    redis.call('ZREM', k_delayed(), id)
+    local j, why = job_fields(id, LIGHT)
+    if j and j.state == 'retrying' then
+      if queueable(j) then
+        redis.call('HDEL', k_job(id), 'not_before')
+        enqueue(id, j)
+        transition(id, 'retrying', 'queued', j.priority, j.attempt, {reason = 'backoff elapsed'})
+        table.insert(out, id)
+      else
+        dead_letter(id, 'retrying job lacks priority/gpus/cpus/seq', 'delayed')
+      end
+    elseif not j then
+      dead_letter(id, why, 'delayed')
+    end
+  end
+  return out
+end
+
+-- Running jobs whose lease expired (worker died, hung or was partitioned away).
+-- Policy: an expiry uses up an attempt exactly like a failure, so a job that kills its
+-- workers cannot loop forever: with attempts left it goes straight back to 'queued' (no
+-- backoff; its checkpoint field is kept so the next attempt resumes), otherwise 'failed'.
+-- A job whose cancel was requested becomes 'cancelled'. The old token is cleared, so the
+-- lost worker is fenced out even if it comes back.
+local function requeue_expired(limit)
+  local ids = redis.call('ZRANGEBYSCORE', k_leases(), '-inf', NOW, 'LIMIT', 0, limit)
+  local out = {}
+  for _, id in ipairs(ids) do
+    redis.call('ZREM', k_leases(), id)
+    local j = job_fields(id, LIGHT)
+    if j and j.state == 'running' then
+      local jk = k_job(id)
+      local attempt = tonumber(j.attempt) or 0
+      local used = attempt - (tonumber(j.retry_base) or 0)
+      local info = {reason = 'lease expired', worker = j.worker or ''}
+      release(id)
+      redis.call('HINCRBY', jk, 'lease_expiries', 1)
+      count('lease_expiries')
+      if j.cancel_requested == '1' then
+        finish(id, j, 'running', 'cancelled', 'cancelled', info)
+      elseif used > (tonumber(j.max_retries) or 0) or not queueable(j) then
+        local msg = 'lease expired on attempt ' .. attempt .. ' (worker ' .. (j.worker or '?') ..
+                    ' lost) and no retries are left'
+        redis.call('HSET', jk, 'error', msg)
+        info.error = msg
+        finish(id, j, 'running', 'failed', 'failed', info)
+      else
+        enqueue(id, j)
+        transition(id, 'running', 'queued', j.priority, attempt, info)
+      end
+      table.insert(out, id)
+    end
+  end
+  return out
+end
+
+--!script submit
+-- arg: 1 id, 2 idempotency key ('' = none), 3 its ttl (s), 4 priority, 5 gpus, 6 cpus,
+--      7 kind, 8 model label, 9 spec JSON, 10 max_retries, 11 name, 12 raw idempotency key
+-- returns {job id, 1 if created / 0 if the idempotency key named an existing job, created_at}
+local id, idem = arg(1), arg(2)
+if idem ~= '' then
+  local existing = redis.call('GET', idem)
+  if existing then
+    local created = redis.call('HGET', k_job(existing), 'created_at')
+    if created then return {existing, 0, created} end
+  end
+end
+local jk = k_job(id)
+if redis.call('EXISTS', jk) == 1 then return redis.error_reply('job id collision: ' .. id) end
+local j = {priority = arg(4), gpus = arg(5), cpus = arg(6), kind = arg(7), model = arg(8)}
+j.seq = redis.call('INCR', k_seq())
+redis.call('HSET', jk, 'id', id, 'kind', j.kind, 'model', j.model, 'spec', arg(9),
+           'priority', j.priority, 'gpus', j.gpus, 'cpus', j.cpus, 'attempt', 0, 'retry_base', 0,
+           'max_retries', arg(10), 'seq', j.seq, 'created_at', NOWS, 'cancel_requested', '0',
+           'lease_expiries', 0)
+if arg(11) ~= '' then redis.call('HSET', jk, 'name', arg(11)) end
+if arg(12) ~= '' then redis.call('HSET', jk, 'idempotency_key', arg(12)) end
+redis.call('ZADD', k_jobs(), NOW, id)
+enqueue(id, j)
+transition(id, nil, 'queued', j.priority, 0, {reason = 'submitted'})
+count('submitted:' .. j.kind .. ':' .. j.model)
+if idem ~= '' then redis.call('SET', idem, id, 'EX', tonumber(arg(3))) end
+return {id, 1, NOWS}
+
+--!script claim
+-- arg: 1 worker id, 2 fresh lease token, 3 available gpus, 4 available cpus, 5 lease seconds,
+--      6 housekeeping limit (promote due retries / requeue expired leases first; 0 = skip)
+-- Picks the highest-priority, oldest (lowest seq) queued job whose resource shape fits.
+-- Each priority has one zset per shape "<gpus>:<cpus>" (set shapes:<priority>), so only the
+-- heads of fitting shapes are compared: exact and O(shapes * log n), however many jobs that
+-- do not fit are waiting (they stay queued and visible). Junk met on the way (missing or
+-- non-hash job key, no/invalid spec JSON, stale entry of a job in another state, a queue key
+-- of the wrong type) goes to the dead-letter list with a reason and the search continues.
+-- returns {job id, the claimed job's hash as a flat [field, value, ...] list}, or nil.
+local worker, token = arg(1), arg(2)
+local avail_gpus, avail_cpus = tonumber(arg(3)), tonumber(arg(4))
+local lease = tonumber(arg(5))
+local housekeeping = tonumber(arg(6))
+if housekeeping > 0 then
+  promote_due(housekeeping)
+  requeue_expired(housekeeping)
+end
+for _, p in ipairs(PRIORITIES) do
+  for _ = 1, 1000 do
+    local best_id, best_score, best_key
+    local shapes = redis.pcall('SMEMBERS', k_shapes(p))
+    if type(shapes) == 'table' and shapes.err then
+      quarantine(k_shapes(p), 'shape set is not a set')
+      shapes = {}
+    end
+    for _, shape in ipairs(shapes) do
+      local g, c = string.match(shape, '^(%d+):(%d+)$')
+      if not g then
+        redis.call('SREM', k_shapes(p), shape)
+      elseif tonumber(g) <= avail_gpus and tonumber(c) <= avail_cpus then
+        local qk = k_queue(p, g, c)
+        local head = redis.pcall('ZRANGE', qk, 0, 0, 'WITHSCORES')
+        if type(head) == 'table' and head.err then
+          quarantine(qk, 'queue key is not a sorted set')
+        elseif #head == 0 then
+          redis.call('SREM', k_shapes(p), shape)
+        else
+          local score = tonumber(head[2])
+          if best_score == nil or score < best_score then
+            best_id, best_score, best_key = head[1], score, qk
+          end
+        end
+      end
+    end
+    if not best_id then break end
+
+    redis.call('ZREM', best_key, best_id)
+    local j, reason = job_fields(best_id, FULL)
+    if j and j.state ~= 'queued' then
+      -- a stray entry for a job that is elsewhere: drop the entry, leave the job alone
+      dead_letter(best_id, 'stale queue entry: job is ' .. tostring(j.state), best_key)
+    elseif not j then
+      dead_letter(best_id, reason, best_key)
+    else
+      if not j.spec or j.spec == '' then
+        reason = 'job hash has no spec'
+      elseif not pcall(cjson.decode, j.spec) or string.sub(j.spec, 1, 1) ~= '{' then
+        reason = 'spec is not valid JSON'
+      elseif not queueable(j) then
+        reason = 'job hash lacks priority/gpus/cpus/seq'
+      end
+      if reason then
+        -- a queued job that can never run: fail it so it does not look queued forever
+        dead_letter(best_id, reason, best_key)
+        if not PRIORITY_OK[j.priority] then j.priority = p end
+        redis.call('HSET', k_job(best_id), 'error', 'dead-lettered: ' .. reason)
+        finish(best_id, j, 'queued', 'failed', 'dead_lettered', {reason = 'dead-lettered: ' .. reason})
+      else
+        local attempt = (tonumber(j.attempt) or 0) + 1
+        local jk = k_job(best_id)
+        local expires = NOW + lease
+        redis.call('HSET', jk, 'attempt', attempt, 'worker', worker, 'lease_token', token,
+                   'lease_expires_at', string.format('%.6f', expires), 'heartbeat_at', NOWS)
+        redis.call('ZADD', k_leases(), expires, best_id)
+        transition(best_id, 'queued', 'running', j.priority, attempt, {worker = worker})
+        return {best_id, redis.call('HGETALL', jk)}
+      end
+    end
+  end
+end
+return nil
+
+--!script heartbeat
+-- arg: 1 job id, 2 token, 3 lease seconds. returns 0 lease lost, 1 ok, 2 ok but cancel requested
+local id = arg(1)
+local j = fenced(id, arg(2))
+if not j then return 0 end
+local expires = NOW + tonumber(arg(3))
+redis.call('ZADD', k_leases(), expires, id)
+redis.call('HSET', k_job(id), 'lease_expires_at', string.format('%.6f', expires), 'heartbeat_at', NOWS)
+if j.cancel_requested == '1' then return 2 end
+return 1
+
+--!script progress
+-- arg: 1 job id, 2 token, 3 progress JSON. returns 1, or 0 when fenced out
+local id = arg(1)
+if not fenced(id, arg(2)) then return 0 end
+redis.call('HSET', k_job(id), 'progress', arg(3), 'updated_at', NOWS)
+emit(id, 'progress', arg(3))
+return 1
+
+--!script checkpoint
+-- arg: 1 job id, 2 token, 3 checkpoint URI. returns 1, or 0 when fenced out
+local id = arg(1)
+if not fenced(id, arg(2)) then return 0 end
+redis.call('HSET', k_job(id), 'checkpoint', arg(3), 'checkpoint_at', NOWS, 'updated_at', NOWS)
+emit(id, 'log', cjson.encode({level = 'info', message = 'checkpoint saved', checkpoint = arg(3)}))
+return 1
+
+--!script complete
+-- arg: 1 job id, 2 token, 3 result JSON. returns 1, or 0 when fenced out
+local id = arg(1)
+local j = fenced(id, arg(2))
+if not j then return 0 end
+release(id)
+redis.call('HSET', k_job(id), 'result', arg(3))
+redis.call('HDEL', k_job(id), 'error', 'traceback')
+emit(id, 'result', arg(3))
+finish(id, j, 'running', 'succeeded', 'succeeded', nil)
+return 1
+
+--!script fail
+-- arg: 1 job id, 2 token, 3 error, 4 traceback, 5 retry allowed (1/0), 6 backoff base (s),
+--      7 backoff cap (s). returns 0 fenced out, 2 retrying, 3 failed, 4 cancelled
+-- Attempts used in the current budget = attempt - retry_base (a manual retry starts a new
+-- budget). While that is <= max_retries the job waits 'retrying' for
+-- min(cap, base * 2^(used-1)) seconds in the delayed zset, then claim promotes it to queued.
+local id = arg(1)
+local j = fenced(id, arg(2))
+if not j then return 0 end
+local attempt = tonumber(j.attempt) or 0
+local used = attempt - (tonumber(j.retry_base) or 0)
+local short = string.sub(arg(3), 1, 500)
+release(id)
+redis.call('HSET', k_job(id), 'error', arg(3), 'traceback', arg(4))
+if j.cancel_requested == '1' then
+  finish(id, j, 'running', 'cancelled', 'cancelled', {error = short, reason = 'cancel requested'})
+  return 4
+end
+if arg(5) == '1' and used <= (tonumber(j.max_retries) or 0) and queueable(j) then
+  local delay = math.min(tonumber(arg(7)), tonumber(arg(6)) * 2 ^ (used - 1))
+  local not_before = NOW + delay
+  redis.call('HSET', k_job(id), 'not_before', string.format('%.6f', not_before))
+  redis.call('ZADD', k_delayed(), not_before, id)
+  count('retries')
+  transition(id, 'running', 'retrying', j.priority, attempt,
+             {error = short, delay = delay, not_before = not_before})
+  return 2
+end
+finish(id, j, 'running', 'failed', 'failed', {error = short})
+return 3
+
+--!script cancel
+-- arg: 1 job id. returns 'cancelled', 'cancel_requested', 'missing', or 'is:<state>' when the
+-- job is already finished
+local id = arg(1)
+local j = job_fields(id, LIGHT)
+if not j then return 'missing' end
+local info = {reason = 'cancelled by user'}
+if j.state == 'queued' then
+  if queueable(j) then redis.call('ZREM', k_queue(j.priority, j.gpus, j.cpus), id) end
+  finish(id, j, 'queued', 'cancelled', 'cancelled', info)
+  return 'cancelled'
+elseif j.state == 'retrying' then
+  redis.call('ZREM', k_delayed(), id)
+  redis.call('HDEL', k_job(id), 'not_before')
+  finish(id, j, 'retrying', 'cancelled', 'cancelled', info)
+  return 'cancelled'
+elseif j.state == 'running' then
+  if j.cancel_requested ~= '1' then
+    redis.call('HSET', k_job(id), 'cancel_requested', '1', 'cancel_requested_at', NOWS)
+    emit(id, 'log', cjson.encode({level = 'warning', message = 'cancel requested'}))
+  end
+  return 'cancel_requested'
+end
+return 'is:' .. tostring(j.state)
+
+--!script mark_cancelled
+-- arg: 1 job id, 2 token. The running worker acknowledges a cancel. returns 1, or 0 fenced out
+local id = arg(1)
+local j = fenced(id, arg(2))
+if not j then return 0 end
+release(id)
+finish(id, j, 'running', 'cancelled', 'cancelled', {reason = 'cancelled by user', worker = j.worker or ''})
+return 1
+
+--!script retry
+-- arg: 1 job id. failed/cancelled -> queued with a fresh retry budget (retry_base = attempt);
+-- attempt keeps counting and 'transitions' keeps the history. returns 'queued', 'missing',
+-- 'invalid', or the current state when it is not failed/cancelled
+local id = arg(1)
+local j = job_fields(id, LIGHT)
+if not j then return 'missing' end
+if j.state ~= 'failed' and j.state ~= 'cancelled' then return tostring(j.state) end
+if not queueable(j) then return 'invalid' end
+local jk = k_job(id)
+redis.call('HSET', jk, 'retry_base', tonumber(j.attempt) or 0, 'cancel_requested', '0')
+redis.call('HDEL', jk, 'error', 'traceback', 'result', 'not_before', 'finished_at')
+enqueue(id, j)
+transition(id, j.state, 'queued', j.priority, j.attempt, {reason = 'manual retry'})
+count('manual_retries')
+return 'queued'
+
+--!script dead_letter_claimed
+-- arg: 1 job id, 2 token, 3 reason. The worker found the claimed spec invalid (pydantic
+-- validation, which Lua cannot do): dead-letter it and fail the job. returns 1 / 0 fenced out
+local id = arg(1)
+local j = fenced(id, arg(2))
+if not j then return 0 end
+release(id)
+redis.call('HSET', k_job(id), 'error', 'dead-lettered: ' .. arg(3))
+dead_letter(id, arg(3), 'claim')
+finish(id, j, 'running', 'failed', 'dead_lettered', {reason = 'dead-lettered: ' .. arg(3)})
+return 1
+
+--!script requeue_expired
+-- arg: 1 limit. returns the ids of the expired jobs handled (requeued, failed or cancelled)
+return requeue_expired(tonumber(arg(1)))
+
+--!script promote_due
+-- arg: 1 limit. returns the ids of retrying jobs moved back to queued
+return promote_due(tonumber(arg(1)))

@@ -1,0 +1,625 @@
+"""The Redis job queue: at-least-once delivery, never losing a job, with fenced workers.
+
+Like rq, but every multi-key update is one Lua script (``services/queue.lua``, registered with
+``redis.register_script`` and run with EVALSHA), so a crash between two Redis commands can
+never leave a job half-moved. Everything stored is JSON; nothing is pickled.
+
+Lifecycle::
+
+    submit ──> queued ──claim──> running ──complete──> succeeded
+                 ^  ^               │ │ └──fail, retries left──> retrying ──backoff──> queued
+                 │  └─lease expired─┘ └──fail, none left / lease expired, none left──> failed
+                 └──────── retry (manual) <── failed | cancelled <── cancel
+
+* Priorities ``high`` > ``normal`` > ``low``; FIFO within a priority (submit sequence number).
+* ``claim`` is GPU-aware: it takes the highest-priority oldest job whose ``spec.resources()``
+  fit the worker's ``available`` resources; others stay queued and visible.
+* Leases: a claim returns a random *lease token* and puts the job in the lease zset for
+  ``lease_seconds``; the worker renews it with ``heartbeat``. ``progress``, ``set_checkpoint``,
+  ``complete``, ``fail`` and ``mark_cancelled`` all carry the token and change nothing once it is
+  stale (return False): a worker that lost its lease can never overwrite the new attempt.
+* A lease that expires (worker SIGKILLed, hung, partitioned) sends the job back to ``queued``
+  by ``requeue_expired`` (which ``claim`` also runs in passing), keeping ``checkpoint`` so the
+  next attempt resumes. Expiries count against ``max_retries`` like failures: a job that kills
+  its workers ends ``failed`` after ``1 + max_retries`` attempts instead of looping.
+* ``fail`` retries with exponential backoff ``min(backoff_max, backoff_base * 2**(n-1))`` for
+  the n-th failure, via state ``retrying`` and the delayed zset, then ``failed`` keeping the
+  error and traceback.
+* Junk found in a queue (missing or non-hash job key, invalid spec JSON, a spec pydantic
+  rejects, a queue key of the wrong type) is moved to the dead-letter list with a reason and
+  a timestamp; ``claim`` carries on with the next job and never raises because of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources as importlib_resources
+from typing import Any, Literal
+
+import redis
+
+from .events import EventLog
+from .jobspec import PRIORITIES, EvalSpec, SpecError, TrainSpec, TuneSpec, parse_spec
+from .keys import Keys
+
+STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
+ACTIVE_STATES = ("queued", "running", "retrying")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+OUTCOMES = ("succeeded", "failed", "cancelled", "dead_lettered")
+
+AnySpec = TrainSpec | EvalSpec | TuneSpec
+LeaseStatus = Literal["ok", "lost", "cancel_requested"]
+
+_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+class QueueError(Exception):
+    """Base class of queue errors (one-line messages)."""
+
+
+class JobNotFound(QueueError, LookupError):
+    pass
+
+
+class JobStateError(QueueError, ValueError):
+    """The job is in a state where the operation makes no sense (e.g. cancel a finished job)."""
+
+
+class CapacityError(QueueError, ValueError):
+    """No live worker could ever run the job (e.g. it needs more GPUs than any worker has)."""
+
+
+def _base36(n: int) -> str:
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = _B36[r] + out
+        if n == 0:
+            return out
+
+
+def new_job_id() -> str:
+    """``j-<ms since epoch, base36>-<6 random base36>``: short, unique, sorts by creation time."""
+    return f"j-{_base36(int(time.time() * 1000))}-{''.join(secrets.choice(_B36) for _ in range(6))}"
+
+
+def _s(v: Any) -> str | None:
+    if v is None:
+        return None
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def _f(v: Any) -> float | None:
+    try:
+        x = float(_s(v))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _i(v: Any, default: int = 0) -> int:
+    try:
+        return int(float(_s(v)))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default
+
+
+def _json(v: Any, default: Any = None) -> Any:
+    if v is None or v == "":
+        return default
+    try:
+        return json.loads(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=str)
+
+
+@dataclass
+class JobRecord:
+    """A job as stored in its Redis hash (``Keys.job(id)``), with typed fields.
+
+    Timestamps are seconds since the epoch (Redis server time). ``transitions`` lists every
+    state change: ``{"state", "from", "at", "attempt", ...reason/worker/error/delay}``.
+    """
+
+    id: str
+    kind: str
+    state: str
+    priority: str
+    spec: dict[str, Any]
+    attempt: int = 0
+    max_retries: int = 0
+    retry_base: int = 0
+    model: str = ""
+    name: str | None = None
+    gpus: int = 0
+    cpus: int = 1
+    created_at: float | None = None
+    updated_at: float | None = None
+    queued_at: float | None = None
+    started_at: float | None = None
+    retrying_at: float | None = None
+    finished_at: float | None = None
+    heartbeat_at: float | None = None
+    transitions: list[dict[str, Any]] = field(default_factory=list)
+    worker: str | None = None
+    lease_token: str | None = None
+    lease_expires_at: float | None = None
+    lease_expiries: int = 0
+    not_before: float | None = None
+    error: str | None = None
+    traceback: str | None = None
+    result: Any = None
+    progress: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    cancel_requested: bool = False
+    idempotency_key: str | None = None
+    seq: int = 0
+
+    @classmethod
+    def from_hash(cls, h: Mapping[Any, Any]) -> JobRecord:
+        """Build from HGETALL output; tolerant of missing or garbled fields."""
+        d = {_s(k): v for k, v in h.items()}
+        spec = _json(_s(d.get("spec")), {})
+        transitions = _json(_s(d.get("transitions")), [])
+        progress = _json(_s(d.get("progress")), None)
+        return cls(
+            id=_s(d.get("id")) or "",
+            kind=_s(d.get("kind")) or (spec.get("kind", "") if isinstance(spec, dict) else ""),
+            state=_s(d.get("state")) or "",
+            priority=_s(d.get("priority")) or "",
+            spec=spec if isinstance(spec, dict) else {},
+            attempt=_i(d.get("attempt")),
+            max_retries=_i(d.get("max_retries")),
+            retry_base=_i(d.get("retry_base")),
+            model=_s(d.get("model")) or "",
+            name=_s(d.get("name")) or None,
+            gpus=_i(d.get("gpus")),
+            cpus=_i(d.get("cpus"), 1),
+            created_at=_f(d.get("created_at")),
+            updated_at=_f(d.get("updated_at")),
+            queued_at=_f(d.get("queued_at")),
+            started_at=_f(d.get("started_at")),
+            retrying_at=_f(d.get("retrying_at")),
+            finished_at=_f(d.get("finished_at")),
+            heartbeat_at=_f(d.get("heartbeat_at")),
+            transitions=transitions if isinstance(transitions, list) else [],
+            worker=_s(d.get("worker")) or None,
+            lease_token=_s(d.get("lease_token")) or None,
+            lease_expires_at=_f(d.get("lease_expires_at")),
+            lease_expiries=_i(d.get("lease_expiries")),
+            not_before=_f(d.get("not_before")),
+            error=_s(d.get("error")) or None,
+            traceback=_s(d.get("traceback")) or None,
+            result=_json(_s(d.get("result")), None),
+            progress=progress if isinstance(progress, dict) else None,
+            checkpoint=_s(d.get("checkpoint")) or None,
+            cancel_requested=_s(d.get("cancel_requested")) == "1",
+            idempotency_key=_s(d.get("idempotency_key")) or None,
+            seq=_i(d.get("seq")),
+        )
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def retries_left(self) -> int:
+        return max(0, self.max_retries + 1 - (self.attempt - self.retry_base))
+
+    @property
+    def resources(self) -> dict[str, int]:
+        return {"gpus": self.gpus, "cpus": self.cpus}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field except the lease token (a capability, not for display)."""
+        d = asdict(self)
+        d.pop("lease_token", None)
+        return d
+
+
+@dataclass
+class ClaimedJob:
+    """What ``claim`` hands a worker: the validated spec plus the lease token to fence with."""
+
+    job_id: str
+    token: str
+    attempt: int
+    spec: AnySpec
+    record: JobRecord
+
+    @property
+    def id(self) -> str:
+        return self.job_id
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The last checkpoint of an earlier attempt, to resume from (None on a fresh start)."""
+        return self.record.checkpoint
+
+
+def _load_scripts() -> tuple[str, dict[str, str]]:
+    text = importlib_resources.files("services").joinpath("queue.lua").read_text(encoding="utf-8")
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("--!prelude"):
+            current = "__prelude__"
+            sections[current] = []
+        elif line.startswith("--!script "):
+            current = line.split(None, 1)[1].strip()
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    prelude = "\n".join(sections.pop("__prelude__")).replace("-- @@KEY_FUNCTIONS@@", Keys.lua_functions())
+    return prelude, {name: "\n".join(lines) for name, lines in sections.items()}
+
+
+_PRELUDE, _SCRIPT_BODIES = _load_scripts()
+
+
+class JobQueue:
+    """The job queue over one Redis database and key prefix. Thread-safe (redis-py's pool)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys | None = None, lease_seconds: float = 30.0, *,
+                 backoff_base: float = 5.0, backoff_max: float = 600.0, events_maxlen: int = 5000,
+                 dead_letter_max: int = 10_000, notify_max: int = 1000,
+                 idempotency_ttl: int = 7 * 86400, housekeeping_limit: int = 20) -> None:
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be > 0")
+        self.client = client
+        self.keys = keys or Keys()
+        self.lease_seconds = float(lease_seconds)
+        self.backoff_base = float(backoff_base)
+        self.backoff_max = float(backoff_max)
+        self.dead_letter_max = int(dead_letter_max)
+        self.notify_max = int(notify_max)
+        self.idempotency_ttl = int(idempotency_ttl)
+        self.housekeeping_limit = int(housekeeping_limit)
+        self.events = EventLog(client, self.keys, maxlen=events_maxlen)
+        self._scripts = {name: client.register_script(_PRELUDE + "\n" + body)
+                         for name, body in _SCRIPT_BODIES.items()}
+
+    @classmethod
+    def from_settings(cls, settings: Any, client: redis.Redis | None = None, **kwargs: Any) -> JobQueue:
+        from .config import redis_client
+
+        return cls(client or redis_client(settings), Keys(settings.redis_prefix),
+                   lease_seconds=settings.lease_seconds, **kwargs)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _run(self, name: str, args: Sequence[Any], now: float | None = None, client: Any = None) -> Any:
+        argv = [self.keys.prefix, "" if now is None else repr(float(now)), self.events.maxlen,
+                self.dead_letter_max, self.notify_max, *args]
+        return self._scripts[name](keys=[], args=argv, client=client)
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(self, spec: AnySpec | Mapping[str, Any] | str, idempotency_key: str | None = None,
+               *, check_capacity: bool = True) -> JobRecord:
+        """Validate and enqueue a job. With an ``idempotency_key`` already used (within
+        ``idempotency_ttl``), returns the existing job and enqueues nothing.
+
+        Raises ``SpecError`` for an invalid spec and ``CapacityError`` when live workers are
+        registered and none of them could ever fit the job's resources.
+        """
+        return self.submit_many([spec], [idempotency_key], check_capacity=check_capacity)[0]
+
+    def submit_many(self, specs: Iterable[AnySpec | Mapping[str, Any] | str],
+                    idempotency_keys: Sequence[str | None] | None = None, *,
+                    check_capacity: bool = True) -> list[JobRecord]:
+        """Submit several jobs in one pipelined round trip (each still atomic on its own)."""
+        parsed = [parse_spec(s) for s in specs]
+        idem = list(idempotency_keys) if idempotency_keys is not None else [None] * len(parsed)
+        if len(idem) != len(parsed):
+            raise ValueError("idempotency_keys must match specs one to one")
+        if check_capacity and parsed:
+            capacity = self.cluster_capacity()
+            for spec in parsed:
+                self._check_capacity(spec, capacity)
+        pipe = self.client.pipeline(transaction=False)
+        rows = []
+        for spec, key in zip(parsed, idem, strict=True):
+            job_id = new_job_id()
+            res = spec.resources()
+            spec_json = spec.to_json()
+            self._run("submit", [
+                job_id, self.keys.idempotency(key) if key else "", self.idempotency_ttl, spec.priority,
+                int(res["gpus"]), int(res["cpus"]), spec.kind, spec.label, spec_json, spec.max_retries,
+                spec.name or "", key or "",
+            ], client=pipe)
+            rows.append((spec, spec_json, res, key))
+        out = []
+        for (spec, spec_json, res, key), reply in zip(rows, pipe.execute(), strict=True):
+            job_id, created, created_at = _s(reply[0]), int(reply[1]), _f(reply[2])
+            if not created:
+                existing = self.get(job_id)  # type: ignore[arg-type]
+                if existing is not None:
+                    out.append(existing)
+                    continue
+            out.append(JobRecord(
+                id=job_id, kind=spec.kind, state="queued", priority=spec.priority, spec=json.loads(spec_json),  # type: ignore[arg-type]
+                max_retries=spec.max_retries, model=spec.label, name=spec.name, gpus=int(res["gpus"]),
+                cpus=int(res["cpus"]), created_at=created_at, updated_at=created_at, queued_at=created_at,
+                transitions=[{"state": "queued", "at": created_at, "attempt": 0, "reason": "submitted"}],
+                idempotency_key=key))
+        return out
+
+    def _check_capacity(self, spec: AnySpec, capacity: Mapping[str, Any]) -> None:
+        if not capacity["workers"]:
+            return  # nobody registered yet: accept, a worker may join later
+        need = spec.resources()
+        shapes = capacity["shapes"]
+        if any(need["gpus"] <= g and need["cpus"] <= c for g, c in shapes):
+            return
+        what = "gpus" if need["gpus"] > capacity["max_gpus"] else "cpus"
+        hint = ""
+        if isinstance(spec, TuneSpec) and what == "gpus":
+            hint = "; lower gpus_per_trial or max_concurrent"
+        raise CapacityError(
+            f"{what}: job needs {need['gpus']} GPU(s) and {need['cpus']} CPU rank(s) but no live worker "
+            f"offers that (largest: {capacity['max_gpus']:g} GPUs, {capacity['max_cpus']:g} CPUs; "
+            f"cluster total {capacity['gpus']:g} GPUs on {capacity['workers']} worker(s)){hint}")
+
+    # ------------------------------------------------------------------ worker side
+
+    def claim(self, worker_id: str, available: Mapping[str, float] | None = None) -> ClaimedJob | None:
+        """Atomically take the best job that fits ``available`` (``{"gpus": g, "cpus": c}``;
+        None = any CPU job, no GPU jobs). Returns None when nothing fits. Never raises because
+        of junk in the queue: it is dead-lettered and the next job is tried."""
+        avail = dict(available or {})
+        gpus = avail.get("gpus", 0)
+        cpus = avail.get("cpus", math.inf)
+        gpus_arg = "1e18" if gpus is None or gpus == math.inf else repr(float(gpus))
+        cpus_arg = "1e18" if cpus is None or cpus == math.inf else repr(float(cpus))
+        for _ in range(100):
+            token = secrets.token_hex(12)
+            reply = self._run("claim", [worker_id, token, gpus_arg, cpus_arg, self.lease_seconds,
+                                        self.housekeeping_limit])
+            if not reply:
+                return None
+            job_id, flat = _s(reply[0]), reply[1]
+            h = dict(zip(flat[::2], flat[1::2], strict=True))
+            record = JobRecord.from_hash(h)
+            record.id = job_id or record.id
+            try:
+                spec = parse_spec(_s(h.get("spec")) or "")
+                if spec.kind != record.kind:
+                    raise SpecError(f"kind: hash says {record.kind!r} but the spec says {spec.kind!r}", "kind")
+                need = spec.resources()
+                if need["gpus"] != record.gpus or need["cpus"] != record.cpus:
+                    raise SpecError(f"resources: hash says {record.resources} but the spec needs {need}",
+                                    "resources")
+            except SpecError as err:
+                self._run("dead_letter_claimed", [record.id, token, f"invalid spec: {err}"])
+                continue
+            return ClaimedJob(record.id, token, record.attempt, spec, record)
+        return None
+
+    def wait_for_work(self, timeout: float = 5.0) -> bool:
+        """Block up to ``timeout`` s for a wake-up token (pushed by submit, requeue and retry
+        promotion). True = something was enqueued: call ``claim``. A hint only: still claim
+        periodically, since one token wakes one waiter."""
+        try:
+            if timeout <= 0:
+                return self.client.lpop(self.keys.notify) is not None
+            return self.client.blpop([self.keys.notify], timeout=timeout) is not None
+        except redis.TimeoutError:
+            return False
+
+    def heartbeat(self, job_id: str, token: str) -> bool:
+        """Extend the lease; False = the lease is lost (stop working on the job now)."""
+        return self.renew(job_id, token) != "lost"
+
+    def renew(self, job_id: str, token: str) -> LeaseStatus:
+        """Like ``heartbeat`` but also says whether a cancel was requested."""
+        code = int(self._run("heartbeat", [job_id, token, self.lease_seconds]))
+        return {0: "lost", 1: "ok", 2: "cancel_requested"}[code]  # type: ignore[return-value]
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        return _s(self.client.hget(self.keys.job(job_id), "cancel_requested")) == "1"
+
+    def report_progress(self, job_id: str, token: str, progress: Mapping[str, Any]) -> bool:
+        """Store the latest progress and publish a ``progress`` event (fenced)."""
+        return bool(self._run("progress", [job_id, token, _dumps(dict(progress))]))
+
+    def set_checkpoint(self, job_id: str, token: str, uri: str) -> bool:
+        """Record the URI of the newest checkpoint; the next attempt resumes from it (fenced)."""
+        return bool(self._run("checkpoint", [job_id, token, str(uri)]))
+
+    def complete(self, job_id: str, token: str, result: Any = None) -> bool:
+        """running -> succeeded with a JSON result (fenced)."""
+        return bool(self._run("complete", [job_id, token, _dumps(result)]))
+
+    def fail(self, job_id: str, token: str, error: str, traceback: str = "", *, retry: bool = True) -> bool:
+        """running -> retrying (backoff) while retries are left, else failed (fenced).
+        ``retry=False`` fails for good (e.g. an error no retry can fix)."""
+        code = self._run("fail", [job_id, token, str(error), str(traceback or ""), "1" if retry else "0",
+                                  self.backoff_base, self.backoff_max])
+        return int(code) != 0
+
+    def mark_cancelled(self, job_id: str, token: str) -> bool:
+        """The running worker stopped after a cancel request: running -> cancelled (fenced)."""
+        return bool(self._run("mark_cancelled", [job_id, token]))
+
+    def requeue_expired(self, now: float | None = None, limit: int = 100) -> list[str]:
+        """Handle running jobs whose lease expired before ``now`` (default: Redis time): back to
+        queued while attempts are left, else failed (cancelled if a cancel was pending). Safe to
+        run from many workers at once. Returns the ids handled."""
+        return [_s(x) for x in self._run("requeue_expired", [limit], now=now)]  # type: ignore[misc]
+
+    def promote_due(self, now: float | None = None, limit: int = 100) -> list[str]:
+        """Move retrying jobs whose backoff is over back to queued (``claim`` also does this)."""
+        return [_s(x) for x in self._run("promote_due", [limit], now=now)]  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ user side
+
+    def cancel(self, job_id: str) -> str:
+        """queued/retrying -> cancelled (returns ``"cancelled"``); running -> sets cancel_requested
+        for the worker to act on (returns ``"cancel_requested"``). Raises JobNotFound, or
+        JobStateError for a finished job."""
+        outcome = _s(self._run("cancel", [job_id]))
+        if outcome == "missing":
+            raise JobNotFound(f"no job {job_id}")
+        if outcome not in ("cancelled", "cancel_requested"):
+            raise JobStateError(f"job {job_id} already {(outcome or '').removeprefix('is:')}; nothing to cancel")
+        return outcome  # type: ignore[return-value]
+
+    def retry(self, job_id: str) -> JobRecord:
+        """failed/cancelled -> queued again with a fresh retry budget (history kept)."""
+        outcome = _s(self._run("retry", [job_id]))
+        if outcome == "missing":
+            raise JobNotFound(f"no job {job_id}")
+        if outcome == "invalid":
+            raise JobStateError(f"job {job_id} is malformed (no priority/resources) and cannot be requeued")
+        if outcome != "queued":
+            raise JobStateError(f"job {job_id} is {outcome}; only failed or cancelled jobs can be retried")
+        record = self.get(job_id)
+        assert record is not None
+        return record
+
+    def get(self, job_id: str) -> JobRecord | None:
+        try:
+            h = self.client.hgetall(self.keys.job(job_id))
+        except redis.ResponseError:  # not a hash
+            return None
+        return JobRecord.from_hash(h) if h else None
+
+    def list(self, state: str | None = None, limit: int = 50) -> list[JobRecord]:
+        """Newest first; all jobs or those in one state."""
+        if state is not None and state not in STATES:
+            raise ValueError(f"state must be one of {', '.join(STATES)} (got {state!r})")
+        if limit <= 0:
+            return []
+        if state is None:
+            ids = [_s(x) for x in self.client.zrevrange(self.keys.jobs, 0, limit - 1)]
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for p in PRIORITIES:
+                pipe.zrevrange(self.keys.state(state, p), 0, limit - 1, withscores=True)
+            scored = [(score, _s(m)) for rows in pipe.execute() for m, score in rows]
+            ids = [m for _, m in sorted(scored, key=lambda t: (-t[0], t[1]))[:limit]]
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self.keys.job(job_id))  # type: ignore[arg-type]
+        return [JobRecord.from_hash(h) for h in pipe.execute(raise_on_error=False)
+                if isinstance(h, dict) and h]
+
+    def state_counts(self) -> dict[tuple[str, str], int]:
+        """``{(state, priority): n}`` for every state and priority: one pipelined round of ZCARDs."""
+        pipe = self.client.pipeline(transaction=False)
+        pairs = [(s, p) for s in STATES for p in PRIORITIES]
+        for s, p in pairs:
+            pipe.zcard(self.keys.state(s, p))
+        return {pair: int(n) for pair, n in zip(pairs, pipe.execute(), strict=True)}
+
+    def counters(self) -> dict[str, Any]:
+        """Monotonic counters for metrics::
+
+            {"submitted": {(kind, model): n}, "finished": {(kind, model, outcome): n},
+             "retries": n, "lease_expiries": n, "dead_lettered": n, "manual_retries": n}
+        """
+        raw = {_s(k): _i(v) for k, v in self.client.hgetall(self.keys.counters).items()}
+        out: dict[str, Any] = {"submitted": {}, "finished": {}, "retries": 0, "lease_expiries": 0,
+                               "dead_lettered": 0, "manual_retries": 0}
+        for name, value in raw.items():
+            parts = (name or "").split(":")
+            if parts[0] == "submitted" and len(parts) == 3:
+                out["submitted"][(parts[1], parts[2])] = value
+            elif parts[0] == "finished" and len(parts) == 4:
+                out["finished"][(parts[1], parts[2], parts[3])] = value
+            elif len(parts) == 1 and parts[0]:
+                out[parts[0]] = value
+        return out
+
+    def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Newest first: ``{"job_id", "reason", "at", "source"}`` (source = queue key or "claim")."""
+        rows = self.client.lrange(self.keys.dead_letters, 0, max(0, limit - 1)) if limit > 0 else []
+        out = []
+        for row in rows:
+            entry = _json(_s(row), None)
+            out.append(entry if isinstance(entry, dict) else {"raw": _s(row)})
+        return out
+
+    def queue_depth(self) -> dict[str, int]:
+        """Entries waiting in the queue zsets per priority (junk included until claim meets it)."""
+        out = {}
+        for p in PRIORITIES:
+            shapes = [_s(s) for s in self.client.smembers(self.keys.shapes(p))]
+            pipe = self.client.pipeline(transaction=False)
+            for shape in shapes:
+                g, _, c = (shape or "").partition(":")
+                pipe.zcard(self.keys.queue(p, g, c))
+            out[p] = sum(int(n) for n in pipe.execute(raise_on_error=False) if isinstance(n, int))
+        return out
+
+    # ------------------------------------------------------------------ workers
+
+    def register_worker(self, worker_id: str, info: Mapping[str, Any], ttl: float | None = None) -> None:
+        """Announce (or refresh) a live worker for ``ttl`` s (default: the lease length).
+
+        ``info`` is free-form JSON; the queue reads ``resources`` = ``{"gpus", "cpus"}`` (what the
+        worker can ever offer, for submit's capacity check). Conventional keys: ``hostname``,
+        ``pid``, ``available``, ``current_job``, ``started_at``.
+        """
+        ttl = float(ttl if ttl is not None else self.lease_seconds)
+        now = time.time()
+        payload = {**dict(info), "id": worker_id, "seen_at": now, "expires_at": now + ttl}
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.worker(worker_id), _dumps(payload), px=max(1, int(ttl * 1000)))
+        pipe.zadd(self.keys.workers, {worker_id: now + ttl})
+        pipe.execute()
+
+    def unregister_worker(self, worker_id: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.worker(worker_id))
+        pipe.zrem(self.keys.workers, worker_id)
+        pipe.execute()
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Live workers' info dicts (expired registrations are pruned), sorted by id."""
+        now = time.time()
+        self.client.zremrangebyscore(self.keys.workers, "-inf", now)
+        ids = [_s(x) for x in self.client.zrange(self.keys.workers, 0, -1)]
+        if not ids:
+            return []
+        values = self.client.mget([self.keys.worker(w) for w in ids])  # type: ignore[arg-type]
+        out = []
+        for worker_id, raw in zip(ids, values, strict=True):
+            info = _json(_s(raw), None)
+            if isinstance(info, dict):
+                info.setdefault("id", worker_id)
+                out.append(info)
+        return sorted(out, key=lambda w: str(w.get("id")))
+
+    def cluster_capacity(self) -> dict[str, Any]:
+        """Totals published by live workers: ``{"workers", "gpus", "cpus", "max_gpus", "max_cpus",
+        "shapes": [(gpus, cpus) per worker]}``."""
+        shapes = []
+        for info in self.workers():
+            res = info.get("resources") if isinstance(info.get("resources"), dict) else info
+            try:
+                shapes.append((float(res.get("gpus", 0) or 0), float(res.get("cpus", 0) or 0)))
+            except (TypeError, ValueError):
+                continue
+        return {
+            "workers": len(shapes),
+            "gpus": sum(g for g, _ in shapes), "cpus": sum(c for _, c in shapes),
+            "max_gpus": max((g for g, _ in shapes), default=0), "max_cpus": max((c for _, c in shapes), default=0),
+            "shapes": shapes,
+        }
+
+
+__all__ = [
+    "ACTIVE_STATES", "OUTCOMES", "STATES", "TERMINAL_STATES", "CapacityError", "ClaimedJob", "JobNotFound",
+    "JobQueue", "JobRecord", "JobStateError", "LeaseStatus", "QueueError", "new_job_id",
+]
