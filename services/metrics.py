@@ -1,0 +1,470 @@
+"""Prometheus metrics for capsctl: queue state from Redis, worker process metrics, live training.
+
+Conventions: every name starts with ``capsnet_``, base units (``_seconds``, ``_bytes``, ``_ratio``),
+counters end in ``_total`` and label values are bounded (sanitised, truncated; per-job series are
+removed when the job ends and at most ``TrainingMetrics.max_jobs`` jobs are kept).
+
+Three groups of series:
+
+* ``QueueCollector(queue)`` — computed at scrape time from Redis through the queue's read
+  interface (``state_counts()``, ``workers()``, ``counters()``).  Every worker exposes the same
+  Redis-derived values, so dashboards and rules aggregate them with ``max``, never ``sum``.
+  The service counters are stored in Redis by whichever process did the action (the CLI for
+  submits, workers for finishes).  ``queue.counters()`` may return them nested, as
+  ``services.queue.JobQueue.counters()`` does::
+
+      {"submitted": {(kind, model): n},                -> capsnet_jobs_submitted_total{kind,model}
+       "finished": {(kind, model, outcome): n},        -> capsnet_jobs_finished_total{kind,model,outcome}
+       "retries": n,                                   -> capsnet_job_retries_total
+       "lease_expiries": n,                            -> capsnet_lease_expiries_total
+       "dead_lettered": n,                             -> capsnet_dead_lettered_total
+       "manual_retries": n}                            -> capsnet_job_manual_retries_total
+
+  or flat, as the Redis hash fields themselves: ``{"submitted:train:capsnet": n,
+  "finished:train:capsnet:succeeded": n, "retries": n, ...}`` (``|`` also accepted as the
+  separator).  Unknown or malformed entries are ignored.  The unlabelled counters are always
+  exposed (0 when absent) so alerts and panels over them have data from the first scrape.
+
+* ``WorkerMetrics`` — this process's histograms of queue wait and run time, and the Ray
+  cluster's CPU/GPU totals the worker passes in (this module never imports Ray).
+
+* ``TrainingMetrics`` — per running job gauges (label ``job_id``) fed with the training loop's
+  progress events, removed by ``remove(job_id)`` when the job ends.
+
+Typical worker wiring::
+
+    metrics = default_worker_metrics()              # registered on prometheus_client.REGISTRY
+    REGISTRY.register(QueueCollector(queue))
+    port = start_metrics_server(config.metrics_port)
+    metrics.set_cluster_resources(ray.cluster_resources(), ray.available_resources())
+    metrics.observe_queue_wait("train", waited_seconds)
+    metrics.training.observe(job_id, "capsnet", event)   # from the on_progress callback
+    metrics.training.remove(job_id); metrics.observe_run_duration("train", "succeeded", secs)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS_PORT = 9310
+PREFIX = "capsnet_"
+
+# Histogram buckets (seconds): a queue wait runs from instant to hours, a run from seconds to a day.
+QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+RUN_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
+
+# counters() key head -> (metric name without _total, label names after the head, help)
+_LABELLED_COUNTERS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "submitted": ("capsnet_jobs_submitted", ("kind", "model"), "Jobs submitted to the queue."),
+    "finished": ("capsnet_jobs_finished", ("kind", "model", "outcome"),
+                 "Jobs that reached a terminal state, by outcome."),
+}
+_PLAIN_COUNTERS: dict[str, tuple[str, str]] = {
+    "retries": ("capsnet_job_retries", "Job attempts re-queued for another try."),
+    "lease_expiries": ("capsnet_lease_expiries", "Job leases that expired (worker died or stalled)."),
+    "dead_lettered": ("capsnet_dead_lettered", "Jobs moved to the dead-letter list (bad spec or retries exhausted)."),
+    "manual_retries": ("capsnet_job_manual_retries", "Failed or cancelled jobs re-queued by hand (capsctl retry)."),
+}
+
+_LABEL_RE = re.compile(r"[^a-z0-9_.:+-]+")
+_MAX_LABEL_LEN = 40
+
+
+def label_value(value: object) -> str:
+    """A bounded label value: lower case, ``[a-z0-9_.:+-]`` only, at most 40 characters; "none"
+    when nothing is left (empty, None, "?")."""
+    text = _LABEL_RE.sub("_", str(value).strip().lower())[:_MAX_LABEL_LEN]
+    return text if text.strip("_") and value is not None else "none"
+
+
+def angle_label(angle: object) -> str:
+    """Evaluation angle as a label: 35 / 35.0 / "35" -> "35", 7.5 -> "7.5"."""
+    try:
+        return f"{float(angle):g}"  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return label_value(angle)
+
+
+# --------------------------------------------------------------------------- HTTP server
+
+_servers: dict[int, Any] = {}
+
+
+def start_metrics_server(port: int = DEFAULT_METRICS_PORT, registry: CollectorRegistry = REGISTRY,
+                         addr: str = "0.0.0.0") -> int:
+    """Serve ``registry`` at ``http://addr:port/metrics`` from a daemon thread; returns the bound port.
+
+    ``port=0`` lets the OS pick a free port.
+    """
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    bound = int(server.server_address[1])
+    _servers[bound] = server
+    return bound
+
+
+def stop_metrics_server(port: int) -> None:
+    """Stop a server started by :func:`start_metrics_server` (no-op if unknown)."""
+    server = _servers.pop(port, None)
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
+# --------------------------------------------------------------------------- queue collector
+
+class QueueReader(Protocol):
+    """The read interface of ``services.queue`` that the collector uses."""
+
+    def state_counts(self) -> Mapping[tuple[str, Any], int]: ...
+
+    def workers(self) -> list[dict]: ...
+
+    def counters(self) -> Mapping[str, float]: ...
+
+
+class QueueCollector(Collector):
+    """Scrape-time metrics computed from Redis via the queue's read interface.
+
+    Exposes ``capsnet_jobs{state,priority}``, ``capsnet_workers_alive``, the service counters
+    (see module docstring) and ``capsnet_redis_up`` (0 when Redis could not be read; the other
+    series are then left out of that scrape rather than reported wrong).
+    """
+
+    def __init__(self, queue: QueueReader) -> None:
+        self.queue = queue
+
+    def describe(self) -> Iterable[Metric]:
+        # Families without samples: registering must not touch Redis.
+        return list(self._families())
+
+    def _families(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("capsnet_jobs", "Jobs in the queue by state and priority (from Redis).",
+                                labels=["state", "priority"])
+        yield GaugeMetricFamily("capsnet_workers_alive", "capsctl workers with a live heartbeat (from Redis).")
+        for name, labels, doc in _LABELLED_COUNTERS.values():
+            yield CounterMetricFamily(name, doc + " (from Redis)", labels=list(labels))
+        for name, doc in _PLAIN_COUNTERS.values():
+            yield CounterMetricFamily(name, doc + " (from Redis)")
+        yield GaugeMetricFamily("capsnet_redis_up", "1 if this scrape could read the queue state from Redis.")
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            states = dict(self.queue.state_counts())
+            workers = list(self.queue.workers())
+            counters = dict(self.queue.counters())
+        except Exception as exc:  # a broken Redis must not break the rest of /metrics
+            log.warning("metrics: cannot read queue state from Redis: %s", exc)
+            yield GaugeMetricFamily("capsnet_redis_up", "1 if this scrape could read the queue state from Redis.",
+                                    value=0)
+            return
+
+        jobs = GaugeMetricFamily("capsnet_jobs", "Jobs in the queue by state and priority (from Redis).",
+                                 labels=["state", "priority"])
+        merged: dict[tuple[str, str], float] = {}
+        for key, count in states.items():
+            state, priority = key
+            labels = (label_value(state), label_value(priority))
+            merged[labels] = merged.get(labels, 0.0) + float(count)
+        for labels, count in sorted(merged.items()):
+            jobs.add_metric(list(labels), count)
+        yield jobs
+
+        alive = sum(1 for w in workers if not isinstance(w, Mapping) or w.get("alive", True))
+        yield GaugeMetricFamily("capsnet_workers_alive",
+                                "capsctl workers with a live heartbeat (from Redis).", value=alive)
+
+        yield from _counter_families(counters)
+        yield GaugeMetricFamily("capsnet_redis_up", "1 if this scrape could read the queue state from Redis.",
+                                value=1)
+
+
+def _counter_families(counters: Mapping[str, Any]) -> Iterator[Metric]:
+    sums: dict[str, dict[tuple[str, ...], float]] = {head: {} for head in _LABELLED_COUNTERS}
+    plain: dict[str, float] = dict.fromkeys(_PLAIN_COUNTERS, 0.0)
+    for head, labels, value in _flatten_counters(counters):
+        if head in _PLAIN_COUNTERS and not labels:
+            plain[head] += value
+        elif head in _LABELLED_COUNTERS and len(labels) == len(_LABELLED_COUNTERS[head][1]):
+            key = tuple(label_value(v) for v in labels)
+            sums[head][key] = sums[head].get(key, 0.0) + value
+    for head, (name, label_names, doc) in _LABELLED_COUNTERS.items():
+        family = CounterMetricFamily(name, doc + " (from Redis)", labels=list(label_names))
+        for key, value in sorted(sums[head].items()):
+            family.add_metric(list(key), value)
+        yield family
+    for head, (name, doc) in _PLAIN_COUNTERS.items():
+        yield CounterMetricFamily(name, doc + " (from Redis)", value=plain[head])
+
+
+def _flatten_counters(counters: Mapping[Any, Any]) -> Iterator[tuple[str, tuple[str, ...], float]]:
+    """(head, labels, value) from either counters format (see module docstring)."""
+    for raw_key, raw_value in counters.items():
+        key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+        if isinstance(raw_value, Mapping):  # nested: {"submitted": {(kind, model): n}}
+            for labels, value in raw_value.items():
+                labels = labels if isinstance(labels, tuple | list) else (labels,)
+                number = _count(value)
+                if number is not None:
+                    yield key, tuple(str(v) for v in labels), number
+            continue
+        number = _count(raw_value)
+        if number is not None:  # flat: "submitted:train:capsnet" (or "|"-separated)
+            head, *labels = re.split(r"[:|]", key)
+            yield head, tuple(labels), number
+
+
+def _count(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+# --------------------------------------------------------------------------- training metrics
+
+_JOB_LABELS = ("job_id", "model")
+
+
+class TrainingMetrics:
+    """Live gauges of the jobs this worker is training, labelled ``job_id`` and ``model``.
+
+    ``observe(job_id, model, event)`` takes the training loop's progress events
+    (``capsnet_core.train`` ``on_progress``); keys that are missing or None are ignored:
+
+    * ``epoch`` -> capsnet_train_epoch; ``step`` (within the epoch, 1-based) with
+      ``steps_per_epoch`` -> capsnet_train_step as the global step ``(epoch-1)*steps_per_epoch+step``
+      (``step`` as given when either is missing)
+    * ``loss`` / ``train_loss`` -> capsnet_train_loss; ``accuracy`` / ``train_accuracy`` ->
+      capsnet_train_accuracy_ratio; ``lr`` -> capsnet_train_learning_rate
+    * ``images_per_second`` -> capsnet_train_images_per_second; ``epoch_seconds`` ->
+      capsnet_train_epoch_duration_seconds
+    * ``test_accuracy``: a dict ``{angle: ratio}`` -> capsnet_test_accuracy_ratio{angle}; a plain
+      float (the upright accuracy of an ``epoch`` event) -> the ``angle="0"`` series
+    * ``gpu_memory_bytes`` (only set on CUDA) -> capsnet_gpu_memory_used_bytes
+
+    ``remove(job_id)`` drops all of a job's series.  At most ``max_jobs`` jobs are kept: observing
+    one more evicts the least recently updated, so a missed ``remove`` cannot grow cardinality.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY, max_jobs: int = 32,
+                 max_angles: int = 64) -> None:
+        self.max_jobs = max_jobs
+        self.max_angles = max_angles
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, [*_JOB_LABELS, *extra], registry=registry)
+
+        self.epoch = gauge("capsnet_train_epoch", "Current epoch of a running job (1-based).")
+        self.step = gauge("capsnet_train_step", "Optimizer steps done by a running job (global step).")
+        self.loss = gauge("capsnet_train_loss", "Latest training loss of a running job.")
+        self.accuracy = gauge("capsnet_train_accuracy_ratio", "Latest training accuracy (0..1) of a running job.")
+        self.learning_rate = gauge("capsnet_train_learning_rate", "Current learning rate of a running job.")
+        self.images_per_second = gauge("capsnet_train_images_per_second",
+                                       "Training throughput of a running job (all ranks).")
+        self.epoch_duration = gauge("capsnet_train_epoch_duration_seconds",
+                                    "Wall time of the last finished epoch of a running job.")
+        self.test_accuracy = gauge("capsnet_test_accuracy_ratio",
+                                   "Test accuracy (0..1) of a running job by evaluation rotation angle (degrees).",
+                                   ("angle",))
+        self.gpu_memory = gauge("capsnet_gpu_memory_used_bytes",
+                                "Peak CUDA memory allocated by a running job (rank 0); only on CUDA.")
+        self._plain = (self.epoch, self.step, self.loss, self.accuracy, self.learning_rate,
+                       self.images_per_second, self.epoch_duration, self.gpu_memory)
+        # job_id label -> (model label, angle labels seen); ordered by last update
+        self._jobs: OrderedDict[str, tuple[str, set[str]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def observe(self, job_id: str, model: str, event: Mapping[str, Any]) -> None:
+        job, model_l = label_value(job_id), label_value(model)
+        with self._lock:
+            entry = self._jobs.get(job)
+            if entry is not None and entry[0] != model_l:  # model changed: drop old series
+                self._remove_locked(job)
+                entry = None
+            if entry is None:
+                entry = (model_l, set())
+                self._jobs[job] = entry
+                while len(self._jobs) > self.max_jobs:
+                    self._remove_locked(next(iter(self._jobs)))
+            self._jobs.move_to_end(job)
+            angles = entry[1]
+            labels = (job, model_l)
+
+            def put(g: Gauge, value: Any) -> None:
+                number = _number(value)
+                if number is not None:
+                    g.labels(*labels).set(number)
+
+            epoch, step, per_epoch = _number(event.get("epoch")), _number(event.get("step")), \
+                _number(event.get("steps_per_epoch"))
+            put(self.epoch, epoch)
+            if step is not None:
+                put(self.step, (epoch - 1) * per_epoch + step if epoch is not None and per_epoch else step)
+            put(self.loss, _first(event, "loss", "train_loss"))
+            put(self.accuracy, _first(event, "accuracy", "train_accuracy"))
+            put(self.learning_rate, event.get("lr"))
+            put(self.images_per_second, event.get("images_per_second"))
+            put(self.epoch_duration, event.get("epoch_seconds"))
+            put(self.gpu_memory, event.get("gpu_memory_bytes"))
+            test = event.get("test_accuracy")
+            if isinstance(test, Mapping):
+                items = list(test.items())
+            elif _number(test) is not None:
+                items = [("0", test)]
+            else:
+                items = []
+            for angle, value in items:
+                number = _number(value)
+                key = angle_label(angle)
+                if number is None or (key not in angles and len(angles) >= self.max_angles):
+                    continue
+                angles.add(key)
+                self.test_accuracy.labels(*labels, key).set(number)
+
+    def remove(self, job_id: str) -> None:
+        """Drop every series of ``job_id`` (call when the job ends, whatever the outcome)."""
+        with self._lock:
+            self._remove_locked(label_value(job_id))
+
+    def gauges(self) -> list[Gauge]:
+        return [*self._plain, self.test_accuracy]
+
+    def jobs(self) -> list[str]:
+        with self._lock:
+            return list(self._jobs)
+
+    def _remove_locked(self, job: str) -> None:
+        entry = self._jobs.pop(job, None)
+        if entry is None:
+            return
+        model_l, angles = entry
+        for g in self._plain:
+            _discard(g, job, model_l)
+        for angle in angles:
+            _discard(self.test_accuracy, job, model_l, angle)
+
+
+def _first(event: Mapping[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if event.get(key) is not None:
+            return event[key]
+    return None
+
+
+def _number(value: Any) -> float | None:
+    if value is None or isinstance(value, bool | Mapping | list | tuple | str):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _discard(g: Gauge, *labels: str) -> None:
+    try:
+        g.remove(*labels)
+    except KeyError:
+        pass
+
+
+# --------------------------------------------------------------------------- worker metrics
+
+class WorkerMetrics:
+    """Process-local metrics of one ``capsctl worker``: queue wait, run time, Ray cluster size."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY, max_jobs: int = 32) -> None:
+        self.queue_wait = Histogram(
+            "capsnet_job_queue_wait_seconds", "Time from submit (or re-queue) to a worker claiming the job.",
+            ["kind"], buckets=QUEUE_WAIT_BUCKETS, registry=registry)
+        self.run_duration = Histogram(
+            "capsnet_job_run_duration_seconds", "Time a worker spent running a job attempt, by outcome.",
+            ["kind", "outcome"], buckets=RUN_DURATION_BUCKETS, registry=registry)
+        self.cluster_gpus = Gauge("capsnet_ray_cluster_gpus", "GPUs in the Ray cluster (state=total|available).",
+                                  ["state"], registry=registry)
+        self.cluster_cpus = Gauge("capsnet_ray_cluster_cpus", "CPUs in the Ray cluster (state=total|available).",
+                                  ["state"], registry=registry)
+        self.training = TrainingMetrics(registry=registry, max_jobs=max_jobs)
+
+    def collectors(self) -> list[Collector]:
+        return [self.queue_wait, self.run_duration, self.cluster_gpus, self.cluster_cpus,
+                *self.training.gauges()]
+
+    def observe_queue_wait(self, kind: str, seconds: float) -> None:
+        self.queue_wait.labels(label_value(kind)).observe(max(0.0, float(seconds)))
+
+    def observe_run_duration(self, kind: str, outcome: str, seconds: float) -> None:
+        self.run_duration.labels(label_value(kind), label_value(outcome)).observe(max(0.0, float(seconds)))
+
+    def set_cluster_resources(self, total: Mapping[str, float], available: Mapping[str, float]) -> None:
+        """Record ``ray.cluster_resources()`` / ``ray.available_resources()`` (missing keys count as 0)."""
+        for state, resources in (("total", total), ("available", available)):
+            self.cluster_gpus.labels(state).set(float(resources.get("GPU", 0) or 0))
+            self.cluster_cpus.labels(state).set(float(resources.get("CPU", 0) or 0))
+
+
+_default: WorkerMetrics | None = None
+_default_lock = threading.Lock()
+
+
+def default_worker_metrics() -> WorkerMetrics:
+    """The process-wide :class:`WorkerMetrics`, registered on ``prometheus_client.REGISTRY`` on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = WorkerMetrics(REGISTRY)
+        return _default
+
+
+def set_cluster_resources(total: Mapping[str, float], available: Mapping[str, float]) -> None:
+    """Shortcut for ``default_worker_metrics().set_cluster_resources(total, available)``."""
+    default_worker_metrics().set_cluster_resources(total, available)
+
+
+# --------------------------------------------------------------------------- introspection
+
+def exposed_metric_names() -> set[str]:
+    """Every sample name capsctl can expose (``_total``, ``_bucket``/``_sum``/``_count`` included).
+
+    Built on a throwaway registry; used by tests to check dashboards and alert rules only use
+    metrics that exist.
+    """
+    worker = WorkerMetrics(CollectorRegistry())
+    families: list[Metric] = list(QueueCollector(_NoQueue()).describe())
+    for collector in worker.collectors():
+        families.extend(collector.describe())
+    names: set[str] = set()
+    for family in families:
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        elif family.type == "histogram":
+            names.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+        else:
+            names.add(family.name)
+    return names
+
+
+class _NoQueue:
+    def state_counts(self) -> dict:
+        return {}
+
+    def workers(self) -> list:
+        return []
+
+    def counters(self) -> dict:
+        return {}
