@@ -18,6 +18,7 @@ overrides for one model. Serialise with ``spec.to_json()`` / ``spec.to_dict()`` 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -35,7 +36,8 @@ from pydantic import (
 )
 
 from capsnet_core.augment import parse_preset, preset_for
-from capsnet_core.models import MODEL_NAMES, model_config_fields
+from capsnet_core.models import MODEL_NAMES
+from capsnet_core.models import model_config_fields as _model_config_fields
 
 KINDS = ("train", "eval", "tune")
 PRIORITIES = ("high", "normal", "low")
@@ -49,6 +51,16 @@ TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 Priority = Literal["high", "normal", "low"]
 Dataset = Literal["mnist", "fashion-mnist"]
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
+
+
+@functools.cache
+def _config_fields(name: str) -> tuple[tuple[str, Any], ...]:
+    return tuple(_model_config_fields(name).items())
+
+
+def model_config_fields(name: str) -> dict[str, Any]:
+    """``capsnet_core.models.model_config_fields``, cached (it builds a config object per call)."""
+    return dict(_config_fields(name))
 
 
 def _int(lo: int, hi: int | None = None) -> Any:

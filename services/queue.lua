@@ -10,7 +10,8 @@
 --           helpers are generated from its TEMPLATES), so all keys must live on one node.
 --   ARGV[1] key prefix            ARGV[2] "now" in seconds ('' = Redis server TIME)
 --   ARGV[3] event stream MAXLEN   ARGV[4] dead-letter list cap   ARGV[5] notify list cap
---   ARGV[6..] the script's own arguments, read with arg(1), arg(2), ...
+--   ARGV[6] TTL (s) set on a job's event stream when it finishes (0 = keep)
+--   ARGV[7..] the script's own arguments, read with arg(1), arg(2), ...
 --
 -- Job states: queued -> running -> succeeded | failed | cancelled, and
 -- running -> retrying -> queued (after the backoff) ; running -> queued (lease expired).
@@ -30,7 +31,8 @@ local NOWS = string.format('%.6f', NOW)
 local EVENTS_MAXLEN = ARGV[3]
 local DEAD_MAX = tonumber(ARGV[4])
 local NOTIFY_MAX = tonumber(ARGV[5])
-local function arg(i) return ARGV[5 + i] end
+local EVENTS_TTL = tonumber(ARGV[6])
+local function arg(i) return ARGV[6 + i] end
 
 -- @@KEY_FUNCTIONS@@
 
@@ -43,6 +45,48 @@ local LIGHT = {'state', 'priority', 'kind', 'model', 'attempt', 'retry_base', 'm
                'gpus', 'cpus', 'seq', 'lease_token', 'worker', 'cancel_requested'}
 local FULL = {'state', 'priority', 'kind', 'model', 'attempt', 'retry_base', 'max_retries',
               'gpus', 'cpus', 'seq', 'lease_token', 'worker', 'cancel_requested', 'spec'}
+
+-- True when s is valid UTF-8 as Python's strict decoder sees it (no overlongs, surrogates or
+-- code points past U+10FFFF). Clients decode replies as UTF-8, so junk bytes in a record must
+-- be caught here rather than blow up in a worker. ASCII-only strings return at once.
+local function valid_utf8(s)
+  if not string.find(s, '[\128-\255]') then return true end
+  local i, n = 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    if c < 128 then
+      i = i + 1
+    else
+      local len, lo, hi = 0, 128, 191
+      if c >= 194 and c <= 223 then len = 2
+      elseif c >= 224 and c <= 239 then
+        len = 3
+        if c == 224 then lo = 160 elseif c == 237 then hi = 159 end
+      elseif c >= 240 and c <= 244 then
+        len = 4
+        if c == 240 then lo = 144 elseif c == 244 then hi = 143 end
+      else
+        return false
+      end
+      if i + len - 1 > n then return false end
+      local c2 = string.byte(s, i + 1)
+      if c2 < lo or c2 > hi then return false end
+      for k = i + 2, i + len - 1 do
+        local cc = string.byte(s, k)
+        if cc < 128 or cc > 191 then return false end
+      end
+      i = i + len
+    end
+  end
+  return true
+end
+
+-- s, or s with its non-ASCII bytes escaped as \xNN when it is not valid UTF-8.
+local function printable(s)
+  s = tostring(s)
+  if valid_utf8(s) then return s end
+  return (string.gsub(s, '[\128-\255]', function(ch) return string.format('\\x%02x', string.byte(ch)) end))
+end
 
 local function count(field, n)
   redis.call('HINCRBY', k_counters(), field, n or 1)
@@ -92,10 +136,12 @@ local function transition(id, old_state, new_state, prio, attempt, extra)
   emit(id, 'state', item)
 end
 
--- A terminal transition plus its outcome counter.
+-- A terminal transition plus its outcome counter; the event stream (a log) starts to expire,
+-- the job record stays.
 local function finish(id, j, old_state, new_state, outcome, extra)
   transition(id, old_state, new_state, j.priority, j.attempt, extra)
   count('finished:' .. (j.kind or '?') .. ':' .. (j.model or '?') .. ':' .. outcome)
+  if EVENTS_TTL > 0 then redis.call('EXPIRE', k_events(id), EVENTS_TTL) end
 end
 
 -- Put a job id into its (priority, gpus, cpus) queue at its original sequence number, so a
@@ -103,12 +149,13 @@ end
 local function enqueue(id, j)
   redis.call('ZADD', k_queue(j.priority, j.gpus, j.cpus), tonumber(j.seq), id)
   redis.call('SADD', k_shapes(j.priority), j.gpus .. ':' .. j.cpus)
-  redis.call('LPUSH', k_notify(), '1')
-  redis.call('LTRIM', k_notify(), 0, NOTIFY_MAX - 1)
+  if redis.call('LPUSH', k_notify(), '1') > NOTIFY_MAX then
+    redis.call('LTRIM', k_notify(), 0, NOTIFY_MAX - 1)
+  end
 end
 
 local function dead_letter(id, reason, source)
-  local entry = {job_id = id, reason = reason, at = NOW, source = source}
+  local entry = {job_id = printable(id), reason = printable(reason), at = NOW, source = printable(source)}
   redis.call('LPUSH', k_dead(), cjson.encode(entry))
   redis.call('LTRIM', k_dead(), 0, DEAD_MAX - 1)
   count('dead_lettered')
@@ -210,18 +257,24 @@ if idem ~= '' then
   end
 end
 local jk = k_job(id)
-if redis.call('EXISTS', jk) == 1 then return redis.error_reply('job id collision: ' .. id) end
+if redis.call('HSETNX', jk, 'id', id) == 0 then return redis.error_reply('job id collision: ' .. id) end
 local j = {priority = arg(4), gpus = arg(5), cpus = arg(6), kind = arg(7), model = arg(8)}
 j.seq = redis.call('INCR', k_seq())
-redis.call('HSET', jk, 'id', id, 'kind', j.kind, 'model', j.model, 'spec', arg(9),
+-- The whole record in one HSET, including what transition() would write for 'queued' (this
+-- is the hot path of a pipelined submit). No event is written: a stream costs ~4.7 KB of Redis
+-- memory from its first entry, which would dominate the footprint of a deep backlog. The
+-- job's stream starts at its first claim; the 'queued' entry is in the record's transitions.
+local entry = cjson.encode({state = 'queued', at = NOW, attempt = 0, reason = 'submitted'})
+redis.call('HSET', jk, 'kind', j.kind, 'model', j.model, 'spec', arg(9),
            'priority', j.priority, 'gpus', j.gpus, 'cpus', j.cpus, 'attempt', 0, 'retry_base', 0,
            'max_retries', arg(10), 'seq', j.seq, 'created_at', NOWS, 'cancel_requested', '0',
-           'lease_expiries', 0)
+           'lease_expiries', 0, 'state', 'queued', 'queued_at', NOWS, 'updated_at', NOWS,
+           'transitions', '[' .. entry .. ']')
 if arg(11) ~= '' then redis.call('HSET', jk, 'name', arg(11)) end
 if arg(12) ~= '' then redis.call('HSET', jk, 'idempotency_key', arg(12)) end
 redis.call('ZADD', k_jobs(), NOW, id)
+redis.call('ZADD', k_state('queued', j.priority), NOW, id)
 enqueue(id, j)
-transition(id, nil, 'queued', j.priority, 0, {reason = 'submitted'})
 count('submitted:' .. j.kind .. ':' .. j.model)
 if idem ~= '' then redis.call('SET', idem, id, 'EX', tonumber(arg(3))) end
 return {id, 1, NOWS}
@@ -287,6 +340,10 @@ for _, p in ipairs(PRIORITIES) do
         reason = 'spec is not valid JSON'
       elseif not queueable(j) then
         reason = 'job hash lacks priority/gpus/cpus/seq'
+      else
+        for _, v in ipairs(redis.call('HGETALL', k_job(best_id))) do
+          if not valid_utf8(v) then reason = 'job hash holds bytes that are not UTF-8'; break end
+        end
       end
       if reason then
         -- a queued job that can never run: fail it so it does not look queued forever
@@ -321,11 +378,12 @@ if j.cancel_requested == '1' then return 2 end
 return 1
 
 --!script progress
--- arg: 1 job id, 2 token, 3 progress JSON. returns 1, or 0 when fenced out
+-- arg: 1 job id, 2 token, 3 progress JSON, 4 also publish a progress event ('1'/'0').
+-- returns 1, or 0 when fenced out
 local id = arg(1)
 if not fenced(id, arg(2)) then return 0 end
 redis.call('HSET', k_job(id), 'progress', arg(3), 'updated_at', NOWS)
-emit(id, 'progress', arg(3))
+if arg(4) ~= '0' then emit(id, 'progress', arg(3)) end
 return 1
 
 --!script checkpoint
@@ -350,7 +408,8 @@ return 1
 
 --!script fail
 -- arg: 1 job id, 2 token, 3 error, 4 traceback, 5 retry allowed (1/0), 6 backoff base (s),
---      7 backoff cap (s). returns 0 fenced out, 2 retrying, 3 failed, 4 cancelled
+--      7 backoff cap (s), 8 the error shortened for the transitions list.
+-- returns 0 fenced out, 2 retrying, 3 failed, 4 cancelled
 -- Attempts used in the current budget = attempt - retry_base (a manual retry starts a new
 -- budget). While that is <= max_retries the job waits 'retrying' for
 -- min(cap, base * 2^(used-1)) seconds in the delayed zset, then claim promotes it to queued.
@@ -359,7 +418,7 @@ local j = fenced(id, arg(2))
 if not j then return 0 end
 local attempt = tonumber(j.attempt) or 0
 local used = attempt - (tonumber(j.retry_base) or 0)
-local short = string.sub(arg(3), 1, 500)
+local short = arg(8)
 release(id)
 redis.call('HSET', k_job(id), 'error', arg(3), 'traceback', arg(4))
 if j.cancel_requested == '1' then
@@ -425,6 +484,7 @@ if not queueable(j) then return 'invalid' end
 local jk = k_job(id)
 redis.call('HSET', jk, 'retry_base', tonumber(j.attempt) or 0, 'cancel_requested', '0')
 redis.call('HDEL', jk, 'error', 'traceback', 'result', 'not_before', 'finished_at')
+redis.call('PERSIST', k_events(id))
 enqueue(id, j)
 transition(id, j.state, 'queued', j.priority, j.attempt, {reason = 'manual retry'})
 count('manual_retries')

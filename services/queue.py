@@ -32,11 +32,14 @@ Lifecycle::
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import re
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources as importlib_resources
 from typing import Any, Literal
@@ -56,6 +59,7 @@ AnySpec = TrainSpec | EvalSpec | TuneSpec
 LeaseStatus = Literal["ok", "lost", "cancel_requested"]
 
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+_SUBMIT_CHUNK = 500
 
 
 class QueueError(Exception):
@@ -84,8 +88,10 @@ def _base36(n: int) -> str:
 
 
 def new_job_id() -> str:
-    """``j-<ms since epoch, base36>-<6 random base36>``: short, unique, sorts by creation time."""
-    return f"j-{_base36(int(time.time() * 1000))}-{''.join(secrets.choice(_B36) for _ in range(6))}"
+    """``j-<ms since epoch, base36>-<8 random base32 chars>``: short, unique (40 random bits per
+    millisecond), sorts by creation time."""
+    rand = base64.b32encode(secrets.token_bytes(5)).decode().lower()
+    return f"j-{_base36(int(time.time() * 1000))}-{rand}"
 
 
 def _s(v: Any) -> str | None:
@@ -246,7 +252,35 @@ class ClaimedJob:
         return self.record.checkpoint
 
 
-def _load_scripts() -> tuple[str, dict[str, str]]:
+_LUA_DEF = re.compile(r"^local (?:function )?([A-Za-z_][A-Za-z0-9_]*)")
+_LUA_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _lua_words(src: str) -> set[str]:
+    return set(_LUA_WORD.findall(re.sub(r"--[^\n]*", "", src)))
+
+
+def _lua_blocks(text: str) -> list[tuple[str, str]]:
+    """Split Lua helpers into (defined name, source) blocks at column-0 ``local`` definitions;
+    column-0 comments go with the definition that follows them."""
+    blocks: list[list[Any]] = []
+    comments: list[str] = []
+    for line in text.splitlines():
+        match = _LUA_DEF.match(line)
+        if match:
+            blocks.append([match.group(1), comments + [line]])
+            comments = []
+        elif line.startswith("--") or not blocks:
+            comments.append(line)
+        else:
+            blocks[-1][1].append(line)
+    return [(name, "\n".join(lines)) for name, lines in blocks]
+
+
+def _load_scripts() -> dict[str, str]:
+    """Script name -> full source: the prelude's header, then only the helpers (and key
+    functions) the body uses, transitively, then the body. Every EVALSHA re-creates the
+    helpers it contains, so leaving unused ones out keeps the per-call overhead small."""
     text = importlib_resources.files("services").joinpath("queue.lua").read_text(encoding="utf-8")
     sections: dict[str, list[str]] = {}
     current = None
@@ -259,11 +293,27 @@ def _load_scripts() -> tuple[str, dict[str, str]]:
             sections[current] = []
         elif current is not None:
             sections[current].append(line)
-    prelude = "\n".join(sections.pop("__prelude__")).replace("-- @@KEY_FUNCTIONS@@", Keys.lua_functions())
-    return prelude, {name: "\n".join(lines) for name, lines in sections.items()}
+    header, _, helpers = "\n".join(sections.pop("__prelude__")).partition("-- @@KEY_FUNCTIONS@@")
+    blocks = _lua_blocks(Keys.lua_functions() + helpers)
+    scripts = {}
+    for name, lines in sections.items():
+        body = "\n".join(lines)
+        needed = _lua_words(body)
+        included: set[str] = set()
+        changed = True
+        while changed:
+            changed = False
+            for block_name, src in blocks:
+                if block_name in needed and block_name not in included:
+                    included.add(block_name)
+                    needed |= _lua_words(src)
+                    changed = True
+        used = "\n".join(src for block_name, src in blocks if block_name in included)
+        scripts[name] = f"{header}\n{used}\n{body}\n"
+    return scripts
 
 
-_PRELUDE, _SCRIPT_BODIES = _load_scripts()
+_SCRIPTS = _load_scripts()
 
 
 class JobQueue:
@@ -271,7 +321,7 @@ class JobQueue:
 
     def __init__(self, client: redis.Redis, keys: Keys | None = None, lease_seconds: float = 30.0, *,
                  backoff_base: float = 5.0, backoff_max: float = 600.0, events_maxlen: int = 5000,
-                 dead_letter_max: int = 10_000, notify_max: int = 1000,
+                 dead_letter_max: int = 10_000, notify_max: int = 1000, events_ttl: int = 14 * 86400,
                  idempotency_ttl: int = 7 * 86400, housekeeping_limit: int = 20) -> None:
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be > 0")
@@ -283,10 +333,10 @@ class JobQueue:
         self.dead_letter_max = int(dead_letter_max)
         self.notify_max = int(notify_max)
         self.idempotency_ttl = int(idempotency_ttl)
+        self.events_ttl = int(events_ttl)
         self.housekeeping_limit = int(housekeeping_limit)
         self.events = EventLog(client, self.keys, maxlen=events_maxlen)
-        self._scripts = {name: client.register_script(_PRELUDE + "\n" + body)
-                         for name, body in _SCRIPT_BODIES.items()}
+        self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
 
     @classmethod
     def from_settings(cls, settings: Any, client: redis.Redis | None = None, **kwargs: Any) -> JobQueue:
@@ -299,8 +349,20 @@ class JobQueue:
 
     def _run(self, name: str, args: Sequence[Any], now: float | None = None, client: Any = None) -> Any:
         argv = [self.keys.prefix, "" if now is None else repr(float(now)), self.events.maxlen,
-                self.dead_letter_max, self.notify_max, *args]
+                self.dead_letter_max, self.notify_max, self.events_ttl, *args]
         return self._scripts[name](keys=[], args=argv, client=client)
+
+    def _header(self) -> tuple[bytes, ...]:
+        """The common ARGV head (see queue.lua), pre-encoded for the submit hot path."""
+        return tuple(str(x).encode() for x in (self.keys.prefix, "", self.events.maxlen, self.dead_letter_max,
+                                               self.notify_max, self.events_ttl))
+
+    def _queue_submit(self, pipe: Any, header: tuple[bytes, ...], args: Sequence[Any]) -> None:
+        """EVALSHA of the submit script straight onto a pipeline (the hot path of submit_many);
+        the pipeline loads the script first should the server not have it (NOSCRIPT)."""
+        script = self._scripts["submit"]
+        pipe.scripts.add(script)
+        pipe.execute_command("EVALSHA", script.sha, 0, *header, *args)
 
     # ------------------------------------------------------------------ submit
 
@@ -317,7 +379,10 @@ class JobQueue:
     def submit_many(self, specs: Iterable[AnySpec | Mapping[str, Any] | str],
                     idempotency_keys: Sequence[str | None] | None = None, *,
                     check_capacity: bool = True) -> list[JobRecord]:
-        """Submit several jobs in one pipelined round trip (each still atomic on its own)."""
+        """Submit several jobs pipelined (each still atomic on its own), in input order.
+
+        All specs are validated (and capacity-checked) before anything is sent. Large batches go
+        in chunks of 500 per pipeline; should Redis fail midway, earlier chunks stay submitted."""
         parsed = [parse_spec(s) for s in specs]
         idem = list(idempotency_keys) if idempotency_keys is not None else [None] * len(parsed)
         if len(idem) != len(parsed):
@@ -326,20 +391,34 @@ class JobQueue:
             capacity = self.cluster_capacity()
             for spec in parsed:
                 self._check_capacity(spec, capacity)
-        pipe = self.client.pipeline(transaction=False)
         rows = []
-        for spec, key in zip(parsed, idem, strict=True):
-            job_id = new_job_id()
-            res = spec.resources()
-            spec_json = spec.to_json()
-            self._run("submit", [
-                job_id, self.keys.idempotency(key) if key else "", self.idempotency_ttl, spec.priority,
-                int(res["gpus"]), int(res["cpus"]), spec.kind, spec.label, spec_json, spec.max_retries,
-                spec.name or "", key or "",
-            ], client=pipe)
-            rows.append((spec, spec_json, res, key))
+        pipes = []
+        header = self._header()
+        ttl = str(self.idempotency_ttl).encode()
+        for start in range(0, len(parsed), _SUBMIT_CHUNK):
+            pipe = self.client.pipeline(transaction=False)
+            for spec, key in zip(parsed[start:start + _SUBMIT_CHUNK], idem[start:start + _SUBMIT_CHUNK],
+                                 strict=True):
+                res = spec.resources()
+                self._queue_submit(pipe, header, [
+                    new_job_id(), self.keys.idempotency(key) if key else b"", ttl, spec.priority,
+                    str(res["gpus"]), str(res["cpus"]), spec.kind, spec.label, spec.to_json(),
+                    str(spec.max_retries), spec.name or b"", key or b"",
+                ])
+                rows.append((spec, res, key))
+            pipes.append(pipe)
+        if len(pipes) == 1:
+            replies = pipes[0].execute()
+        else:
+            # Several chunks: a helper thread runs them in order (so FIFO follows the input order)
+            # while this thread turns earlier replies into records; Redis works meanwhile.
+            replies = []
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="submit") as pool:
+                futures = [pool.submit(p.execute) for p in pipes]
+                for future in futures:
+                    replies.extend(future.result())
         out = []
-        for (spec, spec_json, res, key), reply in zip(rows, pipe.execute(), strict=True):
+        for (spec, res, key), reply in zip(rows, replies, strict=True):
             job_id, created, created_at = _s(reply[0]), int(reply[1]), _f(reply[2])
             if not created:
                 existing = self.get(job_id)  # type: ignore[arg-type]
@@ -347,7 +426,7 @@ class JobQueue:
                     out.append(existing)
                     continue
             out.append(JobRecord(
-                id=job_id, kind=spec.kind, state="queued", priority=spec.priority, spec=json.loads(spec_json),  # type: ignore[arg-type]
+                id=job_id, kind=spec.kind, state="queued", priority=spec.priority, spec=spec.to_dict(),  # type: ignore[arg-type]
                 max_retries=spec.max_retries, model=spec.label, name=spec.name, gpus=int(res["gpus"]),
                 cpus=int(res["cpus"]), created_at=created_at, updated_at=created_at, queued_at=created_at,
                 transitions=[{"state": "queued", "at": created_at, "attempt": 0, "reason": "submitted"}],
@@ -428,9 +507,11 @@ class JobQueue:
     def is_cancel_requested(self, job_id: str) -> bool:
         return _s(self.client.hget(self.keys.job(job_id), "cancel_requested")) == "1"
 
-    def report_progress(self, job_id: str, token: str, progress: Mapping[str, Any]) -> bool:
-        """Store the latest progress and publish a ``progress`` event (fenced)."""
-        return bool(self._run("progress", [job_id, token, _dumps(dict(progress))]))
+    def report_progress(self, job_id: str, token: str, progress: Mapping[str, Any], *,
+                        publish: bool = True) -> bool:
+        """Store the latest progress in the record and (``publish``) append a ``progress`` event
+        (fenced). Pass ``publish=False`` when the event was already published via EventLog."""
+        return bool(self._run("progress", [job_id, token, _dumps(dict(progress)), "1" if publish else "0"]))
 
     def set_checkpoint(self, job_id: str, token: str, uri: str) -> bool:
         """Record the URI of the newest checkpoint; the next attempt resumes from it (fenced)."""
@@ -443,8 +524,10 @@ class JobQueue:
     def fail(self, job_id: str, token: str, error: str, traceback: str = "", *, retry: bool = True) -> bool:
         """running -> retrying (backoff) while retries are left, else failed (fenced).
         ``retry=False`` fails for good (e.g. an error no retry can fix)."""
-        code = self._run("fail", [job_id, token, str(error), str(traceback or ""), "1" if retry else "0",
-                                  self.backoff_base, self.backoff_max])
+        error = str(error)
+        short = error if len(error) <= 500 else error[:497] + "..."
+        code = self._run("fail", [job_id, token, error, str(traceback or ""), "1" if retry else "0",
+                                  self.backoff_base, self.backoff_max, short])
         return int(code) != 0
 
     def mark_cancelled(self, job_id: str, token: str) -> bool:
@@ -488,10 +571,13 @@ class JobQueue:
         return record
 
     def get(self, job_id: str) -> JobRecord | None:
+        """The job's record, or None when there is no such job (or its key is not a hash)."""
         try:
             h = self.client.hgetall(self.keys.job(job_id))
         except redis.ResponseError:  # not a hash
             return None
+        except UnicodeDecodeError:
+            raise QueueError(f"job {job_id}: its record holds bytes that are not UTF-8") from None
         return JobRecord.from_hash(h) if h else None
 
     def list(self, state: str | None = None, limit: int = 50) -> list[JobRecord]:
@@ -511,8 +597,16 @@ class JobQueue:
         pipe = self.client.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(self.keys.job(job_id))  # type: ignore[arg-type]
-        return [JobRecord.from_hash(h) for h in pipe.execute(raise_on_error=False)
-                if isinstance(h, dict) and h]
+        try:
+            rows = pipe.execute(raise_on_error=False)
+        except UnicodeDecodeError:  # junk in some record: fetch one by one and skip it
+            rows = []
+            for job_id in ids:
+                try:
+                    rows.append(self.client.hgetall(self.keys.job(job_id)))  # type: ignore[arg-type]
+                except (UnicodeDecodeError, redis.ResponseError):
+                    continue
+        return [JobRecord.from_hash(h) for h in rows if isinstance(h, dict) and h]
 
     def state_counts(self) -> dict[tuple[str, str], int]:
         """``{(state, priority): n}`` for every state and priority: one pipelined round of ZCARDs."""

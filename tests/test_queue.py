@@ -77,9 +77,11 @@ def test_submit_claim_complete(q):
     assert done.created_at <= done.started_at <= done.finished_at
     assert "lease_token" not in done.to_dict() and json.dumps(done.to_dict())
 
-    events = q.events.read(rec.id)
-    assert [e["type"] for _, e in events] == ["state", "state", "progress", "log", "result", "state"]
-    assert events[-1][1]["data"]["state"] == "succeeded"
+    events = q.events.read(rec.id)  # the stream starts at the claim (no event at submit)
+    assert [e["type"] for _, e in events] == ["state", "progress", "log", "result", "state"]
+    assert [e["data"]["state"] for _, e in events if e["type"] == "state"] == ["running", "succeeded"]
+    assert 0 < q.client.ttl(q.keys.events(rec.id)) <= q.events_ttl  # the log expires, the record stays
+    assert q.client.ttl(q.keys.job(rec.id)) == -1
 
     assert q.state_counts()[("succeeded", "normal")] == 1
     assert sum(q.state_counts().values()) == 1
@@ -176,6 +178,9 @@ def test_fencing_stale_worker_changes_nothing(q):
     r = q.get(rec.id)
     assert r.state == "running" and r.worker == "w2" and r.progress is None and r.checkpoint is None
     assert q.report_progress(new.id, new.token, {"epoch": 1})
+    n_events = q.events.length(new.id)
+    assert q.report_progress(new.id, new.token, {"epoch": 2}, publish=False)
+    assert q.events.length(new.id) == n_events and q.get(new.id).progress == {"epoch": 2}
     assert q.complete(new.id, new.token, {"ok": True})
     assert not q.fail(new.id, new.token, "late")  # finished: the token is spent
     assert q.get(rec.id).result == {"ok": True}
@@ -240,8 +245,10 @@ def test_fail_without_retry_then_manual_retry(q):
     assert q.get(rec.id).state == "failed"
     with pytest.raises(JobStateError, match="already failed"):
         q.cancel(rec.id)
+    assert q.client.ttl(q.keys.events(rec.id)) > 0
     r = q.retry(rec.id)
     assert r.state == "queued" and r.error is None and r.attempt == 1
+    assert q.client.ttl(q.keys.events(rec.id)) == -1  # the log is kept again
     job = q.claim("w", CPU)
     assert job.attempt == 2
     assert q.fail(job.id, job.token, "again")  # a fresh budget: retries again
@@ -333,6 +340,32 @@ def test_garbage_in_queue_is_dead_lettered(q, client, keys):
     assert q.counters()["dead_lettered"] == 5
     assert q.claim("w", CPU) is None
     assert client.sismember(keys.shapes("high"), "not-a-shape") == 0
+
+
+def test_bytes_that_are_not_utf8_never_reach_the_worker(q, client, keys, redis_url):
+    import redis
+
+    raw = redis.Redis.from_url(redis_url)  # no decoding: writes arbitrary bytes
+    qk = keys.queue("normal", 0, 1)
+    spec = json.dumps(train()).encode()
+    raw.hset(keys.job("j-bin-name"), mapping={b"state": b"queued", b"priority": b"normal", b"spec": spec,
+                                              b"gpus": b"0", b"cpus": b"1", b"seq": b"0", b"kind": b"train",
+                                              b"name": b"\xff\xfe junk"})
+    raw.zadd(qk, {b"j-bin-name": 0, b"\xff\xc0-binary-id": 0})
+    raw.sadd(keys.shapes("normal"), b"0:1")
+    raw.zadd(keys.jobs, {b"j-bin-name": 0})
+    good = q.submit(train(name="Überprüfung 漢字 ✓"))
+    job = q.claim("w", CPU)
+    assert job is not None and job.id == good.id and job.spec.name == "Überprüfung 漢字 ✓"
+    reasons = [d["reason"] for d in q.dead_letters(10)]
+    assert "job hash holds bytes that are not UTF-8" in reasons and "job hash is missing" in reasons
+    assert any(d["job_id"] == "\\xff\\xc0-binary-id" for d in q.dead_letters(10))
+    from services.queue import QueueError
+
+    with pytest.raises(QueueError, match="not UTF-8"):
+        q.get("j-bin-name")
+    assert [r.id for r in q.list()] == [good.id]
+    raw.close()
 
 
 def test_stale_queue_entry_leaves_job_alone(q, client, keys):
@@ -470,7 +503,7 @@ def test_events_follow_until_terminal(q):
     t.start()
     seen = [e for _, e in q.events.follow(rec.id, block_ms=200, timeout=5)]
     t.join()
-    assert [e["type"] for e in seen] == ["state", "state", "progress", "result", "state"]
+    assert [e["type"] for e in seen] == ["state", "progress", "result", "state"]
     assert seen[-1]["data"]["state"] == "succeeded"
 
 
