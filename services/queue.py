@@ -666,12 +666,17 @@ class JobQueue:
         ``pid``, ``available``, ``current_job``, ``started_at``.
         """
         ttl = float(ttl if ttl is not None else self.lease_seconds)
-        now = time.time()
+        now = self._server_time()
         payload = {**dict(info), "id": worker_id, "seen_at": now, "expires_at": now + ttl}
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self.keys.worker(worker_id), _dumps(payload), px=max(1, int(ttl * 1000)))
         pipe.zadd(self.keys.workers, {worker_id: now + ttl})
         pipe.execute()
+
+    def _server_time(self) -> float:
+        """Redis server time, so hosts with skewed clocks agree on registration expiry."""
+        secs, micros = self.client.time()
+        return int(secs) + int(micros) / 1e6
 
     def unregister_worker(self, worker_id: str) -> None:
         pipe = self.client.pipeline(transaction=True)
@@ -681,7 +686,7 @@ class JobQueue:
 
     def workers(self) -> list[dict[str, Any]]:
         """Live workers' info dicts (expired registrations are pruned), sorted by id."""
-        now = time.time()
+        now = self._server_time()
         self.client.zremrangebyscore(self.keys.workers, "-inf", now)
         ids = [_s(x) for x in self.client.zrange(self.keys.workers, 0, -1)]
         if not ids:
