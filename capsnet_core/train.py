@@ -146,14 +146,15 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
         rank: int = 0, world_size: int = 1, checkpoint_path: str | Path | None = None,
         resume_from: str | Path | None = None, on_progress: ProgressCallback | None = None,
         on_checkpoint: Callable[[Path, int], None] | None = None,
-        on_epoch_end: Callable[[dict[str, Any], Path | None], None] | None = None,
+        on_epoch_end: Callable[[list[dict[str, Any]], Path | None], None] | None = None,
         should_stop: Callable[[], bool] | None = None) -> FitResult:
     """Train for config.epochs epochs (continuing from `resume_from` if given), then evaluate.
 
     Only rank 0 evaluates, writes `checkpoint_path` after every epoch, calls `on_checkpoint`
     and `on_progress`.  The returned rotation accuracies are empty on other ranks.
-    `on_epoch_end(record, checkpoint)` runs on every rank after every epoch (checkpoint is
-    None except on rank 0), for frameworks whose reporting is a collective barrier.
+    `on_epoch_end(history, checkpoint)` runs on every rank after every epoch (history[-1] is
+    the epoch just done; checkpoint is None except on rank 0), for frameworks whose reporting
+    is a collective barrier.
     """
     bare = unwrap(model)
     device = next(bare.parameters()).device
@@ -173,6 +174,18 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
     test = test.to(device) if test is not None else None
     emit = on_progress if rank == 0 else None
     began = time.perf_counter()
+    rotation: dict[str, float] = {}
+    per_class: dict[str, list[float]] = {}
+
+    def evaluate_angles() -> None:
+        for angle in config.eval_angles:
+            result = evaluate(model, test.images, test.labels, batch_size=config.eval_batch_size,
+                              angle=angle, amp=config.amp)
+            rotation[angle_key(angle)] = result.accuracy
+            per_class[angle_key(angle)] = result.per_class
+        if emit is not None:
+            emit({"type": "eval", "test_accuracy": dict(rotation)})
+
     for epoch in range(start_epoch, config.epochs):
         stats = train_one_epoch(model, optimizer, train, batch_size=config.batch_size, augment=augment,
                                 epoch=epoch, seed=config.seed, rank=rank, world_size=world_size,
@@ -188,6 +201,11 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
         if rank == 0 and test is not None and config.eval_every and ((epoch + 1) % config.eval_every == 0 or last):
             upright = evaluate(model, test.images, test.labels, batch_size=config.eval_batch_size, amp=config.amp)
             record.update(test_accuracy=upright.accuracy, test_loss=upright.loss)
+        if last and rank == 0 and test is not None:
+            # The robustness evaluation belongs to the final checkpoint: do it before saving, so
+            # the last checkpoint (and its report) carries the result.
+            evaluate_angles()
+            record.update(rotation_accuracy=dict(rotation), per_class=dict(per_class))
         history.append(record)
         saved: Path | None = None
         if rank == 0 and checkpoint_path is not None:
@@ -195,20 +213,13 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
                                     train_config=config.to_dict(), history=history)
             if on_checkpoint is not None:
                 on_checkpoint(saved, epoch + 1)
+        if emit is not None:
+            emit({"type": "epoch", **{k: v for k, v in record.items() if k != "per_class"},
+                  "epochs": config.epochs, "gpu_memory_bytes": _gpu_memory(device)})
         if on_epoch_end is not None:
-            on_epoch_end(record, saved)
-        if emit is not None:
-            emit({"type": "epoch", **record, "epochs": config.epochs, "gpu_memory_bytes": _gpu_memory(device)})
+            on_epoch_end(history, saved)
     train_seconds = time.perf_counter() - began
-    rotation: dict[str, float] = {}
-    per_class: dict[str, list[float]] = {}
-    if rank == 0 and test is not None:
-        for angle in config.eval_angles:
-            result = evaluate(model, test.images, test.labels, batch_size=config.eval_batch_size,
-                              angle=angle, amp=config.amp)
-            rotation[angle_key(angle)] = result.accuracy
-            per_class[angle_key(angle)] = result.per_class
-        if emit is not None:
-            emit({"type": "eval", "test_accuracy": rotation})
+    if not rotation and rank == 0 and test is not None:
+        evaluate_angles()  # nothing left to train (resumed after the last epoch): still evaluate
     return FitResult(history=history, rotation_accuracy=rotation, per_class=per_class,
                      start_epoch=start_epoch, epochs=config.epochs, train_seconds=train_seconds)

@@ -1,0 +1,249 @@
+"""Train and eval jobs on Ray: one Ray Train ``TorchTrainer`` run (Train V2 API) per train job.
+
+``num_workers`` = the job's ranks (``--gpus N``: N GPU workers with NCCL; ``--workers N``: N
+CPU workers with gloo). Every rank loads the dataset itself, keeps it on its device and trains
+on its own shard of a shared permutation (``capsnet_core.train``); DDP averages gradients.
+Rank 0 evaluates, writes checkpoints, and publishes progress and log events to Redis.
+
+Checkpoints go through ``ray.train.report`` into ``RunConfig(storage_path=<artifacts>,
+name=<job id>)``: a local folder or any URI Ray accepts (``s3://``...). Because the run name
+is the job id, a later attempt of the same job (after its worker died) finds Ray Train's
+checkpoint snapshot in that folder and ``ray.train.get_checkpoint()`` hands back the last
+epoch's checkpoint: the job resumes there instead of at epoch 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capsnet_core import TrainConfig, build_model, fit, load_dataset
+from capsnet_core.checkpoint import load_model
+from capsnet_core.evaluate import evaluate
+from capsnet_core.train import angle_key, shard_indices
+
+from .config import redis_client
+from .events import EventLog
+from .jobspec import EvalSpec, TrainSpec
+from .keys import Keys
+from .queue import JobQueue
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (or its lease was taken over) while it ran."""
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a run needs to know about its job; plain data so Ray can ship it to every rank."""
+
+    job_id: str
+    lease_token: str
+    attempt: int
+    redis_url: str
+    redis_prefix: str
+    artifacts: str  # Ray storage_path: local folder or URI
+    data_dir: str | None = None
+
+
+class JobChannel:
+    """Rank-side connection to the job's Redis record: fenced progress, events, cancel checks."""
+
+    def __init__(self, ctx: JobContext, check_interval_s: float = 1.0) -> None:
+        self.ctx = ctx
+        client = redis_client(ctx.redis_url)
+        keys = Keys(ctx.redis_prefix)
+        self.queue = JobQueue(client, keys)
+        self.events = EventLog(client, keys)
+        self._check_interval = check_interval_s
+        self._last_check = 0.0
+        self._stop_reason: str | None = None
+
+    def stop_reason(self) -> str | None:
+        """Why this rank must stop (cancel requested, lease lost), checked at most once a second."""
+        now = time.monotonic()
+        if self._stop_reason is None and now - self._last_check >= self._check_interval:
+            self._last_check = now
+            record = self.queue.get(self.ctx.job_id)
+            if record is None:
+                self._stop_reason = "job record deleted"
+            elif record.cancel_requested:
+                self._stop_reason = "cancel requested"
+            elif record.lease_token != self.ctx.lease_token:
+                self._stop_reason = "lease lost to a newer attempt"
+        return self._stop_reason
+
+    def should_stop(self) -> bool:
+        return self.stop_reason() is not None
+
+    def progress(self, event: dict[str, Any]) -> None:
+        """Publish a training event and keep the latest one in the job record (fenced)."""
+        self.events.publish(self.ctx.job_id, "progress", event)
+        if event.get("type") in ("epoch", "eval") or event.get("step", 0) % 5 == 0:
+            self.queue.report_progress(self.ctx.job_id, self.ctx.lease_token, event)
+
+    def log(self, message: str, **extra: Any) -> None:
+        self.events.log(self.ctx.job_id, message, **extra)
+
+
+def _train_config(spec: TrainSpec) -> TrainConfig:
+    return TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, lr_decay=spec.lr_decay,
+                       augment=spec.augment, seed=spec.seed, eval_angles=tuple(spec.eval_angles))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every rank inside Ray Train."""
+    import ray.train
+    import ray.train.torch
+
+    spec = TrainSpec.model_validate(config["spec"])
+    ctx = JobContext(**config["ctx"])
+    train_ctx = ray.train.get_context()
+    rank, world_size = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    channel = JobChannel(ctx)
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(spec.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    model = build_model(spec.model, **spec.model_kwargs())
+    model = ray.train.torch.prepare_model(model)  # moves to this rank's device; DDP when world_size > 1
+    train = load_dataset(spec.dataset, "train", root=ctx.data_dir).subset(spec.train_subset)
+    test = load_dataset(spec.dataset, "test", root=ctx.data_dir).subset(spec.test_subset) if rank == 0 else None
+
+    # Which images this rank trains on in its first epoch: the test suite checks ranks differ.
+    shard = shard_indices(len(train), epoch=0, seed=spec.seed, rank=rank, world_size=world_size)
+    fingerprint = hashlib.sha1(shard.numpy().tobytes()).hexdigest()[:12]
+    channel.log(f"rank {rank}/{world_size} on {device}: {shard.numel()} images per epoch, shard {fingerprint}",
+                rank=rank, world_size=world_size, shard_size=int(shard.numel()), shard_fingerprint=fingerprint,
+                device=str(device))
+
+    workdir = Path(tempfile.mkdtemp(prefix=f"capsctl-{ctx.job_id}-r{rank}-"))
+    resume_file: Path | None = None
+    checkpoint = ray.train.get_checkpoint()  # the last reported checkpoint of an earlier attempt
+    if checkpoint is not None:
+        resume_file = workdir / "resume.pt"
+        checkpoint.to_directory(str(workdir / "resume"))
+        (workdir / "resume" / CHECKPOINT_FILE).replace(resume_file)
+
+    def on_epoch_end(history: list[dict[str, Any]], saved: Path | None) -> None:
+        # ray.train.report is a barrier on every rank; rank 0 hands over the checkpoint it just
+        # wrote, and its metrics (with the whole history, small) become the run's result.
+        epoch = history[-1]["epoch"]
+        ray_checkpoint = ray.train.Checkpoint.from_directory(str(saved.parent)) if saved is not None else None
+        metrics = {**history[-1], "history": history, "world_size": world_size, "device": str(device)}
+        ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
+        if rank == 0:
+            uri = f"{ctx.artifacts.rstrip('/')}/{ctx.job_id}/epoch-{epoch:04d}"
+            channel.queue.set_checkpoint(ctx.job_id, ctx.lease_token, uri)
+
+    result = fit(model, train, test, _train_config(spec), rank=rank, world_size=world_size,
+                 checkpoint_path=workdir / "epoch" / CHECKPOINT_FILE if rank == 0 else None,
+                 resume_from=resume_file, on_progress=channel.progress if rank == 0 else None,
+                 on_epoch_end=on_epoch_end, should_stop=channel.should_stop)
+    if result.start_epoch:
+        channel.log(f"rank {rank}: resumed after epoch {result.start_epoch} of {spec.epochs}", rank=rank,
+                    resumed_from_epoch=result.start_epoch)
+    if result.start_epoch >= spec.epochs and resume_file is not None:
+        # Killed after its last checkpoint but before completing: nothing was trained in this
+        # attempt, so report the evaluation with the same weights once more.
+        metrics = {**result.history[-1], "rotation_accuracy": result.rotation_accuracy,
+                   "per_class": result.per_class, "history": result.history, "world_size": world_size,
+                   "device": str(device)}
+        ray_checkpoint = None
+        if rank == 0:
+            (workdir / "resume").mkdir(exist_ok=True)
+            resume_file.replace(workdir / "resume" / CHECKPOINT_FILE)
+            ray_checkpoint = ray.train.Checkpoint.from_directory(str(workdir / "resume"))
+        ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=f"epoch-{spec.epochs:04d}-final")
+
+
+def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
+    """Run one train job to the end on the connected Ray cluster; returns the job's result document."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = spec.gpus > 0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.to_dict(), "ctx": asdict(ctx)},
+        scaling_config=ScalingConfig(num_workers=spec.ranks, use_gpu=use_gpu,
+                                     resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(
+            name=ctx.job_id, storage_path=ctx.artifacts,
+            # The queue owns retries (with backoff, across workers); Ray Train must not retry on its own.
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    channel = JobChannel(ctx, check_interval_s=0.0)
+    try:
+        outcome = trainer.fit()
+    except Exception as exc:
+        reason = channel.stop_reason()
+        if reason is not None:
+            raise JobCancelled(reason) from exc
+        raise
+    reason = channel.stop_reason()
+    if reason is not None:
+        raise JobCancelled(reason)
+    metrics = dict(outcome.metrics or {})
+    result = {
+        "rotation_accuracy": metrics.get("rotation_accuracy", {}),
+        "per_class": metrics.get("per_class", {}),
+        "history": metrics.get("history", []),
+        "world_size": metrics.get("world_size", spec.ranks),
+        "device": metrics.get("device"),
+        "checkpoint": outcome.checkpoint.path if outcome.checkpoint is not None else None,
+    }
+    return result
+
+
+def resolve_checkpoint(source: str, queue: JobQueue) -> str:
+    """A checkpoint folder/URI from a job id (its last checkpoint) or a path given directly."""
+    record = queue.get(source)
+    if record is not None:
+        if not record.checkpoint:
+            raise ValueError(f"job {source} has no checkpoint yet (state {record.state})")
+        return record.checkpoint
+    return source
+
+
+def _eval_task(spec_dict: dict[str, Any], checkpoint_uri: str, data_dir: str | None) -> dict[str, Any]:
+    from ray.train import Checkpoint
+
+    spec = EvalSpec.model_validate(spec_dict)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(checkpoint_uri)
+        if path.is_file():
+            model_file = path
+        else:
+            Checkpoint(checkpoint_uri).to_directory(tmp)
+            model_file = Path(tmp) / CHECKPOINT_FILE
+        model = load_model(model_file, device=device)
+    test = load_dataset(spec.dataset, "test", root=data_dir).subset(spec.test_subset)
+    results = {angle_key(a): evaluate(model, test.images, test.labels, angle=a) for a in spec.angles}
+    return {"checkpoint": checkpoint_uri, "model": model.name, "device": device,
+            "rotation_accuracy": {k: r.accuracy for k, r in results.items()},
+            "per_class": {k: r.per_class for k, r in results.items()}}
+
+
+def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> dict[str, Any]:
+    """Evaluate a trained model on the rotated test set as a Ray task (on a GPU if the spec asks)."""
+    import ray
+
+    checkpoint_uri = resolve_checkpoint(spec.source, queue)
+    resources = spec.resources()
+    task = ray.remote(num_cpus=max(1, resources.get("cpus", 1)), num_gpus=resources.get("gpus", 0))(_eval_task)
+    try:
+        return ray.get(task.remote(spec.to_dict(), checkpoint_uri, ctx.data_dir))
+    except Exception as exc:
+        raise RuntimeError(f"evaluation of {checkpoint_uri} failed: {exc}\n{traceback.format_exc()}") from exc
