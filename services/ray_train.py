@@ -15,6 +15,7 @@ epoch's checkpoint: the job resumes there instead of at epoch 0.
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
 import time
 import traceback
@@ -53,6 +54,7 @@ class JobContext:
     redis_prefix: str
     artifacts: str  # Ray storage_path: local folder or URI
     data_dir: str | None = None
+    resume_checkpoint: str | None = None  # the job record's last checkpoint (earlier attempt)
 
 
 class JobChannel:
@@ -89,7 +91,7 @@ class JobChannel:
         """Publish a training event and keep the latest one in the job record (fenced)."""
         self.events.publish(self.ctx.job_id, "progress", event)
         if event.get("type") in ("epoch", "eval") or event.get("step", 0) % 5 == 0:
-            self.queue.report_progress(self.ctx.job_id, self.ctx.lease_token, event)
+            self.queue.report_progress(self.ctx.job_id, self.ctx.lease_token, event, publish=False)
 
     def log(self, message: str, **extra: Any) -> None:
         self.events.log(self.ctx.job_id, message, **extra)
@@ -98,6 +100,24 @@ class JobChannel:
 def _train_config(spec: TrainSpec) -> TrainConfig:
     return TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, lr_decay=spec.lr_decay,
                        augment=spec.augment, seed=spec.seed, eval_angles=tuple(spec.eval_angles))
+
+
+def _checkpoint_epoch(path: str) -> int:
+    match = re.search(r"epoch-(\d+)", path.rstrip("/").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else -1
+
+
+def _latest_checkpoint(from_ray: Any, from_record: str | None) -> Any:
+    """The later of Ray Train's own snapshot and the checkpoint recorded in the job record.
+
+    Ray writes its run snapshot asynchronously after ``report`` returns, so a worker killed
+    right after an epoch can leave Redis one checkpoint ahead of the snapshot (or the other
+    way round): take whichever names the later epoch.
+    """
+    import ray.train
+
+    candidates = [c for c in (from_ray, ray.train.Checkpoint(from_record) if from_record else None) if c is not None]
+    return max(candidates, key=lambda c: _checkpoint_epoch(c.path), default=None)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -127,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix=f"capsctl-{ctx.job_id}-r{rank}-"))
     resume_file: Path | None = None
-    checkpoint = ray.train.get_checkpoint()  # the last reported checkpoint of an earlier attempt
+    checkpoint = _latest_checkpoint(ray.train.get_checkpoint(), ctx.resume_checkpoint)
     if checkpoint is not None:
         resume_file = workdir / "resume.pt"
         checkpoint.to_directory(str(workdir / "resume"))

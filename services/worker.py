@@ -139,7 +139,8 @@ class Worker:
         return JobContext(job_id=job.job_id, lease_token=job.token, attempt=job.attempt,
                           redis_url=self.settings.redis_url, redis_prefix=self.settings.redis_prefix,
                           artifacts=str(self.settings.artifacts),
-                          data_dir=str(self.settings.data_dir) if self.settings.data_dir else None)
+                          data_dir=str(self.settings.data_dir) if self.settings.data_dir else None,
+                          resume_checkpoint=job.checkpoint)
 
     def _heartbeat_loop(self, job: ClaimedJob, done: threading.Event, lost: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_seconds):

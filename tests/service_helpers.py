@@ -1,0 +1,85 @@
+"""Helpers for end-to-end tests: a real local Ray cluster owned by the test process, and
+``capsctl worker`` processes (real subprocesses, so they can be SIGKILLed) attached to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+WORKER_CODE = (
+    "import logging, sys; logging.basicConfig(level=logging.INFO);"
+    "from services.config import Settings; from services.worker import Worker;"
+    "Worker(Settings.from_env(), worker_id=sys.argv[1]).run()"
+)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.25, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local Ray cluster started by this test process; yields its address for RAY_ADDRESS."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # 4 logical CPUs on a 2-core machine: a 2-rank DDP job plus room for a second worker's claim.
+    context = ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING", configure_logging=False,
+                       log_to_driver=False)
+    address = context.address_info["gcs_address"]
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+
+
+def service_env(redis_url: str, ray_address: str, artifacts: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "CAPSNET_REDIS_URL": redis_url, "RAY_ADDRESS": ray_address, "CAPSNET_ARTIFACTS": str(artifacts),
+        "CAPSNET_METRICS_PORT": "0", "CAPSNET_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+        "CAPSNET_LEASE_SECONDS": "6", "CAPSNET_HEARTBEAT_SECONDS": "1",
+    })
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    def __init__(self, worker_id: str, env: dict[str, str], log_path: Path) -> None:
+        self.worker_id = worker_id
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER_CODE, worker_id], env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        """SIGKILL the worker: no goodbye, no cleanup, like a machine that vanished."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")

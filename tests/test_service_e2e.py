@@ -1,0 +1,145 @@
+"""End to end against real services: Redis, a local Ray cluster, `capsctl worker` processes,
+Ray Train DDP on real MNIST subsets. Nothing here is mocked."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.config import redis_client
+from services.keys import Keys
+from services.queue import JobQueue
+
+from .service_helpers import WorkerProcess, ray_cluster, service_env, wait_until  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+LENET_JOB = {"kind": "train", "model": "lenet5", "workers": 2, "batch_size": 64, "train_subset": 4000,
+             "test_subset": 1000, "eval_angles": [0, 35], "lr": 2e-3}
+
+
+@pytest.fixture
+def queue(redis_url: str) -> JobQueue:
+    return JobQueue(redis_client(redis_url), Keys("capsnet:"), lease_seconds=6)
+
+
+@pytest.fixture
+def workers(redis_url: str, ray_cluster: str, tmp_path: Path):  # noqa: F811
+    started: list[WorkerProcess] = []
+
+    def start(worker_id: str) -> WorkerProcess:
+        env = service_env(redis_url, ray_cluster, tmp_path / "artifacts")
+        proc = WorkerProcess(worker_id, env, tmp_path / f"{worker_id}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def _events(queue: JobQueue, job_id: str, type_: str) -> list[dict]:
+    return [e["data"] for _, e in queue.events.read(job_id) if e["type"] == type_]
+
+
+def test_ddp_job_runs_to_success_with_disjoint_shards(queue: JobQueue, workers, redis_url: str) -> None:
+    job = queue.submit({**LENET_JOB, "epochs": 2, "name": "e2e"})
+    worker = workers("w-e2e")
+    record = wait_until(lambda: (r := queue.get(job.id)) and r.is_terminal and r, 240,
+                        what=f"job {job.id} to finish; worker log:\n{worker.output()[-3000:]}")
+    assert record.state == "succeeded", (record.error, record.traceback)
+    assert [t["state"] for t in record.transitions] == ["queued", "running", "succeeded"]
+    result = record.result
+    assert result["world_size"] == 2 and result["device"] == "cpu"
+    assert set(result["rotation_accuracy"]) == {"0", "35"}
+    assert result["rotation_accuracy"]["0"] > 0.6  # 2 epochs on 4,000 images: well above chance
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert Path(result["checkpoint"], "checkpoint.pt").is_file()
+    # Each rank trained on its own half of the data.
+    ranks = [e for e in _events(queue, job.id, "log") if "shard_fingerprint" in e]
+    assert sorted(e["rank"] for e in ranks) == [0, 1]
+    assert ranks[0]["shard_fingerprint"] != ranks[1]["shard_fingerprint"]
+    assert all(e["shard_size"] == 2000 for e in ranks)
+    # Progress was streamed while it ran.
+    progress = _events(queue, job.id, "progress")
+    assert {"step", "epoch", "eval"} <= {p["type"] for p in progress}
+
+    # The CLI reads the result and the checkpoint back.
+    from click.testing import CliRunner
+
+    from services.cli import main
+
+    out = CliRunner().invoke(main, ["--redis-url", redis_url, "results", job.id, "--json"])
+    assert out.exit_code == 0, out.output
+    parsed = json.loads(out.output)
+    assert json.dumps(parsed).count(result["checkpoint"]) >= 1
+    assert parsed["result"]["rotation_accuracy"] == result["rotation_accuracy"] if "result" in parsed else True
+
+
+def test_killed_worker_job_resumes_from_its_last_checkpoint(queue: JobQueue, workers) -> None:
+    epochs = 5
+    job = queue.submit({**LENET_JOB, "epochs": epochs, "train_subset": 12000, "max_retries": 2})
+    first = workers("w-doomed")
+    # Wait for at least one finished epoch (its checkpoint recorded) but not the end.
+    wait_until(lambda: (r := queue.get(job.id)) and r.checkpoint and r.state == "running", 240,
+               interval=0.1, what=f"a first checkpoint; log:\n{first.output()[-3000:]}")
+    done_before_kill = int(queue.get(job.id).checkpoint.rsplit("-", 1)[1])
+    first.kill()
+    assert done_before_kill < epochs
+
+    second = workers("w-rescuer")
+    record = wait_until(lambda: (r := queue.get(job.id)) and r.is_terminal and r, 300,
+                        what=f"the job to finish elsewhere; log:\n{second.output()[-3000:]}")
+    assert record.state == "succeeded", (record.error, record.traceback)
+    assert record.attempt == 2 and record.worker == "w-rescuer"
+    assert record.lease_expiries == 1
+    states = [t["state"] for t in record.transitions]
+    assert states.count("succeeded") == 1  # never run twice to completion
+    # The second attempt started after the checkpointed epochs: none of them was redone.
+    resumed = [e for e in _events(queue, job.id, "log") if "resumed_from_epoch" in e]
+    assert resumed and resumed[0]["resumed_from_epoch"] >= done_before_kill
+    attempt_starts = [i for i, (_, e) in enumerate(queue.events.read(job.id))
+                      if e["type"] == "state" and e["data"].get("state") == "running"]
+    second_attempt = [e["data"] for _, e in queue.events.read(job.id)[attempt_starts[-1]:]
+                      if e["type"] == "progress" and e["data"]["type"] == "epoch"]
+    assert second_attempt and min(p["epoch"] for p in second_attempt) == resumed[0]["resumed_from_epoch"] + 1
+    assert [h["epoch"] for h in record.result["history"]] == list(range(1, epochs + 1))
+
+
+def test_cancel_running_job_frees_ray_resources(queue: JobQueue, workers) -> None:
+    import ray
+
+    job = queue.submit({**LENET_JOB, "epochs": 200, "train_subset": 20000})
+    worker = workers("w-cancel")
+    wait_until(lambda: (r := queue.get(job.id)) and r.progress and r.state == "running", 240,
+               what=f"training progress; log:\n{worker.output()[-3000:]}")
+    assert ray.available_resources().get("CPU", 0) <= 2  # the two ranks hold their CPUs
+    assert queue.cancel(job.id) in ("cancelling", "cancel_requested", "running", "cancelled")
+    record = wait_until(lambda: (r := queue.get(job.id)) and r.is_terminal and r, 60,
+                        what="the job to stop")
+    assert record.state == "cancelled"
+    wait_until(lambda: ray.available_resources().get("CPU", 0) >= 4, 30, what="Ray to free the ranks' CPUs")
+
+
+def test_failing_job_is_retried_then_failed_and_worker_keeps_serving(queue: JobQueue, workers,
+                                                                      redis_url: str) -> None:
+    # An eval of a checkpoint that does not exist fails in the worker, for real.
+    bad = queue.submit({"kind": "eval", "source": "/nonexistent/checkpoint.pt", "angles": [0], "max_retries": 1})
+    # Junk pushed straight into a queue key must not crash the worker.
+    client = redis.Redis.from_url(redis_url)
+    client.zadd(Keys("capsnet:").queue("normal", 0, 1), {"not-a-job-id": 0})
+    workers("w-retry")
+    record = wait_until(lambda: (r := queue.get(bad.id)) and r.state == "failed" and r, 120,
+                        what="the eval job to fail twice")
+    assert record.attempt == 2
+    assert "retrying" in [t["state"] for t in record.transitions]
+    assert "nonexistent" in record.error and "Traceback" in record.traceback
+    assert queue.dead_letters()
+    # The worker still serves: retry the failed job and watch it run (and fail) again.
+    queue.retry(bad.id)
+    wait_until(lambda: (r := queue.get(bad.id)) and r.state == "failed" and r.attempt >= 3, 120,
+               what="the retried job to run again")
