@@ -1,0 +1,114 @@
+"""Training and evaluation throughput (images/s) and peak memory of LeNet5 and CapsNet.
+
+    python benchmarks/bench_throughput.py                  # CPU, and CUDA when present
+    python benchmarks/bench_throughput.py --device cuda --epoch   # + a timed full 60k-image epoch
+
+Measures steady-state steps after warm-up on real MNIST batches with the shift2 augmentation,
+i.e. exactly what ``capsnet_core.train.train_one_epoch`` does per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from capsnet_core import TrainConfig, build_model, load_dataset
+from capsnet_core.augment import augment_batch, parse_preset
+from capsnet_core.evaluate import autocast_context
+from capsnet_core.train import train_one_epoch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB (CUDA)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (RSS)"
+
+
+def measure(name: str, device: torch.device, batch: int, steps: int, warmup: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = build_model(name).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = load_dataset("mnist", "train").subset(batch * (steps + warmup))
+    images, labels = data.images.to(device), data.labels.to(device)
+    spec = parse_preset("shift2")
+    model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        x = augment_batch(images[i * batch:(i + 1) * batch], spec)
+        y = labels[i * batch:(i + 1) * batch]
+        with autocast_context(device):
+            out = model(x, y)
+            loss = model.loss(out, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync(device)
+    train_ips = batch * steps / (time.perf_counter() - start)
+    model.eval()
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync(device)
+                start = time.perf_counter()
+            x = augment_batch(images[i * batch:(i + 1) * batch], parse_preset("none"))
+            with autocast_context(device):
+                model(x).scores.argmax(1)
+        sync(device)
+    eval_ips = batch * steps / (time.perf_counter() - start)
+    return train_ips, eval_ips
+
+
+def full_epoch(name: str, device: torch.device, batch: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(name).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = load_dataset("mnist", "train").to(device)
+    config = TrainConfig(batch_size=batch)
+    train_one_epoch(model, optimizer, data.subset(batch * 20), batch_size=batch, augment=parse_preset("shift2"),
+                    epoch=0)  # warm-up (cuDNN autotuning, allocator)
+    sync(device)
+    start = time.perf_counter()
+    train_one_epoch(model, optimizer, data, batch_size=config.batch_size, augment=parse_preset("shift2"), epoch=1)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=0, help="timed steps (default: 8 on CPU, 50 on CUDA)")
+    parser.add_argument("--models", default="lenet5,capsnet")
+    parser.add_argument("--epoch", action="store_true", help="also time one full 60,000-image training epoch")
+    args = parser.parse_args()
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+    print(f"{'model':8} {'device':6} {'batch':>5} {'train img/s':>12} {'eval img/s':>11}  peak memory"
+          + ("   60k epoch" if args.epoch else ""))
+    for device_name in devices:
+        device = torch.device(device_name)
+        for name in args.models.split(","):
+            steps = args.steps or (50 if device.type == "cuda" else (30 if name == "lenet5" else 8))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            train_ips, eval_ips = measure(name, device, args.batch_size, steps, warmup=3)
+            line = f"{name:8} {device_name:6} {args.batch_size:>5} {train_ips:>12.1f} {eval_ips:>11.1f}  {peak_memory(device)}"
+            if args.epoch:
+                line += f"   {full_epoch(name, device, args.batch_size):.2f} s"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
