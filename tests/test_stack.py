@@ -1,0 +1,100 @@
+"""``capsctl up`` / ``capsctl down`` for real: a redis-server on a free port, a Ray head and a
+worker, as the user would run them (subprocesses), then everything gone after ``down``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services import stack
+from services.config import Settings
+
+from .conftest import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_up_status_down(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "capsctl"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "services.cli"]
+    state = tmp_path / "state"
+    redis_port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CAPSCTL_", "CAPSNET_REDIS", "RAY_"))}
+    env.update({"CAPSNET_STATE_DIR": str(state), "CAPSNET_ARTIFACTS": str(tmp_path / "artifacts"),
+                "CAPSNET_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})  # nothing answers there yet
+
+    def capsctl(*args: str, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([*cmd, *args], env=environ or env, cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=150)
+        assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+        return proc
+
+    settings = Settings.from_env(env)
+    try:
+        out = capsctl("up", "--num-cpus", "2", "--metrics-port", str(metrics_port)).stdout
+        record = json.loads((state / "stack.json").read_text())
+        assert record["complete"] and record["redis"]["started"] and record["ray"]["started"]
+        assert record["redis"]["port"] == redis_port and f"redis://127.0.0.1:{redis_port}/0" in out
+        [worker] = record["workers"]
+        assert worker["metrics_port"] == metrics_port
+        assert f":{metrics_port}/metrics" in worker["metrics_url"] and worker["metrics_url"] in out
+        assert record["ray"]["address"] in out and worker["id"] in out
+        redis_pid, ray_sid = record["redis"]["pid"], record["ray"]["session"]
+        ray_pids = stack.session_pids(ray_sid)
+        assert stack.pid_alive(redis_pid, str(redis_port)) and stack.pid_alive(worker["pid"], worker["id"])
+        assert len(ray_pids) >= 2  # gcs_server, raylet, ...
+        assert (state / "env").read_text().count(f"CAPSNET_REDIS_URL=redis://127.0.0.1:{redis_port}/0") == 1
+
+        # Later invocations without CAPSNET_REDIS_URL find the stack's Redis through <state>/env.
+        plain = {k: v for k, v in env.items() if k != "CAPSNET_REDIS_URL"}
+        info = json.loads(capsctl("status", "--json", environ=plain).stdout)
+        assert [w["id"] for w in info["workers"]] == [worker["id"]]
+        assert info["cluster"]["cpus"] == 2 and info["redis_url"] == f"redis://127.0.0.1:{redis_port}/0"
+        assert "already up" in capsctl("up", environ=plain).stdout
+
+        down = capsctl("down", environ=plain)
+        assert "stopped 1 worker process(es)" in down.stdout and "redis-server" in down.stdout
+        assert not (state / "stack.json").exists() and not (state / "env").exists()
+        assert not stack.pid_alive(redis_pid) and not stack.pid_alive(worker["pid"])
+        assert not any(stack.pid_alive(p) for p in ray_pids) and stack.session_pids(ray_sid) == []
+        assert (state / "redis").is_dir() and (state / "logs" / "worker-0.log").is_file()
+        assert "nothing to stop" in capsctl("down", environ=plain).stdout
+    finally:
+        stack.down(settings, grace=5)
+        temp = stack._ray_temp_dir(state)
+        if temp != state / "ray":
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_down_skips_stale_and_reused_pids(tmp_path: Path) -> None:
+    """A record whose PIDs died (or now belong to other programs) is cleared without killing anything."""
+    state = tmp_path / "state"
+    state.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a PID that is not ours to stop
+    try:
+        record = {"version": 1, "complete": True,
+                  "redis": {"started": True, "pid": dead.pid, "port": 1, "url": "redis://127.0.0.1:1/0"},
+                  "ray": {"started": True, "session": dead.pid, "address": "127.0.0.1:1"},
+                  "workers": [{"id": "w-gone", "pid": other.pid, "log": "x"}]}
+        (state / "stack.json").write_text(json.dumps(record))
+        (state / "env").write_text("# c\nexport CAPSNET_REDIS_URL='redis://127.0.0.1:1/0'\nOTHER=1\n")
+        assert stack.load_env(state) == {"CAPSNET_REDIS_URL": "redis://127.0.0.1:1/0"}
+        settings = Settings.from_env({"CAPSNET_STATE_DIR": str(state)})
+        assert stack.status(settings)["healthy"] is False
+        result = stack.down(settings, grace=1)
+        assert result is not None and result["stopped"] == {"workers": [], "ray": [], "redis": []}
+        assert other.poll() is None  # still running: its command line is not a capsctl worker's
+        assert not (state / "stack.json").exists() and stack.load_env(state) == {}
+        assert stack.down(settings) is None
+    finally:
+        other.kill()
+        other.wait()
