@@ -7,19 +7,36 @@ A pure ML library: it imports torch (and matplotlib for plots) but nothing of th
     model = build_model("capsnet")                       # full size, 8,215,568 parameters
     result = fit(model, load_dataset("mnist", "train"), load_dataset("mnist", "test"),
                  TrainConfig(epochs=10, augment="shift2", eval_angles=(0, 15, 35)))
+
+Names are imported lazily, so ``capsnet_core.presets`` and ``capsnet_core.models.configs``
+(what a job spec needs to be validated) load without torch.
 """
 
-from .augment import AugmentSpec, augment_batch, parse_preset, preset_for, rotate, shift
-from .checkpoint import load_checkpoint, load_model, save_checkpoint
-from .data import DATASET_NAMES, Dataset, DatasetMissingError, load_dataset
-from .evaluate import EvalResult, evaluate, evaluate_rotations, per_class_accuracy, predict
-from .models import MODEL_NAMES, ModelOutput, build_model, count_parameters, unwrap
-from .train import FitResult, TrainConfig, TrainingStopped, angle_key, fit, train_one_epoch
+from __future__ import annotations
 
-__all__ = [
-    "DATASET_NAMES", "MODEL_NAMES", "AugmentSpec", "Dataset", "DatasetMissingError", "EvalResult", "FitResult",
-    "ModelOutput", "TrainConfig", "TrainingStopped", "angle_key", "augment_batch", "build_model",
-    "count_parameters", "evaluate", "evaluate_rotations", "fit", "load_checkpoint", "load_dataset", "load_model",
-    "parse_preset", "per_class_accuracy", "predict", "preset_for", "rotate", "save_checkpoint", "shift",
-    "train_one_epoch", "unwrap",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "augment": ["augment_batch", "rotate", "shift"],
+    "presets": ["AugmentSpec", "parse_preset", "preset_for"],
+    "checkpoint": ["load_checkpoint", "load_model", "save_checkpoint"],
+    "data": ["DATASET_NAMES", "Dataset", "DatasetMissingError", "load_dataset"],
+    "evaluate": ["EvalResult", "evaluate", "evaluate_rotations", "per_class_accuracy", "predict"],
+    "models": ["MODEL_NAMES", "ModelOutput", "build_model", "count_parameters", "unwrap"],
+    "train": ["FitResult", "TrainConfig", "TrainingStopped", "angle_key", "fit", "train_one_epoch"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

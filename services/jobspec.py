@@ -35,9 +35,9 @@ from pydantic import (
     model_validator,
 )
 
-from capsnet_core.augment import parse_preset, preset_for
-from capsnet_core.models import MODEL_NAMES
-from capsnet_core.models import model_config_fields as _model_config_fields
+from capsnet_core.models.configs import MODEL_NAMES
+from capsnet_core.models.configs import model_config_fields as _model_config_fields
+from capsnet_core.presets import parse_preset, preset_for
 
 KINDS = ("train", "eval", "tune")
 PRIORITIES = ("high", "normal", "low")

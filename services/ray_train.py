@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import tempfile
 import time
 import traceback
@@ -164,10 +165,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             uri = f"{ctx.artifacts.rstrip('/')}/{ctx.job_id}/epoch-{epoch:04d}"
             channel.queue.set_checkpoint(ctx.job_id, ctx.lease_token, uri)
 
-    result = fit(model, train, test, _train_config(spec), rank=rank, world_size=world_size,
-                 checkpoint_path=workdir / "epoch" / CHECKPOINT_FILE if rank == 0 else None,
-                 resume_from=resume_file, on_progress=channel.progress if rank == 0 else None,
-                 on_epoch_end=on_epoch_end, should_stop=channel.should_stop)
+    try:
+        result = fit(model, train, test, _train_config(spec), rank=rank, world_size=world_size,
+                     checkpoint_path=workdir / "epoch" / CHECKPOINT_FILE if rank == 0 else None,
+                     resume_from=resume_file, on_progress=channel.progress if rank == 0 else None,
+                     on_epoch_end=on_epoch_end, should_stop=channel.should_stop)
+        _report_resume(result, spec, rank, world_size, device, resume_file, workdir, channel)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # Ray has copied every checkpoint to storage
+
+
+def _report_resume(result: Any, spec: TrainSpec, rank: int, world_size: int, device: Any,
+                   resume_file: Path | None, workdir: Path, channel: JobChannel) -> None:
+    import ray.train
+
     if result.start_epoch:
         channel.log(f"rank {rank}: resumed after epoch {result.start_epoch} of {spec.epochs}", rank=rank,
                     resumed_from_epoch=result.start_epoch)

@@ -1,48 +1,55 @@
-"""Model registry: ``build_model(name, **config)`` returns a full-size model unless told otherwise."""
+"""Model registry: ``build_model(name, **config)`` returns a full-size model unless told otherwise.
+
+Names and configs (``configs``) import without torch; the models themselves load on first use.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .base import ClassifierModel, ModelOutput, count_parameters, unwrap
-from .capsnet import CapsNet, CapsNetConfig, margin_loss, squash
-from .lenet5 import LeNet5, LeNet5Config
+from .configs import (
+    MODEL_CONFIGS,
+    MODEL_NAMES,
+    CapsNetConfig,
+    LeNet5Config,
+    config_class,
+    model_config_fields,
+)
 
-# name -> (model class, config dataclass)
-MODELS: dict[str, tuple[type[ClassifierModel], type]] = {
-    "capsnet": (CapsNet, CapsNetConfig),
-    "lenet5": (LeNet5, LeNet5Config),
-}
-MODEL_NAMES: tuple[str, ...] = tuple(sorted(MODELS))
+if TYPE_CHECKING:
+    from .base import ClassifierModel
+
+# name -> "module:class" of the model, imported lazily.
+MODELS: dict[str, str] = {"capsnet": "capsnet:CapsNet", "lenet5": "lenet5:LeNet5"}
+
+_LAZY = {"CapsNet": "capsnet", "LeNet5": "lenet5", "margin_loss": "capsnet", "squash": "capsnet",
+         "ClassifierModel": "base", "ModelOutput": "base", "count_parameters": "base", "unwrap": "base"}
 
 
-def model_config_fields(name: str) -> dict[str, Any]:
-    """The config fields of a model and their defaults (for validation in job specs)."""
-    _, config_cls = _lookup(name)
-    return {f.name: getattr(config_cls(), f.name) for f in dataclasses.fields(config_cls)}
-
-
-def _lookup(name: str) -> tuple[type[ClassifierModel], type]:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}") from None
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_model(name: str, **config: Any) -> ClassifierModel:
     """Build a registered model; keyword arguments override fields of its config dataclass."""
-    model_cls, config_cls = _lookup(name)
+    config_cls = config_class(name)
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"unknown {name} config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if "decoder_hidden" in config:
         config["decoder_hidden"] = tuple(config["decoder_hidden"])
+    module_name, class_name = MODELS[name].split(":")
+    model_cls = getattr(importlib.import_module(f".{module_name}", __name__), class_name)
     return model_cls(config_cls(**config))
 
 
 __all__ = [
-    "MODELS", "MODEL_NAMES", "CapsNet", "CapsNetConfig", "ClassifierModel", "LeNet5", "LeNet5Config",
-    "ModelOutput", "build_model", "count_parameters", "margin_loss", "model_config_fields", "squash", "unwrap",
+    "MODELS", "MODEL_CONFIGS", "MODEL_NAMES", "CapsNet", "CapsNetConfig", "ClassifierModel", "LeNet5",
+    "LeNet5Config", "ModelOutput", "build_model", "config_class", "count_parameters", "margin_loss",
+    "model_config_fields", "squash", "unwrap",
 ]

@@ -11,37 +11,12 @@ Routing is fully vectorised: the only Python loop is over the routing iterations
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import ClassifierModel, ModelOutput
-
-
-@dataclass
-class CapsNetConfig:
-    num_classes: int = 10
-    conv_channels: int = 256  # conv1 width
-    primary_maps: int = 32  # number of primary capsule maps (each 6x6 capsules)
-    primary_dim: int = 8
-    digit_dim: int = 16
-    routing_iters: int = 3
-    decoder: bool = True
-    decoder_hidden: tuple[int, int] = (512, 1024)
-    # Margin loss (eq. 4 of the paper) and reconstruction weight.
-    m_plus: float = 0.9
-    m_minus: float = 0.1
-    lambda_absent: float = 0.5
-    reconstruction_weight: float = 0.0005
-    # Std of the initial capsule transforms W_ij. With the paper's softmax over parents, the
-    # 1,152 predictions are summed per parent; unit-variance transforms make every |s_j| huge,
-    # squash saturates at length ~1 for all classes and the margin loss gradient vanishes
-    # (training stalls near 10 %). 0.01 keeps |s_j| ~ 1 at the start, where squash is steep.
-    transform_init_std: float = 0.01
-    # NHWC convolutions: about 1.3x faster training on CPU (oneDNN) and better on CUDA tensor cores.
-    channels_last: bool = True
+from .configs import CapsNetConfig
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import ClassifierModel, ModelOutput
-
-
-@dataclass
-class LeNet5Config:
-    num_classes: int = 10
-    conv1_channels: int = 6
-    conv2_channels: int = 16
-    hidden1: int = 120
-    hidden2: int = 84
+from .configs import LeNet5Config
 
 
 class LeNet5(ClassifierModel):
