@@ -1,0 +1,81 @@
+"""Service latency on a warm local Ray: submit -> claimed -> first training step -> done.
+
+    python benchmarks/bench_service.py [--repeats 3] [--workers 1,2]
+
+Starts a private redis-server and a local Ray, runs a Worker in this process, then submits small
+LeNet5 jobs one after another. "First step" is when rank 0 reports it is about to train (its
+dataset loaded and on the device, the process group up): the moment the first batch starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from statistics import median
+
+from services.config import Settings
+from services.worker import Worker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", default="1,2", help="rank counts to measure")
+    parser.add_argument("--num-cpus", type=int, default=4)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="capsctl-bench-"))
+    port = free_port()
+    redis_proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
+                                   "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+    time.sleep(0.5)
+    os.environ.update(CAPSNET_REDIS_URL=f"redis://127.0.0.1:{port}/0", CAPSNET_ARTIFACTS=str(tmp / "artifacts"),
+                      CAPSNET_METRICS_PORT="0", RAY_USAGE_STATS_ENABLED="0")
+    worker = Worker(Settings.from_env(), num_cpus=args.num_cpus, poll_seconds=0.5)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    queue = worker.queue
+    rows = []
+    try:
+        for ranks in [int(x) for x in args.workers.split(",")]:
+            for repeat in range(args.repeats + 1):  # the first run warms Ray up and is not counted
+                t0 = time.time()
+                job = queue.submit({"kind": "train", "model": "lenet5", "workers": ranks, "epochs": 1,
+                                    "batch_size": 64, "train_subset": 2000, "test_subset": 500, "eval_angles": [0]})
+                while (record := queue.get(job.id)) is None or not record.is_terminal:
+                    time.sleep(0.05)
+                events = [e for _, e in queue.events.read(job.id)]
+                claimed = next(e["at"] for e in events if e["type"] == "state" and e["data"]["state"] == "running")
+                first_step = min(e["at"] for e in events if e["type"] == "log" and e["data"].get("rank") == 0
+                                 and "shard_fingerprint" in e["data"])
+                if repeat:
+                    rows.append((ranks, claimed - t0, first_step - t0, record.finished_at - t0, record.state))
+    finally:
+        worker.request_stop()
+        thread.join(timeout=30)
+        redis_proc.terminate()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{'ranks':>5} {'submit->claim (ms)':>19} {'submit->first step (s)':>23} {'submit->done (s)':>17}  state")
+    for ranks, claim, first, done, state in rows:
+        print(f"{ranks:>5} {1000 * claim:>19.1f} {first:>23.2f} {done:>17.2f}  {state}")
+    for ranks in sorted({r[0] for r in rows}):
+        sel = [r for r in rows if r[0] == ranks]
+        print(f"median, {ranks} rank(s): claim {1000 * median(r[1] for r in sel):.1f} ms, first step "
+              f"{median(r[2] for r in sel):.2f} s, done {median(r[3] for r in sel):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
