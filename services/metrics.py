@@ -24,17 +24,27 @@ Three groups of series:
   "finished:train:capsnet:succeeded": n, "retries": n, ...}`` (``|`` also accepted as the
   separator).  Unknown or malformed entries are ignored.  The unlabelled counters are always
   exposed (0 when absent) so alerts and panels over them have data from the first scrape.
+  ``QueueCollector(queue, zero_fill=known_job_labels())`` does the same for the labelled ones:
+  ``submitted`` for every known (kind, model) and ``finished`` for every outcome of those and of
+  every submitted (kind, model).  Without it a label set's first event is invisible to
+  ``rate()``/``increase()`` (Prometheus sees the series appear at 1, not go from 0 to 1), so on a
+  fresh deployment the submit/finish rates read 0 and the failed share is empty.
 
 * ``WorkerMetrics`` — this process's histograms of queue wait and run time, and the Ray
-  cluster's CPU/GPU totals the worker passes in (this module never imports Ray).
+  cluster's CPU/GPU totals the worker passes in (this module never imports Ray).  The histograms
+  of every job kind (and run outcome) are exported from 0 on, so the first job a worker claims
+  shows in the rate-based panels too.
 
 * ``TrainingMetrics`` — per running job gauges (label ``job_id``) fed with the training loop's
-  progress events, removed by ``remove(job_id)`` when the job ends.
+  progress events, removed by ``remove(job_id)`` when the job ends.  The job's result, its test
+  accuracy per angle, is only known in the last seconds of a run, so with
+  ``result_linger_seconds`` (the worker's default: ``RESULT_LINGER_SECONDS``) those series stay
+  that long after ``remove`` — long enough for a few scrapes — while the live gauges go at once.
 
 Typical worker wiring::
 
     metrics = default_worker_metrics()              # registered on prometheus_client.REGISTRY
-    REGISTRY.register(QueueCollector(queue))
+    REGISTRY.register(QueueCollector(queue, zero_fill=known_job_labels()))
     port = start_metrics_server(config.metrics_port)
     metrics.set_cluster_resources(ray.cluster_resources(), ray.available_resources())
     metrics.observe_queue_wait("train", waited_seconds)
@@ -77,6 +87,16 @@ _PLAIN_COUNTERS: dict[str, tuple[str, str]] = {
     "dead_lettered": ("capsnet_dead_lettered", "Jobs moved to the dead-letter list (bad spec or retries exhausted)."),
     "manual_retries": ("capsnet_job_manual_retries", "Failed or cancelled jobs re-queued by hand (capsctl retry)."),
 }
+
+# What the service produces (services.jobspec.KINDS; services.worker's attempt outcomes;
+# services/queue.lua's finish outcomes): label values exported from 0 before their first event.
+JOB_KINDS = ("train", "eval", "tune")
+RUN_OUTCOMES = ("succeeded", "failed", "cancelled", "lost")
+FINISH_OUTCOMES = ("succeeded", "failed", "cancelled", "dead_lettered")
+# How long a finished job's test accuracies stay on /metrics (the worker's default): two scrapes
+# at Prometheus' usual 15 s interval (the deploy configs scrape workers every 5 s), so the final
+# accuracy per angle, set in the job's last seconds, is always recorded.
+RESULT_LINGER_SECONDS = 30.0
 
 _LABEL_RE = re.compile(r"[^a-z0-9_.:+-]+")
 _MAX_LABEL_LEN = 40
@@ -142,10 +162,17 @@ class QueueCollector(Collector):
     Exposes ``capsnet_jobs{state,priority}``, ``capsnet_workers_alive``, the service counters
     (see module docstring) and ``capsnet_redis_up`` (0 when Redis could not be read; the other
     series are then left out of that scrape rather than reported wrong).
+
+    ``zero_fill``: (kind, model) pairs whose ``submitted`` counter, and whose ``finished`` counter
+    for every outcome in ``FINISH_OUTCOMES``, are exported as 0 before their first event (with it,
+    so are the ``finished`` counters of every submitted pair); typically ``known_job_labels()``.
+    Default: no zero-filled series.
     """
 
-    def __init__(self, queue: QueueReader) -> None:
+    def __init__(self, queue: QueueReader, zero_fill: Iterable[tuple[str, str]] | None = None) -> None:
         self.queue = queue
+        self.zero_fill: tuple[tuple[str, str], ...] | None = (
+            None if zero_fill is None else tuple((str(k), str(m)) for k, m in zero_fill))
 
     def describe(self) -> Iterable[Metric]:
         # Families without samples: registering must not touch Redis.
@@ -187,12 +214,13 @@ class QueueCollector(Collector):
         yield GaugeMetricFamily("capsnet_workers_alive",
                                 "capsctl workers with a live heartbeat (from Redis).", value=alive)
 
-        yield from _counter_families(counters)
+        yield from _counter_families(counters, self.zero_fill)
         yield GaugeMetricFamily("capsnet_redis_up", "1 if this scrape could read the queue state from Redis.",
                                 value=1)
 
 
-def _counter_families(counters: Mapping[str, Any]) -> Iterator[Metric]:
+def _counter_families(counters: Mapping[str, Any],
+                      zero_fill: Iterable[tuple[str, str]] | None = None) -> Iterator[Metric]:
     sums: dict[str, dict[tuple[str, ...], float]] = {head: {} for head in _LABELLED_COUNTERS}
     plain: dict[str, float] = dict.fromkeys(_PLAIN_COUNTERS, 0.0)
     for head, labels, value in _flatten_counters(counters):
@@ -201,6 +229,13 @@ def _counter_families(counters: Mapping[str, Any]) -> Iterator[Metric]:
         elif head in _LABELLED_COUNTERS and len(labels) == len(_LABELLED_COUNTERS[head][1]):
             key = tuple(label_value(v) for v in labels)
             sums[head][key] = sums[head].get(key, 0.0) + value
+    if zero_fill is not None:
+        pairs = {(label_value(k), label_value(m)) for k, m in zero_fill}
+        for pair in pairs:
+            sums["submitted"].setdefault(pair, 0.0)
+        for pair in list(sums["submitted"]):
+            for outcome in FINISH_OUTCOMES:
+                sums["finished"].setdefault((*pair, outcome), 0.0)
     for head, (name, label_names, doc) in _LABELLED_COUNTERS.items():
         family = CounterMetricFamily(name, doc + " (from Redis)", labels=list(label_names))
         for key, value in sorted(sums[head].items()):
@@ -235,6 +270,19 @@ def _count(value: Any) -> float | None:
     return number if math.isfinite(number) and number >= 0 else None
 
 
+def known_job_labels() -> list[tuple[str, str]]:
+    """Every (kind, model) label pair the job specs can produce (``services.jobspec``): train ×
+    each model, eval × ``-``, tune × each non-empty set of models (``capsnet+lenet5``)."""
+    from itertools import combinations
+
+    from .jobspec import KINDS, MODEL_NAMES
+
+    models = sorted(MODEL_NAMES)
+    sets = ["+".join(c) for n in range(1, len(models) + 1) for c in combinations(models, n)]
+    by_kind = {"train": list(models), "eval": ["-"], "tune": sets}
+    return [(kind, model) for kind in KINDS for model in by_kind.get(kind, ["none"])]
+
+
 # --------------------------------------------------------------------------- training metrics
 
 _JOB_LABELS = ("job_id", "model")
@@ -257,14 +305,18 @@ class TrainingMetrics:
       float (the upright accuracy of an ``epoch`` event) -> the ``angle="0"`` series
     * ``gpu_memory_bytes`` (only set on CUDA) -> capsnet_gpu_memory_used_bytes
 
-    ``remove(job_id)`` drops all of a job's series.  At most ``max_jobs`` jobs are kept: observing
-    one more evicts the least recently updated, so a missed ``remove`` cannot grow cardinality.
+    ``remove(job_id)`` drops all of a job's series; with ``result_linger_seconds`` > 0 its test
+    accuracies (the job's result, set in its last seconds) are dropped that much later, so a
+    scrape every few seconds still records them (observing the job again keeps them).  At most
+    ``max_jobs`` jobs are kept (and as many lingering): observing one more evicts the least
+    recently updated, so a missed ``remove`` cannot grow cardinality.
     """
 
     def __init__(self, registry: CollectorRegistry | None = REGISTRY, max_jobs: int = 32,
-                 max_angles: int = 64) -> None:
+                 max_angles: int = 64, result_linger_seconds: float = 0.0) -> None:
         self.max_jobs = max_jobs
         self.max_angles = max_angles
+        self.result_linger_seconds = float(result_linger_seconds)
 
         def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
             return Gauge(name, doc, [*_JOB_LABELS, *extra], registry=registry)
@@ -287,11 +339,20 @@ class TrainingMetrics:
                        self.images_per_second, self.epoch_duration, self.gpu_memory)
         # job_id label -> (model label, angle labels seen); ordered by last update
         self._jobs: OrderedDict[str, tuple[str, set[str]]] = OrderedDict()
+        # ended jobs whose test accuracies linger: job_id label -> (model label, angles, timer)
+        self._lingering: OrderedDict[str, tuple[str, set[str], threading.Timer]] = OrderedDict()
         self._lock = threading.Lock()
 
     def observe(self, job_id: str, model: str, event: Mapping[str, Any]) -> None:
         job, model_l = label_value(job_id), label_value(model)
         with self._lock:
+            lingering = self._lingering.pop(job, None)
+            if lingering is not None:  # the job runs again on this worker (a retry)
+                lingering[2].cancel()
+                if lingering[0] == model_l and job not in self._jobs:
+                    self._jobs[job] = (model_l, lingering[1])
+                else:
+                    _discard_angles(self.test_accuracy, job, lingering[0], lingering[1])
             entry = self._jobs.get(job)
             if entry is not None and entry[0] != model_l:  # model changed: drop old series
                 self._remove_locked(job)
@@ -337,9 +398,34 @@ class TrainingMetrics:
                 self.test_accuracy.labels(*labels, key).set(number)
 
     def remove(self, job_id: str) -> None:
-        """Drop every series of ``job_id`` (call when the job ends, whatever the outcome)."""
+        """Drop every series of ``job_id`` (call when the job ends, whatever the outcome); its
+        test accuracies after ``result_linger_seconds``."""
+        job = label_value(job_id)
         with self._lock:
-            self._remove_locked(label_value(job_id))
+            entry = self._jobs.get(job)
+            if self.result_linger_seconds <= 0 or entry is None or not entry[1]:
+                self._remove_locked(job)
+                return
+            del self._jobs[job]
+            model_l, angles = entry
+            for g in self._plain:
+                _discard(g, job, model_l)
+            timer = threading.Timer(self.result_linger_seconds, lambda: self._expire(job, timer))
+            timer.daemon = True
+            self._lingering[job] = (model_l, angles, timer)
+            while len(self._lingering) > self.max_jobs:
+                old_job, (old_model, old_angles, old_timer) = self._lingering.popitem(last=False)
+                old_timer.cancel()
+                _discard_angles(self.test_accuracy, old_job, old_model, old_angles)
+        timer.start()
+
+    def _expire(self, job: str, timer: threading.Timer) -> None:
+        with self._lock:
+            lingering = self._lingering.get(job)
+            if lingering is None or lingering[2] is not timer:  # observed again since, or evicted
+                return
+            del self._lingering[job]
+            _discard_angles(self.test_accuracy, job, lingering[0], lingering[1])
 
     def gauges(self) -> list[Gauge]:
         return [*self._plain, self.test_accuracy]
@@ -348,6 +434,11 @@ class TrainingMetrics:
         with self._lock:
             return list(self._jobs)
 
+    def lingering(self) -> list[str]:
+        """Ended jobs whose test accuracies are still exported."""
+        with self._lock:
+            return list(self._lingering)
+
     def _remove_locked(self, job: str) -> None:
         entry = self._jobs.pop(job, None)
         if entry is None:
@@ -355,8 +446,7 @@ class TrainingMetrics:
         model_l, angles = entry
         for g in self._plain:
             _discard(g, job, model_l)
-        for angle in angles:
-            _discard(self.test_accuracy, job, model_l, angle)
+        _discard_angles(self.test_accuracy, job, model_l, angles)
 
 
 def _first(event: Mapping[str, Any], *keys: str) -> Any:
@@ -383,12 +473,23 @@ def _discard(g: Gauge, *labels: str) -> None:
         pass
 
 
+def _discard_angles(g: Gauge, job: str, model: str, angles: Iterable[str]) -> None:
+    for angle in angles:
+        _discard(g, job, model, angle)
+
+
 # --------------------------------------------------------------------------- worker metrics
 
 class WorkerMetrics:
-    """Process-local metrics of one ``capsctl worker``: queue wait, run time, Ray cluster size."""
+    """Process-local metrics of one ``capsctl worker``: queue wait, run time, Ray cluster size.
 
-    def __init__(self, registry: CollectorRegistry | None = REGISTRY, max_jobs: int = 32) -> None:
+    The histograms of every kind in ``kinds`` (and of every outcome in ``RUN_OUTCOMES``) are
+    exported from 0 on: without that series, ``rate()`` cannot see a worker's first claim of a
+    kind, and the latency panels stay empty for a worker that ran one job.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY, max_jobs: int = 32,
+                 kinds: Iterable[str] = JOB_KINDS, result_linger_seconds: float = 0.0) -> None:
         self.queue_wait = Histogram(
             "capsnet_job_queue_wait_seconds", "Time from submit (or re-queue) to a worker claiming the job.",
             ["kind"], buckets=QUEUE_WAIT_BUCKETS, registry=registry)
@@ -399,7 +500,12 @@ class WorkerMetrics:
                                   ["state"], registry=registry)
         self.cluster_cpus = Gauge("capsnet_ray_cluster_cpus", "CPUs in the Ray cluster (state=total|available).",
                                   ["state"], registry=registry)
-        self.training = TrainingMetrics(registry=registry, max_jobs=max_jobs)
+        self.training = TrainingMetrics(registry=registry, max_jobs=max_jobs,
+                                        result_linger_seconds=result_linger_seconds)
+        for kind in kinds:
+            self.queue_wait.labels(label_value(kind))
+            for outcome in RUN_OUTCOMES:
+                self.run_duration.labels(label_value(kind), outcome)
 
     def collectors(self) -> list[Collector]:
         return [self.queue_wait, self.run_duration, self.cluster_gpus, self.cluster_cpus,
@@ -423,11 +529,12 @@ _default_lock = threading.Lock()
 
 
 def default_worker_metrics() -> WorkerMetrics:
-    """The process-wide :class:`WorkerMetrics`, registered on ``prometheus_client.REGISTRY`` on first use."""
+    """The process-wide :class:`WorkerMetrics`, registered on ``prometheus_client.REGISTRY`` on first use
+    (finished jobs' test accuracies linger ``RESULT_LINGER_SECONDS``)."""
     global _default
     with _default_lock:
         if _default is None:
-            _default = WorkerMetrics(REGISTRY)
+            _default = WorkerMetrics(REGISTRY, result_linger_seconds=RESULT_LINGER_SECONDS)
         return _default
 
 
