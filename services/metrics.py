@@ -84,7 +84,7 @@ _LABELLED_COUNTERS: dict[str, tuple[str, tuple[str, ...], str]] = {
 _PLAIN_COUNTERS: dict[str, tuple[str, str]] = {
     "retries": ("capsnet_job_retries", "Job attempts re-queued for another try."),
     "lease_expiries": ("capsnet_lease_expiries", "Job leases that expired (worker died or stalled)."),
-    "dead_lettered": ("capsnet_dead_lettered", "Jobs moved to the dead-letter list (bad spec or retries exhausted)."),
+    "dead_lettered": ("capsnet_dead_lettered", "Jobs or queue entries moved to the dead-letter list (invalid spec, junk in a queue key)."),
     "manual_retries": ("capsnet_job_manual_retries", "Failed or cancelled jobs re-queued by hand (capsctl retry)."),
 }
 
