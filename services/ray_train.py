@@ -171,8 +171,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      resume_from=resume_file, on_progress=channel.progress if rank == 0 else None,
                      on_epoch_end=on_epoch_end, should_stop=channel.should_stop)
         _report_resume(result, spec, rank, world_size, device, resume_file, workdir, channel)
+        if rank == 0 and test is not None:
+            _write_plots(model, test, result.rotation_accuracy, spec, ctx, channel)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # Ray has copied every checkpoint to storage
+
+
+def _write_plots(model: Any, test: Any, rotation: dict[str, float], spec: TrainSpec, ctx: JobContext,
+                 channel: JobChannel) -> None:
+    """Pictures next to the checkpoints (local artifact folders only): accuracy against angle,
+    the most rotated test digits with predictions, and CapsNet reconstructions."""
+    if "://" in ctx.artifacts:
+        return
+    from capsnet_core.plots import plot_accuracy_vs_angle, plot_reconstructions, plot_rotated_grid
+
+    folder = Path(ctx.artifacts) / ctx.job_id / "plots"
+    try:
+        paths = [plot_accuracy_vs_angle({spec.model: rotation}, folder / "accuracy_vs_angle.png",
+                                        title=f"{spec.model} trained with {spec.augment}"),
+                 plot_rotated_grid(model, test.images, test.labels, max(spec.eval_angles, key=abs),
+                                   folder / "rotated_digits.png", classes=test.classes)]
+        if spec.model == "capsnet" and spec.model_kwargs().get("decoder", True):
+            paths.append(plot_reconstructions(model, test.images, folder / "reconstructions.png"))
+        channel.log(f"plots written to {folder}", plots=[str(p) for p in paths])
+    except Exception as exc:  # pictures are a courtesy: never fail a trained job over them
+        channel.log(f"could not write plots: {exc}", level="warning")
 
 
 def _report_resume(result: Any, spec: TrainSpec, rank: int, world_size: int, device: Any,

@@ -59,6 +59,9 @@ def test_ddp_job_runs_to_success_with_disjoint_shards(queue: JobQueue, workers, 
     assert result["rotation_accuracy"]["0"] > 0.6  # 2 epochs on 4,000 images: well above chance
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert Path(result["checkpoint"], "checkpoint.pt").is_file()
+    plots = Path(result["checkpoint"]).parent / "plots"
+    assert (plots / "accuracy_vs_angle.png").stat().st_size > 5000
+    assert (plots / "rotated_digits.png").stat().st_size > 5000
     # Each rank trained on its own half of the data.
     ranks = [e for e in _events(queue, job.id, "log") if "shard_fingerprint" in e]
     assert sorted(e["rank"] for e in ranks) == [0, 1]
