@@ -11,6 +11,7 @@ aspect of what it recorded.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from tests.prometheus_helpers import (
 )
 from tests.test_metrics import Samples, get, scrape
 
-from .service_helpers import WorkerProcess, ray_cluster, service_env, wait_until  # noqa: F401
+from .service_helpers import WorkerProcess, service_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ TRAIN_JOB = {"kind": "train", "model": "lenet5", "workers": 2, "epochs": EPOCHS,
              "name": "metrics-e2e"}
 # Evals of a checkpoint that does not exist fail in the worker, for real: the first is retried once.
 BAD_EVAL = {"kind": "eval", "source": "/nonexistent/checkpoint.pt", "angles": [0], "test_subset": 500}
-RAY_CPUS = 4  # the ray_cluster fixture's
+RAY_CPUS = 4  # as service_helpers.ray_cluster
 
 LIVE_SERIES = ("capsnet_train_epoch", "capsnet_train_step", "capsnet_train_loss", "capsnet_train_accuracy_ratio",
                "capsnet_train_learning_rate", "capsnet_train_images_per_second",
@@ -87,6 +88,25 @@ def finite(result: list[dict[str, Any]]) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
 
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """A local Ray cluster as ``service_helpers.ray_cluster`` starts it, for this module only, or
+    the one already running in this process. (Importing that session fixture here would give this
+    module its own session-long instance, and the next module's ``ray.init`` would fail.)"""
+    import ray
+
+    if ray.is_initialized():
+        yield ray.get_runtime_context().gcs_address
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    context = ray.init(num_cpus=RAY_CPUS, include_dashboard=True, logging_level="WARNING",
+                       configure_logging=False, log_to_driver=False)
+    try:
+        yield context.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
 def ray_discovery_file() -> Path:
     """This test session's Ray service discovery file: /tmp/ray/prom_metrics_service_discovery.json is
     a symlink to the newest Ray session's on the machine, and other test runs may share it."""
@@ -96,8 +116,7 @@ def ray_discovery_file() -> Path:
 
 
 @pytest.fixture(scope="module")
-def scenario(redis_server: str, ray_cluster: str, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
-             ) -> Iterator[Scenario]:
+def scenario(redis_server: str, ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     t0 = time.monotonic()
     tmp = tmp_path_factory.mktemp("metrics_e2e")
     client = redis.Redis.from_url(redis_server)
@@ -115,7 +134,7 @@ def scenario(redis_server: str, ray_cluster: str, tmp_path_factory: pytest.TempP
     }
     with running_prometheus(tmp / "prom", [scrape_job("capsctl", [f"127.0.0.1:{port}"]), ray_job],
                             rule_files=sorted(RULES_DIR.glob("*.yml"))) as prom:
-        env = service_env(redis_server, ray_cluster, tmp / "artifacts", CAPSNET_METRICS_PORT=str(port))
+        env = service_env(redis_server, ray_address, tmp / "artifacts", CAPSNET_METRICS_PORT=str(port))
         worker = WorkerProcess(WORKER_ID, env, tmp / f"{WORKER_ID}.log")
         try:
             info = wait_until(lambda: next((w for w in queue.workers() if w["id"] == WORKER_ID), None), 90,
