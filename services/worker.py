@@ -198,17 +198,13 @@ class Worker:
                 raise ValueError(f"unknown job kind {kind!r}")
             if lost.is_set() or not self.queue.complete(job.job_id, job.token, result):
                 outcome = "lost"
-        except JobCancelled as exc:
-            if self.queue.is_cancel_requested(job.job_id):
-                outcome = "cancelled"
-                self.queue.mark_cancelled(job.job_id, job.token)
-            else:
-                outcome = "lost"
-            events.log(job.job_id, f"attempt {job.attempt} stopped: {exc}", level="warning")
         except Exception as exc:
             if self.queue.is_cancel_requested(job.job_id):
                 outcome = "cancelled"
                 self.queue.mark_cancelled(job.job_id, job.token)
+            elif isinstance(exc, JobCancelled) or lost.is_set():
+                outcome = "lost"  # a newer attempt owns the job: record nothing of ours
+                events.log(job.job_id, f"attempt {job.attempt} stopped: {exc}", level="warning")
             else:
                 outcome = "failed"
                 message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
