@@ -4,8 +4,8 @@ LeNet5 (2 DDP ranks, real MNIST) and fails two evals (one retried) while the tes
 second. Then every panel of both Grafana dashboards is queried from that Prometheus as Grafana
 does. Nothing is mocked.
 
-The scenario runs once for the module (fixture ``scenario``, ~1.5 min); each test checks one
-aspect of what it recorded.
+The scenario runs once for the module (fixture ``scenario``: 1.5-2.5 min on a busy 2-core machine,
+most of it Ray Train starting up); each test checks one aspect of what it recorded.
 """
 
 from __future__ import annotations
