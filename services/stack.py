@@ -504,7 +504,7 @@ def _start_ray(cpus: int, state_dir: Path, logs: Path, auth_mode: str, record: d
     temp_dir.mkdir(parents=True, exist_ok=True)
     cmd = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--num-cpus={cpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-           "--include-dashboard=false", f"--dashboard-port={free_port()}",
+           "--include-dashboard=true", f"--dashboard-port={free_port()}",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            "--log-style=record", "--log-color=false"]
     env = {**os.environ, "RAY_AUTH_MODE": auth_mode}

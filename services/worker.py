@@ -76,7 +76,7 @@ class Worker:
             from prometheus_client import REGISTRY
 
             try:
-                REGISTRY.register(svc_metrics.QueueCollector(self.queue))
+                REGISTRY.register(svc_metrics.QueueCollector(self.queue, zero_fill=svc_metrics.known_job_labels()))
             except ValueError:
                 pass  # already registered in this process (a second Worker in tests)
             self._collector_registered = True

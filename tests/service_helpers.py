@@ -36,6 +36,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A local Ray cluster started by this test process; yields its address for RAY_ADDRESS."""
     import ray
 
+    if ray.is_initialized():  # another test module's copy of this fixture started it: share it
+        yield ray.get_runtime_context().gcs_address
+        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # 4 logical CPUs on a 2-core machine: a 2-rank DDP job plus room for a second worker's claim.
     context = ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING", configure_logging=False,
