@@ -978,7 +978,7 @@ def print_results(record: JobRecord) -> None:
                          fmt_num(h.get("epoch_seconds"), ".1f")))
         click.echo(_indent(table(("epoch", "loss", "train acc", "test acc", "img/s", "lr", "seconds"), rows,
                                  right=range(7))))
-    matrix = (result.get("matrix") or {}).get("models") if isinstance(result.get("matrix"), dict) else None
+    matrix = _tune_models(result)
     if isinstance(matrix, dict):
         for model, m in matrix.items():
             if not isinstance(m, dict):
@@ -986,25 +986,37 @@ def print_results(record: JobRecord) -> None:
             click.echo(f"\n{model}: accuracy (%) mean ± std; rows = training augmentation, columns = test rotation")
             cols = m.get("cols") or []
             mean, std = m.get("mean") or [], m.get("std") or []
+            best_by_col = m.get("best_by_col") or {}
             rows = []
             for i, label in enumerate(m.get("rows") or []):
                 cells = []
-                for j in range(len(cols)):
+                for j, col in enumerate(cols):
                     mu = _cell(mean, i, j)
                     sd = _cell(std, i, j)
-                    cells.append("-" if mu is None else f"{100 * mu:.2f}" + (f" ± {100 * sd:.2f}" if sd else ""))
+                    mark = " *" if best_by_col.get(str(col)) == label else ""
+                    cells.append("-" if mu is None else f"{100 * mu:.2f}" + (f" ± {100 * sd:.2f}" if sd else "") + mark)
                 rows.append([str(label), *cells])
             click.echo(_indent(table(["augment", *(fmt_angle(c) for c in cols)], rows,
                                      right=range(1, len(cols) + 1))))
-            if m.get("best"):
-                click.echo(f"  best: {json.dumps(m['best'], sort_keys=True, default=str)}")
+            click.echo("  * best in its column")
+            if m.get("best_checkpoint"):
+                click.echo(f"  best checkpoint: {m['best_checkpoint']}  (capsctl eval <it> --angles ...)")
     extra = {k: v for k, v in result.items()
-             if k in ("world_size", "device", "model", "trials", "best") and v is not None}
+             if k in ("world_size", "device", "model") and v is not None}
+    if isinstance(result.get("trials"), list):
+        extra["trials"] = len(result["trials"])
     if extra:
         click.echo("\n" + "  ".join(f"{k} {v if not isinstance(v, dict | list) else json.dumps(v)}"
                                     for k, v in extra.items()))
     checkpoint = result.get("checkpoint") or record.checkpoint
     click.echo(f"\nCheckpoint: {checkpoint or '-'}")
+
+
+def _tune_models(result: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The per-model robustness matrices of a tune result (``result["models"]``)."""
+    if result.get("kind") == "tune" and isinstance(result.get("models"), dict):
+        return result["models"]
+    return None
 
 
 def _cell(grid: Any, i: int, j: int) -> float | None:
@@ -1020,7 +1032,7 @@ def write_plots(record: JobRecord, path: Path) -> list[Path]:
     from capsnet_core import plots
 
     result = record.result if isinstance(record.result, dict) else {}
-    matrix = (result.get("matrix") or {}).get("models") if isinstance(result.get("matrix"), dict) else None
+    matrix = _tune_models(result)
     if isinstance(matrix, dict) and matrix:
         out = []
         for model, m in matrix.items():

@@ -761,8 +761,6 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
                                           "train_seconds", "checkpoint", "device", "world_size")}
                    for f in finals],
     }
-    # `capsctl results` (services/cli.py) reads the matrix under result["matrix"]["models"].
-    result["matrix"] = {"models": models}
     if not _is_uri(ctx.artifacts):
         out_dir = Path(os.path.expanduser(ctx.artifacts)).absolute() / ctx.job_id
         result["artifacts"] = write_artifacts(result, out_dir)

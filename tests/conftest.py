@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# Ray cluster, worker processes and queue fixtures for the end-to-end tests.
+pytest_plugins = ("tests.service_helpers",)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -14,6 +14,10 @@ from typing import Any
 
 import pytest
 
+from services.config import redis_client
+from services.keys import Keys
+from services.queue import JobQueue
+
 WORKER_CODE = (
     "import logging, sys; logging.basicConfig(level=logging.INFO);"
     "from services.config import Settings; from services.worker import Worker;"
@@ -59,6 +63,28 @@ def service_env(redis_url: str, ray_address: str, artifacts: Path, **extra: str)
     })
     env.update(extra)
     return env
+
+
+@pytest.fixture
+def queue(redis_url: str) -> JobQueue:
+    """The job queue on the test's clean Redis database, with a short lease (workers get 6 s too)."""
+    return JobQueue(redis_client(redis_url), Keys("capsnet:"), lease_seconds=6)
+
+
+@pytest.fixture
+def workers(redis_url: str, ray_cluster: str, tmp_path: Path) -> Iterator[Callable[[str], WorkerProcess]]:
+    """Start `capsctl worker` processes on demand (``workers("w-1")``); stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(worker_id: str) -> WorkerProcess:
+        env = service_env(redis_url, ray_cluster, tmp_path / "artifacts")
+        proc = WorkerProcess(worker_id, env, tmp_path / f"{worker_id}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
 
 
 class WorkerProcess:

@@ -288,13 +288,15 @@ def test_tune_results_matrix_and_heatmaps(queue: JobQueue, tmp_path: Path) -> No
     job_id = run("tune", "--models", "capsnet,lenet5", "--angles", "0,30", "--epochs", "1").output.strip()
     claimed = queue.claim("w-tune", None)
     assert claimed is not None and claimed.job_id == job_id
-    matrix = {"models": {m: {"rows": ["shift2", "shift2+rot30"], "cols": [0, 30],
-                             "mean": [[0.99, 0.80], [0.98, 0.95]], "std": [[0.001, 0.02], [0.002, 0.01]],
-                             "best": {"augment": "shift2+rot30", "lr": 0.001}} for m in ("capsnet", "lenet5")}}
-    assert queue.complete(job_id, claimed.token, {"matrix": matrix, "trials": 4})
+    models = {m: {"rows": ["shift2", "shift2+rot30"], "cols": ["0", "30"],
+                  "mean": [[0.99, 0.80], [0.98, 0.95]], "std": [[0.001, 0.02], [0.002, 0.01]],
+                  "best_by_col": {"0": "shift2", "30": "shift2+rot30"},
+                  "best_checkpoint": f"/ckpt/{m}.pt"} for m in ("capsnet", "lenet5")}
+    assert queue.complete(job_id, claimed.token, {"kind": "tune", "models": models, "trials": [{}] * 4})
     text = run("results", job_id, "--plot", str(tmp_path / "heat.png")).output
     assert "capsnet: accuracy (%) mean ± std" in text and "lenet5:" in text
-    assert "80.00 ± 2.00" in text and "shift2+rot30" in text
+    assert "80.00 ± 2.00" in text and "95.00 ± 1.00 *" in text and "99.00 ± 0.10 *" in text
+    assert "best checkpoint: /ckpt/capsnet.pt" in text and "trials 4" in text
     for model in ("capsnet", "lenet5"):
         assert (tmp_path / f"heat-{model}.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -4,42 +4,20 @@ Ray Train DDP on real MNIST subsets. Nothing here is mocked."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import redis
 
-from services.config import redis_client
 from services.keys import Keys
 from services.queue import JobQueue
 
-from .service_helpers import WorkerProcess, ray_cluster, service_env, wait_until  # noqa: F401
+from .service_helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
 LENET_JOB = {"kind": "train", "model": "lenet5", "workers": 2, "batch_size": 64, "train_subset": 4000,
              "test_subset": 1000, "eval_angles": [0, 35], "lr": 2e-3}
-
-
-@pytest.fixture
-def queue(redis_url: str) -> JobQueue:
-    return JobQueue(redis_client(redis_url), Keys("capsnet:"), lease_seconds=6)
-
-
-@pytest.fixture
-def workers(redis_url: str, ray_cluster: str, tmp_path: Path):  # noqa: F811
-    started: list[WorkerProcess] = []
-
-    def start(worker_id: str) -> WorkerProcess:
-        env = service_env(redis_url, ray_cluster, tmp_path / "artifacts")
-        proc = WorkerProcess(worker_id, env, tmp_path / f"{worker_id}.log")
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 def _events(queue: JobQueue, job_id: str, type_: str) -> list[dict]:

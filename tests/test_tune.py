@@ -10,38 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from services.config import redis_client
 from services.jobspec import parse_spec
-from services.keys import Keys
 from services.queue import JobQueue
 from services.ray_tune import build_matrix, expand_trials
 
-from .service_helpers import WorkerProcess, ray_cluster, service_env, wait_until  # noqa: F401
+from .service_helpers import wait_until
 
 TINY = {"capsnet": {"conv_channels": 16, "primary_maps": 4, "decoder_hidden": [32, 64]}}
 SWEEP = {"kind": "tune", "models": ["lenet5", "capsnet"], "angles": [0, 45], "eval_angles": [0, 45],
          "epochs": 2, "train_subset": 3000, "test_subset": 500, "batch_size": 64, "lr": [2e-3], "asha": False,
          "max_concurrent": 2, "model_config": TINY}
-
-
-@pytest.fixture
-def queue(redis_url: str) -> JobQueue:
-    return JobQueue(redis_client(redis_url), Keys("capsnet:"), lease_seconds=6)
-
-
-@pytest.fixture
-def workers(redis_url: str, ray_cluster: str, tmp_path: Path):  # noqa: F811
-    started: list[WorkerProcess] = []
-
-    def start(worker_id: str) -> WorkerProcess:
-        env = service_env(redis_url, ray_cluster, tmp_path / "artifacts")
-        proc = WorkerProcess(worker_id, env, tmp_path / f"{worker_id}.log")
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 def _trial_events(queue: JobQueue, job_id: str) -> list[dict]:
