@@ -84,7 +84,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model stored in a checkpoint and load its weights."""
-    payload = load_checkpoint(path, map_location=device)
+    return model_from_checkpoint(load_checkpoint(path, map_location=device), device)
+
+
+def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+    """The model of an already loaded checkpoint, in eval mode on `device`."""
     spec = payload["model"]
     model = build_model(spec["name"], **spec["config"])
     model.load_state_dict(payload["model_state"])

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from capsnet_core import TrainConfig, build_model, fit, load_dataset
-from capsnet_core.checkpoint import load_model
+from capsnet_core.checkpoint import load_checkpoint, model_from_checkpoint
 from capsnet_core.evaluate import evaluate
 from capsnet_core.train import angle_key, shard_indices
 
@@ -270,24 +270,32 @@ def resolve_checkpoint(source: str, queue: JobQueue) -> str:
     return source
 
 
-def _eval_task(spec_dict: dict[str, Any], checkpoint_uri: str, data_dir: str | None) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint_uri: str, dataset: str, angles: list[float], test_subset: int | None = None,
+                        data_dir: str | None = None) -> dict[str, Any]:
+    """Load a capsnet_core checkpoint (a file, or a folder/URI holding checkpoint.pt) and measure
+    its accuracy on the test set rotated by each angle, on this process's best device."""
     from ray.train import Checkpoint
 
-    spec = EvalSpec.model_validate(spec_dict)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(checkpoint_uri)
-        if path.is_file():
-            model_file = path
-        else:
+        if not path.is_file():
             Checkpoint(checkpoint_uri).to_directory(tmp)
-            model_file = Path(tmp) / CHECKPOINT_FILE
-        model = load_model(model_file, device=device)
-    test = load_dataset(spec.dataset, "test", root=data_dir).subset(spec.test_subset)
-    results = {angle_key(a): evaluate(model, test.images, test.labels, angle=a) for a in spec.angles}
-    return {"checkpoint": checkpoint_uri, "model": model.name, "device": device,
+            path = Path(tmp) / CHECKPOINT_FILE
+        payload = load_checkpoint(path, map_location=device)
+    model = model_from_checkpoint(payload, device)
+    test = load_dataset(dataset, "test", root=data_dir).subset(test_subset)
+    results = {angle_key(a): evaluate(model, test.images, test.labels, angle=a) for a in angles}
+    return {"checkpoint": checkpoint_uri, "model": model.name, "device": device, "history": list(payload["history"]),
             "rotation_accuracy": {k: r.accuracy for k, r in results.items()},
             "per_class": {k: r.per_class for k, r in results.items()}}
+
+
+def _eval_task(spec_dict: dict[str, Any], checkpoint_uri: str, data_dir: str | None) -> dict[str, Any]:
+    spec = EvalSpec.model_validate(spec_dict)
+    result = evaluate_checkpoint(checkpoint_uri, spec.dataset, spec.angles, spec.test_subset, data_dir)
+    result.pop("history")
+    return result
 
 
 def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> dict[str, Any]:

@@ -56,13 +56,11 @@ import torch
 from ray.tune import Callback
 
 from capsnet_core import TrainConfig, build_model, fit, load_dataset
-from capsnet_core.checkpoint import load_checkpoint
-from capsnet_core.evaluate import evaluate
 from capsnet_core.train import angle_key
 
 from .jobspec import TuneSpec, model_config_fields
 from .queue import JobQueue
-from .ray_train import CHECKPOINT_FILE, JobCancelled, JobChannel, JobContext
+from .ray_train import CHECKPOINT_FILE, JobCancelled, JobChannel, JobContext, evaluate_checkpoint
 
 log = logging.getLogger("capsctl.tune")
 
@@ -533,25 +531,8 @@ def _make_tuner(spec: TuneSpec, ctx: JobContext, trials: list[dict[str, Any]], e
 
 def _eval_checkpoint_task(checkpoint: str, spec_dict: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
     """Evaluate an (early-stopped) trial's last checkpoint at every eval angle."""
-    from ray.train import Checkpoint
-
     spec = TuneSpec.model_validate(spec_dict)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(checkpoint)
-        if not path.is_file():
-            Checkpoint(checkpoint).to_directory(tmp)
-            path = Path(tmp) / CHECKPOINT_FILE
-        payload = load_checkpoint(path, map_location=device)
-    model = build_model(payload["model"]["name"], **payload["model"]["config"])
-    model.load_state_dict(payload["model_state"])
-    model = model.to(device).eval()
-    test = load_dataset(spec.dataset, "test", root=data_dir).subset(spec.test_subset)
-    results = {angle_key(a): evaluate(model, test.images.to(device), test.labels.to(device), angle=a)
-               for a in spec.eval_angles or spec.angles}
-    return {"rotation_accuracy": {k: r.accuracy for k, r in results.items()},
-            "per_class": {k: r.per_class for k, r in results.items()}, "device": device,
-            "history": list(payload["history"])}
+    return evaluate_checkpoint(checkpoint, spec.dataset, spec.eval_angles or spec.angles, spec.test_subset, data_dir)
 
 
 def _evaluate_unfinished(spec: TuneSpec, ctx: JobContext, experiment: str, pending: list[dict[str, Any]],
