@@ -527,6 +527,16 @@ def _put(spec: dict[str, Any], **values: Any) -> dict[str, Any]:
     return spec
 
 
+def data_options(train: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--dataset, [--train-subset,] --test-subset: shared by submit, eval and tune."""
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option("--test-subset", type=int, help="Test on the first N images only.")(f)
+        if train:
+            f = click.option("--train-subset", type=int, help="Train on the first N images only.")(f)
+        return click.option("--dataset", type=click.Choice(DATASETS), help="Dataset (default mnist).")(f)
+    return decorate
+
+
 def common_job_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options every submitting command shares."""
     options = [
@@ -606,10 +616,8 @@ def main(ctx: click.Context, redis_url: str | None, redis_prefix: str | None, st
 @click.option("--lr-decay", type=float, help="Per-epoch learning-rate factor (default 1.0).")
 @click.option("--augment", metavar="PRESET", help="Training augmentation, e.g. shift2+rot15 (default shift2).")
 @click.option("--eval-angles", type=NumberList(float), help="Test rotations in degrees (default 0,15,35).")
-@click.option("--dataset", type=click.Choice(DATASETS), help="Dataset (default mnist).")
 @click.option("--seed", type=int, help="Random seed (default 0).")
-@click.option("--train-subset", type=int, help="Train on the first N images only.")
-@click.option("--test-subset", type=int, help="Test on the first N images only.")
+@data_options(train=True)
 @click.option("--model-config", multiple=True, metavar="KEY=VALUE",
               help="Model config override (repeatable), e.g. routing_iters=2; values are JSON when they parse.")
 @common_job_options
@@ -634,8 +642,7 @@ def submit(app: App, model: str, gpus: int | None, workers: int | None, epochs: 
 @main.command("eval")
 @click.argument("source", metavar="JOB_ID|CHECKPOINT")
 @click.option("--angles", type=NumberList(float), help="Test rotations in degrees (default 0,15,35).")
-@click.option("--dataset", type=click.Choice(DATASETS), help="Dataset (default mnist).")
-@click.option("--test-subset", type=int, help="Test on the first N images only.")
+@data_options(train=False)
 @common_job_options
 @pass_app
 def eval_cmd(app: App, source: str, angles: list[float] | None, dataset: str | None, test_subset: int | None,
@@ -663,9 +670,7 @@ def eval_cmd(app: App, source: str, angles: list[float] | None, dataset: str | N
 @click.option("--gpus-per-trial", type=int, help="GPUs per trial (default 0).")
 @click.option("--max-concurrent", type=int, help="Trials at once (default 2).")
 @click.option("--asha/--no-asha", default=None, help="Early-stop weak trials with ASHA (default on).")
-@click.option("--dataset", type=click.Choice(DATASETS), help="Dataset (default mnist).")
-@click.option("--train-subset", type=int, help="Train on the first N images only.")
-@click.option("--test-subset", type=int, help="Test on the first N images only.")
+@data_options(train=True)
 @click.option("--model-config", multiple=True, metavar="KEY=VALUE",
               help="Model config override (repeatable; capsnet.KEY=VALUE for one model).")
 @common_job_options
