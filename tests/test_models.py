@@ -123,3 +123,42 @@ def test_decoder_can_be_switched_off() -> None:
     out = model(torch.rand(2, 1, 28, 28), torch.tensor([0, 1]))
     assert out.reconstructions is None
     assert torch.isfinite(model.loss(out, torch.rand(2, 1, 28, 28), torch.tensor([0, 1])))
+
+
+@pytest.mark.parametrize("batch, cin, cout", [(3, 4, 8), (4, 256, 256)])  # tiny, and the full-size primary conv
+def test_fft_conv_matches_conv2d_forward_and_gradients(batch: int, cin: int, cout: int) -> None:
+    from capsnet_core.models.fftconv import conv2d_fft, dft_matrices, fft_weight_layout
+
+    torch.manual_seed(0)
+    mats = {k: m.float() for k, m in dft_matrices(9, 2, 6).items()}
+    x = torch.randn(batch, cin, 20, 20, requires_grad=True)
+    weight = fft_weight_layout(0.05 * torch.randn(cout, cin, 9, 9)).requires_grad_()
+    bias = torch.randn(cout, requires_grad=True)
+    expected = torch.nn.functional.conv2d(x, weight, bias, stride=2)  # (B, Cout, 6, 6)
+    position_major = x.permute(2, 3, 0, 1)[:19, :19].contiguous()  # (19, 19, B, Cin)
+    got = conv2d_fft(position_major, weight, bias, mats, 6).view(6, 6, batch, cout).permute(2, 3, 0, 1)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    grad_out = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad(expected, (x, weight, bias), grad_out),
+                    torch.autograd.grad(got, (x, weight, bias), grad_out), strict=True):
+        assert torch.allclose(b, a, rtol=0, atol=1e-5 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_fft_and_direct_primary_conv_give_the_same_model(size: str) -> None:
+    overrides = TINY_CAPSNET if size == "tiny" else {}
+    torch.manual_seed(0)
+    fft = CapsNet(CapsNetConfig(**overrides, primary_conv="fft", transform_init_std=0.1))
+    direct = CapsNet(CapsNetConfig(**overrides, primary_conv="direct", transform_init_std=0.1))
+    direct.load_state_dict(fft.state_dict())  # checkpoints are interchangeable: same names and shapes
+    images, labels = torch.rand(3, 1, 28, 28), torch.tensor([1, 5, 9])
+    losses, grads = [], []
+    for model in (fft, direct):
+        out = model(images, labels, return_coupling=True)
+        loss = model.loss(out, images, labels)
+        losses.append((out.scores, out.coupling, loss))
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for a, b in zip(*losses, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-4 * a.abs().max().item())
