@@ -919,10 +919,7 @@ def cancel(app: App, job_id: str) -> None:
 @pass_app
 def retry(app: App, job_id: str) -> None:
     """Queue a failed or cancelled job again (with a fresh retry budget)."""
-    current = app.job(job_id)
-    if current.state not in ("failed", "cancelled"):  # queue.retry answers 'queued' for a queued job too
-        raise UserError(f"job {job_id} is {current.state}; only failed or cancelled jobs can be retried")
-    record = app.queue.retry(job_id)
+    record = app.queue.retry(job_id)  # JobNotFound / JobStateError become one-line errors
     click.echo(f"requeued {record.id} (state {record.state}, {record.max_retries} automatic retries)")
 
 

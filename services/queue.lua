@@ -474,8 +474,9 @@ return 1
 
 --!script retry
 -- arg: 1 job id. failed/cancelled -> queued with a fresh retry budget (retry_base = attempt);
--- attempt keeps counting and 'transitions' keeps the history. returns 'queued', 'missing',
--- 'invalid', or the current state when it is not failed/cancelled
+-- attempt keeps counting and 'transitions' keeps the history. returns 'requeued', 'missing',
+-- 'invalid', or the current state when it is not failed/cancelled (so a job that is already
+-- queued answers 'queued', distinct from success)
 local id = arg(1)
 local j = job_fields(id, LIGHT)
 if not j then return 'missing' end
@@ -488,7 +489,7 @@ redis.call('PERSIST', k_events(id))
 enqueue(id, j)
 transition(id, j.state, 'queued', j.priority, j.attempt, {reason = 'manual retry'})
 count('manual_retries')
-return 'queued'
+return 'requeued'
 
 --!script dead_letter_claimed
 -- arg: 1 job id, 2 token, 3 reason. The worker found the claimed spec invalid (pydantic

@@ -564,7 +564,7 @@ class JobQueue:
             raise JobNotFound(f"no job {job_id}")
         if outcome == "invalid":
             raise JobStateError(f"job {job_id} is malformed (no priority/resources) and cannot be requeued")
-        if outcome != "queued":
+        if outcome != "requeued":
             raise JobStateError(f"job {job_id} is {outcome}; only failed or cancelled jobs can be retried")
         record = self.get(job_id)
         assert record is not None

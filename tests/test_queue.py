@@ -255,8 +255,12 @@ def test_fail_without_retry_then_manual_retry(q):
     r = q.get(rec.id)
     assert r.state == "retrying"
     assert [t.get("reason") for t in r.transitions if t["state"] == "queued"] == ["submitted", "manual retry"]
-    with pytest.raises(JobStateError, match="only failed or cancelled"):
+    with pytest.raises(JobStateError, match="is retrying; only failed or cancelled"):
         q.retry(rec.id)
+    queued = q.submit(train()).id
+    with pytest.raises(JobStateError, match="is queued; only failed or cancelled"):
+        q.retry(queued)  # already queued: an error, not a silent second enqueue
+    assert q.get(queued).transitions[-1].get("reason") == "submitted"
     with pytest.raises(JobNotFound):
         q.retry("j-nope-nope")
 
