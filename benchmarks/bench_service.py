@@ -5,6 +5,11 @@
 Starts a private redis-server and a local Ray, runs a Worker in this process, then submits small
 LeNet5 jobs one after another. "First step" is when rank 0 reports it is about to train (its
 dataset loaded and on the device, the process group up): the moment the first batch starts.
+
+For scale, it also times Ray Train alone on the same Ray: a ``TorchTrainer`` with the same
+scaling config and an empty training function, from ``fit()`` to the function's first line.
+Most of a job's start-up is that: Ray Train V2 starts a controller actor and one actor per
+rank, each a fresh Python process that imports torch.
 """
 
 from __future__ import annotations
@@ -30,6 +35,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _mark_start(config: dict) -> None:
+    Path(config["marker"]).write_text(repr(time.time()))
+
+
+def bare_ray_train_startup(ranks: int, storage: Path, run: str) -> float:
+    """Seconds from TorchTrainer.fit() to the first line of an empty training function."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    marker = storage / f"{run}.started"
+    trainer = TorchTrainer(_mark_start, train_loop_config={"marker": str(marker)},
+                           scaling_config=ScalingConfig(num_workers=ranks, resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(name=run, storage_path=str(storage),
+                                                failure_config=FailureConfig(max_failures=0)))
+    t0 = time.time()
+    trainer.fit()
+    return float(marker.read_text()) - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -49,6 +73,7 @@ def main() -> None:
     thread.start()
     queue = worker.queue
     rows = []
+    bare: dict[int, list[float]] = {}
     try:
         for ranks in [int(x) for x in args.workers.split(",")]:
             for repeat in range(args.repeats + 1):  # the first run warms Ray up and is not counted
@@ -63,6 +88,8 @@ def main() -> None:
                                  and "shard_fingerprint" in e["data"])
                 if repeat:
                     rows.append((ranks, claimed - t0, first_step - t0, record.finished_at - t0, record.state))
+                    bare.setdefault(ranks, []).append(
+                        bare_ray_train_startup(ranks, tmp / "bare", f"bare-{ranks}-{repeat}"))
     finally:
         worker.request_stop()
         thread.join(timeout=30)
@@ -74,7 +101,8 @@ def main() -> None:
     for ranks in sorted({r[0] for r in rows}):
         sel = [r for r in rows if r[0] == ranks]
         print(f"median, {ranks} rank(s): claim {1000 * median(r[1] for r in sel):.1f} ms, first step "
-              f"{median(r[2] for r in sel):.2f} s, done {median(r[3] for r in sel):.2f} s")
+              f"{median(r[2] for r in sel):.2f} s, done {median(r[3] for r in sel):.2f} s; "
+              f"Ray Train alone (empty TorchTrainer, fit -> function start): {median(bare[ranks]):.2f} s")
 
 
 if __name__ == "__main__":
