@@ -84,50 +84,64 @@ class CapsNet(ClassifierModel):
         return mode == "fft" or (mode == "auto" and images.device.type == "cpu")
 
     def primary_capsules(self, images: torch.Tensor) -> torch.Tensor:
+        """Squashed primary capsules u_i, (B, 1152, 8)."""
+        return self.primary_capsules_input_major(images).transpose(0, 1)
+
+    def primary_capsules_input_major(self, images: torch.Tensor) -> torch.Tensor:
+        """The same, laid out (1152, B, 8): input capsule first, for the per-capsule u_hat bmm."""
         c = self.config
         b = images.shape[0]
         if self.use_fft(images):
             # conv1 as an im2col matmul, position-major, only on the 19x19 outputs the stride-2
             # primary conv reads (its 20th row/column are never used).
-            patches = F.unfold(images[:, :, :27, :27], 9).permute(2, 0, 1)  # (361, B, 81)
-            x = patches @ self.conv1.weight.reshape(c.conv_channels, 81).t() + self.conv1.bias
-            x = F.relu(x).view(19, 19, b, c.conv_channels)  # (H, W, B, 256)
+            patches = F.unfold(images[:, :, :27, :27], 9).permute(2, 0, 1).reshape(361 * b, 81)
+            x = torch.addmm(self.conv1.bias, patches, self.conv1.weight.reshape(c.conv_channels, 81).t())
+            x = F.relu(x, inplace=True).view(19, 19, b, c.conv_channels)  # (H, W, B, 256)
             mats = {key: getattr(self, f"_dft_{key}") for key in ("x_width", "x_height", "w_width", "w_height",
                                                                   "inverse")}
             y = conv2d_fft(x, self.primary.weight, self.primary.bias, mats, 6)  # (36, B, maps*dim)
-            u = y.view(36, b, c.primary_maps, c.primary_dim).permute(1, 2, 0, 3)  # (B, maps, 36, dim)
-            return squash(u.reshape(b, self.num_primary, c.primary_dim))
-        if c.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        x = F.relu(self.conv1(images))  # (B, 256, 20, 20)
-        x = self.primary(x)  # (B, maps*dim, 6, 6)
-        x = x.reshape(b, c.primary_maps, c.primary_dim, 6 * 6)  # (B, maps, dim, 36)
-        u = x.permute(0, 1, 3, 2).reshape(b, self.num_primary, c.primary_dim)  # (B, 1152, 8)
-        return squash(u)
+            u = y.view(36, b, c.primary_maps, c.primary_dim).permute(2, 0, 1, 3)  # (maps, 36, B, dim)
+        else:
+            if c.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            x = F.relu(self.conv1(images))  # (B, 256, 20, 20)
+            x = self.primary(x)  # (B, maps*dim, 6, 6)
+            u = x.reshape(b, c.primary_maps, c.primary_dim, 36).permute(1, 3, 0, 2)  # (maps, 36, B, dim)
+        return squash(u.reshape(self.num_primary, b, c.primary_dim))  # capsule i = map * 36 + position
 
     def route(self, u_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routing by agreement (Procedure 1). u_hat: (B, N_in, C, D) predictions.
+        """Routing by agreement (Procedure 1). u_hat: (N_in, B, C, D) predictions.
 
         Returns parent capsules v (B, C, D) and the last coupling coefficients c (B, N_in, C).
         """
-        logits = u_hat.new_zeros(u_hat.shape[:3])  # b_ij: (B, N_in, C)
+        n, b, nc, d = u_hat.shape
+        # Both routing sums are batched over (sample, parent) pairs and reduce over the inputs:
+        # bmm on a (B*C, N_in, D) view of u_hat, no copies.
+        u_hat = u_hat.view(n, b * nc, d).transpose(0, 1)  # (B*C, N_in, D)
+        # b_ij laid out (B, C, N_in): the softmax over the 10 parents then runs along a strided
+        # dim with a long contiguous inner dim (fast), not along a last dim of size 10 (slow).
+        logits = u_hat.new_zeros(b, nc, n)
         # Intermediate iterations only decide the coupling coefficients; like the reference
         # implementations we do not backpropagate through them (cheaper, and more stable).
         u_hat_detached = u_hat.detach()
         for iteration in range(self.config.routing_iters):
-            coupling = logits.softmax(dim=2)  # over parents, as in the paper
+            coupling = logits.softmax(dim=1)  # over parents, as in the paper
             last = iteration == self.config.routing_iters - 1
             u = u_hat if last else u_hat_detached
-            s = torch.einsum("bic,bicd->bcd", coupling, u)  # (B, C, D)
-            v = squash(s)
+            s = torch.bmm(coupling.view(b * nc, 1, n), u).view(b, nc, d)  # sum_i c_ij u_hat_j|i
+            v = squash(s)  # (B, C, D)
             if not last:
-                logits = logits + torch.einsum("bicd,bcd->bic", u_hat_detached, v)  # agreement
-        return v, coupling
+                agreement = torch.bmm(u_hat_detached, v.view(b * nc, d, 1))  # u_hat_j|i . v_j: (B*C, N_in, 1)
+                logits = logits + agreement.view(b, nc, n)
+        return v, coupling.transpose(1, 2)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
                 return_coupling: bool = False) -> ModelOutput:
-        u = self.primary_capsules(images)  # (B, 1152, 8)
-        u_hat = torch.einsum("icdk,bik->bicd", self.transforms, u)  # (B, 1152, 10, 16)
+        c = self.config
+        u = self.primary_capsules_input_major(images)  # (1152, B, 8)
+        # u_hat_j|i = W_ij u_i as one bmm over the inputs i: (B, 8) @ (8, C*D) each.
+        w = self.transforms.view(self.num_primary, c.num_classes * c.digit_dim, c.primary_dim)
+        u_hat = torch.bmm(u, w.transpose(1, 2)).view(self.num_primary, -1, c.num_classes, c.digit_dim)
         v, coupling = self.route(u_hat)  # (B, 10, 16), (B, 1152, 10)
         lengths = v.norm(dim=-1)  # (B, 10)
         reconstructions = None
