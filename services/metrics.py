@@ -74,6 +74,8 @@ PREFIX = "capsnet_"
 # Histogram buckets (seconds): a queue wait runs from instant to hours, a run from seconds to a day.
 QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 RUN_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
+# Seconds from a worker taking a train job to its first step: mostly Ray Train starting processes.
+STARTUP_BUCKETS = (1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
 
 # counters() key head -> (metric name without _total, label names after the head, help)
 _LABELLED_COUNTERS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -496,6 +498,11 @@ class WorkerMetrics:
         self.run_duration = Histogram(
             "capsnet_job_run_duration_seconds", "Time a worker spent running a job attempt, by outcome.",
             ["kind", "outcome"], buckets=RUN_DURATION_BUCKETS, registry=registry)
+        self.startup = Histogram(
+            "capsnet_job_startup_seconds",
+            "Time from a worker starting a train job attempt to its first training step (Ray Train's "
+            "controller and rank actors, the process group, loading the data).",
+            buckets=STARTUP_BUCKETS, registry=registry)
         self.cluster_gpus = Gauge("capsnet_ray_cluster_gpus", "GPUs in the Ray cluster (state=total|available).",
                                   ["state"], registry=registry)
         self.cluster_cpus = Gauge("capsnet_ray_cluster_cpus", "CPUs in the Ray cluster (state=total|available).",
@@ -508,7 +515,7 @@ class WorkerMetrics:
                 self.run_duration.labels(label_value(kind), outcome)
 
     def collectors(self) -> list[Collector]:
-        return [self.queue_wait, self.run_duration, self.cluster_gpus, self.cluster_cpus,
+        return [self.queue_wait, self.run_duration, self.startup, self.cluster_gpus, self.cluster_cpus,
                 *self.training.gauges()]
 
     def observe_queue_wait(self, kind: str, seconds: float) -> None:
@@ -516,6 +523,9 @@ class WorkerMetrics:
 
     def observe_run_duration(self, kind: str, outcome: str, seconds: float) -> None:
         self.run_duration.labels(label_value(kind), label_value(outcome)).observe(max(0.0, float(seconds)))
+
+    def observe_startup(self, seconds: float) -> None:
+        self.startup.observe(max(0.0, float(seconds)))
 
     def set_cluster_resources(self, total: Mapping[str, float], available: Mapping[str, float]) -> None:
         """Record ``ray.cluster_resources()`` / ``ray.available_resources()`` (missing keys count as 0)."""

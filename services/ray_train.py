@@ -56,6 +56,7 @@ class JobContext:
     artifacts: str  # Ray storage_path: local folder or URI
     data_dir: str | None = None
     resume_checkpoint: str | None = None  # the job record's last checkpoint (earlier attempt)
+    started_at: float = 0.0  # wall-clock time the worker started this attempt (start-up metric)
 
 
 class JobChannel:
@@ -142,9 +143,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Which images this rank trains on in its first epoch: the test suite checks ranks differ.
     shard = shard_indices(len(train), epoch=0, seed=spec.seed, rank=rank, world_size=world_size)
     fingerprint = hashlib.sha1(shard.numpy().tobytes()).hexdigest()[:12]
-    channel.log(f"rank {rank}/{world_size} on {device}: {shard.numel()} images per epoch, shard {fingerprint}",
+    # Ready to train: how long the worker's hand-over took (Ray Train's processes, data, model).
+    startup = round(time.time() - ctx.started_at, 3) if ctx.started_at else None
+    channel.log(f"rank {rank}/{world_size} on {device}: {shard.numel()} images per epoch, shard {fingerprint}"
+                + (f"; ready {startup:.1f} s after the worker took the job" if startup is not None else ""),
                 rank=rank, world_size=world_size, shard_size=int(shard.numel()), shard_fingerprint=fingerprint,
-                device=str(device))
+                device=str(device), **({"startup_seconds": startup} if rank == 0 and startup is not None else {}))
 
     workdir = Path(tempfile.mkdtemp(prefix=f"capsctl-{ctx.job_id}-r{rank}-"))
     resume_file: Path | None = None
@@ -238,6 +242,10 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
         ),
     )
     channel = JobChannel(ctx, check_interval_s=0.0)
+    # The next few seconds are Ray Train starting a controller and one process per rank, each
+    # importing torch; say so, or `logs -f` looks stuck.
+    channel.log(f"starting Ray Train: a controller and {spec.ranks} rank process(es) "
+                f"({'NCCL on GPUs' if use_gpu else 'gloo on CPUs'})")
     try:
         outcome = trainer.fit()
     except Exception as exc:

@@ -140,7 +140,7 @@ class Worker:
                           redis_url=self.settings.redis_url, redis_prefix=self.settings.redis_prefix,
                           artifacts=str(self.settings.artifacts),
                           data_dir=str(self.settings.data_dir) if self.settings.data_dir else None,
-                          resume_checkpoint=job.checkpoint)
+                          resume_checkpoint=job.checkpoint, started_at=time.time())
 
     def _heartbeat_loop(self, job: ClaimedJob, done: threading.Event, lost: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_seconds):
@@ -163,6 +163,8 @@ class Worker:
                     cursor = entry_id
                     if event["type"] == "progress":
                         self.metrics.training.observe(job.job_id, model, event["data"])
+                    elif event["type"] == "log" and "startup_seconds" in event["data"]:
+                        self.metrics.observe_startup(event["data"]["startup_seconds"])
             except Exception:
                 log.exception("metrics follower for %s failed", job.job_id)
                 done.wait(1.0)

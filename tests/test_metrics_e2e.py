@@ -235,6 +235,10 @@ def test_service_series_on_the_metrics_endpoint(scenario: Scenario) -> None:
     train_seconds = scenario.running()[-1][0] - scenario.running()[0][0]
     assert get(end, "capsnet_job_run_duration_seconds_sum", kind="train", outcome="succeeded") > train_seconds
     assert get(end, "capsnet_job_run_duration_seconds_bucket", kind="eval", outcome="failed", le="+Inf") == 3
+    # One train attempt reached its first step: its start-up time was observed once, and it is
+    # shorter than the whole run.
+    assert get(end, "capsnet_job_startup_seconds_count") == 1
+    assert 0 < get(end, "capsnet_job_startup_seconds_sum") < train_seconds + 60
 
 
 def test_training_series_while_the_job_runs_and_removed_after(scenario: Scenario) -> None:

@@ -79,6 +79,7 @@ def test_worker_histograms_exported_from_zero() -> None:
     registry = CollectorRegistry()
     m.WorkerMetrics(registry)
     s = samples(registry)
+    assert s[("capsnet_job_startup_seconds_count", frozenset())] == 0
     for kind in m.JOB_KINDS:
         assert s[("capsnet_job_queue_wait_seconds_count", frozenset({("kind", kind)}))] == 0
         for outcome in m.RUN_OUTCOMES:

@@ -45,6 +45,11 @@ def test_ddp_job_runs_to_success_with_disjoint_shards(queue: JobQueue, workers, 
     assert sorted(e["rank"] for e in ranks) == [0, 1]
     assert ranks[0]["shard_fingerprint"] != ranks[1]["shard_fingerprint"]
     assert all(e["shard_size"] == 2000 for e in ranks)
+    # The start-up is explained in the log and measured by rank 0 (the worker's start-up histogram).
+    logs = _events(queue, job.id, "log")
+    assert any(e["message"].startswith("starting Ray Train: a controller and 2 rank") for e in logs)
+    rank0 = next(e for e in ranks if e["rank"] == 0)
+    assert 0 < rank0["startup_seconds"] < 600 and "startup_seconds" not in next(e for e in ranks if e["rank"] == 1)
     # Progress was streamed while it ran.
     progress = _events(queue, job.id, "progress")
     assert {"step", "epoch", "eval"} <= {p["type"] for p in progress}
