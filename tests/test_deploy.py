@@ -298,7 +298,7 @@ def test_rules_and_dashboards_only_use_defined_metrics() -> None:
     undefined = {n: sorted(w) for n, w in used.items() if n not in defined}
     assert not undefined, f"metric names not defined in services/metrics.py: {undefined}"
     assert {n.removesuffix("_bucket") for n in used if n.endswith("_bucket")} == {
-        "capsnet_job_queue_wait_seconds", "capsnet_job_run_duration_seconds"}
+        "capsnet_job_queue_wait_seconds", "capsnet_job_run_duration_seconds", "capsnet_job_startup_seconds"}
 
 
 # --------------------------------------------------------------------------- Grafana dashboards
@@ -364,6 +364,7 @@ def test_every_panel_returns_data_from_a_real_prometheus(redis_url: str, tmp_pat
             queue.incr("manual_retries")
         worker.observe_queue_wait("train", 0.2 + i)
         worker.observe_run_duration("train", "succeeded", 3.0 + i)
+        worker.observe_startup(2.0 + i % 5)
         worker.set_cluster_resources({"GPU": 1, "CPU": 8}, {"GPU": i % 2, "CPU": 4})
         worker.training.observe(job, "capsnet", {
             "type": "step", "epoch": 1 + i // 4, "step": i % 4 + 1, "steps_per_epoch": 4, "loss": 1.0 / (i + 1),
