@@ -17,7 +17,7 @@ from torch import nn
 
 from .base import ClassifierModel, ModelOutput
 from .configs import CapsNetConfig
-from .fftconv import conv2d_fft, dft_matrices, fft_weight_layout
+from .fftconv import conv2d_fft, dft_matrices, fft_weight_layout, keep_freed_memory
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
@@ -71,6 +71,7 @@ class CapsNet(ClassifierModel):
         if c.primary_conv != "direct":
             # Stored physically as (kh, kw, Cin, Cout): the layout conv2d_fft reads without a copy.
             self.primary.weight.data = fft_weight_layout(self.primary.weight.data)
+            keep_freed_memory()  # its big temporaries would page-fault in every step (see there)
         elif c.channels_last:
             self.primary.to(memory_format=torch.channels_last)
         if c.channels_last:

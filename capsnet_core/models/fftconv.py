@@ -25,7 +25,9 @@ The weight spectrum is computed from a parameter stored physically as (kh, kw, C
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 
 import torch
 
@@ -68,6 +70,26 @@ def dft_matrices(k: int, stride: int, out: int) -> dict[str, torch.Tensor]:
     inverse = torch.cat([m_re - m_im, -m_re - m_im, m_im], dim=1)  # applied to [T1; T2; T3]
     return {"x_width": x_width, "x_height": x_height, "w_width": w_width, "w_height": w_height,
             "inverse": inverse}
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to serve all allocations from its heap and keep freed memory for reuse.
+
+    A training step of the FFT path allocates and frees tensors of 40-150 MB (spectra and their
+    gradients). glibc serves anything above 32 MB with a fresh mmap and unmaps it on free, so each
+    step page-faults them in again: that alone cost ~40 % of the step (140 -> 245 img/s at batch
+    100 on a 2-core CPU). PyTorch's CPU allocator does not cache, so we tune malloc instead:
+    M_MMAP_MAX = 0 (no mmap), M_TRIM_THRESHOLD = 1 GiB (keep freed memory). Process-wide; peak
+    RSS grows a little (~15 %) and freed memory stays with the process. No-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
 
 
 def fft_weight_layout(weight: torch.Tensor) -> torch.Tensor:
