@@ -162,3 +162,33 @@ def test_fft_and_direct_primary_conv_give_the_same_model(size: str) -> None:
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-4 * a.abs().max().item())
+
+
+def reference_digit_capsules(model: CapsNet, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The textbook formulation (einsums in (B, N_in, C, D) layout, softmax over a last dim)."""
+    u_hat = torch.einsum("icdk,bik->bicd", model.transforms, u)  # (B, 1152, 10, 16)
+    logits = u_hat.new_zeros(u_hat.shape[:3])
+    for iteration in range(model.config.routing_iters):
+        coupling = logits.softmax(dim=2)
+        last = iteration == model.config.routing_iters - 1
+        v = squash(torch.einsum("bic,bicd->bcd", coupling, u_hat if last else u_hat.detach()))
+        if not last:
+            logits = logits + torch.einsum("bicd,bcd->bic", u_hat.detach(), v)
+    return v, coupling
+
+
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_routing_matches_the_einsum_formulation(size: str) -> None:
+    torch.manual_seed(0)
+    model = CapsNet(CapsNetConfig(**(TINY_CAPSNET if size == "tiny" else {}), transform_init_std=0.1))
+    images = torch.rand(19, 1, 28, 28)  # not a multiple of the routing chunk
+    out = model(images, return_coupling=True)
+    v, coupling = reference_digit_capsules(model, model.primary_capsules(images))
+    assert torch.allclose(out.capsules, v, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(out.coupling, coupling, rtol=1e-4, atol=1e-6)
+    params = [model.transforms, model.primary.weight, model.conv1.weight]
+    weights = torch.randn_like(v)  # a loss that touches every capsule component
+    got = torch.autograd.grad((out.capsules * weights).sum(), params)
+    expected = torch.autograd.grad((v * weights).sum(), params)
+    for a, b in zip(expected, got, strict=True):
+        assert torch.allclose(b, a, rtol=0, atol=1e-4 * a.abs().max().item())
