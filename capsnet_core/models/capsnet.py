@@ -143,14 +143,14 @@ class CapsNet(ClassifierModel):
                 return_coupling: bool = False) -> ModelOutput:
         c = self.config
         u = self.primary_capsules_input_major(images)  # (1152, B, 8)
-        w = self.transforms.view(self.num_primary, c.num_classes * c.digit_dim, c.primary_dim).transpose(1, 2)
-        # Predictions and routing a few samples at a time: u_hat is 1152 x 160 floats per sample
-        # and routing reads it 5 times, so a chunk's u_hat (~5 MB) stays in the L3 cache.
+        # u_hat_j|i = W_ij u_i as one bmm over the inputs i: (B, 8) @ (8, C*D) each.
+        w = self.transforms.view(self.num_primary, c.num_classes * c.digit_dim, c.primary_dim)
+        u_hat = torch.bmm(u, w.transpose(1, 2)).view(self.num_primary, -1, c.num_classes, c.digit_dim)
+        # Route a few samples at a time: u_hat is 1152 x 160 floats per sample and routing reads
+        # it 5 times, so a chunk's part (~5 MB) stays in the L3 cache.
         vs, couplings = [], []
-        for u_chunk in u.split(ROUTING_CHUNK, dim=1):
-            # u_hat_j|i = W_ij u_i as one bmm over the inputs i: (b, 8) @ (8, C*D) each.
-            u_hat = torch.bmm(u_chunk, w).view(self.num_primary, -1, c.num_classes, c.digit_dim)
-            v, coupling = self.route(u_hat)  # (b, 10, 16), (b, 1152, 10)
+        for u_hat_chunk in u_hat.split(ROUTING_CHUNK, dim=1):
+            v, coupling = self.route(u_hat_chunk)  # (b, 10, 16), (b, 1152, 10)
             vs.append(v)
             couplings.append(coupling)
         v, coupling = torch.cat(vs), torch.cat(couplings)
