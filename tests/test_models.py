@@ -192,3 +192,17 @@ def test_routing_matches_the_einsum_formulation(size: str) -> None:
     expected = torch.autograd.grad((v * weights).sum(), params)
     for a, b in zip(expected, got, strict=True):
         assert torch.allclose(b, a, rtol=0, atol=1e-4 * a.abs().max().item())
+
+
+def test_keep_freed_memory_stops_big_allocations_from_page_faulting() -> None:
+    import resource
+
+    from capsnet_core.models.fftconv import keep_freed_memory
+
+    if not keep_freed_memory():
+        pytest.skip("needs glibc")
+    torch.empty(2**24).fill_(1.0)  # 64 MB, allocated and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(2**24).fill_(1.0)  # reuses the freed heap memory
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 2_000  # a fresh mmap of 64 MB would page-fault 16,384 times (4 KB pages)
