@@ -6,7 +6,9 @@ convolution: 32*6*6 = 1,152 capsules) -> digit capsules (10 x 16-D, one 8x16 tra
 A decoder (160 -> 512 -> 1024 -> 784, sigmoid) reconstructs the image from the masked
 digit capsules and regularises training.
 
-Routing is fully vectorised: the only Python loop is over the routing iterations.
+Routing is vectorised over inputs and parents; Python loops only over the routing iterations
+and over chunks of 8 samples (cache locality). On CPU the primary convolution runs through small
+DFTs (fftconv.py, ~5x fewer FLOPs); the maths, parameters and checkpoints are the same either way.
 """
 
 from __future__ import annotations
@@ -82,8 +84,8 @@ class CapsNet(ClassifierModel):
 
     def use_fft(self, images: torch.Tensor) -> bool:
         # FFT on CPU, where the direct convolution is already at peak FLOP rate and only fewer
-        # FLOPs help (~1.7x faster fwd+bwd). On CUDA cuDNN with bf16 autocast is faster, and the
-        # DFT matmuls must stay in fp32 (autocast would run them in bf16).
+        # FLOPs help (~3x faster fwd+bwd on 2 cores). On CUDA cuDNN with bf16 autocast is faster,
+        # and the DFT matmuls must stay in fp32 (autocast would run them in bf16).
         mode = self.config.primary_conv
         return mode == "fft" or (mode == "auto" and images.device.type == "cpu")
 
