@@ -84,7 +84,7 @@ class CapsNet(ClassifierModel):
 
     def use_fft(self, images: torch.Tensor) -> bool:
         # FFT on CPU, where the direct convolution is already at peak FLOP rate and only fewer
-        # FLOPs help (~3x faster fwd+bwd on 2 cores). On CUDA cuDNN with bf16 autocast is faster,
+        # FLOPs help (fwd+bwd 0.29 s vs 0.78 s at batch 100 on 2 cores). On CUDA cuDNN with bf16 autocast is faster,
         # and the DFT matmuls must stay in fp32 (autocast would run them in bf16).
         mode = self.config.primary_conv
         return mode == "fft" or (mode == "auto" and images.device.type == "cpu")
