@@ -7,7 +7,10 @@
 
 ``--reference`` times the implementation the tutorial forked (Kenta Iwasaki's
 gram-ai/capsule-networks; clone it yourself, its code is not part of this project) on the
-same batches in the same run, so the speed-up is measured on one machine at one moment.
+same batches in the same run, so the speed-up is measured on one machine at one moment. It
+runs in fresh processes: once as shipped, and once with the glibc malloc settings that
+capsnet_core's CPU CapsNet switches on (``keep_freed_memory``), which speed up any model whose
+steps allocate large temporaries, so the comparison separates the two effects.
 
 Measures steady-state steps after warm-up on real MNIST batches with the shift2 augmentation,
 i.e. exactly what ``capsnet_core.train.train_one_epoch`` does per step.
@@ -17,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,6 +127,20 @@ def measure_reference(path: Path, device: torch.device, batch: int, steps: int, 
     return batch * steps / (time.perf_counter() - start)
 
 
+# The malloc settings of capsnet_core.models.fftconv.keep_freed_memory, as glibc env vars.
+KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def reference_in_fresh_process(path: Path, device: str, batch: int, steps: int, extra_env: dict[str, str]) -> float:
+    """measure_reference in a new interpreter, so nothing this process did (malloc settings,
+    warmed caches) leaks into the reference's figure."""
+    env = {**os.environ, **extra_env}
+    out = subprocess.run([sys.executable, __file__, "--_reference-only", str(path), "--device", device,
+                          "--batch-size", str(batch), "--steps", str(steps)],
+                         env=env, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 def full_epoch(name: str, device: torch.device, batch: int) -> float:
     torch.manual_seed(0)
     model = build_model(name).to(device)
@@ -145,7 +165,13 @@ def main() -> None:
     parser.add_argument("--epoch", action="store_true", help="also time one full 60,000-image training epoch")
     parser.add_argument("--reference", type=Path, default=None,
                         help="capsule_network.py of gram-ai/capsule-networks: time it too, on the same batches")
+    parser.add_argument("--_reference-only", dest="reference_only", type=Path, default=None,
+                        help=argparse.SUPPRESS)  # internal: one reference measurement, printed alone
     args = parser.parse_args()
+    if args.reference_only is not None:
+        print(measure_reference(args.reference_only, torch.device(args.device), args.batch_size,
+                                args.steps or 8, warmup=3))
+        return
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -164,9 +190,10 @@ def main() -> None:
                 line += f"   {full_epoch(name, device, args.batch_size):.2f} s"
             print(line, flush=True)
             if name == "capsnet" and args.reference is not None:
-                ref_ips = measure_reference(args.reference, device, args.batch_size, steps, warmup=3)
-                print(f"{'ref':8} {device_name:6} {args.batch_size:>5} {ref_ips:>12.1f} {'':>11}  "
-                      f"reference CapsNet; capsnet_core trains {train_ips / ref_ips:.2f}x as fast", flush=True)
+                for label, env in (("as shipped", {}), ("with the same malloc settings", KEEP_FREED_MEMORY_ENV)):
+                    ref_ips = reference_in_fresh_process(args.reference, device_name, args.batch_size, steps, env)
+                    print(f"{'ref':8} {device_name:6} {args.batch_size:>5} {ref_ips:>12.1f} {'':>11}  reference "
+                          f"CapsNet {label}: capsnet_core trains {train_ips / ref_ips:.2f}x as fast", flush=True)
 
 
 if __name__ == "__main__":
