@@ -148,10 +148,12 @@ class CapsNet(ClassifierModel):
         # u_hat_j|i = W_ij u_i as one bmm over the inputs i: (B, 8) @ (8, C*D) each.
         w = self.transforms.view(self.num_primary, c.num_classes * c.digit_dim, c.primary_dim)
         u_hat = torch.bmm(u, w.transpose(1, 2)).view(self.num_primary, -1, c.num_classes, c.digit_dim)
-        # Route a few samples at a time: u_hat is 1152 x 160 floats per sample and routing reads
-        # it 5 times, so a chunk's part (~5 MB) stays in the L3 cache.
+        # On CPU, route a few samples at a time: u_hat is 1152 x 160 floats per sample and routing
+        # reads it 5 times, so a chunk's part (~5 MB) stays in the L3 cache. On a GPU one chunk:
+        # many small chunks would only add kernel launches.
+        chunk = ROUTING_CHUNK if u_hat.device.type == "cpu" else u_hat.shape[1]
         vs, couplings = [], []
-        for u_hat_chunk in u_hat.split(ROUTING_CHUNK, dim=1):
+        for u_hat_chunk in u_hat.split(chunk, dim=1):
             v, coupling = self.route(u_hat_chunk)  # (b, 10, 16), (b, 1152, 10)
             vs.append(v)
             couplings.append(coupling)
