@@ -25,6 +25,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,28 +47,37 @@ def peak_memory(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (RSS)"
 
 
-def measure(name: str, device: torch.device, batch: int, steps: int, warmup: int) -> tuple[float, float]:
-    torch.manual_seed(0)
-    model = build_model(name).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+def timed_training(train_step: Callable[[torch.Tensor, torch.Tensor], None], device: torch.device, batch: int,
+                   steps: int, warmup: int) -> tuple[float, torch.Tensor]:
+    """Training images/s of ``train_step(images, labels)`` on real shift2-augmented MNIST batches
+    (the first ``warmup`` steps untimed); also returns the images, for the eval timing."""
     data = load_dataset("mnist", "train").subset(batch * (steps + warmup))
     images, labels = data.images.to(device), data.labels.to(device)
     spec = parse_preset("shift2")
-    model.train()
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
             start = time.perf_counter()
-        x = augment_batch(images[i * batch:(i + 1) * batch], spec)
-        y = labels[i * batch:(i + 1) * batch]
+        train_step(augment_batch(images[i * batch:(i + 1) * batch], spec), labels[i * batch:(i + 1) * batch])
+    sync(device)
+    return batch * steps / (time.perf_counter() - start), images
+
+
+def measure(name: str, device: torch.device, batch: int, steps: int, warmup: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = build_model(name).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
         with autocast_context(device):
             out = model(x, y)
             loss = model.loss(out, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    sync(device)
-    train_ips = batch * steps / (time.perf_counter() - start)
+
+    model.train()
+    train_ips, images = timed_training(train_step, device, batch, steps, warmup)
     model.eval()
     with torch.no_grad():
         for i in range(warmup + steps):
@@ -100,17 +110,9 @@ def measure_reference(path: Path, device: torch.device, batch: int, steps: int, 
     model = ref.CapsuleNet().to(device)
     criterion = ref.CapsuleLoss()
     optimizer = torch.optim.Adam(model.parameters())
-    data = load_dataset("mnist", "train").subset(batch * (steps + warmup))
-    images, labels = data.images.to(device), data.labels.to(device)
-    spec = parse_preset("shift2")
     per_capsule_decoder = model.decoder[0].in_features == 16  # later versions decode all 10 masked capsules
-    model.train()
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync(device)
-            start = time.perf_counter()
-        x = augment_batch(images[i * batch:(i + 1) * batch], spec)
-        y = labels[i * batch:(i + 1) * batch]
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
         onehot = torch.eye(10, device=device)[y]
         h = F.relu(model.conv1(x), inplace=True)
         h = model.primary_capsules(h)
@@ -123,8 +125,9 @@ def measure_reference(path: Path, device: torch.device, batch: int, steps: int, 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    sync(device)
-    return batch * steps / (time.perf_counter() - start)
+
+    model.train()
+    return timed_training(train_step, device, batch, steps, warmup)[0]
 
 
 # The malloc settings of capsnet_core.models.fftconv.keep_freed_memory, as glibc env vars.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on one machine: set-up, `capsctl up` (local Redis, local Ray, a worker),
-# a 2-rank DDP LeNet5 job and a small CapsNet job on real MNIST, followed live, then the
+# a 2-rank DDP LeNet5 job and a full-size 2-rank CapsNet job on real MNIST subsets, followed live, then the
 # robustness table (accuracy per test rotation) and a plot; `capsctl down` at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,10 +24,9 @@ echo "== LeNet5, 2-rank DDP on CPU, MNIST shifted by up to 2 px =="
 lenet=$($capsctl submit lenet5 --workers 2 --epochs 4 --batch-size 128 --lr 2e-3 --train-subset 20000 \
         --test-subset 5000 --eval-angles 0,15,35,45 --name demo-lenet5 --json | job_id)
 $capsctl logs -f "$lenet"
-echo "== CapsNet (reduced width for a CPU demo), same data =="
-caps=$($capsctl submit capsnet --workers 1 --epochs 2 --batch-size 64 --lr 2e-3 --train-subset 6000 \
-       --test-subset 5000 --eval-angles 0,15,35,45 --model-config conv_channels=64 --model-config primary_maps=16 \
-       --name demo-capsnet --json | job_id)
+echo "== CapsNet, full size (8.2 M parameters), 2-rank DDP on CPU, same data =="
+caps=$($capsctl submit capsnet --workers 2 --epochs 2 --batch-size 128 --lr 2e-3 --train-subset 12000 \
+       --test-subset 5000 --eval-angles 0,15,35,45 --name demo-capsnet --json | job_id)
 $capsctl logs -f "$caps"
 
 $capsctl results "$lenet" --plot "$out/lenet5.png"
