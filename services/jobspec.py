@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from capsnet_core.models.configs import MODEL_NAMES
+from capsnet_core.models.configs import MODEL_NAMES, config_choices
 from capsnet_core.models.configs import model_config_fields as _model_config_fields
 from capsnet_core.presets import parse_preset, preset_for
 
@@ -179,6 +179,12 @@ def _check_config_value(model: str, key: str, value: Any, default: Any) -> Any:
             raise ValueError(f"{where}: {model} expects a list of {len(default)} integers in 1..65536 "
                              f"(got {value!r})")
         return list(value)
+    if isinstance(default, str):
+        choices = config_choices(model, key)
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            allowed = f"one of {', '.join(choices)}" if choices is not None else "a string"
+            raise ValueError(f"{where}: {model} expects {allowed} (got {value!r})")
+        return value
     return value
 
 

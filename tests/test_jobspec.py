@@ -73,6 +73,8 @@ INVALID = [
      "model_config.decoder: capsnet expects true or false (got 'yes')"),
     (train(model_config={"decoder_hidden": [512]}), "model_config.decoder_hidden",
      "model_config.decoder_hidden: capsnet expects a list of 2 integers"),
+    (train(model_config={"primary_conv": "winograd"}), "model_config.primary_conv",
+     "model_config.primary_conv: capsnet expects one of auto, direct, fft (got 'winograd')"),
     ({"kind": "eval"}, "source", "source: required; a job id or a checkpoint path"),
     ({"kind": "eval", "source": "   "}, "source", "source: must be a job id (j-...) or a checkpoint path"),
     ({"kind": "eval", "source": "j-1", "angles": [10, 10.0]}, "angles", "angles: duplicate angle 10"),
@@ -196,6 +198,9 @@ def test_model_config_overrides_build_a_model():
     s = parse_spec(train(model_config=TINY))
     model = build_model(s.model, **s.model_kwargs())
     assert model.config.conv_channels == 16
+    for choice in ("auto", "direct", "fft"):  # every allowed choice passes validation and builds
+        s = parse_spec(train(model_config={**TINY, "primary_conv": choice}))
+        assert build_model(s.model, **s.model_kwargs()).config.primary_conv == choice
 
 
 def test_json_schema_covers_all_kinds():

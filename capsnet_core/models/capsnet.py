@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ClassifierModel, ModelOutput
-from .configs import CapsNetConfig
+from .configs import CapsNetConfig, config_choices
 from .fftconv import conv2d_fft, dft_matrices, fft_weight_layout, keep_freed_memory
 
 
@@ -68,8 +68,9 @@ class CapsNet(ClassifierModel):
             )
         else:
             self.decoder = None
-        if c.primary_conv not in ("auto", "direct", "fft"):
-            raise ValueError(f"primary_conv must be auto, direct or fft, not {c.primary_conv!r}")
+        choices = config_choices(self.name, "primary_conv")
+        if c.primary_conv not in choices:
+            raise ValueError(f"primary_conv must be one of {', '.join(choices)}, not {c.primary_conv!r}")
         # DFT matrices of the FFT primary convolution; not in the state dict (they are constants).
         for key, mat in dft_matrices(9, 2, 6).items():
             self.register_buffer(f"_dft_{key}", mat.float(), persistent=False)

@@ -49,6 +49,10 @@ class CapsNetConfig:
     primary_conv: str = "auto"
 
 
+# The allowed values of text fields, {model: {field: choices}}: job specs are checked against
+# these at submit, and the models check them again when built.
+CONFIG_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {"capsnet": {"primary_conv": ("auto", "direct", "fft")}}
+
 MODEL_CONFIGS: dict[str, type] = {"capsnet": CapsNetConfig, "lenet5": LeNet5Config}
 MODEL_NAMES: tuple[str, ...] = tuple(sorted(MODEL_CONFIGS))
 
@@ -58,6 +62,11 @@ def config_class(name: str) -> type:
         return MODEL_CONFIGS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}") from None
+
+
+def config_choices(name: str, field: str) -> tuple[str, ...] | None:
+    """The values a text config field allows, or None when it is not a choice."""
+    return CONFIG_CHOICES.get(name, {}).get(field)
 
 
 def model_config_fields(name: str) -> dict[str, Any]:
