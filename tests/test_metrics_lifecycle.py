@@ -99,12 +99,18 @@ EVENTS = [
 ]
 
 
-def test_finished_job_result_lingers_then_goes() -> None:
+def finished_job(linger: float) -> tuple[CollectorRegistry, m.TrainingMetrics]:
+    """TrainingMetrics that saw job-1 (lenet5) run through EVENTS and end."""
     registry = CollectorRegistry()
-    t = m.TrainingMetrics(registry, result_linger_seconds=0.5)
+    t = m.TrainingMetrics(registry, result_linger_seconds=linger)
     for event in EVENTS:
         t.observe("job-1", "lenet5", event)
     t.remove("job-1")
+    return registry, t
+
+
+def test_finished_job_result_lingers_then_goes() -> None:
+    registry, t = finished_job(linger=0.5)
     s = samples(registry)
     # live gauges go at once; the result stays
     assert not [k for k in s if k[0] != "capsnet_test_accuracy_ratio"]
@@ -118,11 +124,7 @@ def test_finished_job_result_lingers_then_goes() -> None:
 
 
 def test_job_observed_again_while_its_result_lingers() -> None:
-    registry = CollectorRegistry()
-    t = m.TrainingMetrics(registry, result_linger_seconds=0.3)
-    for event in EVENTS:
-        t.observe("job-1", "lenet5", event)
-    t.remove("job-1")
+    registry, t = finished_job(linger=0.3)
     t.observe("job-1", "lenet5", EVENTS[0])   # a retry of the job on the same worker
     time.sleep(0.6)                           # the old expiry must not drop the new attempt's series
     s = samples(registry)
