@@ -1,0 +1,279 @@
+"""Chaos: real short jobs while workers are SIGKILLed and an AOF redis-server is killed and restarted.
+
+    python benchmarks/bench_chaos.py [--jobs 12] [--worker-kills 20] [--redis-restarts 3]
+                                     [--workers 2] [--epochs 4] [--train-subset 12000] [--seed 0]
+
+Starts a private redis-server (``appendonly yes``, ``appendfsync always``) and a local Ray in this
+process, ``--workers`` real ``capsctl worker`` subprocesses, and submits ``--jobs`` LeNet5 jobs with
+``--max-retries 0`` (so any job that fails for an infrastructure loss shows up as failed). While
+jobs run, it SIGKILLs a random busy worker (and starts a fresh one) ``--worker-kills`` times, and
+SIGKILLs redis-server and restarts it on the same directory and port ``--redis-restarts`` times,
+spread over the run. At the end it prints:
+
+    submitted / succeeded / failed / lost (not finished by the deadline)
+    completed twice      jobs with more than one ``succeeded`` transition
+    resumed              attempts that resumed from a checkpoint
+    wasted epochs        epochs trained beyond each job's own epochs, summed
+    worst resume gap     per resume: last epoch reported by the dead attempt minus the epoch it
+                         resumed after (0 or 1 = "resumed within one epoch of where it died")
+
+Epoch counts come from the jobs' progress events; events published while Redis is down are
+dropped by design (the outcome is not), so "wasted epochs" is a lower bound when Redis restarts
+land mid-epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from services.config import redis_client  # noqa: E402
+from services.keys import Keys  # noqa: E402
+from services.queue import JobQueue  # noqa: E402
+
+WORKER_CODE = (
+    "import logging, sys; logging.basicConfig(level=logging.INFO);"
+    "from services.config import Settings; from services.worker import Worker;"
+    "Worker(Settings.from_env(), worker_id=sys.argv[1]).run()"
+)
+ATTEMPT_RE = re.compile(r"attempt (\d+) started")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server with AOF on a private directory, killable and restartable on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or sys.exit("redis-server is not installed")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        client = redis_client(self.url)
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return
+            except Exception:  # not listening or still LOADING the AOF
+                time.sleep(0.05)
+        sys.exit("redis-server did not come up within 30 s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+class WorkerProc:
+    def __init__(self, worker_id: str, env: dict[str, str], log_dir: Path) -> None:
+        self.worker_id = worker_id
+        self.log = open(log_dir / f"{worker_id}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER_CODE, worker_id], env=env, cwd=REPO,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+def job_figures(queue: JobQueue, job_id: str, epochs: int) -> dict:
+    """Attempts, succeeded transitions, resumes and epochs trained, from the record and its events."""
+    record = queue.get(job_id)
+    succeeded = sum(1 for t in (record.transitions if record else []) if isinstance(t, dict)
+                    and t.get("state") == "succeeded")
+    attempt, last_epoch, trained, resumes, gaps = 0, {}, 0, 0, []
+    for _, event in queue.events.read(job_id, "0", count=100_000):
+        data = event["data"] if isinstance(event["data"], dict) else {}
+        if event["type"] == "log":
+            match = ATTEMPT_RE.search(str(data.get("message", "")))
+            if match:
+                attempt = int(match.group(1))
+            if "resumed_from_epoch" in data and data.get("rank", 0) == 0:
+                resumes += 1
+                earlier = max((e for a, e in last_epoch.items() if a < attempt), default=None)
+                if earlier is not None:
+                    gaps.append(earlier - int(data["resumed_from_epoch"]))
+        elif event["type"] == "progress" and data.get("type") == "epoch":
+            trained += 1
+            last_epoch[attempt] = max(last_epoch.get(attempt, 0), int(data.get("epoch", 0)))
+    return {"state": record.state if record else "missing", "succeeded_transitions": succeeded,
+            "attempts": record.attempt if record else 0, "resumes": resumes, "gaps": gaps,
+            "wasted_epochs": max(0, trained - epochs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--worker-kills", type=int, default=20)
+    parser.add_argument("--redis-restarts", type=int, default=3)
+    parser.add_argument("--redis-down-seconds", type=float, default=5.0)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--train-subset", type=int, default=12000)
+    parser.add_argument("--deadline", type=float, default=1800, help="seconds before unfinished jobs count as lost")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+
+    import ray
+
+    tmp = Path(tempfile.mkdtemp(prefix="capsnet-chaos-"))
+    (tmp / "redis").mkdir()
+    server = RedisServer(tmp / "redis")
+    server.start()
+    ray_info = ray.init(num_cpus=2 * args.workers, include_dashboard=False, logging_level="WARNING",
+                        configure_logging=False, log_to_driver=False)
+    env = dict(os.environ)
+    env.update({"CAPSNET_REDIS_URL": server.url, "RAY_ADDRESS": ray_info.address_info["gcs_address"],
+                "CAPSNET_ARTIFACTS": str(tmp / "artifacts"), "CAPSNET_METRICS_PORT": "0",
+                "CAPSNET_LEASE_SECONDS": "6", "CAPSNET_HEARTBEAT_SECONDS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
+    queue = JobQueue(redis_client(server.url), Keys("capsnet:"), lease_seconds=6)
+    spec = {"kind": "train", "model": "lenet5", "epochs": args.epochs, "train_subset": args.train_subset,
+            "test_subset": 1000, "eval_angles": [0, 35], "max_retries": 0}
+    job_ids = [queue.submit({**spec, "seed": i}).id for i in range(args.jobs)]
+    print(f"submitted {len(job_ids)} jobs; workers {args.workers}; plan: {args.worker_kills} worker kills, "
+          f"{args.redis_restarts} redis restarts; logs in {tmp}", flush=True)
+
+    serial = 0
+    workers: list[WorkerProc] = []
+
+    def spawn() -> None:
+        nonlocal serial
+        serial += 1
+        workers.append(WorkerProc(f"chaos-{serial}", env, tmp))
+
+    for _ in range(args.workers):
+        spawn()
+
+    def unfinished() -> list[str]:
+        while True:
+            try:
+                return [j for j in job_ids if (r := queue.get(j)) is None or not r.is_terminal]
+            except Exception:  # Redis is down right now: ask again shortly
+                time.sleep(0.5)
+
+    kills = restarts = 0
+    started = time.monotonic()
+    # Spread the faults: one every few seconds while jobs run; Redis restarts at even intervals.
+    redis_every = max(1, args.worker_kills // max(1, args.redis_restarts))
+    while (left := unfinished()) and time.monotonic() - started < args.deadline:
+        time.sleep(rng.uniform(4.0, 9.0))
+        if kills < args.worker_kills:
+            busy = []
+            for w in workers:
+                if not w.alive():
+                    continue
+                try:
+                    info = json.loads(queue.client.get(queue.keys.worker(w.worker_id)) or "{}")
+                except Exception:
+                    info = {}
+                if info.get("current_job"):
+                    busy.append(w)
+            if not busy:  # kill only workers that hold a job: an idle kill tests nothing
+                continue
+            victim = rng.choice(busy)
+            victim.kill()
+            workers.remove(victim)
+            kills += 1
+            spawn()
+            print(f"[{time.monotonic() - started:6.1f}s] SIGKILL worker {victim.worker_id} "
+                  f"({kills}/{args.worker_kills}); {len(left)} jobs unfinished", flush=True)
+        if restarts < args.redis_restarts and (kills % redis_every == 0 or kills >= args.worker_kills):
+            server.kill()
+            restarts += 1
+            print(f"[{time.monotonic() - started:6.1f}s] SIGKILL redis-server ({restarts}/{args.redis_restarts}),"
+                  f" down {args.redis_down_seconds:.0f} s", flush=True)
+            time.sleep(args.redis_down_seconds)
+            server.start()
+        # a worker that died on its own (it should not) is replaced, and counted
+        for w in list(workers):
+            if not w.alive():
+                print(f"worker {w.worker_id} exited by itself (rc {w.proc.returncode})", flush=True)
+                workers.remove(w)
+                spawn()
+    elapsed = time.monotonic() - started
+
+    figures = {j: job_figures(queue, j, args.epochs) for j in job_ids}
+    for w in workers:
+        w.stop()
+    gaps = [g for f in figures.values() for g in f["gaps"]]
+    states = [f["state"] for f in figures.values()]
+    rows = [
+        ("jobs submitted", len(job_ids)),
+        ("succeeded", states.count("succeeded")),
+        ("failed", states.count("failed")),
+        ("lost (unfinished after the deadline)", sum(1 for s in states if s not in ("succeeded", "failed", "cancelled"))),
+        ("completed twice", sum(1 for f in figures.values() if f["succeeded_transitions"] > 1)),
+        ("worker SIGKILLs / redis restarts", f"{kills} / {restarts}"),
+        ("attempts beyond the first", sum(max(0, f["attempts"] - 1) for f in figures.values())),
+        ("resumed from a checkpoint", sum(f["resumes"] for f in figures.values())),
+        ("wasted epochs (lower bound)", sum(f["wasted_epochs"] for f in figures.values())),
+        ("worst resume gap (epochs)", max(gaps) if gaps else "-"),
+        ("wall time", f"{elapsed:.0f} s"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"| {'measure'.ljust(width)} | result |")
+    print(f"|{'-' * (width + 2)}|-------:|")
+    for name, value in rows:
+        print(f"| {name.ljust(width)} | {value} |")
+    ray.shutdown()
+    server.stop()
+    failed = [j for j, f in figures.items() if f["state"] != "succeeded" or f["succeeded_transitions"] != 1]
+    if failed:
+        print(f"not clean: {', '.join(failed)} (logs in {tmp})")
+        sys.exit(1)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
