@@ -104,13 +104,18 @@ class Settings:
 
 
 def redis_client(settings: Settings | str, **kwargs: Any) -> redis.Redis:
-    """A ``redis.Redis`` for the settings' URL (or a URL), with ``decode_responses=True``.
+    """A ``redis.Redis`` for the settings' URL (or a URL), with ``decode_responses=True`` and
+    ``encoding_errors="surrogateescape"``.
 
     TLS (``rediss://``), passwords and ``?ssl_cert_reqs=...`` query options are handled by
     ``redis.Redis.from_url``; extra keyword arguments are passed through.
     """
     url = settings if isinstance(settings, str) else settings.redis_url
     kwargs.setdefault("decode_responses", True)
+    # Bytes that are not UTF-8 decode to surrogates instead of raising, and encode back to the
+    # same bytes: junk in Redis never crashes a read, and an id read from an index still names
+    # its key. services.parsing.printable makes such text fit for output.
+    kwargs.setdefault("encoding_errors", "surrogateescape")
     kwargs.setdefault("health_check_interval", 30)
     return redis.Redis.from_url(url, **kwargs)
 
