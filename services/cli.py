@@ -280,7 +280,10 @@ def fmt_value(value: Any) -> str:
         return ""
     if isinstance(value, str):
         return value
-    text = json.dumps(json_ready(value), sort_keys=True, separators=(",", ":"))
+    try:  # surrogates kept (ensure_ascii=False), so that echo shows undecodable bytes as \xNN
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -343,7 +346,8 @@ def describe_event(event: Mapping[str, Any], *, steps: bool = False) -> str | No
     if etype == "log":
         level = fmt_value(data.get("level", "info"))
         msg = fmt_value(data.get("message", data.get("raw", "")))
-        extra = {k: v for k, v in data.items() if k not in ("level", "message")}
+        shown = ("level", "message") if "message" in data else ("level", "raw")
+        extra = {k: v for k, v in data.items() if k not in shown}
         if extra:
             msg += "  " + " ".join(f"{k}={fmt_value(v)}" for k, v in extra.items())
         return f"{level:<9} {msg}"
@@ -837,7 +841,7 @@ def cluster_info(app: App) -> dict[str, Any]:
         "jobs": counts,
         "jobs_by_priority": by_priority,
         "queue_depth": queue.queue_depth(),
-        "dead_letters": int(queue.client.llen(queue.keys.dead_letters)),
+        "dead_letters": queue.dead_letter_count(),
     }
 
 

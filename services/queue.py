@@ -673,12 +673,17 @@ class JobQueue:
         out = []
         for row in rows:
             entry = _json(row, None)
-            if not isinstance(entry, dict):
-                entry = {"raw": _s(row)}
-            if "at" in entry:
-                entry["at"] = _f(entry["at"])  # a time or None, whatever was stored
-            out.append(entry)
+            out.append(entry if isinstance(entry, dict) else {"raw": _s(row)})
         return out
+
+    def dead_letter_count(self) -> int:
+        """How many dead letters are kept (0 when the key is not a list)."""
+        try:
+            return int(self.client.llen(self.keys.dead_letters))
+        except redis.ResponseError as err:
+            if not parsing.wrong_type(err):
+                raise
+            return 0
 
     def queue_depth(self) -> dict[str, int]:
         """Entries waiting in the queue zsets per priority (junk included until claim meets it)."""
@@ -784,6 +789,8 @@ def resource_shape(res: Any) -> tuple[float, float] | None:
 def worker_resources(info: Mapping[str, Any]) -> tuple[float, float] | None:
     """What a registered worker can ever offer: its ``resources`` (or, in older registrations,
     the info itself); None when that is unreadable, so it counts towards no capacity."""
+    if info.get("invalid"):  # an unreadable registration (see JobQueue.workers)
+        return None
     res = info.get("resources")
     return resource_shape(res if isinstance(res, Mapping) else info)
 
