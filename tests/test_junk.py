@@ -177,7 +177,8 @@ def test_nan_gpus_worker_does_not_block_submit(env, queue, raw) -> None:
 def test_arguments_that_are_not_utf8_are_a_usage_error(env, queue, args) -> None:
     result = invoke(env, *args)  # Python hands over undecodable argv bytes as surrogates
     assert_clean(result, args, codes=(2,))
-    assert "not valid UTF-8 text: " in result.output and "\\xff" in result.output or "\\xfe" in result.output
+    assert "not valid UTF-8 text: " in result.output
+    assert "\\xff" in result.output or "\\xfe" in result.output
     assert queue.list() == []
 
 
