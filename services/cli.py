@@ -42,7 +42,18 @@ from . import stack as stack_mod
 from .config import Settings, SettingsError, redis_client
 from .jobspec import DATASETS, PRIORITIES, SpecError, parse_spec
 from .keys import Keys
-from .queue import STATES, CapacityError, JobNotFound, JobQueue, JobRecord, JobStateError, QueueError
+from .parsing import finite, json_ready, printable
+from .queue import (
+    STATES,
+    CapacityError,
+    JobNotFound,
+    JobQueue,
+    JobRecord,
+    JobStateError,
+    QueueError,
+    resource_shape,
+    worker_resources,
+)
 
 CONTEXT_SETTINGS = {"auto_envvar_prefix": "CAPSCTL", "help_option_names": ["-h", "--help"],
                     "max_content_width": 110}
@@ -56,7 +67,7 @@ class UserError(click.ClickException):
     """A one-line error; ``exit_code`` 1 (could not do it) unless given."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(" ".join(printable(message).split()))
         self.exit_code = exit_code
 
 
@@ -75,8 +86,37 @@ def unreachable_message(url: str, err: BaseException | str) -> str:
             f"or set CAPSNET_REDIS_URL")
 
 
+def reject_non_utf8(ctx: click.Context) -> None:
+    """Arguments (and option values from the environment) that are not valid UTF-8 reach Python
+    as text with surrogates, which could neither be stored in Redis nor printed: a usage error."""
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        for item in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(item, str | os.PathLike):
+                item_text = os.fspath(item)
+                if isinstance(item_text, str) and printable(item_text) != item_text:
+                    raise click.BadParameter(f"not valid UTF-8 text: {printable(item_text)}", ctx=ctx,
+                                             param=param)
+
+
+class CapsCommand(click.Command):
+    """A capsctl command: its arguments must be UTF-8 text."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, args)
+        reject_non_utf8(ctx)
+        return rest
+
+
 class CapsGroup(click.Group):
     """Turns the service's user errors into one-line click errors with their exit codes."""
+
+    command_class = CapsCommand
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, args)
+        reject_non_utf8(ctx)
+        return rest
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -92,7 +132,7 @@ class CapsGroup(click.Group):
         except stack_mod.StackError as err:
             first, *rest = str(err).splitlines() or [""]
             if rest:  # a log tail: shown before the one-line error
-                click.echo("\n".join(rest), err=True)
+                echo("\n".join(rest), err=True)
             raise UserError(first) from None
         except redis.AuthenticationError as err:
             raise UserError(f"Redis refused the credentials in CAPSNET_REDIS_URL: {err}") from None
@@ -161,8 +201,14 @@ class App:
 pass_app = click.make_pass_decorator(App)
 
 
+def echo(message: Any = "", err: bool = False) -> None:
+    """``click.echo`` of printable text: whatever Redis held (bytes that are not UTF-8, lone
+    surrogates from JSON) is escaped rather than making the write fail."""
+    click.echo(printable(message), err=err)
+
+
 def _emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    echo(json.dumps(json_ready(obj), indent=2, sort_keys=True, allow_nan=False))
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -170,7 +216,7 @@ def _emit_json(obj: Any) -> None:
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Iterable[int] = ()) -> str:
     """Plain aligned columns (two spaces apart); columns in ``right`` are right-aligned."""
-    rows = [["" if v is None else str(v) for v in row] for row in rows]
+    rows = [["" if v is None else printable(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     right = set(right)
 
@@ -181,16 +227,24 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Iterable
     return "\n".join([line(headers), *(line(r) for r in rows)])
 
 
-def fmt_time(ts: float | None) -> str:
-    if not ts:
+def fmt_time(ts: Any) -> str:
+    """Local time of a timestamp; "-" when there is none, "invalid" when it is not a time."""
+    if ts is None or ts == "" or ts == 0:
         return "-"
-    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    value = finite(ts)
+    try:
+        return _dt.datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "invalid"
 
 
-def fmt_age(ts: float | None, now: float | None = None) -> str:
-    if not ts:
+def fmt_age(ts: Any, now: float | None = None) -> str:
+    if ts is None or ts == "" or ts == 0:
         return "-"
-    secs = max(0.0, (now or time.time()) - ts)
+    value = finite(ts)
+    if value is None:
+        return "invalid"
+    secs = max(0.0, (now or time.time()) - value)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if secs >= size:
             return f"{int(secs // size)}{unit}"
@@ -198,36 +252,39 @@ def fmt_age(ts: float | None, now: float | None = None) -> str:
 
 
 def fmt_pct(value: Any, digits: int = 2) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    return f"{100 * v:.{digits}f}%" if math.isfinite(v) else "-"
+    v = finite(value)
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
 
 
 def fmt_num(value: Any, fmt: str = ".4f") -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    return format(v, fmt) if math.isfinite(v) else "-"
+    v = finite(value)
+    return "-" if v is None else format(v, fmt)
 
 
 def fmt_angle(angle: Any) -> str:
-    try:
-        return f"{float(angle):g}°"
-    except (TypeError, ValueError):
-        return str(angle)
+    v = finite(angle)
+    return printable(angle) if v is None else f"{v:g}°"
 
 
 def _angle_sorted(keys: Iterable[Any]) -> list[Any]:
     def key(a: Any) -> tuple[int, float, str]:
-        try:
-            return (0, float(a), "")
-        except (TypeError, ValueError):
-            return (1, 0.0, str(a))
+        v = finite(a)
+        return (1, 0.0, printable(a)) if v is None else (0, v, "")
 
     return sorted(keys, key=key)
+
+
+def fmt_value(value: Any) -> str:
+    """Any stored JSON value as one short cell: text as is, the rest as compact JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    try:  # surrogates kept (ensure_ascii=False), so that echo shows undecodable bytes as \xNN
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def fmt_progress(record: JobRecord) -> str:
@@ -244,8 +301,8 @@ def fmt_progress(record: JobRecord) -> str:
         step, steps = p.get("step"), p.get("steps_per_epoch")
         if p.get("type") == "epoch":
             text += " 100%"
-        elif isinstance(step, int | float) and isinstance(steps, int | float) and steps > 0:
-            text += f" {min(1.0, step / steps):.0%}"
+        elif (fraction := _ratio(step, steps)) is not None:
+            text += f" {min(1.0, fraction):.0%}"
         return text
     if p.get("trials") is not None:
         return f"trials {p.get('trials_done', p.get('done', '?'))}/{p['trials']}"
@@ -254,12 +311,13 @@ def fmt_progress(record: JobRecord) -> str:
     return "-"
 
 
-def worker_cpus_gpus(info: Mapping[str, Any]) -> tuple[float, float]:
-    res = info.get("resources") if isinstance(info.get("resources"), dict) else info
-    try:
-        return float(res.get("gpus", 0) or 0), float(res.get("cpus", 0) or 0)
-    except (TypeError, ValueError):
-        return 0.0, 0.0
+def _ratio(part: Any, whole: Any) -> float | None:
+    """part / whole for finite numbers with whole > 0 (None otherwise, never an overflow)."""
+    if isinstance(part, bool) or isinstance(whole, bool) or not isinstance(part, int | float) \
+            or not isinstance(whole, int | float):
+        return None
+    a, b = finite(part), finite(whole)
+    return a / b if a is not None and b is not None and b > 0 else None
 
 
 def _g(value: float) -> str:
@@ -269,26 +327,29 @@ def _g(value: float) -> str:
 def describe_event(event: Mapping[str, Any], *, steps: bool = False) -> str | None:
     """One line for an event (None: not worth a line, e.g. step progress unless ``steps``)."""
     etype, data = event.get("type"), event.get("data") or {}
+    if not isinstance(data, Mapping):
+        data = {"raw": data}
     if etype == "state":
-        parts = [f"{data.get('state', '?')}"]
+        parts = [fmt_value(data.get("state", "?"))]
         if data.get("from"):
-            parts[0] = f"{data['from']} -> {data['state']}"
+            parts[0] = f"{fmt_value(data['from'])} -> {parts[0]}"
         if data.get("attempt"):
-            parts.append(f"attempt {data['attempt']}")
+            parts.append(f"attempt {fmt_value(data['attempt'])}")
         if data.get("worker"):
-            parts.append(f"worker {data['worker']}")
+            parts.append(f"worker {fmt_value(data['worker'])}")
         for key in ("reason", "error"):
             if data.get(key):
-                parts.append(f"{key}: {data[key]}")
+                parts.append(f"{key}: {fmt_value(data[key])}")
         if data.get("delay"):
             parts.append(f"retry in {fmt_num(data['delay'], '.0f')} s")
         return "state     " + "  ".join(parts)
     if etype == "log":
-        level = str(data.get("level", "info"))
-        msg = str(data.get("message", data.get("raw", "")))
-        extra = {k: v for k, v in data.items() if k not in ("level", "message")}
+        level = fmt_value(data.get("level", "info"))
+        msg = fmt_value(data.get("message", data.get("raw", "")))
+        shown = ("level", "message") if "message" in data else ("level", "raw")
+        extra = {k: v for k, v in data.items() if k not in shown}
         if extra:
-            msg += "  " + " ".join(f"{k}={v}" for k, v in extra.items())
+            msg += "  " + " ".join(f"{k}={fmt_value(v)}" for k, v in extra.items())
         return f"{level:<9} {msg}"
     if etype == "progress":
         ptype = data.get("type")
@@ -301,11 +362,11 @@ def describe_event(event: Mapping[str, Any], *, steps: bool = False) -> str | No
                     f"{data.get('steps_per_epoch', '?')} loss {fmt_num(data.get('loss'))} "
                     f"acc {fmt_pct(data.get('accuracy'))}")
         if ptype not in ("step", "epoch", "eval"):
-            return "progress  " + json.dumps(data, sort_keys=True, default=str)
+            return "progress  " + fmt_value(data)
         return None
     if etype == "result":
         return "result    recorded"
-    return f"{etype:<9} {json.dumps(data, sort_keys=True, default=str)}"
+    return f"{fmt_value(etype):<9} {fmt_value(data)}"
 
 
 def _first(data: Mapping[str, Any], *keys: str) -> Any:
@@ -356,25 +417,27 @@ class ProgressView:
 
     def _line(self, text: str) -> None:
         if self._bar is not None:
-            click.echo("")  # leave the bar's line as it is
-        click.echo(text)
+            echo("")  # leave the bar's line as it is
+        echo(text)
         if self._bar is not None:
             self._bar.render_progress()
 
     def handle(self, event: Mapping[str, Any]) -> None:
         etype, data = event.get("type"), event.get("data") or {}
+        if not isinstance(data, Mapping):
+            data = {"raw": data}
         if etype == "progress":
             if data == self._last_progress:  # the same progress published twice
                 return
             self._last_progress = dict(data)
-        stamp = _dt.datetime.fromtimestamp(event.get("at") or time.time()).strftime("%H:%M:%S")
+        stamp = fmt_time(event.get("at") or time.time())[-8:]
         if etype == "progress" and data.get("type") == "step":
             if self.tty:
                 self._step(data)
             return
         if etype == "progress" and data.get("type") == "epoch":
             self._close_bar()
-            click.echo(f"[{stamp}] epoch {epoch_line(data)}")
+            echo(f"[{stamp}] epoch {epoch_line(data)}")
             return
         if etype == "result":
             return
@@ -387,19 +450,19 @@ class ProgressView:
     def _step(self, data: Mapping[str, Any]) -> None:
         steps = data.get("steps_per_epoch")
         step = data.get("step")
-        if not isinstance(steps, int) or steps <= 0 or not isinstance(step, int | float):
+        if not isinstance(steps, int) or steps <= 0 or _ratio(step, steps) is None:
             return
         epoch = data.get("epoch")
         if self._bar is None or self._bar_epoch != epoch:
             self._close_bar()
-            self._bar = click.progressbar(length=steps, label=f"epoch {epoch}/{data.get('epochs', '?')}",
+            self._bar = click.progressbar(length=steps, label=printable(f"epoch {epoch}/{data.get('epochs', '?')}"),
                                           show_eta=True, show_percent=True, show_pos=False,
                                           item_show_func=lambda item: item, width=30)
             self._bar.__enter__()
             self._bar_epoch = epoch
         status = (f"loss {fmt_num(data.get('loss'))}  acc {fmt_pct(data.get('accuracy'))}  "
                   f"{fmt_num(data.get('images_per_second'), '.0f')} img/s")
-        target = min(int(step), steps)
+        target = min(int(finite(step) or 0), steps)
         self._bar.update(max(0, target - self._bar.pos), current_item=status)
 
     def close(self) -> None:
@@ -445,15 +508,15 @@ def wait_and_report(app: App, record: JobRecord, as_json: bool) -> None:
             finally:
                 view.close()
     except KeyboardInterrupt:
-        click.echo(f"\nstopped following {record.id}; the job goes on (capsctl logs -f {record.id})", err=True)
+        echo(f"\nstopped following {record.id}; the job goes on (capsctl logs -f {record.id})", err=True)
         sys.exit(130)
     if as_json:
         _emit_json(final.to_dict())
     elif final.state == "succeeded":
-        click.echo("")
+        echo("")
         print_results(final)
     else:
-        click.echo(f"job {final.id} {final.state}" + (f": {final.error}" if final.error else ""), err=True)
+        echo(f"job {final.id} {final.state}" + (f": {final.error}" if final.error else ""), err=True)
     if final.state != "succeeded":
         sys.exit(1)
 
@@ -560,7 +623,7 @@ def submit_spec(app: App, spec: dict[str, Any], idempotency_key: str | None, fol
         _emit_json(record.to_dict())
         return
     if not as_json:
-        click.echo(record.id)
+        echo(record.id)
     if follow:
         wait_and_report(app, record, as_json)
 
@@ -742,18 +805,21 @@ def print_job(record: JobRecord) -> None:
         rows.append(("error", record.error))
     rows += [("created", fmt_time(record.created_at)), ("started", fmt_time(record.started_at)),
              ("finished", fmt_time(record.finished_at))]
-    rows.append(("spec", json.dumps(record.spec, sort_keys=True)))
+    rows.append(("spec", json.dumps(json_ready(record.spec), sort_keys=True)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        click.echo(f"{key:<{width}}  {value}")
+        echo(f"{key:<{width}}  {value}")
     if record.transitions:
-        click.echo("\ntransitions:")
+        echo("\ntransitions:")
         trows = []
         for t in record.transitions:
-            detail = "  ".join(f"{k} {t[k]}" for k in ("reason", "worker", "error") if t.get(k))
-            trows.append((fmt_time(t.get("at")), t.get("from") or "", t.get("state", "?"), t.get("attempt", ""),
-                          detail))
-        click.echo(_indent(table(("AT", "FROM", "TO", "ATTEMPT", "DETAIL"), trows, right=(3,))))
+            if "invalid" in t:  # an entry that is not a transition object (see JobRecord.from_hash)
+                trows.append(("-", "", "<unreadable>", "", fmt_value(t["invalid"])))
+                continue
+            detail = "  ".join(f"{k} {fmt_value(t[k])}" for k in ("reason", "worker", "error") if t.get(k))
+            trows.append((fmt_time(t.get("at")), fmt_value(t.get("from") or ""), fmt_value(t.get("state", "?")),
+                          fmt_value(t.get("attempt", "")), detail))
+        echo(_indent(table(("AT", "FROM", "TO", "ATTEMPT", "DETAIL"), trows, right=(3,))))
 
 
 def _indent(text: str, n: int = 2) -> str:
@@ -775,20 +841,23 @@ def cluster_info(app: App) -> dict[str, Any]:
         "jobs": counts,
         "jobs_by_priority": by_priority,
         "queue_depth": queue.queue_depth(),
-        "dead_letters": int(queue.client.llen(queue.keys.dead_letters)),
+        "dead_letters": queue.dead_letter_count(),
     }
 
 
 def print_workers(workers: Sequence[Mapping[str, Any]]) -> None:
     rows = []
     for w in workers:
-        gpus, cpus = worker_cpus_gpus(w)
-        avail = w.get("available") if isinstance(w.get("available"), dict) else {}
-        rows.append((w.get("id"), w.get("hostname", "-"), _g(gpus), _g(cpus),
-                     f"{_g(float(avail.get('gpus', 0) or 0))}/{_g(float(avail.get('cpus', 0) or 0))}"
-                     if avail else "-",
-                     w.get("current_job") or "-", w.get("metrics_url") or "-", fmt_age(w.get("seen_at"))))
-    click.echo(_indent(table(("ID", "HOST", "GPUS", "CPUS", "FREE G/C", "JOB", "METRICS", "SEEN"), rows,
+        shape = worker_resources(w)  # None: unreadable, counted in no total
+        free = w.get("available")
+        free_shape = resource_shape(free)
+        rows.append((fmt_value(w.get("id")), fmt_value(w.get("hostname", "-")),
+                     "invalid" if shape is None else _g(shape[0]), "invalid" if shape is None else _g(shape[1]),
+                     "-" if not free else "invalid" if free_shape is None else
+                     f"{_g(free_shape[0])}/{_g(free_shape[1])}",
+                     fmt_value(w.get("current_job") or "-"), fmt_value(w.get("metrics_url") or "-"),
+                     fmt_age(w.get("seen_at"))))
+    echo(_indent(table(("ID", "HOST", "GPUS", "CPUS", "FREE G/C", "JOB", "METRICS", "SEEN"), rows,
                              right=(2, 3))))
 
 
@@ -810,15 +879,15 @@ def status(app: App, job_id: str | None, as_json: bool) -> None:
         _emit_json(info)
         return
     c = info["cluster"]
-    click.echo(f"Redis    {info['redis_url']}")
-    click.echo(f"Cluster  {c['workers']} worker(s), {_g(c['gpus'])} GPU(s), {_g(c['cpus'])} CPU(s)")
+    echo(f"Redis    {info['redis_url']}")
+    echo(f"Cluster  {c['workers']} worker(s), {_g(c['gpus'])} GPU(s), {_g(c['cpus'])} CPU(s)")
     if info["workers"]:
         print_workers(info["workers"])
     else:
-        click.echo("  no live workers: start one with `capsctl worker` or `capsctl up`")
-    click.echo("Jobs     " + "  ".join(f"{s} {n}" for s, n in info["jobs"].items()))
+        echo("  no live workers: start one with `capsctl worker` or `capsctl up`")
+    echo("Jobs     " + "  ".join(f"{s} {n}" for s, n in info["jobs"].items()))
     if info["dead_letters"]:
-        click.echo(f"Dead letters: {info['dead_letters']} (capsctl dead-letters)")
+        echo(f"Dead letters: {info['dead_letters']} (capsctl dead-letters)")
 
 
 @main.command()
@@ -834,10 +903,10 @@ def workers(app: App, as_json: bool) -> None:
                                                   ("workers", "gpus", "cpus", "max_gpus", "max_cpus")}})
         return
     if not found:
-        click.echo("no live workers: start one with `capsctl worker` or `capsctl up`")
+        echo("no live workers: start one with `capsctl worker` or `capsctl up`")
         return
     print_workers(found)
-    click.echo(f"total: {capacity['workers']} worker(s), {_g(capacity['gpus'])} GPU(s), "
+    echo(f"total: {capacity['workers']} worker(s), {_g(capacity['gpus'])} GPU(s), "
                f"{_g(capacity['cpus'])} CPU(s)")
 
 
@@ -853,12 +922,12 @@ def list_cmd(app: App, state: str | None, limit: int, as_json: bool) -> None:
         _emit_json([job_summary(r) for r in records])
         return
     if not records:
-        click.echo("no jobs" + (f" in state {state}" if state else ""))
+        echo("no jobs" + (f" in state {state}" if state else ""))
         return
     now = time.time()
     rows = [(r.id, r.state, r.kind, r.model or "-", r.gpus, _attempts(r), fmt_progress(r), fmt_age(r.created_at, now),
              r.worker or "-") for r in records]
-    click.echo(table(("ID", "STATE", "KIND", "MODEL", "GPUS", "ATTEMPT", "PROGRESS", "AGE", "WORKER"), rows,
+    echo(table(("ID", "STATE", "KIND", "MODEL", "GPUS", "ATTEMPT", "PROGRESS", "AGE", "WORKER"), rows,
                      right=(4, 7)))
 
 
@@ -875,8 +944,8 @@ def logs(app: App, job_id: str, follow: bool, steps: bool, as_json: bool) -> Non
 
     def show(event: dict[str, Any]) -> None:
         if as_json:
-            click.echo(json.dumps({"id": event["id"], "type": event["type"], "at": event["at"],
-                                   "data": event["data"]}, sort_keys=True, default=str))
+            echo(json.dumps(json_ready({"id": event["id"], "type": event["type"], "at": event["at"],
+                                        "data": event["data"]}), sort_keys=True, allow_nan=False))
             return
         if event["type"] == "progress":
             if event["data"] == last_progress[0]:  # the same progress published twice
@@ -884,7 +953,7 @@ def logs(app: App, job_id: str, follow: bool, steps: bool, as_json: bool) -> Non
             last_progress[0] = event["data"]
         line = describe_event(event, steps=steps)
         if line is not None:
-            click.echo(f"{fmt_time(event['at'])}  {line}")
+            echo(f"{fmt_time(event['at'])}  {line}")
 
     if follow:
         try:
@@ -909,9 +978,9 @@ def cancel(app: App, job_id: str) -> None:
     """Cancel a job (a running one stops at its next step)."""
     outcome = app.queue.cancel(job_id)
     if outcome == "cancelled":
-        click.echo(f"cancelled {job_id}")
+        echo(f"cancelled {job_id}")
     else:
-        click.echo(f"cancel requested for {job_id}: it is running; its worker stops it shortly")
+        echo(f"cancel requested for {job_id}: it is running; its worker stops it shortly")
 
 
 @main.command()
@@ -920,7 +989,7 @@ def cancel(app: App, job_id: str) -> None:
 def retry(app: App, job_id: str) -> None:
     """Queue a failed or cancelled job again (with a fresh retry budget)."""
     record = app.queue.retry(job_id)  # JobNotFound / JobStateError become one-line errors
-    click.echo(f"requeued {record.id} (state {record.state}, {record.max_retries} automatic retries)")
+    echo(f"requeued {record.id} (state {record.state}, {record.max_retries} automatic retries)")
 
 
 @main.command("dead-letters")
@@ -934,84 +1003,85 @@ def dead_letters(app: App, limit: int, as_json: bool) -> None:
         _emit_json(entries)
         return
     if not entries:
-        click.echo("no dead letters")
+        echo("no dead letters")
         return
-    rows = [(fmt_time(e.get("at")), e.get("job_id", "-"), e.get("source", "-"),
-             e.get("reason", e.get("raw", ""))) for e in entries]
-    click.echo(table(("AT", "JOB", "SOURCE", "REASON"), rows))
+    rows = [(fmt_time(e.get("at")), fmt_value(e.get("job_id", "-")), fmt_value(e.get("source", "-")),
+             fmt_value(e.get("reason", e.get("raw", "")))) for e in entries]
+    echo(table(("AT", "JOB", "SOURCE", "REASON"), rows))
 
 
 # ----------------------------------------------------------------------------- results
 
 
-def _per_class_table(per_class: Mapping[str, Sequence[float]]) -> str:
+def _per_class_table(per_class: Mapping[str, Any]) -> str:
     angles = _angle_sorted(per_class)
-    n = max((len(per_class[a]) for a in angles), default=0)
+    columns = {a: per_class[a] if isinstance(per_class[a], list) else [] for a in angles}
+    n = max((len(col) for col in columns.values()), default=0)
     rows = []
     for c in range(n):
-        rows.append([str(c)] + [fmt_num(100 * per_class[a][c], ".2f") if c < len(per_class[a]) else "-"
+        rows.append([str(c)] + [fmt_pct(columns[a][c]).rstrip("%") if c < len(columns[a]) else "-"
                                 for a in angles])
     return table(["class", *(fmt_angle(a) for a in angles)], rows, right=range(len(angles) + 1))
 
 
 def print_results(record: JobRecord) -> None:
     result = record.result if isinstance(record.result, dict) else {}
-    click.echo(f"{record.id}  {record.kind} {record.model or ''}  {record.state}".rstrip())
+    echo(f"{record.id}  {record.kind} {record.model or ''}  {record.state}".rstrip())
     rot = result.get("rotation_accuracy")
     if isinstance(rot, dict) and rot:
-        click.echo("\nAccuracy by test rotation")
+        echo("\nAccuracy by test rotation")
         rows = [(fmt_angle(a), fmt_pct(rot[a])) for a in _angle_sorted(rot)]
-        click.echo(_indent(table(("angle", "accuracy"), rows, right=(0, 1))))
+        echo(_indent(table(("angle", "accuracy"), rows, right=(0, 1))))
     per_class = result.get("per_class")
     if isinstance(per_class, dict) and per_class:
-        click.echo("\nPer-class accuracy (%), rows = classes, columns = test rotation")
-        click.echo(_indent(_per_class_table(per_class)))
+        echo("\nPer-class accuracy (%), rows = classes, columns = test rotation")
+        echo(_indent(_per_class_table(per_class)))
     history = result.get("history")
     if isinstance(history, list) and history:
-        click.echo("\nTraining curve")
+        echo("\nTraining curve")
         rows = []
         for h in history:
             if not isinstance(h, dict):
                 continue
-            rows.append((h.get("epoch", "-"), fmt_num(h.get("train_loss")), fmt_pct(h.get("train_accuracy")),
+            rows.append((fmt_value(h.get("epoch", "-")), fmt_num(h.get("train_loss")), fmt_pct(h.get("train_accuracy")),
                          fmt_pct(h.get("test_accuracy")) if not isinstance(h.get("test_accuracy"), dict)
                          else " ".join(fmt_pct(v) for v in h["test_accuracy"].values()),
                          fmt_num(h.get("images_per_second"), ".0f"), fmt_num(h.get("lr"), ".3g"),
                          fmt_num(h.get("epoch_seconds"), ".1f")))
-        click.echo(_indent(table(("epoch", "loss", "train acc", "test acc", "img/s", "lr", "seconds"), rows,
+        echo(_indent(table(("epoch", "loss", "train acc", "test acc", "img/s", "lr", "seconds"), rows,
                                  right=range(7))))
     matrix = _tune_models(result)
     if isinstance(matrix, dict):
         for model, m in matrix.items():
             if not isinstance(m, dict):
                 continue
-            click.echo(f"\n{model}: accuracy (%) mean ± std; rows = training augmentation, columns = test rotation")
-            cols = m.get("cols") or []
+            echo(f"\n{model}: accuracy (%) mean ± std; rows = training augmentation, columns = test rotation")
+            cols = m.get("cols") if isinstance(m.get("cols"), list) else []
             mean, std = m.get("mean") or [], m.get("std") or []
-            best_by_col = m.get("best_by_col") or {}
+            best_by_col = m.get("best_by_col") if isinstance(m.get("best_by_col"), dict) else {}
             rows = []
-            for i, label in enumerate(m.get("rows") or []):
+            for i, label in enumerate(m.get("rows") if isinstance(m.get("rows"), list) else []):
                 cells = []
                 for j, col in enumerate(cols):
                     mu = _cell(mean, i, j)
                     sd = _cell(std, i, j)
-                    mark = " *" if best_by_col.get(str(col)) == label else ""
+                    mark = " *" if best_by_col.get(printable(col)) == label else ""
                     cells.append("-" if mu is None else f"{100 * mu:.2f}" + (f" ± {100 * sd:.2f}" if sd else "") + mark)
-                rows.append([str(label), *cells])
-            click.echo(_indent(table(["augment", *(fmt_angle(c) for c in cols)], rows,
+                rows.append([fmt_value(label), *cells])
+            echo(_indent(table(["augment", *(fmt_angle(c) for c in cols)], rows,
                                      right=range(1, len(cols) + 1))))
-            click.echo("  * best in its column")
+            echo("  * best in its column")
             if m.get("best_checkpoint"):
-                click.echo(f"  best checkpoint: {m['best_checkpoint']}  (capsctl eval <it> --angles ...)")
+                echo(f"  best checkpoint: {m['best_checkpoint']}  (capsctl eval <it> --angles ...)")
     extra = {k: v for k, v in result.items()
              if k in ("world_size", "device", "model") and v is not None}
     if isinstance(result.get("trials"), list):
         extra["trials"] = len(result["trials"])
     if extra:
-        click.echo("\n" + "  ".join(f"{k} {v if not isinstance(v, dict | list) else json.dumps(v)}"
+        echo("\n" + "  ".join(f"{k} {fmt_value(v)}"
                                     for k, v in extra.items()))
     checkpoint = result.get("checkpoint") or record.checkpoint
-    click.echo(f"\nCheckpoint: {checkpoint or '-'}")
+    echo(f"\nCheckpoint: {checkpoint or '-'}")
 
 
 def _tune_models(result: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -1024,7 +1094,7 @@ def _tune_models(result: Mapping[str, Any]) -> dict[str, Any] | None:
 def _cell(grid: Any, i: int, j: int) -> float | None:
     try:
         v = float(grid[i][j])
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, KeyError, OverflowError):
         return None
     return v if math.isfinite(v) else None
 
@@ -1074,7 +1144,7 @@ def results(app: App, job_id: str, plot: Path | None, as_json: bool) -> None:
         return
     print_results(record)
     for p in written:
-        click.echo(f"Plot: {p}")
+        echo(f"Plot: {p}")
 
 
 # ----------------------------------------------------------------------------- worker / up / down
@@ -1112,19 +1182,19 @@ def worker(app: App, worker_id: str | None, metrics_port: int | None, num_cpus: 
 def _print_stack(record: Mapping[str, Any]) -> None:
     r, ray = record.get("redis") or {}, record.get("ray") or {}
     started = "started by up" if r.get("started") else "already running, used as is"
-    click.echo(f"Redis    {stack_mod.redact_url(r.get('url', '?'))}  ({started}"
+    echo(f"Redis    {stack_mod.redact_url(r.get('url', '?'))}  ({started}"
                + (f", pid {r.get('pid')}, data {r.get('dir')}, log {r.get('log')}" if r.get("started") else "")
                + ")")
     if ray.get("started"):
-        click.echo(f"Ray      {ray.get('address')}  (head started by up, {ray.get('num_cpus')} CPUs, "
+        echo(f"Ray      {ray.get('address')}  (head started by up, {ray.get('num_cpus')} CPUs, "
                    f"temp dir {ray.get('temp_dir')}, log {ray.get('log')})")
     else:
-        click.echo(f"Ray      {ray.get('address')}  (RAY_ADDRESS, not managed by up)")
+        echo(f"Ray      {ray.get('address')}  (RAY_ADDRESS, not managed by up)")
     for w in record.get("workers") or []:
-        click.echo(f"worker   {w.get('id')}  pid {w.get('pid')}  log {w.get('log')}")
-        click.echo(f"metrics  {w.get('metrics_url') or '-'}")
+        echo(f"worker   {w.get('id')}  pid {w.get('pid')}  log {w.get('log')}")
+        echo(f"metrics  {w.get('metrics_url') or '-'}")
     if record.get("env_file"):
-        click.echo(f"env      {record['env_file']}  (capsctl reads it; other tools: set -a; . {record['env_file']})")
+        echo(f"env      {record['env_file']}  (capsctl reads it; other tools: set -a; . {record['env_file']})")
 
 
 @main.command()
@@ -1142,16 +1212,16 @@ def up(app: App, num_cpus: int | None, metrics_port: int | None, num_workers: in
     """Start a one-machine stack: Redis (unless one answers), a Ray head (unless RAY_ADDRESS),
     and worker(s), in the background; `capsctl down` stops them."""
     settings = app.settings
-    say = (lambda _m: None) if as_json else (lambda m: click.echo(f"... {m}", err=True))
+    say = (lambda _m: None) if as_json else (lambda m: echo(f"... {m}", err=True))
     record = stack_mod.up(settings, num_cpus=num_cpus, metrics_port=metrics_port, workers=num_workers,
                           timeout=timeout, log=say)
     if as_json:
         _emit_json(record)
         return
     if record.get("already_up"):
-        click.echo(f"already up (state dir {settings.state_dir}; `capsctl down` stops it)")
+        echo(f"already up (state dir {settings.state_dir}; `capsctl down` stops it)")
     else:
-        click.echo(f"up (state dir {settings.state_dir})")
+        echo(f"up (state dir {settings.state_dir})")
     _print_stack(record)
 
 
@@ -1162,12 +1232,12 @@ def up(app: App, num_cpus: int | None, metrics_port: int | None, num_workers: in
 def down(app: App, grace: float) -> None:
     """Stop what `capsctl up` started (never a Redis or Ray it did not start)."""
     settings = app.settings
-    record = stack_mod.down(settings, grace=grace, log=lambda m: click.echo(f"... {m}", err=True))
+    record = stack_mod.down(settings, grace=grace, log=lambda m: echo(f"... {m}", err=True))
     if record is None:
-        click.echo(f"nothing to stop: no stack recorded in {settings.state_dir}")
+        echo(f"nothing to stop: no stack recorded in {settings.state_dir}")
         return
     stopped = record.get("stopped") or {}
-    click.echo(f"down: stopped {len(stopped.get('workers') or [])} worker process(es), "
+    echo(f"down: stopped {len(stopped.get('workers') or [])} worker process(es), "
                f"{len(stopped.get('ray') or [])} Ray process(es), "
                f"{'redis-server' if stopped.get('redis') else 'no Redis'}")
 

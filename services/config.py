@@ -103,14 +103,43 @@ class Settings:
         return settings
 
 
+try:
+    from redis.connection import HiredisRespSerializer
+    from redis.utils import HIREDIS_AVAILABLE
+except ImportError:  # pragma: no cover - another redis-py layout: its own packer uses the encoder
+    HiredisRespSerializer = None
+else:
+    if not HIREDIS_AVAILABLE:
+        HiredisRespSerializer = None
+
+if HiredisRespSerializer is not None:
+    class _SurrogateEscapingPacker(HiredisRespSerializer):  # type: ignore[misc,valid-type]
+        """hiredis's command packer, but text that came from undecodable bytes (surrogates) is
+        sent as those bytes, as redis-py's own packer does with ``encoding_errors``."""
+
+        def pack(self, *args: Any) -> list[bytes]:
+            try:
+                return super().pack(*args)
+            except UnicodeEncodeError:
+                return super().pack(*(a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a
+                                      for a in args))
+
+
 def redis_client(settings: Settings | str, **kwargs: Any) -> redis.Redis:
-    """A ``redis.Redis`` for the settings' URL (or a URL), with ``decode_responses=True``.
+    """A ``redis.Redis`` for the settings' URL (or a URL), with ``decode_responses=True`` and
+    ``encoding_errors="surrogateescape"``.
 
     TLS (``rediss://``), passwords and ``?ssl_cert_reqs=...`` query options are handled by
     ``redis.Redis.from_url``; extra keyword arguments are passed through.
     """
     url = settings if isinstance(settings, str) else settings.redis_url
     kwargs.setdefault("decode_responses", True)
+    # Bytes that are not UTF-8 decode to surrogates instead of raising, and encode back to the
+    # same bytes: junk in Redis never crashes a read, and an id read from an index still names
+    # its key. services.parsing.printable makes such text fit for output.
+    kwargs.setdefault("encoding_errors", "surrogateescape")
+    if HiredisRespSerializer is not None:  # hiredis packs commands itself, ignoring encoding_errors
+        kwargs.setdefault("command_packer", _SurrogateEscapingPacker())
     kwargs.setdefault("health_check_interval", 30)
     return redis.Redis.from_url(url, **kwargs)
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import redis
 
+from . import parsing
 from .keys import Keys
 
 EVENT_TYPES = ("state", "progress", "log", "result")
@@ -34,20 +35,22 @@ DEFAULT_MAXLEN = 5000
 Event = tuple[str, dict[str, Any]]
 
 
-def decode_entry(fields: dict[str, Any]) -> dict[str, Any]:
-    """A stream entry's fields -> ``{"type", "at", "data"}``; tolerant of foreign entries."""
-    fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-              for k, v in fields.items()}
-    raw = fields.get("data", "{}")
-    try:
-        data = json.loads(raw)
-    except (TypeError, ValueError):
+_NOT_JSON = object()
+
+
+def decode_entry(fields: Mapping[Any, Any]) -> dict[str, Any]:
+    """A stream entry's fields -> ``{"type": str, "at": float, "data": dict}``; total, for any
+    entry Redis may hold: data that is not a JSON object is kept as ``{"raw": <it>}`` (text
+    that is not JSON as that text), an ``at`` that is not a finite time reads as 0.0."""
+    fields = {parsing.text(k): v for k, v in fields.items()}
+    raw = parsing.text(fields.get("data"))
+    data = parsing.json_value(raw, _NOT_JSON) if raw is not None else {}
+    if data is _NOT_JSON:
         data = {"raw": raw}
-    try:
-        at = float(fields.get("at", 0.0))
-    except (TypeError, ValueError):
-        at = 0.0
-    return {"type": fields.get("type", "log"), "at": at, "data": data}
+    elif not isinstance(data, dict):
+        data = {"raw": data}
+    at = parsing.finite(fields.get("at"))
+    return {"type": parsing.text(fields.get("type")) or "log", "at": at if at is not None else 0.0, "data": data}
 
 
 class EventLog:
@@ -82,6 +85,19 @@ class EventLog:
         (``XREAD BLOCK``); without, it returns at once (``XRANGE``).
         """
         key = self.keys.events(job_id)
+        try:
+            rows = self._rows(key, after_id, block_ms, count)
+        except redis.ResponseError as err:
+            if not parsing.wrong_type(err):
+                raise
+            # The key is not a stream: no events to read. Wait as a blocking read would, so a
+            # follower polls at its usual pace instead of spinning.
+            if block_ms is not None:
+                time.sleep(block_ms / 1000)
+            return []
+        return [((eid.decode() if isinstance(eid, bytes) else eid), decode_entry(fields)) for eid, fields in rows]
+
+    def _rows(self, key: str, after_id: str, block_ms: int | None, count: int) -> list[Any]:
         if block_ms is None:
             if after_id == "$":
                 return []
@@ -97,11 +113,16 @@ class EventLog:
                     rows = rows[0]
             else:  # RESP2: [[key, entries]]
                 rows = result[0][1]
-        return [((eid.decode() if isinstance(eid, bytes) else eid), decode_entry(fields)) for eid, fields in rows]
+        return rows
 
     def last_id(self, job_id: str) -> str:
         """The id of the newest entry ("0" when there is none): ``read(after_id=last_id)`` tails."""
-        rows = self.client.xrevrange(self.keys.events(job_id), count=1)
+        try:
+            rows = self.client.xrevrange(self.keys.events(job_id), count=1)
+        except redis.ResponseError as err:
+            if not parsing.wrong_type(err):
+                raise
+            return "0"
         if not rows:
             return "0"
         return rows[0][0].decode() if isinstance(rows[0][0], bytes) else rows[0][0]

@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import redis
 
+from . import parsing
 from .events import EventLog
 from .jobspec import PRIORITIES, EvalSpec, SpecError, TrainSpec, TuneSpec, parse_spec
 from .keys import Keys
@@ -94,38 +95,32 @@ def new_job_id() -> str:
     return f"j-{_base36(int(time.time() * 1000))}-{rand}"
 
 
-def _s(v: Any) -> str | None:
-    if v is None:
-        return None
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-
-def _f(v: Any) -> float | None:
-    try:
-        x = float(_s(v))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-def _i(v: Any, default: int = 0) -> int:
-    try:
-        return int(float(_s(v)))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return default
-
-
-def _json(v: Any, default: Any = None) -> Any:
-    if v is None or v == "":
-        return default
-    try:
-        return json.loads(v)
-    except (TypeError, ValueError):
-        return default
+# Every value read from Redis goes through these total parsers (services.parsing): junk
+# becomes None or a default, never an exception.
+_s = parsing.text
+_f = parsing.finite
+_i = parsing.integer
+_json = parsing.json_value
 
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), default=str)
+
+
+_UNREADABLE = object()
+
+
+def _transitions(raw: Any) -> list[dict[str, Any]]:
+    """The stored ``transitions`` JSON list; whatever is not a JSON object (or a list of them)
+    is kept as ``{"invalid": <what was there>}`` so readers can show that it is unreadable."""
+    if raw is None or raw == "":
+        return []
+    parsed = _json(raw, _UNREADABLE)
+    if parsed is _UNREADABLE:
+        return [{"invalid": parsing.printable(raw)[:200]}]
+    if not isinstance(parsed, list):
+        return [{"invalid": parsed}]
+    return [t if isinstance(t, dict) else {"invalid": t} for t in parsed]
 
 
 @dataclass
@@ -174,15 +169,16 @@ class JobRecord:
     def from_hash(cls, h: Mapping[Any, Any]) -> JobRecord:
         """Build from HGETALL output; tolerant of missing or garbled fields."""
         d = {_s(k): v for k, v in h.items()}
-        spec = _json(_s(d.get("spec")), {})
-        transitions = _json(_s(d.get("transitions")), [])
-        progress = _json(_s(d.get("progress")), None)
+        spec = _json(d.get("spec"), {})
+        spec = spec if isinstance(spec, dict) else {}
+        progress = _json(d.get("progress"), None)
+        spec_kind = spec.get("kind")
         return cls(
             id=_s(d.get("id")) or "",
-            kind=_s(d.get("kind")) or (spec.get("kind", "") if isinstance(spec, dict) else ""),
+            kind=_s(d.get("kind")) or (spec_kind if isinstance(spec_kind, str) else ""),
             state=_s(d.get("state")) or "",
             priority=_s(d.get("priority")) or "",
-            spec=spec if isinstance(spec, dict) else {},
+            spec=spec,
             attempt=_i(d.get("attempt")),
             max_retries=_i(d.get("max_retries")),
             retry_base=_i(d.get("retry_base")),
@@ -197,7 +193,7 @@ class JobRecord:
             retrying_at=_f(d.get("retrying_at")),
             finished_at=_f(d.get("finished_at")),
             heartbeat_at=_f(d.get("heartbeat_at")),
-            transitions=transitions if isinstance(transitions, list) else [],
+            transitions=_transitions(d.get("transitions")),
             worker=_s(d.get("worker")) or None,
             lease_token=_s(d.get("lease_token")) or None,
             lease_expires_at=_f(d.get("lease_expires_at")),
@@ -205,7 +201,7 @@ class JobRecord:
             not_before=_f(d.get("not_before")),
             error=_s(d.get("error")) or None,
             traceback=_s(d.get("traceback")) or None,
-            result=_json(_s(d.get("result")), None),
+            result=_json(d.get("result"), None),
             progress=progress if isinstance(progress, dict) else None,
             checkpoint=_s(d.get("checkpoint")) or None,
             cancel_requested=_s(d.get("cancel_requested")) == "1",
@@ -574,11 +570,17 @@ class JobQueue:
         """The job's record, or None when there is no such job (or its key is not a hash)."""
         try:
             h = self.client.hgetall(self.keys.job(job_id))
-        except redis.ResponseError:  # not a hash
+        except redis.ResponseError as err:  # not a hash
+            if not parsing.wrong_type(err):
+                raise
             return None
         except UnicodeDecodeError:
             raise QueueError(f"job {job_id}: its record holds bytes that are not UTF-8") from None
-        return JobRecord.from_hash(h) if h else None
+        if not h:
+            return None
+        record = JobRecord.from_hash(h)
+        record.id = record.id or job_id
+        return record
 
     def list(self, state: str | None = None, limit: int = 50) -> list[JobRecord]:
         """Newest first; all jobs or those in one state."""
@@ -586,27 +588,43 @@ class JobQueue:
             raise ValueError(f"state must be one of {', '.join(STATES)} (got {state!r})")
         if limit <= 0:
             return []
-        if state is None:
-            ids = [_s(x) for x in self.client.zrevrange(self.keys.jobs, 0, limit - 1)]
-        else:
-            pipe = self.client.pipeline(transaction=False)
-            for p in PRIORITIES:
-                pipe.zrevrange(self.keys.state(state, p), 0, limit - 1, withscores=True)
-            scored = [(score, _s(m)) for rows in pipe.execute() for m, score in rows]
-            ids = [m for _, m in sorted(scored, key=lambda t: (-t[0], t[1]))[:limit]]
+        ids = self._index_ids(state, limit)
         pipe = self.client.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hgetall(self.keys.job(job_id))  # type: ignore[arg-type]
+            pipe.hgetall(self.keys.job(job_id))
         try:
-            rows = pipe.execute(raise_on_error=False)
-        except UnicodeDecodeError:  # junk in some record: fetch one by one and skip it
+            rows = pipe.execute(raise_on_error=False)  # a key that is not a hash: its error, skipped
+        except UnicodeDecodeError:  # a strictly decoding client met junk: fetch one by one
             rows = []
             for job_id in ids:
                 try:
-                    rows.append(self.client.hgetall(self.keys.job(job_id)))  # type: ignore[arg-type]
+                    rows.append(self.client.hgetall(self.keys.job(job_id)))
                 except (UnicodeDecodeError, redis.ResponseError):
-                    continue
-        return [JobRecord.from_hash(h) for h in rows if isinstance(h, dict) and h]
+                    rows.append(None)
+        out = []
+        for job_id, h in zip(ids, rows, strict=True):
+            if isinstance(h, dict) and h:  # an index entry without a record has nothing to show
+                record = JobRecord.from_hash(h)
+                record.id = record.id or job_id
+                out.append(record)
+        return out
+
+    def _index_ids(self, state: str | None, limit: int) -> list[str]:
+        """Job ids of the ``jobs`` index (or of one state's indexes), newest first. An index key
+        of the wrong type reads as empty."""
+        if state is None:
+            try:
+                return [_s(x) for x in self.client.zrevrange(self.keys.jobs, 0, limit - 1)]  # type: ignore[misc]
+            except redis.ResponseError as err:
+                if not parsing.wrong_type(err):
+                    raise
+                return []
+        pipe = self.client.pipeline(transaction=False)
+        for p in PRIORITIES:
+            pipe.zrevrange(self.keys.state(state, p), 0, limit - 1, withscores=True)
+        scored = [(float(score), _s(m)) for rows in pipe.execute(raise_on_error=False)
+                  if isinstance(rows, list) for m, score in rows]
+        return [m for _, m in sorted(scored, key=lambda t: (-t[0], t[1]))[:limit]]  # type: ignore[misc]
 
     def state_counts(self) -> dict[tuple[str, str], int]:
         """``{(state, priority): n}`` for every state and priority: one pipelined round of ZCARDs."""
@@ -614,7 +632,9 @@ class JobQueue:
         pairs = [(s, p) for s in STATES for p in PRIORITIES]
         for s, p in pairs:
             pipe.zcard(self.keys.state(s, p))
-        return {pair: int(n) for pair, n in zip(pairs, pipe.execute(), strict=True)}
+        # An index key of the wrong type counts 0 (its error is not raised).
+        return {pair: (n if isinstance(n, int) else 0)
+                for pair, n in zip(pairs, pipe.execute(raise_on_error=False), strict=True)}
 
     def counters(self) -> dict[str, Any]:
         """Monotonic counters for metrics::
@@ -622,33 +642,59 @@ class JobQueue:
             {"submitted": {(kind, model): n}, "finished": {(kind, model, outcome): n},
              "retries": n, "lease_expiries": n, "dead_lettered": n, "manual_retries": n}
         """
-        raw = {_s(k): _i(v) for k, v in self.client.hgetall(self.keys.counters).items()}
+        try:
+            stored = self.client.hgetall(self.keys.counters)
+        except redis.ResponseError as err:  # not a hash: no counters to read
+            if not parsing.wrong_type(err):
+                raise
+            stored = {}
+        # Names become metric labels: printable text only.
+        raw = {parsing.printable(k): _i(v) for k, v in stored.items()}
         out: dict[str, Any] = {"submitted": {}, "finished": {}, "retries": 0, "lease_expiries": 0,
                                "dead_lettered": 0, "manual_retries": 0}
         for name, value in raw.items():
-            parts = (name or "").split(":")
+            parts = name.split(":")
             if parts[0] == "submitted" and len(parts) == 3:
                 out["submitted"][(parts[1], parts[2])] = value
             elif parts[0] == "finished" and len(parts) == 4:
                 out["finished"][(parts[1], parts[2], parts[3])] = value
-            elif len(parts) == 1 and parts[0]:
+            elif len(parts) == 1 and parts[0] and parts[0] not in ("submitted", "finished"):
                 out[parts[0]] = value
         return out
 
     def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
         """Newest first: ``{"job_id", "reason", "at", "source"}`` (source = queue key or "claim")."""
-        rows = self.client.lrange(self.keys.dead_letters, 0, max(0, limit - 1)) if limit > 0 else []
+        try:
+            rows = self.client.lrange(self.keys.dead_letters, 0, max(0, limit - 1)) if limit > 0 else []
+        except redis.ResponseError as err:  # not a list: nothing readable
+            if not parsing.wrong_type(err):
+                raise
+            rows = []
         out = []
         for row in rows:
-            entry = _json(_s(row), None)
+            entry = _json(row, None)
             out.append(entry if isinstance(entry, dict) else {"raw": _s(row)})
         return out
+
+    def dead_letter_count(self) -> int:
+        """How many dead letters are kept (0 when the key is not a list)."""
+        try:
+            return int(self.client.llen(self.keys.dead_letters))
+        except redis.ResponseError as err:
+            if not parsing.wrong_type(err):
+                raise
+            return 0
 
     def queue_depth(self) -> dict[str, int]:
         """Entries waiting in the queue zsets per priority (junk included until claim meets it)."""
         out = {}
         for p in PRIORITIES:
-            shapes = [_s(s) for s in self.client.smembers(self.keys.shapes(p))]
+            try:
+                shapes = [_s(s) for s in self.client.smembers(self.keys.shapes(p))]
+            except redis.ResponseError as err:  # not a set (claim quarantines it)
+                if not parsing.wrong_type(err):
+                    raise
+                shapes = []
             pipe = self.client.pipeline(transaction=False)
             for shape in shapes:
                 g, _, c = (shape or "").partition(":")
@@ -685,31 +731,38 @@ class JobQueue:
         pipe.execute()
 
     def workers(self) -> list[dict[str, Any]]:
-        """Live workers' info dicts (expired registrations are pruned), sorted by id."""
+        """Live workers' info dicts (expired registrations are pruned), sorted by id.
+
+        A registration that is not a JSON object is listed as ``{"id", "invalid": why}``; one whose
+        key is gone (or not a string) is left out.
+        """
         now = self._server_time()
-        self.client.zremrangebyscore(self.keys.workers, "-inf", now)
-        ids = [_s(x) for x in self.client.zrange(self.keys.workers, 0, -1)]
+        try:
+            self.client.zremrangebyscore(self.keys.workers, "-inf", now)
+            ids = [_s(x) for x in self.client.zrange(self.keys.workers, 0, -1)]
+        except redis.ResponseError as err:  # the registry is not a sorted set: nobody is registered
+            if not parsing.wrong_type(err):
+                raise
+            return []
         if not ids:
             return []
         values = self.client.mget([self.keys.worker(w) for w in ids])  # type: ignore[arg-type]
         out = []
         for worker_id, raw in zip(ids, values, strict=True):
-            info = _json(_s(raw), None)
-            if isinstance(info, dict):
-                info.setdefault("id", worker_id)
-                out.append(info)
-        return sorted(out, key=lambda w: str(w.get("id")))
+            if raw is None:
+                continue
+            info = _json(raw, None)
+            if not isinstance(info, dict):
+                info = {"invalid": "registration is not a JSON object"}
+            info.setdefault("id", worker_id)
+            out.append(info)
+        return sorted(out, key=lambda w: parsing.printable(w.get("id")))
 
     def cluster_capacity(self) -> dict[str, Any]:
         """Totals published by live workers: ``{"workers", "gpus", "cpus", "max_gpus", "max_cpus",
-        "shapes": [(gpus, cpus) per worker]}``."""
-        shapes = []
-        for info in self.workers():
-            res = info.get("resources") if isinstance(info.get("resources"), dict) else info
-            try:
-                shapes.append((float(res.get("gpus", 0) or 0), float(res.get("cpus", 0) or 0)))
-            except (TypeError, ValueError):
-                continue
+        "shapes": [(gpus, cpus) per worker]}``. Workers whose resources are not finite numbers
+        >= 0 are left out (``worker_resources`` is None for them)."""
+        shapes = [shape for info in self.workers() if (shape := worker_resources(info)) is not None]
         return {
             "workers": len(shapes),
             "gpus": sum(g for g, _ in shapes), "cpus": sum(c for _, c in shapes),
@@ -718,7 +771,32 @@ class JobQueue:
         }
 
 
+def resource_shape(res: Any) -> tuple[float, float] | None:
+    """``(gpus, cpus)`` of a ``{"gpus", "cpus"}`` mapping (missing or empty = 0), or None when
+    it is not a mapping or either value is not a finite number >= 0 (``"nan"``, ``-1``, junk)."""
+    if not isinstance(res, Mapping):
+        return None
+    values = []
+    for name in ("gpus", "cpus"):
+        raw = res.get(name)
+        value = 0.0 if raw is None or raw == "" else _f(raw)
+        if value is None or value < 0:
+            return None
+        values.append(value)
+    return values[0], values[1]
+
+
+def worker_resources(info: Mapping[str, Any]) -> tuple[float, float] | None:
+    """What a registered worker can ever offer: its ``resources`` (or, in older registrations,
+    the info itself); None when that is unreadable, so it counts towards no capacity."""
+    if info.get("invalid"):  # an unreadable registration (see JobQueue.workers)
+        return None
+    res = info.get("resources")
+    return resource_shape(res if isinstance(res, Mapping) else info)
+
+
 __all__ = [
     "ACTIVE_STATES", "OUTCOMES", "STATES", "TERMINAL_STATES", "CapacityError", "ClaimedJob", "JobNotFound",
     "JobQueue", "JobRecord", "JobStateError", "LeaseStatus", "QueueError", "new_job_id",
+    "resource_shape", "worker_resources",
 ]
