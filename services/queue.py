@@ -381,7 +381,8 @@ class JobQueue:
     def __init__(self, client: redis.Redis, keys: Keys | None = None, lease_seconds: float = 30.0, *,
                  backoff_base: float = 5.0, backoff_max: float = 600.0, events_maxlen: int = 5000,
                  dead_letter_max: int = 10_000, notify_max: int = 1000, events_ttl: int = 14 * 86400,
-                 idempotency_ttl: int = 7 * 86400, housekeeping_limit: int = 20) -> None:
+                 idempotency_ttl: int = 7 * 86400, housekeeping_limit: int = 20,
+                 max_spec_bytes: int = MAX_SPEC_BYTES) -> None:
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be > 0")
         self.client = client
@@ -394,6 +395,7 @@ class JobQueue:
         self.idempotency_ttl = int(idempotency_ttl)
         self.events_ttl = int(events_ttl)
         self.housekeeping_limit = int(housekeeping_limit)
+        self.max_spec_bytes = int(max_spec_bytes)
         self.events = EventLog(client, self.keys, maxlen=events_maxlen)
         self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
 
@@ -430,7 +432,7 @@ class JobQueue:
         """Validate and enqueue a job. With an ``idempotency_key`` already used (within
         ``idempotency_ttl``) for the same spec, returns the existing job and enqueues nothing.
 
-        Raises ``SpecError`` for an invalid spec (or one over ``MAX_SPEC_BYTES``, or a key over
+        Raises ``SpecError`` for an invalid spec (or one over ``max_spec_bytes``, or a key over
         ``MAX_IDEMPOTENCY_KEY_CHARS``), ``IdempotencyConflict`` when the key names a job with a
         different spec, and ``CapacityError`` when live workers are registered and none of them
         could ever fit the job's resources.
@@ -451,8 +453,8 @@ class JobQueue:
             raise ValueError("idempotency_keys must match specs one to one")
         texts = [spec.to_json() for spec in parsed]
         for text in texts:
-            if len(text.encode()) > MAX_SPEC_BYTES:
-                raise SpecError(f"spec: {len(text.encode())} bytes of JSON, more than the {MAX_SPEC_BYTES} "
+            if len(text.encode()) > self.max_spec_bytes:
+                raise SpecError(f"spec: {len(text.encode())} bytes of JSON, more than the {self.max_spec_bytes} "
                                 f"allowed", "spec")
         for key in idem:
             if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:

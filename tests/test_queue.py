@@ -615,3 +615,8 @@ def test_submit_bounds_idempotency_key_and_spec_size(q):
         q.submit(train(), idempotency_key="k" * 201)
     assert q.submit(train(), idempotency_key="k" * 200).state == "queued"
     assert len(q.list()) == 1
+    # every spec the schema accepts is far below the 64 KiB bound, so check it with a lower one
+    small = JobQueue(q.client, q.keys, max_spec_bytes=300)
+    with pytest.raises(SpecError, match=r"spec: \d+ bytes of JSON, more than the 300 allowed"):
+        small.submit_many([train(), train(name="x" * 100)])
+    assert len(q.list()) == 1  # nothing of the batch was sent
