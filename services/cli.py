@@ -15,7 +15,8 @@ Exit codes:
   Redis unreachable, unknown job id, a job in the wrong state (cancel a finished job), no result.
 * 2 — bad usage, nothing was done: unknown options or values (click's usage errors), an
   invalid job spec (the spec's own one-line message, e.g. ``epochs: must be an integer in
-  1..1000 (got 0)``), a job bigger than every live worker, an invalid setting in the environment.
+  1..1000 (got 0)``), a job bigger than every live worker, an eval of a job or path that does
+  not exist, an idempotency key reused with a different spec, an invalid setting in the environment.
 
 Errors are one ``Error: ...`` line on stderr, never a traceback. Read commands take ``--json``
 (stable keys; ``logs --json`` writes one JSON object per line).
@@ -40,12 +41,13 @@ import redis
 
 from . import stack as stack_mod
 from .config import Settings, SettingsError, redis_client
-from .jobspec import DATASETS, PRIORITIES, SpecError, parse_spec
+from .jobspec import DATASETS, JOB_ID_RE, PRIORITIES, SpecError, parse_spec
 from .keys import Keys
 from .parsing import finite, json_ready, printable
 from .queue import (
     STATES,
     CapacityError,
+    IdempotencyConflict,
     JobNotFound,
     JobQueue,
     JobRecord,
@@ -123,7 +125,7 @@ class CapsGroup(click.Group):
             return super().invoke(ctx)
         except SpecError as err:
             raise SpecUsageError(str(err)) from None
-        except CapacityError as err:
+        except (CapacityError, IdempotencyConflict) as err:
             raise SpecUsageError(str(err)) from None
         except SettingsError as err:
             raise UserError(str(err), exit_code=2) from None
@@ -606,6 +608,9 @@ def common_job_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--priority", type=click.Choice(PRIORITIES), help="Queue priority (default normal)."),
         click.option("--name", help="A label for the job (shown by list/status)."),
         click.option("--max-retries", type=int, help="Automatic retries after a failure (default 2)."),
+        click.option("--max-lost", type=int,
+                     help="Times the job may lose its worker (lease expired) and resume (default 10); "
+                          "never uses up --max-retries."),
         click.option("--idempotency-key", help="Submitting again with the same key returns the same job."),
         click.option("--follow", "-f", is_flag=True, help="Show progress until the job ends; exit 1 if it fails."),
         click.option("--json", "as_json", is_flag=True, help="Print the job record as JSON."),
@@ -689,14 +694,15 @@ def submit(app: App, model: str, gpus: int | None, workers: int | None, epochs: 
            batch_size: int | None, lr: float | None, lr_decay: float | None, augment: str | None,
            eval_angles: list[float] | None, dataset: str | None, seed: int | None, train_subset: int | None,
            test_subset: int | None, model_config: tuple[str, ...], priority: str | None, name: str | None,
-           max_retries: int | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
+           max_retries: int | None, max_lost: int | None, idempotency_key: str | None, follow: bool,
+           as_json: bool) -> None:
     """Submit a training job for MODEL; prints its id."""
     if gpus is not None and workers is not None:
         raise click.UsageError("--gpus and --workers are mutually exclusive: a GPU job has one rank per GPU")
     spec = _put({"kind": "train", "model": model}, gpus=gpus, workers=workers, epochs=epochs,
                 batch_size=batch_size, lr=lr, lr_decay=lr_decay, augment=augment, eval_angles=eval_angles,
                 dataset=dataset, seed=seed, train_subset=train_subset, test_subset=test_subset,
-                priority=priority, name=name, max_retries=max_retries)
+                priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
     submit_spec(app, spec, idempotency_key, follow, as_json)
@@ -709,12 +715,29 @@ def submit(app: App, model: str, gpus: int | None, workers: int | None, epochs: 
 @common_job_options
 @pass_app
 def eval_cmd(app: App, source: str, angles: list[float] | None, dataset: str | None, test_subset: int | None,
-             priority: str | None, name: str | None, max_retries: int | None, idempotency_key: str | None,
-             follow: bool, as_json: bool) -> None:
+             priority: str | None, name: str | None, max_retries: int | None, max_lost: int | None,
+             idempotency_key: str | None, follow: bool, as_json: bool) -> None:
     """Evaluate a trained job's checkpoint (or a checkpoint path) on rotated test sets."""
     spec = _put({"kind": "eval", "source": source}, angles=angles, dataset=dataset, test_subset=test_subset,
-                priority=priority, name=name, max_retries=max_retries)
+                priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
+    parse_spec(spec)  # the spec's own errors first
+    check_eval_source(app, source.strip())
     submit_spec(app, spec, idempotency_key, follow, as_json)
+
+
+def check_eval_source(app: App, source: str) -> None:
+    """Refuse an eval that can only fail at run time: the job must exist in Redis, a local path
+    on disk. Remote URIs (``s3://`` ...) are left to the worker, which may see other storage."""
+    if app.queue.get(source) is not None:
+        return
+    if JOB_ID_RE.match(source):
+        raise SpecUsageError(f"source: no job {source} in Redis (see `capsctl list`)")
+    scheme, sep, rest = source.partition("://")
+    if sep and scheme != "file":
+        return
+    path = Path(rest if sep else source).expanduser()
+    if not path.exists():
+        raise SpecUsageError(f"source: {source} is neither a job id nor an existing checkpoint path")
 
 
 @main.command()
@@ -744,13 +767,13 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
          batch_size: int | None, gpus_per_trial: int | None, max_concurrent: int | None,
          asha: bool | None, dataset: str | None, train_subset: int | None, test_subset: int | None,
          model_config: tuple[str, ...], priority: str | None, name: str | None, max_retries: int | None,
-         idempotency_key: str | None, follow: bool, as_json: bool) -> None:
+         max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
     """Submit a robustness study: models × training rotations (× lr × routing × seeds) on Ray Tune."""
     spec = _put({"kind": "tune"}, models=models, angles=angles, eval_angles=eval_angles, augment=augment,
                 lr=lr, routing_iters=routing_iters, samples=samples, seeds=seeds, seed=seed, epochs=epochs,
                 batch_size=batch_size, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                 asha=asha, dataset=dataset, train_subset=train_subset, test_subset=test_subset,
-                priority=priority, name=name, max_retries=max_retries)
+                priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
     submit_spec(app, spec, idempotency_key, follow, as_json)
@@ -760,7 +783,7 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
 
 
 def _attempts(record: JobRecord) -> str:
-    return f"{record.attempt}/{record.retry_base + record.max_retries + 1}"
+    return f"{record.attempt}/{record.retry_base + record.losses + record.max_retries + 1}"
 
 
 def _resources(record: JobRecord) -> str:
@@ -774,7 +797,7 @@ def _resources(record: JobRecord) -> str:
 def job_summary(record: JobRecord) -> dict[str, Any]:
     return {"id": record.id, "name": record.name, "state": record.state, "kind": record.kind,
             "model": record.model, "priority": record.priority, "gpus": record.gpus, "cpus": record.cpus,
-            "attempt": record.attempt, "max_attempts": record.retry_base + record.max_retries + 1,
+            "attempt": record.attempt, "max_attempts": record.retry_base + record.losses + record.max_retries + 1,
             "progress": record.progress, "progress_text": fmt_progress(record), "created_at": record.created_at,
             "updated_at": record.updated_at, "worker": record.worker, "error": record.error}
 
@@ -787,7 +810,7 @@ def print_job(record: JobRecord) -> None:
         ("kind", f"{record.kind}  model {record.model or '-'}  priority {record.priority}"),
         ("resources", _resources(record)),
         ("attempt", f"{_attempts(record)}  ({record.retries_left} retries left, "
-                    f"{record.lease_expiries} lease expiries)"),
+                    f"{record.losses}/{record.max_lost} lost workers)"),
         ("progress", fmt_progress(record)),
     ]
     p = record.progress or {}
@@ -1008,6 +1031,63 @@ def dead_letters(app: App, limit: int, as_json: bool) -> None:
     rows = [(fmt_time(e.get("at")), fmt_value(e.get("job_id", "-")), fmt_value(e.get("source", "-")),
              fmt_value(e.get("reason", e.get("raw", "")))) for e in entries]
     echo(table(("AT", "JOB", "SOURCE", "REASON"), rows))
+
+
+class Duration(click.ParamType):
+    """An age such as ``7d``, ``12h``, ``30m`` or ``90s`` (a bare number is days), in seconds."""
+
+    name = "AGE"
+    UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip().lower()
+        unit = self.UNITS.get(text[-1:]) if text else None
+        try:
+            amount = float(text[:-1] if unit else text)
+        except ValueError:
+            amount = math.nan
+        if not math.isfinite(amount) or amount < 0:
+            self.fail(f"{value!r}: expected an age such as 7d, 12h, 30m or 90s", param, ctx)
+        return amount * (unit or 86400.0)
+
+
+PRUNE_BATCH = 500  # jobs per Lua call: each call holds Redis for a few ms only
+
+
+@main.command()
+@click.option("--older-than", type=Duration(), metavar="AGE",
+              help="Remove jobs that finished longer ago than this, e.g. 7d, 12h [default: "
+                   "CAPSNET_RETENTION_DAYS, 30d].")
+@click.option("--dry-run", is_flag=True, help="Only count what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_app
+def prune(app: App, older_than: float | None, dry_run: bool, as_json: bool) -> None:
+    """Remove finished jobs (record, events, index entries, idempotency key) older than an age.
+
+    Workers do this on their own in small batches; queued, running and retrying jobs are never
+    touched."""
+    if older_than is None:
+        if app.settings.retention_days <= 0:
+            raise click.UsageError("CAPSNET_RETENTION_DAYS is 0 (keep forever): give --older-than")
+        older_than = app.settings.retention_days * 86400.0
+    queue = app.queue
+    if dry_run:
+        count = queue.count_prunable(older_than)
+    else:
+        count = 0
+        while True:
+            batch = queue.prune(older_than, limit=PRUNE_BATCH)
+            count += len(batch.job_ids)
+            if not batch.more:
+                break
+    if as_json:
+        _emit_json({"pruned": 0 if dry_run else count, "would_prune": count if dry_run else None,
+                    "dry_run": dry_run, "older_than_seconds": older_than})
+        return
+    age = fmt_age(time.time() - older_than)
+    click.echo(f"{'would remove' if dry_run else 'removed'} {count} finished job(s) older than {age}")
 
 
 # ----------------------------------------------------------------------------- results

@@ -15,6 +15,8 @@ metrics_port               CAPSNET_METRICS_PORT         9310
 lease_seconds              CAPSNET_LEASE_SECONDS        30
 heartbeat_seconds          CAPSNET_HEARTBEAT_SECONDS    5
 data_dir                   CAPSNET_DATA_DIR             None (capsnet_core's own default)
+retention_days             CAPSNET_RETENTION_DAYS       30 (finished jobs older than this are
+                                                        pruned by idle workers; 0 = keep forever)
 =========================  ===========================  ====================================
 
 ``redis_url`` may be ``rediss://`` (TLS) and carry a user/password
@@ -70,6 +72,7 @@ class Settings:
     lease_seconds: int = 30
     heartbeat_seconds: int = 5
     data_dir: Path | None = None
+    retention_days: int = 30
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -93,6 +96,7 @@ class Settings:
             lease_seconds=lease,
             heartbeat_seconds=heartbeat,
             data_dir=_path(env, "CAPSNET_DATA_DIR", None),
+            retention_days=_int(env, "CAPSNET_RETENTION_DAYS", 30, 0, 36500),
         )
         if overrides:
             settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -85,6 +85,7 @@ _HINTS: dict[str, str] = {
     "lr_decay": "a number in (0, 1]",
     "seed": "an integer in 0..4294967295",
     "max_retries": "an integer in 0..20",
+    "max_lost": "an integer in 0..100",
     "train_subset": f"an integer in 1..{TRAIN_IMAGES} or null",
     "test_subset": f"an integer in 1..{TEST_IMAGES} or null",
     "samples": "an integer in 1..1000",
@@ -235,6 +236,9 @@ class _SpecBase(BaseModel):
     name: str | None = None
     priority: Priority = "normal"
     max_retries: _int(0, 20) = 2  # type: ignore[valid-type]
+    # Lease expiries (worker SIGKILLed, node gone) are the infrastructure's fault, not the job's:
+    # they have this budget of their own and never use up max_retries.
+    max_lost: _int(0, 100) = 10  # type: ignore[valid-type]
 
     @field_validator("name")
     @classmethod

@@ -18,7 +18,8 @@ Three groups of series:
        "retries": n,                                   -> capsnet_job_retries_total
        "lease_expiries": n,                            -> capsnet_lease_expiries_total
        "dead_lettered": n,                             -> capsnet_dead_lettered_total
-       "manual_retries": n}                            -> capsnet_job_manual_retries_total
+       "manual_retries": n,                            -> capsnet_job_manual_retries_total
+       "pruned": n}                                    -> capsnet_jobs_pruned_total
 
   or flat, as the Redis hash fields themselves: ``{"submitted:train:capsnet": n,
   "finished:train:capsnet:succeeded": n, "retries": n, ...}`` (``|`` also accepted as the
@@ -88,6 +89,7 @@ _PLAIN_COUNTERS: dict[str, tuple[str, str]] = {
     "lease_expiries": ("capsnet_lease_expiries", "Job leases that expired (worker died or stalled)."),
     "dead_lettered": ("capsnet_dead_lettered", "Jobs or queue entries moved to the dead-letter list (invalid spec, junk in a queue key)."),
     "manual_retries": ("capsnet_job_manual_retries", "Failed or cancelled jobs re-queued by hand (capsctl retry)."),
+    "pruned": ("capsnet_jobs_pruned", "Finished jobs removed by retention (idle workers, capsctl prune)."),
 }
 
 # What the service produces (services.jobspec.KINDS; services.worker's attempt outcomes;

@@ -38,6 +38,8 @@ local function arg(i) return ARGV[6 + i] end
 
 local PRIORITIES = {'high', 'normal', 'low'}
 local PRIORITY_OK = {high = true, normal = true, low = true}
+-- max_lost of jobs submitted before the field existed (services.jobspec's default)
+local DEFAULT_MAX_LOST = 10
 -- the per-state timestamp field a transition into that state sets
 local TS_FIELD = {queued = 'queued_at', running = 'started_at', retrying = 'retrying_at',
                   succeeded = 'finished_at', failed = 'finished_at', cancelled = 'finished_at'}
@@ -207,11 +209,13 @@ local function promote_due(limit)
 end
 
 -- Running jobs whose lease expired (worker died, hung or was partitioned away).
--- Policy: an expiry uses up an attempt exactly like a failure, so a job that kills its
--- workers cannot loop forever: with attempts left it goes straight back to 'queued' (no
--- backoff; its checkpoint field is kept so the next attempt resumes), otherwise 'failed'.
--- A job whose cancel was requested becomes 'cancelled'. The old token is cleared, so the
--- lost worker is fenced out even if it comes back.
+-- Policy: losing a worker is an infrastructure loss, not the job's own error, so it never uses
+-- up max_retries; it has its own, larger budget max_lost (losses since the last manual retry =
+-- lease_expiries - lost_base). Within it the job goes straight back to 'queued' (no backoff;
+-- its checkpoint field is kept so the next attempt resumes); a job that kills its worker every
+-- time still ends 'failed' after max_lost + 1 losses instead of looping. A job whose cancel
+-- was requested becomes 'cancelled'. The old token is cleared, so the lost worker is fenced
+-- out even if it comes back.
 local function requeue_expired(limit)
   local ids = redis.call('ZRANGEBYSCORE', k_leases(), '-inf', NOW, 'LIMIT', 0, limit)
   local out = {}
@@ -221,16 +225,17 @@ local function requeue_expired(limit)
     if j and j.state == 'running' then
       local jk = k_job(id)
       local attempt = tonumber(j.attempt) or 0
-      local used = attempt - (tonumber(j.retry_base) or 0)
       local info = {reason = 'lease expired', worker = j.worker or ''}
       release(id)
-      redis.call('HINCRBY', jk, 'lease_expiries', 1)
+      local lost = redis.call('HINCRBY', jk, 'lease_expiries', 1) -
+                   (tonumber(redis.call('HGET', jk, 'lost_base')) or 0)
+      local max_lost = tonumber(redis.call('HGET', jk, 'max_lost')) or DEFAULT_MAX_LOST
       count('lease_expiries')
       if j.cancel_requested == '1' then
         finish(id, j, 'running', 'cancelled', 'cancelled', info)
-      elseif used > (tonumber(j.max_retries) or 0) or not queueable(j) then
-        local msg = 'lease expired on attempt ' .. attempt .. ' (worker ' .. (j.worker or '?') ..
-                    ' lost) and no retries are left'
+      elseif lost > max_lost or not queueable(j) then
+        local msg = 'lost its worker ' .. lost .. ' times (lease expired on attempt ' .. attempt ..
+                    ', last worker ' .. (j.worker or '?') .. '; max_lost ' .. max_lost .. ')'
         redis.call('HSET', jk, 'error', msg)
         info.error = msg
         finish(id, j, 'running', 'failed', 'failed', info)
@@ -246,14 +251,21 @@ end
 
 --!script submit
 -- arg: 1 id, 2 idempotency key ('' = none), 3 its ttl (s), 4 priority, 5 gpus, 6 cpus,
---      7 kind, 8 model label, 9 spec JSON, 10 max_retries, 11 name, 12 raw idempotency key
--- returns {job id, 1 if created / 0 if the idempotency key named an existing job, created_at}
+--      7 kind, 8 model label, 9 spec JSON, 10 max_retries, 11 name, 12 raw idempotency key,
+--      13 max_lost
+-- returns {job id, 1 if created / 0 if the idempotency key named an existing job with the same
+-- spec / 2 if it named one with a different spec (nothing is written), created_at}
 local id, idem = arg(1), arg(2)
+local spec_sha = redis.sha1hex(arg(9))
 if idem ~= '' then
   local existing = redis.call('GET', idem)
   if existing then
-    local created = redis.call('HGET', k_job(existing), 'created_at')
-    if created then return {existing, 0, created} end
+    local old = redis.pcall('HMGET', k_job(existing), 'created_at', 'spec_sha', 'spec')
+    if type(old) == 'table' and not old.err and old[1] then
+      -- jobs stored before spec_sha existed: hash their stored spec
+      if (old[2] or redis.sha1hex(old[3] or '')) ~= spec_sha then return {existing, 2, old[1]} end
+      return {existing, 0, old[1]}
+    end
   end
 end
 local jk = k_job(id)
@@ -271,7 +283,8 @@ redis.call('HSET', jk, 'kind', j.kind, 'model', j.model, 'spec', arg(9),
            'lease_expiries', 0, 'state', 'queued', 'queued_at', NOWS, 'updated_at', NOWS,
            'transitions', '[' .. entry .. ']')
 if arg(11) ~= '' then redis.call('HSET', jk, 'name', arg(11)) end
-if arg(12) ~= '' then redis.call('HSET', jk, 'idempotency_key', arg(12)) end
+if arg(12) ~= '' then redis.call('HSET', jk, 'idempotency_key', arg(12), 'idem_ref', idem) end
+redis.call('HSET', jk, 'spec_sha', spec_sha, 'max_lost', arg(13))
 redis.call('ZADD', k_jobs(), NOW, id)
 redis.call('ZADD', k_state('queued', j.priority), NOW, id)
 enqueue(id, j)
@@ -411,13 +424,15 @@ return 1
 --      7 backoff cap (s), 8 the error shortened for the transitions list.
 -- returns 0 fenced out, 2 retrying, 3 failed, 4 cancelled
 -- Attempts used in the current budget = attempt - retry_base (a manual retry starts a new
--- budget). While that is <= max_retries the job waits 'retrying' for
+-- budget), less those that ended in a lost worker (they count against max_lost instead).
+-- While that is <= max_retries the job waits 'retrying' for
 -- min(cap, base * 2^(used-1)) seconds in the delayed zset, then claim promotes it to queued.
 local id = arg(1)
 local j = fenced(id, arg(2))
 if not j then return 0 end
 local attempt = tonumber(j.attempt) or 0
-local used = attempt - (tonumber(j.retry_base) or 0)
+local losses = redis.call('HMGET', k_job(id), 'lease_expiries', 'lost_base')
+local used = attempt - (tonumber(j.retry_base) or 0) - ((tonumber(losses[1]) or 0) - (tonumber(losses[2]) or 0))
 local short = arg(8)
 release(id)
 redis.call('HSET', k_job(id), 'error', arg(3), 'traceback', arg(4))
@@ -483,7 +498,8 @@ if not j then return 'missing' end
 if j.state ~= 'failed' and j.state ~= 'cancelled' then return tostring(j.state) end
 if not queueable(j) then return 'invalid' end
 local jk = k_job(id)
-redis.call('HSET', jk, 'retry_base', tonumber(j.attempt) or 0, 'cancel_requested', '0')
+redis.call('HSET', jk, 'retry_base', tonumber(j.attempt) or 0, 'cancel_requested', '0',
+           'lost_base', tonumber(redis.call('HGET', jk, 'lease_expiries')) or 0)
 redis.call('HDEL', jk, 'error', 'traceback', 'result', 'not_before', 'finished_at')
 redis.call('PERSIST', k_events(id))
 enqueue(id, j)
@@ -510,3 +526,47 @@ return requeue_expired(tonumber(arg(1)))
 --!script promote_due
 -- arg: 1 limit. returns the ids of retrying jobs moved back to queued
 return promote_due(tonumber(arg(1)))
+
+--!script prune
+-- arg: 1 age (s): jobs that finished more than this long before NOW go, 2 limit (index entries
+-- examined per call, keeping each call short), 3 dry run ('1' = only list what would go).
+-- Walks the terminal (state, priority) indexes, whose score is when the job finished, oldest
+-- first. A finished job loses its hash, its event stream, its entries in the jobs and state
+-- indexes and its idempotency key (when that still names it). An index entry whose job is
+-- missing or in another state is a stale entry: it is dropped, the job (if any) is left alone,
+-- so an active job (queued, running, retrying) is never touched.
+-- returns {index entries examined, pruned job id, ...}
+local cutoff = NOW - tonumber(arg(1))
+local budget = tonumber(arg(2))
+local dry = arg(3) == '1'
+local examined, out = 0, {0}
+for _, state in ipairs({'succeeded', 'failed', 'cancelled'}) do
+  for _, p in ipairs(PRIORITIES) do
+    if budget <= 0 then break end
+    local sk = k_state(state, p)
+    local ids = redis.pcall('ZRANGEBYSCORE', sk, '-inf', cutoff, 'LIMIT', 0, budget)
+    if type(ids) == 'table' and not ids.err then
+      for _, id in ipairs(ids) do
+        examined = examined + 1
+        local f = redis.pcall('HMGET', k_job(id), 'state', 'idem_ref')
+        local ok = type(f) == 'table' and not f.err
+        if ok and f[1] == state then
+          table.insert(out, id)
+          if not dry then
+            if f[2] and f[2] ~= '' and redis.pcall('GET', f[2]) == id then redis.call('DEL', f[2]) end
+            redis.call('DEL', k_job(id), k_events(id))
+            redis.call('ZREM', k_jobs(), id)
+            redis.call('ZREM', sk, id)
+          end
+        elseif not dry then
+          -- stale entry (job gone, not a hash, or now in another state): drop only the entry
+          redis.call('ZREM', sk, id)
+        end
+      end
+      budget = budget - #ids
+    end
+  end
+end
+out[1] = examined
+if not dry and #out > 1 then count('pruned', #out - 1) end
+return out

@@ -20,14 +20,21 @@ Lifecycle::
   stale (return False): a worker that lost its lease can never overwrite the new attempt.
 * A lease that expires (worker SIGKILLed, hung, partitioned) sends the job back to ``queued``
   by ``requeue_expired`` (which ``claim`` also runs in passing), keeping ``checkpoint`` so the
-  next attempt resumes. Expiries count against ``max_retries`` like failures: a job that kills
-  its workers ends ``failed`` after ``1 + max_retries`` attempts instead of looping.
+  next attempt resumes. A lost worker is not the job's fault: expiries never use up
+  ``max_retries`` (meant for the job's own errors) but their own, larger ``max_lost`` budget
+  (default 10), so a job that kills its workers every time ends ``failed`` after
+  ``max_lost + 1`` losses ("lost its worker 11 times ...") instead of looping.
 * ``fail`` retries with exponential backoff ``min(backoff_max, backoff_base * 2**(n-1))`` for
   the n-th failure, via state ``retrying`` and the delayed zset, then ``failed`` keeping the
   error and traceback.
 * Junk found in a queue (missing or non-hash job key, invalid spec JSON, a spec pydantic
   rejects, a queue key of the wrong type) is moved to the dead-letter list with a reason and
   a timestamp; ``claim`` carries on with the next job and never raises because of it.
+* Bounded sizes: a submit carries at most ``MAX_SPEC_BYTES`` of spec JSON and an idempotency key
+  of ``MAX_IDEMPOTENCY_KEY_CHARS``; an idempotency key reused with a different spec is an
+  ``IdempotencyConflict`` naming the existing job. Errors and tracebacks are stored truncated.
+* Retention: ``prune`` removes finished jobs (hash, events, index entries, idempotency key) older
+  than an age, in small batches (``services.retention`` runs it from idle workers).
 """
 
 from __future__ import annotations
@@ -62,6 +69,13 @@ LeaseStatus = Literal["ok", "lost", "cancel_requested"]
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _SUBMIT_CHUNK = 500
 
+# What one submit may carry, and how much of a failure's text is kept: a job's hash is read
+# whole by claim (HGETALL), and one 32 MB field there blocked all of Redis for seconds.
+MAX_SPEC_BYTES = 64 * 1024
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+MAX_ERROR_CHARS = 2 * 1024
+MAX_TRACEBACK_CHARS = 16 * 1024
+
 
 class QueueError(Exception):
     """Base class of queue errors (one-line messages)."""
@@ -77,6 +91,31 @@ class JobStateError(QueueError, ValueError):
 
 class CapacityError(QueueError, ValueError):
     """No live worker could ever run the job (e.g. it needs more GPUs than any worker has)."""
+
+
+class IdempotencyConflict(QueueError, ValueError):
+    """An idempotency key already names a job with a different spec (as payment APIs refuse a
+    reused key with a different request); ``job_id`` is that job."""
+
+    def __init__(self, message: str, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+def truncate_head(text: str, limit: int) -> str:
+    """At most ``limit`` characters of ``text``: its head, marked when something was cut."""
+    if len(text) <= limit:
+        return text
+    keep = max(0, limit - 40)  # room for the marker
+    return text[:keep] + f" ... [{len(text) - keep} characters cut]"
+
+
+def truncate_tail(text: str, limit: int) -> str:
+    """At most ``limit`` characters of ``text``: its tail (a traceback's end says what raised)."""
+    if len(text) <= limit:
+        return text
+    keep = max(0, limit - 40)
+    return f"[{len(text) - keep} characters cut] ...\n" + text[len(text) - keep:]
 
 
 def _base36(n: int) -> str:
@@ -139,6 +178,8 @@ class JobRecord:
     attempt: int = 0
     max_retries: int = 0
     retry_base: int = 0
+    max_lost: int = 10
+    lost_base: int = 0
     model: str = ""
     name: str | None = None
     gpus: int = 0
@@ -182,6 +223,8 @@ class JobRecord:
             attempt=_i(d.get("attempt")),
             max_retries=_i(d.get("max_retries")),
             retry_base=_i(d.get("retry_base")),
+            max_lost=_i(d.get("max_lost"), 10),
+            lost_base=_i(d.get("lost_base")),
             model=_s(d.get("model")) or "",
             name=_s(d.get("name")) or None,
             gpus=_i(d.get("gpus")),
@@ -214,8 +257,14 @@ class JobRecord:
         return self.state in TERMINAL_STATES
 
     @property
+    def losses(self) -> int:
+        """Attempts lost with their worker (lease expired) since the last manual retry."""
+        return max(0, self.lease_expiries - self.lost_base)
+
+    @property
     def retries_left(self) -> int:
-        return max(0, self.max_retries + 1 - (self.attempt - self.retry_base))
+        """Retries left for the job's own errors (lost attempts do not count, see max_lost)."""
+        return max(0, self.max_retries + 1 - (self.attempt - self.retry_base - self.losses))
 
     @property
     def resources(self) -> dict[str, int]:
@@ -226,6 +275,16 @@ class JobRecord:
         d = asdict(self)
         d.pop("lease_token", None)
         return d
+
+
+@dataclass
+class PruneBatch:
+    """What one ``JobQueue.prune`` call did: the ids removed (or, in a dry run, that would be),
+    the index entries it examined, and whether more may be waiting (call again)."""
+
+    job_ids: list[str]
+    examined: int
+    more: bool
 
 
 @dataclass
@@ -318,7 +377,8 @@ class JobQueue:
     def __init__(self, client: redis.Redis, keys: Keys | None = None, lease_seconds: float = 30.0, *,
                  backoff_base: float = 5.0, backoff_max: float = 600.0, events_maxlen: int = 5000,
                  dead_letter_max: int = 10_000, notify_max: int = 1000, events_ttl: int = 14 * 86400,
-                 idempotency_ttl: int = 7 * 86400, housekeeping_limit: int = 20) -> None:
+                 idempotency_ttl: int = 7 * 86400, housekeeping_limit: int = 20,
+                 max_spec_bytes: int = MAX_SPEC_BYTES) -> None:
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be > 0")
         self.client = client
@@ -331,6 +391,7 @@ class JobQueue:
         self.idempotency_ttl = int(idempotency_ttl)
         self.events_ttl = int(events_ttl)
         self.housekeeping_limit = int(housekeeping_limit)
+        self.max_spec_bytes = int(max_spec_bytes)
         self.events = EventLog(client, self.keys, maxlen=events_maxlen)
         self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
 
@@ -365,10 +426,12 @@ class JobQueue:
     def submit(self, spec: AnySpec | Mapping[str, Any] | str, idempotency_key: str | None = None,
                *, check_capacity: bool = True) -> JobRecord:
         """Validate and enqueue a job. With an ``idempotency_key`` already used (within
-        ``idempotency_ttl``), returns the existing job and enqueues nothing.
+        ``idempotency_ttl``) for the same spec, returns the existing job and enqueues nothing.
 
-        Raises ``SpecError`` for an invalid spec and ``CapacityError`` when live workers are
-        registered and none of them could ever fit the job's resources.
+        Raises ``SpecError`` for an invalid spec (or one over ``max_spec_bytes``, or a key over
+        ``MAX_IDEMPOTENCY_KEY_CHARS``), ``IdempotencyConflict`` when the key names a job with a
+        different spec, and ``CapacityError`` when live workers are registered and none of them
+        could ever fit the job's resources.
         """
         return self.submit_many([spec], [idempotency_key], check_capacity=check_capacity)[0]
 
@@ -378,11 +441,21 @@ class JobQueue:
         """Submit several jobs pipelined (each still atomic on its own), in input order.
 
         All specs are validated (and capacity-checked) before anything is sent. Large batches go
-        in chunks of 500 per pipeline; should Redis fail midway, earlier chunks stay submitted."""
+        in chunks of 500 per pipeline; should Redis fail midway, earlier chunks stay submitted.
+        An idempotency conflict is raised after the batch, whose other jobs stay submitted."""
         parsed = [parse_spec(s) for s in specs]
         idem = list(idempotency_keys) if idempotency_keys is not None else [None] * len(parsed)
         if len(idem) != len(parsed):
             raise ValueError("idempotency_keys must match specs one to one")
+        texts = [spec.to_json() for spec in parsed]
+        for text in texts:
+            if len(text.encode()) > self.max_spec_bytes:
+                raise SpecError(f"spec: {len(text.encode())} bytes of JSON, more than the {self.max_spec_bytes} "
+                                f"allowed", "spec")
+        for key in idem:
+            if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+                raise SpecError(f"idempotency_key: at most {MAX_IDEMPOTENCY_KEY_CHARS} characters allowed "
+                                f"(got {len(key)})", "idempotency_key")
         if check_capacity and parsed:
             capacity = self.cluster_capacity()
             for spec in parsed:
@@ -393,13 +466,13 @@ class JobQueue:
         ttl = str(self.idempotency_ttl).encode()
         for start in range(0, len(parsed), _SUBMIT_CHUNK):
             pipe = self.client.pipeline(transaction=False)
-            for spec, key in zip(parsed[start:start + _SUBMIT_CHUNK], idem[start:start + _SUBMIT_CHUNK],
-                                 strict=True):
+            for spec, key, text in zip(parsed[start:start + _SUBMIT_CHUNK], idem[start:start + _SUBMIT_CHUNK],
+                                       texts[start:start + _SUBMIT_CHUNK], strict=True):
                 res = spec.resources()
                 self._queue_submit(pipe, header, [
                     new_job_id(), self.keys.idempotency(key) if key else b"", ttl, spec.priority,
-                    str(res["gpus"]), str(res["cpus"]), spec.kind, spec.label, spec.to_json(),
-                    str(spec.max_retries), spec.name or b"", key or b"",
+                    str(res["gpus"]), str(res["cpus"]), spec.kind, spec.label, text,
+                    str(spec.max_retries), spec.name or b"", key or b"", str(spec.max_lost),
                 ])
                 rows.append((spec, res, key))
             pipes.append(pipe)
@@ -414,8 +487,14 @@ class JobQueue:
                 for future in futures:
                     replies.extend(future.result())
         out = []
+        conflict: IdempotencyConflict | None = None
         for (spec, res, key), reply in zip(rows, replies, strict=True):
             job_id, created, created_at = _s(reply[0]), int(reply[1]), _f(reply[2])
+            if created == 2:
+                conflict = conflict or IdempotencyConflict(
+                    f"idempotency key {key!r} already names job {job_id}, submitted with a different spec; "
+                    f"use a new key, or `capsctl status {job_id}`", job_id or "")
+                continue
             if not created:
                 existing = self.get(job_id)  # type: ignore[arg-type]
                 if existing is not None:
@@ -423,10 +502,13 @@ class JobQueue:
                     continue
             out.append(JobRecord(
                 id=job_id, kind=spec.kind, state="queued", priority=spec.priority, spec=spec.to_dict(),  # type: ignore[arg-type]
-                max_retries=spec.max_retries, model=spec.label, name=spec.name, gpus=int(res["gpus"]),
+                max_retries=spec.max_retries, max_lost=spec.max_lost, model=spec.label, name=spec.name,
+                gpus=int(res["gpus"]),
                 cpus=int(res["cpus"]), created_at=created_at, updated_at=created_at, queued_at=created_at,
                 transitions=[{"state": "queued", "at": created_at, "attempt": 0, "reason": "submitted"}],
                 idempotency_key=key))
+        if conflict is not None:
+            raise conflict
         return out
 
     def _check_capacity(self, spec: AnySpec, capacity: Mapping[str, Any]) -> None:
@@ -519,11 +601,12 @@ class JobQueue:
 
     def fail(self, job_id: str, token: str, error: str, traceback: str = "", *, retry: bool = True) -> bool:
         """running -> retrying (backoff) while retries are left, else failed (fenced).
-        ``retry=False`` fails for good (e.g. an error no retry can fix)."""
-        error = str(error)
+        ``retry=False`` fails for good (e.g. an error no retry can fix). The error is stored cut to
+        ``MAX_ERROR_CHARS`` (its head) and the traceback to ``MAX_TRACEBACK_CHARS`` (its tail)."""
+        error = truncate_head(str(error), MAX_ERROR_CHARS)
         short = error if len(error) <= 500 else error[:497] + "..."
-        code = self._run("fail", [job_id, token, error, str(traceback or ""), "1" if retry else "0",
-                                  self.backoff_base, self.backoff_max, short])
+        code = self._run("fail", [job_id, token, error, truncate_tail(str(traceback or ""), MAX_TRACEBACK_CHARS),
+                                  "1" if retry else "0", self.backoff_base, self.backoff_max, short])
         return int(code) != 0
 
     def mark_cancelled(self, job_id: str, token: str) -> bool:
@@ -539,6 +622,31 @@ class JobQueue:
     def promote_due(self, now: float | None = None, limit: int = 100) -> list[str]:
         """Move retrying jobs whose backoff is over back to queued (``claim`` also does this)."""
         return [_s(x) for x in self._run("promote_due", [limit], now=now)]  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ retention
+
+    def prune(self, older_than: float, limit: int = 200, dry_run: bool = False,
+              now: float | None = None) -> PruneBatch:
+        """One batch of retention: remove finished jobs (succeeded, failed, cancelled) that
+        finished more than ``older_than`` seconds before ``now`` (default: Redis time), with their
+        events, index entries and idempotency key. Active jobs are never touched. Examines at most
+        ``limit`` index entries, so one call stays short; call again while ``batch.more``.
+        ``dry_run`` lists the first candidates and removes nothing."""
+        if older_than < 0 or limit < 1:
+            raise ValueError("older_than must be >= 0 and limit >= 1")
+        reply = self._run("prune", [repr(float(older_than)), int(limit), "1" if dry_run else "0"], now=now)
+        examined = int(reply[0])
+        return PruneBatch(job_ids=[_s(x) or "" for x in reply[1:]], examined=examined,
+                          more=examined >= limit and not dry_run)
+
+    def count_prunable(self, older_than: float, now: float | None = None) -> int:
+        """How many finished jobs ``prune(older_than)`` would remove (index entries, one round)."""
+        cutoff = (self._server_time() if now is None else float(now)) - float(older_than)
+        pipe = self.client.pipeline(transaction=False)
+        for state in TERMINAL_STATES:
+            for p in PRIORITIES:
+                pipe.zcount(self.keys.state(state, p), "-inf", repr(cutoff))
+        return sum(n for n in pipe.execute(raise_on_error=False) if isinstance(n, int))
 
     # ------------------------------------------------------------------ user side
 
@@ -640,7 +748,7 @@ class JobQueue:
         """Monotonic counters for metrics::
 
             {"submitted": {(kind, model): n}, "finished": {(kind, model, outcome): n},
-             "retries": n, "lease_expiries": n, "dead_lettered": n, "manual_retries": n}
+             "retries": n, "lease_expiries": n, "dead_lettered": n, "manual_retries": n, "pruned": n}
         """
         try:
             stored = self.client.hgetall(self.keys.counters)
@@ -651,7 +759,7 @@ class JobQueue:
         # Names become metric labels: printable text only.
         raw = {parsing.printable(k): _i(v) for k, v in stored.items()}
         out: dict[str, Any] = {"submitted": {}, "finished": {}, "retries": 0, "lease_expiries": 0,
-                               "dead_lettered": 0, "manual_retries": 0}
+                               "dead_lettered": 0, "manual_retries": 0, "pruned": 0}
         for name, value in raw.items():
             parts = name.split(":")
             if parts[0] == "submitted" and len(parts) == 3:
@@ -796,7 +904,9 @@ def worker_resources(info: Mapping[str, Any]) -> tuple[float, float] | None:
 
 
 __all__ = [
-    "ACTIVE_STATES", "OUTCOMES", "STATES", "TERMINAL_STATES", "CapacityError", "ClaimedJob", "JobNotFound",
-    "JobQueue", "JobRecord", "JobStateError", "LeaseStatus", "QueueError", "new_job_id",
+    "ACTIVE_STATES", "MAX_ERROR_CHARS", "MAX_IDEMPOTENCY_KEY_CHARS", "MAX_SPEC_BYTES", "MAX_TRACEBACK_CHARS",
+    "OUTCOMES", "STATES", "TERMINAL_STATES", "CapacityError", "ClaimedJob", "IdempotencyConflict", "JobNotFound",
+    "JobQueue", "JobRecord", "JobStateError", "LeaseStatus", "PruneBatch", "QueueError", "new_job_id",
+    "truncate_head", "truncate_tail",
     "resource_shape", "worker_resources",
 ]

@@ -26,6 +26,7 @@ from .config import Settings, redis_client
 from .keys import Keys
 from .queue import ClaimedJob, JobQueue
 from .ray_train import JobCancelled, JobContext, run_eval_job, run_train_job
+from .retention import Pruner
 
 log = logging.getLogger("capsctl.worker")
 
@@ -44,6 +45,7 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.queue = JobQueue(redis_client(settings), Keys(settings.redis_prefix),
                               lease_seconds=settings.lease_seconds)
+        self.pruner = Pruner(self.queue, settings.retention_days)
         self.metrics = svc_metrics.default_worker_metrics()
         self.metrics_url = ""
         self._stop = threading.Event()
@@ -122,6 +124,7 @@ class Worker:
                 job = self.queue.claim(self.worker_id, {"gpus": available.get("GPU", 0),
                                                         "cpus": available.get("CPU", 0)})
                 if job is None:
+                    self.pruner.maybe_run()
                     if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                         log.info("idle for %.0f s: exiting", idle_exit_s)
                         break

@@ -385,3 +385,42 @@ def test_capsctl_subprocesses(queue: JobQueue, env: dict[str, str]) -> None:
     assert [(j["id"], j["state"]) for j in listed] == [(job["id"], "queued")]
     assert capsctl("cancel", job["id"]).stdout.strip() == f"cancelled {job['id']}"
     assert queue.get(job["id"]).state == "cancelled" and len(queue.list()) == 1
+
+
+def test_submit_refuses_what_can_only_fail_later(queue: JobQueue, tmp_path: Path) -> None:
+    trained = run("submit", "lenet5", "--epochs", "1").output.strip()
+    checkpoint = tmp_path / "epoch-0001"
+    checkpoint.mkdir()
+    for source, expected in [("j-zzzzzzzz-zzzz", "source: no job j-zzzzzzzz-zzzz in Redis"),
+                             (str(tmp_path / "nowhere"), "is neither a job id nor an existing checkpoint path"),
+                             (f"file://{tmp_path}/nowhere", "is neither a job id nor an existing checkpoint path")]:
+        res = CliRunner().invoke(main, ["eval", source])
+        assert res.exit_code == 2 and "Traceback" not in res.output, (source, res.output)
+        assert len(error_lines(res.output)) == 1 and expected in error_lines(res.output)[0], res.output
+    assert len(queue.list()) == 1
+    for source in (trained, str(checkpoint), f"file://{checkpoint}", "s3://bucket/run/epoch-0003"):
+        assert run("eval", source).output.strip().startswith("j-")
+    assert len(queue.list()) == 5
+
+    # the same idempotency key with a different spec is an error naming the existing job
+    first = run("submit", "capsnet", "--epochs", "2", "--idempotency-key", "nightly-7").output.strip()
+    assert run("submit", "capsnet", "--epochs", "2", "--idempotency-key", "nightly-7").output.strip() == first
+    clash = CliRunner().invoke(main, ["submit", "capsnet", "--epochs", "3", "--idempotency-key", "nightly-7"])
+    assert clash.exit_code == 2 and len(error_lines(clash.output)) == 1, clash.output
+    assert f"idempotency key 'nightly-7' already names job {first}, submitted with a different spec" in clash.output
+    assert len(queue.list()) == 6 and queue.get(first).spec["epochs"] == 2
+
+
+def test_submit_size_bounds_and_max_lost(queue: JobQueue) -> None:
+    for args, expected in [(["--idempotency-key", "k" * 201], "idempotency_key: at most 200 characters allowed"),
+                           (["--name", "n" * 101], "name: at most 100 characters allowed (got 101)"),
+                           (["--max-lost", "101"], "max_lost: must be an integer in 0..100 (got 101)")]:
+        res = CliRunner().invoke(main, ["submit", "capsnet", *args])
+        assert res.exit_code == 2 and len(error_lines(res.output)) == 1, (args, res.output)
+        assert expected in error_lines(res.output)[0], res.output
+    assert queue.list() == []
+    job = json.loads(run("submit", "lenet5", "--max-retries", "0", "--max-lost", "3", "--json").output)
+    assert job["spec"]["max_lost"] == 3 and job["max_lost"] == 3
+    assert json.loads(run("tune", "--max-lost", "5", "--json").output)["spec"]["max_lost"] == 5
+    assert json.loads(run("eval", job["id"], "--max-lost", "0", "--json").output)["spec"]["max_lost"] == 0
+    assert "0/3 lost workers" in run("status", job["id"]).output

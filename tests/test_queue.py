@@ -12,8 +12,11 @@ from services.config import Settings, SettingsError, redis_client
 from services.jobspec import SpecError
 from services.keys import Keys
 from services.queue import (
+    MAX_ERROR_CHARS,
+    MAX_TRACEBACK_CHARS,
     STATES,
     CapacityError,
+    IdempotencyConflict,
     JobNotFound,
     JobQueue,
     JobRecord,
@@ -124,9 +127,15 @@ def test_oldest_fitting_job_wins_across_shapes(q):
 
 def test_idempotent_submit(q):
     a = q.submit(train(), idempotency_key="req-123")
-    b = q.submit(train(epochs=5), idempotency_key="req-123")
+    b = q.submit(train(), idempotency_key="req-123")
     assert a.id == b.id and b.spec["epochs"] == 1
-    assert q.queue_depth()["normal"] == 1
+    # the same key with a different spec is an error naming the existing job, and writes nothing
+    with pytest.raises(IdempotencyConflict, match=f"already names job {a.id}") as conflict:
+        q.submit(train(epochs=5), idempotency_key="req-123")
+    assert conflict.value.job_id == a.id
+    # defaults filled in by the spec count as the same spec
+    assert q.submit(train(max_lost=10), idempotency_key="req-123").id == a.id
+    assert q.queue_depth()["normal"] == 1 and len(q.list()) == 1
     assert q.counters()["submitted"] == {("train", "capsnet"): 1}
     c = q.submit(train(), idempotency_key="req-124")
     assert c.id != a.id
@@ -186,17 +195,57 @@ def test_fencing_stale_worker_changes_nothing(q):
     assert q.get(rec.id).result == {"ok": True}
 
 
-def test_lease_expiries_count_against_retries(client, keys):
-    q = JobQueue(client, keys, lease_seconds=5)
-    rec = q.submit(train(max_retries=1))
-    for attempt in (1, 2):
+def test_lost_workers_use_max_lost_not_max_retries(client, keys):
+    q = JobQueue(client, keys, lease_seconds=5, backoff_base=0.01, backoff_max=0.01)
+    rec = q.submit(train(max_retries=0, max_lost=2))
+    assert rec.max_lost == 2
+    for attempt in (1, 2):  # with max_retries 0, losing the worker still resumes the job
         job = q.claim("w", CPU)
         assert job.attempt == attempt
         q.requeue_expired(now=time.time() + 6)
+        r = q.get(rec.id)
+        assert r.state == "queued" and r.losses == attempt and r.retries_left == 1
+    job = q.claim("w", CPU)
+    q.requeue_expired(now=time.time() + 6)
     r = q.get(rec.id)
-    assert r.state == "failed" and "lease expired on attempt 2" in r.error and r.lease_expiries == 2
+    assert r.state == "failed" and r.lease_expiries == 3
+    assert r.error.startswith("lost its worker 3 times (lease expired on attempt 3") and "max_lost 2" in r.error
     assert q.claim("w", CPU) is None
     assert q.counters()["finished"] == {("train", "capsnet", "failed"): 1}
+    # a manual retry gives a fresh loss budget too
+    q.retry(rec.id)
+    job = q.claim("w", CPU)
+    q.requeue_expired(now=time.time() + 6)
+    assert q.get(rec.id).state == "queued"
+
+
+def test_job_errors_keep_their_retries_after_lost_workers(client, keys):
+    q = JobQueue(client, keys, lease_seconds=5, backoff_base=0.01, backoff_max=0.01)
+    rec = q.submit(train(max_retries=1))  # default max_lost 10
+    for _ in range(10):
+        q.claim("w", CPU)
+        q.requeue_expired(now=time.time() + 6)
+    assert q.get(rec.id).state == "queued"
+    job = q.claim("w", CPU)
+    assert job.attempt == 11
+    assert q.fail(job.id, job.token, "boom") and q.get(rec.id).state == "retrying"  # retry 1 of 1 left
+    time.sleep(0.02)
+    job = q.claim("w", CPU)
+    q.requeue_expired(now=time.time() + 6)  # the 11th loss: over the budget of 10
+    r = q.get(rec.id)
+    assert r.state == "failed" and r.error.startswith("lost its worker 11 times")
+
+
+def test_old_jobs_without_max_lost_get_the_default(q, client, keys):
+    rec = q.submit(train(max_retries=0))
+    client.hdel(keys.job(rec.id), "max_lost")  # a record written before the field existed
+    for _ in range(10):
+        q.claim("w", CPU)
+        q.requeue_expired(now=time.time() + 6)
+    assert q.get(rec.id).state == "queued"
+    q.claim("w", CPU)
+    q.requeue_expired(now=time.time() + 6)
+    assert q.get(rec.id).state == "failed"
 
 
 def test_heartbeat_extends_lease(q):
@@ -544,3 +593,32 @@ def test_settings_from_env(tmp_path, redis_url):
     assert q.keys.prefix == "x:" and q.lease_seconds == 12
     assert q.submit(train()).id in {r.id for r in q.list()}
     q.client.close()
+
+
+def test_errors_and_tracebacks_are_stored_truncated(q):
+    rec = q.submit(train(max_retries=0))
+    job = q.claim("w", CPU)
+    error = "E" * 10 + "x" * 50_000
+    tb = "Traceback (most recent call last):\n" + "  frame\n" * 20_000 + "RuntimeError: the real cause\n"
+    assert q.fail(job.id, job.token, error, tb)
+    r = q.get(rec.id)
+    assert len(r.error) <= MAX_ERROR_CHARS and r.error.startswith("EEEEEEEEEEx") and "characters cut" in r.error
+    assert len(r.traceback) <= MAX_TRACEBACK_CHARS and r.traceback.endswith("RuntimeError: the real cause\n")
+    assert r.traceback.startswith("[") and "characters cut" in r.traceback.splitlines()[0]
+    assert len(json.dumps(r.transitions)) < 2000  # the transitions list keeps a short copy only
+    small = q.submit(train(max_retries=0))
+    job = q.claim("w", CPU)
+    assert q.fail(job.id, job.token, "short", "tb\n")
+    assert q.get(small.id).error == "short" and q.get(small.id).traceback == "tb\n"
+
+
+def test_submit_bounds_idempotency_key_and_spec_size(q):
+    with pytest.raises(SpecError, match=r"idempotency_key: at most 200 characters allowed \(got 201\)"):
+        q.submit(train(), idempotency_key="k" * 201)
+    assert q.submit(train(), idempotency_key="k" * 200).state == "queued"
+    assert len(q.list()) == 1
+    # every spec the schema accepts is far below the 64 KiB bound, so check it with a lower one
+    small = JobQueue(q.client, q.keys, max_spec_bytes=300)
+    with pytest.raises(SpecError, match=r"spec: \d+ bytes of JSON, more than the 300 allowed"):
+        small.submit_many([train(), train(name="x" * 100)])
+    assert len(q.list()) == 1  # nothing of the batch was sent

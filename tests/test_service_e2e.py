@@ -68,7 +68,8 @@ def test_ddp_job_runs_to_success_with_disjoint_shards(queue: JobQueue, workers, 
 
 def test_killed_worker_job_resumes_from_its_last_checkpoint(queue: JobQueue, workers) -> None:
     epochs = 5
-    job = queue.submit({**LENET_JOB, "epochs": epochs, "train_subset": 12000, "max_retries": 2})
+    # max_retries 0: losing the worker is not the job's fault, so it resumes anyway (max_lost)
+    job = queue.submit({**LENET_JOB, "epochs": epochs, "train_subset": 12000, "max_retries": 0})
     first = workers("w-doomed")
     # Wait for at least one finished epoch (its checkpoint recorded) but not the end.
     wait_until(lambda: (r := queue.get(job.id)) and r.checkpoint and r.state == "running", 240,
