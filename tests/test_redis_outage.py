@@ -291,6 +291,14 @@ def _start_worker(worker_id: str, server: RedisServer, ray_address: str, tmp_pat
     return WorkerProcess(worker_id, env, tmp_path / f"{worker_id}.log")
 
 
+def _wait(worker: WorkerProcess, predicate, timeout: float, what: str):
+    """wait_until, with the worker's log tail (read when it fails) in the message."""
+    try:
+        return wait_until(predicate, timeout, interval=0.1, what=what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; worker log:\n{worker.output()[-4000:]}") from None
+
+
 def _finished(queue: JobQueue, job_id: str):
     try:
         record = queue.get(job_id)
@@ -307,14 +315,13 @@ def test_redis_sigkill_mid_job_neither_kills_the_worker_nor_loses_the_result(
     job = queue.submit({**TINY_LENET, "epochs": 3, "train_subset": 3000, "max_retries": 0})
     worker = _start_worker("w-outage", private_redis, ray_cluster, tmp_path)
     try:
-        wait_until(lambda: (r := queue.get(job.id)) and r.checkpoint and r.state == "running", 240, interval=0.1,
-                   what=f"a first checkpoint; log:\n{worker.output()[-3000:]}")
+        _wait(worker, lambda: (r := queue.get(job.id)) and r.checkpoint and r.state == "running", 240,
+              "a first checkpoint")
         private_redis.kill()
         time.sleep(6)  # longer than the 6 s lease
         assert worker.proc.poll() is None, worker.output()[-3000:]
         private_redis.start()  # same port, same directory: the AOF brings the queue back
-        record = wait_until(lambda: _finished(queue, job.id), 240,
-                            what=f"the job to finish; log:\n{worker.output()[-3000:]}")
+        record = _wait(worker, lambda: _finished(queue, job.id), 240, "the job to finish")
         assert record.state == "succeeded", (record.error, worker.output()[-3000:])
         assert [t["state"] for t in record.transitions].count("succeeded") == 1
         assert [h["epoch"] for h in record.result["history"]] == [1, 2, 3]
@@ -324,8 +331,7 @@ def test_redis_sigkill_mid_job_neither_kills_the_worker_nor_loses_the_result(
         # ... and the same worker process serves the next job.
         assert worker.proc.poll() is None
         following = queue.submit({**TINY_LENET, "epochs": 1, "train_subset": 500})
-        record = wait_until(lambda: _finished(queue, following.id), 240,
-                            what=f"the next job; log:\n{worker.output()[-3000:]}")
+        record = _wait(worker, lambda: _finished(queue, following.id), 240, "the next job")
         assert record.state == "succeeded" and record.worker == "w-outage"
         assert worker.proc.poll() is None
     finally:
@@ -337,13 +343,12 @@ def test_worker_started_while_redis_is_down_waits_for_it(private_redis: RedisSer
                                                           tmp_path: Path) -> None:
     worker = _start_worker("w-early", private_redis, ray_cluster, tmp_path)
     try:
-        wait_until(lambda: "Redis unavailable" in worker.output(), 120, what="the worker to notice Redis is down")
+        _wait(worker, lambda: "Redis unavailable" in worker.output(), 120, "the worker to notice Redis is down")
         assert worker.proc.poll() is None, worker.output()[-3000:]
         private_redis.start()
         queue = JobQueue(redis_client(private_redis.url), Keys("capsnet:"), lease_seconds=6)
         job = queue.submit({**TINY_LENET, "epochs": 1, "train_subset": 500}, check_capacity=False)
-        record = wait_until(lambda: _finished(queue, job.id), 240,
-                            what=f"the job; log:\n{worker.output()[-3000:]}")
+        record = _wait(worker, lambda: _finished(queue, job.id), 240, "the job")
         assert record.state == "succeeded" and record.worker == "w-early"
         assert worker.proc.poll() is None and "Traceback" not in worker.output()
     finally:
