@@ -110,6 +110,27 @@ class CapsCommand(click.Command):
         return rest
 
 
+def redis_failure_message(url: str, err: BaseException) -> str:
+    """One line for anything that went wrong between capsctl and Redis: refused or timed-out
+    connections, wrong credentials, a database number the server lacks, a port that speaks
+    another protocol, a TLS handshake that fails, or an error reply to a command."""
+    where = stack_mod.redact_url(url)
+    reason = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, redis.AuthenticationError | redis.exceptions.AuthorizationError):
+        return f"Redis at {where} refused the credentials: {reason}"
+    if isinstance(err, redis.InvalidResponse):
+        return (f"{where} does not answer in the Redis protocol ({reason}): is CAPSNET_REDIS_URL the address "
+                f"of another service?")
+    if isinstance(err, redis.ResponseError) and "db index" in reason.lower():
+        return f"Redis at {where}: {reason} (the URL's database number is beyond the server's `databases` setting)"
+    if isinstance(err, redis.ConnectionError | redis.TimeoutError | OSError):
+        message = unreachable_message(url, err)
+        if url.startswith("rediss://"):
+            message += " (rediss:// needs a TLS port: is the server listening with --tls-port?)"
+        return message
+    return f"Redis at {where} failed: {type(err).__name__}: {reason}"
+
+
 class CapsGroup(click.Group):
     """Turns the service's user errors into one-line click errors with their exit codes."""
 
@@ -136,12 +157,10 @@ class CapsGroup(click.Group):
             if rest:  # a log tail: shown before the one-line error
                 echo("\n".join(rest), err=True)
             raise UserError(first) from None
-        except redis.AuthenticationError as err:
-            raise UserError(f"Redis refused the credentials in CAPSNET_REDIS_URL: {err}") from None
-        except (redis.ConnectionError, redis.TimeoutError) as err:
+        except redis.RedisError as err:  # every Redis-side failure: one line, exit 1
             app = ctx.find_object(App)
             url = app.settings.redis_url if app is not None and app.has_settings else "?"
-            raise UserError(unreachable_message(url, err)) from None
+            raise UserError(redis_failure_message(url, err)) from None
 
 
 # ----------------------------------------------------------------------------- app context
@@ -183,11 +202,8 @@ class App:
             try:
                 client = redis_client(settings, socket_connect_timeout=3)
                 client.ping()
-            except redis.AuthenticationError as err:
-                raise UserError(f"Redis at {stack_mod.redact_url(settings.redis_url)} refused the "
-                                f"credentials: {err}") from None
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as err:
-                raise UserError(unreachable_message(settings.redis_url, err)) from None
+            except (redis.RedisError, OSError) as err:
+                raise UserError(redis_failure_message(settings.redis_url, err)) from None
             except ValueError as err:  # a malformed URL
                 raise UserError(f"CAPSNET_REDIS_URL: {err}", exit_code=2) from None
             self._queue = JobQueue(client, Keys(settings.redis_prefix), lease_seconds=settings.lease_seconds)
@@ -1245,8 +1261,19 @@ def worker(app: App, worker_id: str | None, metrics_port: int | None, num_cpus: 
     """Serve the job queue in the foreground (SIGTERM/Ctrl-C: finish gracefully)."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app.queue  # noqa: B018 - fail fast, in one line, when Redis is unreachable
+    from .redis_retry import describe, is_transient
     from .worker import Worker
+
+    try:  # fail fast, in one line, on what waiting cannot fix (credentials, database number, protocol)
+        redis_client(app.settings, socket_connect_timeout=3).ping()
+    except ValueError as err:  # a malformed URL
+        raise UserError(f"CAPSNET_REDIS_URL: {err}", exit_code=2) from None
+    except (redis.RedisError, OSError) as err:
+        if not is_transient(err):
+            raise UserError(redis_failure_message(app.settings.redis_url, err)) from None
+        # Down or restarting: a worker outlives Redis outages, and waits for it at start-up too.
+        logging.getLogger("capsctl.worker").warning("Redis at %s unavailable (%s): waiting for it",
+                                                    stack_mod.redact_url(app.settings.redis_url), describe(err))
 
     try:
         Worker(app.settings, worker_id=worker_id, metrics_port=metrics_port, num_cpus=num_cpus).run(

@@ -63,7 +63,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
-from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -509,6 +509,10 @@ class WorkerMetrics:
                                   ["state"], registry=registry)
         self.cluster_cpus = Gauge("capsnet_ray_cluster_cpus", "CPUs in the Ray cluster (state=total|available).",
                                   ["state"], registry=registry)
+        self.events_dropped = Counter(
+            "capsnet_events_dropped",
+            "Job events (progress, logs) not written because Redis was unavailable; the job's outcome "
+            "is never dropped, it waits for Redis.", registry=registry)
         self.training = TrainingMetrics(registry=registry, max_jobs=max_jobs,
                                         result_linger_seconds=result_linger_seconds)
         for kind in kinds:
@@ -518,13 +522,17 @@ class WorkerMetrics:
 
     def collectors(self) -> list[Collector]:
         return [self.queue_wait, self.run_duration, self.startup, self.cluster_gpus, self.cluster_cpus,
-                *self.training.gauges()]
+                self.events_dropped, *self.training.gauges()]
 
     def observe_queue_wait(self, kind: str, seconds: float) -> None:
         self.queue_wait.labels(label_value(kind)).observe(max(0.0, float(seconds)))
 
     def observe_run_duration(self, kind: str, outcome: str, seconds: float) -> None:
         self.run_duration.labels(label_value(kind), label_value(outcome)).observe(max(0.0, float(seconds)))
+
+    def count_dropped_events(self, n: int = 1) -> None:
+        if n > 0:
+            self.events_dropped.inc(n)
 
     def observe_startup(self, seconds: float) -> None:
         self.startup.observe(max(0.0, float(seconds)))

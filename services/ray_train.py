@@ -10,11 +10,18 @@ name=<job id>)``: a local folder or any URI Ray accepts (``s3://``...). Because 
 is the job id, a later attempt of the same job (after its worker died) finds Ray Train's
 checkpoint snapshot in that folder and ``ray.train.get_checkpoint()`` hands back the last
 epoch's checkpoint: the job resumes there instead of at epoch 0.
+
+Redis may go away while a job trains (restart, failover): the ranks keep training and
+checkpointing to storage. ``JobChannel`` tries each Redis write once and, while Redis is down,
+drops progress and log events (counted, and reported in one log event with ``events_dropped``
+once Redis answers), keeps the newest checkpoint URI to record later, and treats "cannot ask"
+as "no reason to stop". The outcome is the worker's to record, and that one is never dropped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
 import tempfile
@@ -36,8 +43,11 @@ from .events import EventLog
 from .jobspec import EvalSpec, TrainSpec
 from .keys import Keys
 from .queue import JobQueue
+from .redis_retry import RedisRetry, no_retry_client_kwargs
 
 CHECKPOINT_FILE = "checkpoint.pt"
+
+_DROPPED = object()  # what a Redis write returns when Redis was unavailable
 
 
 class JobCancelled(Exception):
@@ -60,24 +70,57 @@ class JobContext:
 
 
 class JobChannel:
-    """Rank-side connection to the job's Redis record: fenced progress, events, cancel checks."""
+    """Rank-side connection to the job's Redis record: fenced progress, events, cancel checks.
+
+    Never blocks training on Redis: every call is tried once (see ``RedisRetry.attempt``)."""
 
     def __init__(self, ctx: JobContext, check_interval_s: float = 1.0) -> None:
         self.ctx = ctx
-        client = redis_client(ctx.redis_url)
+        client = redis_client(ctx.redis_url, **no_retry_client_kwargs())
         keys = Keys(ctx.redis_prefix)
         self.queue = JobQueue(client, keys)
         self.events = EventLog(client, keys)
+        self.redis = RedisRetry(logging.getLogger("capsctl.rank"))
         self._check_interval = check_interval_s
         self._last_check = 0.0
         self._stop_reason: str | None = None
+        self.events_dropped = 0  # not yet reported
+        self._pending_checkpoint: str | None = None
+        self._flushing = False
+
+    def _send(self, fn: Any, *args: Any, what: str, **kwargs: Any) -> Any:
+        """``fn(*args)`` once; ``_DROPPED`` while Redis is away. After an outage, first records
+        what was kept back (the newest checkpoint URI, how many events were dropped)."""
+        value = self.redis.attempt(fn, *args, what=what, default=_DROPPED, **kwargs)
+        if value is not _DROPPED and not self._flushing:
+            self._flush()
+        return value
+
+    def _flush(self) -> None:
+        self._flushing = True
+        try:
+            if self._pending_checkpoint is not None:
+                uri = self._pending_checkpoint
+                if self._send(self.queue.set_checkpoint, self.ctx.job_id, self.ctx.lease_token, uri,
+                              what="recording a checkpoint") is not _DROPPED:
+                    self._pending_checkpoint = None
+            n = self.events_dropped
+            if n and self._send(self.events.log, self.ctx.job_id,
+                                f"{n} progress/log event(s) dropped while Redis was unavailable",
+                                what="logging", level="warning", events_dropped=n) is not _DROPPED:
+                self.events_dropped -= n
+        finally:
+            self._flushing = False
 
     def stop_reason(self) -> str | None:
-        """Why this rank must stop (cancel requested, lease lost), checked at most once a second."""
+        """Why this rank must stop (cancel requested, lease lost), checked at most once a second.
+        While Redis cannot be asked, there is no reason to stop: training goes on."""
         now = time.monotonic()
         if self._stop_reason is None and now - self._last_check >= self._check_interval:
             self._last_check = now
-            record = self.queue.get(self.ctx.job_id)
+            record = self._send(self.queue.get, self.ctx.job_id, what="checking for a cancel")
+            if record is _DROPPED:
+                return None  # Redis is away: no reason to stop, training goes on
             if record is None:
                 self._stop_reason = "job record deleted"
             elif record.cancel_requested:
@@ -91,12 +134,21 @@ class JobChannel:
 
     def progress(self, event: dict[str, Any]) -> None:
         """Publish a training event and keep the latest one in the job record (fenced)."""
-        self.events.publish(self.ctx.job_id, "progress", event)
+        if self._send(self.events.publish, self.ctx.job_id, "progress", event, what="publishing progress") is _DROPPED:
+            self.events_dropped += 1
+            return
         if event.get("type") in ("epoch", "eval") or event.get("step", 0) % 5 == 0:
-            self.queue.report_progress(self.ctx.job_id, self.ctx.lease_token, event, publish=False)
+            self._send(self.queue.report_progress, self.ctx.job_id, self.ctx.lease_token, event, publish=False,
+                       what="recording progress")
 
     def log(self, message: str, **extra: Any) -> None:
-        self.events.log(self.ctx.job_id, message, **extra)
+        if self._send(self.events.log, self.ctx.job_id, message, what="logging", **extra) is _DROPPED:
+            self.events_dropped += 1
+
+    def set_checkpoint(self, uri: str) -> None:
+        """Record the newest checkpoint in the job record (fenced); kept for later while Redis is away."""
+        self._pending_checkpoint = uri
+        self._flush()
 
 
 def _train_config(spec: TrainSpec) -> TrainConfig:
@@ -167,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
         if rank == 0:
             uri = f"{ctx.artifacts.rstrip('/')}/{ctx.job_id}/epoch-{epoch:04d}"
-            channel.queue.set_checkpoint(ctx.job_id, ctx.lease_token, uri)
+            channel.set_checkpoint(uri)
 
     try:
         result = fit(model, train, test, _train_config(spec), rank=rank, world_size=world_size,

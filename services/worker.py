@@ -9,10 +9,17 @@ newer attempt). Several workers may run against one queue and one Ray cluster.
 If the worker dies (SIGKILL, machine gone), Ray tears down its runs (their driver is gone),
 the lease expires, and another worker re-claims the job, which resumes from its last
 checkpoint (see ``ray_train``).
+
+Redis going away (restart, failover, network) never ends the worker: every Redis call goes
+through one ``RedisRetry`` (``redis_retry``) and waits, backing off, for Redis to answer; a job
+in flight keeps training. A result that is ready while Redis is away is kept in memory and in
+``<artifacts>/<job id>/pending-result-<attempt>.json`` and recorded, fenced by the lease token,
+as soon as Redis answers (a worker restarted meanwhile records the files it finds at start-up).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -20,12 +27,15 @@ import socket
 import threading
 import time
 import traceback
+from pathlib import Path
+from typing import Any
 
 from . import metrics as svc_metrics
 from .config import Settings, redis_client
 from .keys import Keys
 from .queue import ClaimedJob, JobQueue
 from .ray_train import JobCancelled, JobContext, run_eval_job, run_train_job
+from .redis_retry import RedisRetry, RedisUnavailable, no_retry_client_kwargs
 from .retention import Pruner
 
 log = logging.getLogger("capsctl.worker")
@@ -43,9 +53,10 @@ class Worker:
         self.metrics_port = settings.metrics_port if metrics_port is None else metrics_port
         self.num_cpus = num_cpus
         self.poll_seconds = poll_seconds
-        self.queue = JobQueue(redis_client(settings), Keys(settings.redis_prefix),
+        self.queue = JobQueue(redis_client(settings, **no_retry_client_kwargs()), Keys(settings.redis_prefix),
                               lease_seconds=settings.lease_seconds)
         self.pruner = Pruner(self.queue, settings.retention_days)
+        self.redis = RedisRetry(log)
         self.metrics = svc_metrics.default_worker_metrics()
         self.metrics_url = ""
         self._stop = threading.Event()
@@ -87,7 +98,9 @@ class Worker:
         self.metrics_port = port
         if not self.settings.artifacts.as_posix().startswith(("s3:", "gs:", "abfs:", "hdfs:")):
             os.makedirs(self.settings.artifacts, exist_ok=True)
-        self._publish()
+        # A worker started while Redis is down waits for it (SIGTERM still stops it).
+        self.redis.call(self._publish, what="registering the worker", stop=self._stop)
+        self.record_pending_results()
         log.info("worker %s ready; metrics at %s", self.worker_id, self.metrics_url)
 
     def _resources(self) -> tuple[dict[str, float], dict[str, float]]:
@@ -109,32 +122,46 @@ class Worker:
         }, ttl=max(3 * self.settings.heartbeat_seconds, 10))
 
     def run(self, max_jobs: int | None = None, idle_exit_s: float | None = None) -> None:
-        """Serve jobs until stopped (SIGTERM/SIGINT), `max_jobs` jobs are done, or idle too long."""
+        """Serve jobs until stopped (SIGTERM/SIGINT), `max_jobs` jobs are done, or idle too long.
+
+        A Redis outage is waited out, never a reason to exit."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
             signal.signal(signal.SIGINT, lambda *_: self.request_stop())
-        self.start()
+        try:
+            self.start()
+        except RedisUnavailable:
+            log.info("stopped before Redis answered")
+            return
         done, idle_since, last_publish = 0, time.monotonic(), 0.0
         try:
             while not self._stop.is_set() and (max_jobs is None or done < max_jobs):
                 if time.monotonic() - last_publish >= self.settings.heartbeat_seconds:
-                    self._publish()
+                    self.redis.call(self._publish, what="refreshing the worker registration", stop=self._stop)
                     last_publish = time.monotonic()
                 _, available = self._resources()
-                job = self.queue.claim(self.worker_id, {"gpus": available.get("GPU", 0),
-                                                        "cpus": available.get("CPU", 0)})
+                job = self.redis.call(self.queue.claim, self.worker_id,
+                                      {"gpus": available.get("GPU", 0), "cpus": available.get("CPU", 0)},
+                                      what="claiming a job", stop=self._stop)
                 if job is None:
                     self.pruner.maybe_run()
                     if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                         log.info("idle for %.0f s: exiting", idle_exit_s)
                         break
-                    self.queue.wait_for_work(timeout=self.poll_seconds)
+                    self.redis.call(lambda: self.queue.wait_for_work(timeout=self.poll_seconds),
+                                    what="waiting for work", stop=self._stop)
                     continue
                 self.execute(job)
                 done += 1
                 idle_since = time.monotonic()
+        except RedisUnavailable:
+            log.info("stop requested while Redis was unavailable")
         finally:
-            self.queue.unregister_worker(self.worker_id)
+            try:  # the registration expires by itself: do not hang an exit on a dead Redis
+                self.redis.call(self.queue.unregister_worker, self.worker_id, what="unregistering the worker",
+                                timeout=5)
+            except RedisUnavailable as exc:
+                log.warning("could not unregister (%s); the registration expires by itself", exc)
 
     # ------------------------------------------------------------------ one job
 
@@ -148,29 +175,113 @@ class Worker:
     def _heartbeat_loop(self, job: ClaimedJob, done: threading.Event, lost: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_seconds):
             try:
-                if not self.queue.heartbeat(job.job_id, job.token):
+                # Through an outage this waits for Redis; once it answers, the first heartbeat
+                # tells whether the lease survived (nobody can requeue the job while Redis is down).
+                alive = self.redis.call(self.queue.heartbeat, job.job_id, job.token,
+                                        what=f"renewing the lease of {job.job_id}", stop=done)
+                if not alive:
                     log.warning("job %s: lease lost; a newer attempt owns it now", job.job_id)
                     lost.set()
                     return
-                self._publish()
-            except Exception:  # Redis blip: keep trying until the lease really expires
+                self.redis.attempt(self._publish, what="refreshing the worker registration")
+            except RedisUnavailable:
+                return  # the job ended while Redis was away
+            except Exception:  # not an outage (junk in Redis, a bug): keep trying until the lease expires
                 log.exception("heartbeat for %s failed", job.job_id)
 
     def _metrics_loop(self, job: ClaimedJob, done: threading.Event) -> None:
         """Feed the job's progress events into this worker's Prometheus gauges."""
         model = job.record.model or getattr(job.spec, "model", "") or job.spec.kind
-        cursor = self.queue.events.last_id(job.job_id)
+        cursor: str | None = None
         while not done.is_set():
             try:
-                for entry_id, event in self.queue.events.read(job.job_id, cursor, block_ms=1000):
+                if cursor is None:
+                    cursor = self.redis.call(self.queue.events.last_id, job.job_id,
+                                             what=f"following the events of {job.job_id}", stop=done)
+                batch = self.redis.call(self.queue.events.read, job.job_id, cursor, block_ms=1000,
+                                        what=f"following the events of {job.job_id}", stop=done)
+                for entry_id, event in batch:
                     cursor = entry_id
+                    data = event["data"] if isinstance(event["data"], dict) else {}
                     if event["type"] == "progress":
-                        self.metrics.training.observe(job.job_id, model, event["data"])
-                    elif event["type"] == "log" and "startup_seconds" in event["data"]:
-                        self.metrics.observe_startup(event["data"]["startup_seconds"])
+                        self.metrics.training.observe(job.job_id, model, data)
+                    elif event["type"] == "log":
+                        if "startup_seconds" in data:
+                            self.metrics.observe_startup(data["startup_seconds"])
+                        if isinstance(data.get("events_dropped"), int):  # rank 0's count after an outage
+                            self.metrics.count_dropped_events(data["events_dropped"])
+            except RedisUnavailable:
+                return
             except Exception:
                 log.exception("metrics follower for %s failed", job.job_id)
                 done.wait(1.0)
+
+    def _log_event(self, job: ClaimedJob, message: str, **extra: Any) -> None:
+        """A job log event that may be dropped (counted) while Redis is away."""
+        if self.redis.attempt(self.queue.events.log, job.job_id, message, what=f"logging for {job.job_id}",
+                              default=None, **extra) is None:
+            self.metrics.count_dropped_events()
+            log.info("job %s: event dropped (Redis unavailable): %s", job.job_id, message)
+
+    # ------------------------------------------------------------------ results kept through outages
+
+    def _pending_path(self, job_id: str, attempt: int) -> Path | None:
+        artifacts = self.settings.artifacts.as_posix()
+        if "://" in artifacts or artifacts.startswith(("s3:", "gs:", "abfs:", "hdfs:")):
+            return None  # remote storage: the result is kept in memory only
+        return Path(artifacts) / job_id / f"pending-result-{attempt}.json"
+
+    def _keep_result(self, job: ClaimedJob, result: Any) -> Path | None:
+        """Write the result next to the checkpoints before recording it, so that a worker that
+        dies (or is stopped) while Redis is away does not lose it."""
+        path = self._pending_path(job.job_id, job.attempt)
+        if path is None:
+            return None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"job_id": job.job_id, "attempt": job.attempt, "lease_token": job.token,
+                                       "finished_at": time.time(), "result": result}, default=str))
+            tmp.replace(path)
+            return path
+        except OSError as exc:
+            log.warning("job %s: could not keep the result in %s (%s); it is kept in memory", job.job_id, path, exc)
+            return None
+
+    def _record_result(self, job_id: str, attempt: int, token: str, result: Any) -> bool:
+        """``complete`` fenced by the attempt's lease token, waiting for Redis as long as it takes
+        (or until stop). True = this attempt's success is recorded; False = the result is stale
+        (a newer attempt holds the lease, or the job ended otherwise) and was discarded."""
+        if self.redis.call(self.queue.complete, job_id, token, result, what=f"recording the result of {job_id}",
+                           stop=self._stop):
+            return True
+        record = self.redis.call(self.queue.get, job_id, what=f"reading {job_id}", stop=self._stop)
+        if record is not None and record.state == "succeeded" and any(
+                t.get("state") == "succeeded" and t.get("attempt") == attempt
+                for t in record.transitions if isinstance(t, dict)):
+            return True  # our complete went through but its reply was lost with the connection
+        log.warning("job %s attempt %d: result discarded: the job is %s (attempt %s) now, and only the attempt "
+                    "holding the lease may record an outcome", job_id, attempt,
+                    record.state if record else "gone", record.attempt if record else "-")
+        return False
+
+    def record_pending_results(self) -> None:
+        """Record the results a previous worker process kept on disk but never got into Redis."""
+        artifacts = self.settings.artifacts
+        if self._pending_path("x", 0) is None or not artifacts.is_dir():
+            return
+        for path in sorted(artifacts.glob("*/pending-result-*.json")):
+            try:
+                kept = json.loads(path.read_text())
+                job_id, attempt, token = str(kept["job_id"]), int(kept["attempt"]), str(kept["lease_token"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable kept result %s: %s", path, exc)
+                continue
+            if self._record_result(job_id, attempt, token, kept.get("result")):
+                log.info("job %s attempt %d: kept result recorded from %s", job_id, attempt, path)
+            path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ run one job
 
     def execute(self, job: ClaimedJob) -> str:
         """Run one claimed job to an outcome: succeeded, failed (maybe retried), cancelled or lost."""
@@ -185,36 +296,37 @@ class Worker:
         for t in threads:
             t.start()
         ctx = self._context(job)
-        events = self.queue.events
-        events.log(job.job_id, f"attempt {job.attempt} started on worker {self.worker_id}"
-                   + (f", resuming from {job.checkpoint}" if job.checkpoint else ""), worker=self.worker_id)
+        self._log_event(job, f"attempt {job.attempt} started on worker {self.worker_id}"
+                        + (f", resuming from {job.checkpoint}" if job.checkpoint else ""), worker=self.worker_id)
         started = time.monotonic()
         outcome = "succeeded"
         try:
-            if kind == "train":
-                result = run_train_job(job.spec, ctx)
-            elif kind == "eval":
-                result = run_eval_job(job.spec, ctx, self.queue)
-            elif kind == "tune":
-                from .ray_tune import run_tune_job
+            try:
+                if kind == "train":
+                    result = run_train_job(job.spec, ctx)
+                elif kind == "eval":
+                    result = run_eval_job(job.spec, ctx, self.queue)
+                elif kind == "tune":
+                    from .ray_tune import run_tune_job
 
-                result = run_tune_job(job.spec, ctx, self.queue)
-            else:  # claim validated the spec, so this is a programming error
-                raise ValueError(f"unknown job kind {kind!r}")
-            if lost.is_set() or not self.queue.complete(job.job_id, job.token, result):
-                outcome = "lost"
-        except Exception as exc:
-            if self.queue.is_cancel_requested(job.job_id):
-                outcome = "cancelled"
-                self.queue.mark_cancelled(job.job_id, job.token)
-            elif isinstance(exc, JobCancelled) or lost.is_set():
-                outcome = "lost"  # a newer attempt owns the job: record nothing of ours
-                events.log(job.job_id, f"attempt {job.attempt} stopped: {exc}", level="warning")
+                    result = run_tune_job(job.spec, ctx, self.queue)
+                else:  # claim validated the spec, so this is a programming error
+                    raise ValueError(f"unknown job kind {kind!r}")
+            except Exception as exc:
+                outcome = self._record_error(job, exc, lost)
             else:
-                outcome = "failed"
-                message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-                self.queue.fail(job.job_id, job.token, message, traceback.format_exc())
-                log.warning("job %s attempt %d failed: %s", job.job_id, job.attempt, message)
+                # Even when the heartbeat saw the lease go, try: the token fence decides.
+                kept = self._keep_result(job, result)
+                if not self._record_result(job.job_id, job.attempt, job.token, result):
+                    outcome = "lost"
+                if kept is not None:
+                    kept.unlink(missing_ok=True)
+        except RedisUnavailable:
+            # Stop requested while Redis was away: the kept result file (if any) is recorded by the
+            # next worker to start; without one the lease expires and the job is resumed.
+            outcome = "lost"
+            log.warning("job %s attempt %d: stopped before Redis answered; outcome not recorded",
+                        job.job_id, job.attempt)
         finally:
             done.set()
             for t in threads:
@@ -225,3 +337,18 @@ class Worker:
         log.info("job %s attempt %d: %s", job.job_id, job.attempt, outcome)
         return outcome
 
+    def _record_error(self, job: ClaimedJob, exc: Exception, lost: threading.Event) -> str:
+        """cancelled / lost / failed (fenced) for a run that raised; waits for Redis like a result."""
+        if self.redis.call(self.queue.is_cancel_requested, job.job_id, what=f"reading {job.job_id}", stop=self._stop):
+            self.redis.call(self.queue.mark_cancelled, job.job_id, job.token, what=f"cancelling {job.job_id}",
+                            stop=self._stop)
+            return "cancelled"
+        if isinstance(exc, JobCancelled) or lost.is_set():
+            # a newer attempt owns the job: record nothing of ours
+            self._log_event(job, f"attempt {job.attempt} stopped: {exc}", level="warning")
+            return "lost"
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        self.redis.call(self.queue.fail, job.job_id, job.token, message, traceback.format_exc(),
+                        what=f"recording the failure of {job.job_id}", stop=self._stop)
+        log.warning("job %s attempt %d failed: %s", job.job_id, job.attempt, message)
+        return "failed"
