@@ -43,6 +43,7 @@ from .config import Settings, SettingsError, redis_client
 from .jobspec import DATASETS, PRIORITIES, SpecError, parse_spec
 from .keys import Keys
 from .queue import STATES, CapacityError, JobNotFound, JobQueue, JobRecord, JobStateError, QueueError
+from .tune_view import TuneProgressView
 
 CONTEXT_SETTINGS = {"auto_envvar_prefix": "CAPSCTL", "help_option_names": ["-h", "--help"],
                     "max_content_width": 110}
@@ -432,6 +433,22 @@ def follow_events(queue: JobQueue, job_id: str, handle: Callable[[dict[str, Any]
             return record
 
 
+def _write_raw(text: str) -> None:
+    click.echo(text, nl=False)
+
+
+def job_view(record: JobRecord, tty: bool,
+             stamp: Callable[[Any], str] | None = None) -> ProgressView | TuneProgressView:
+    """The live view for a job: trial lines and a running summary for tune jobs, epochs otherwise."""
+    if record.kind == "tune":
+        spec = record.spec if isinstance(record.spec, dict) else {}
+        total = (record.progress or {}).get("trials") if isinstance(record.progress, dict) else None
+        return TuneProgressView(_write_raw, tty, describe_event, spec=spec,
+                                total=total if isinstance(total, int) else None,
+                                **({"stamp": stamp} if stamp is not None else {}))
+    return ProgressView(tty=tty)
+
+
 def wait_and_report(app: App, record: JobRecord, as_json: bool) -> None:
     """``--follow``: show progress until the job ends, then its results; exit 1 unless it succeeded."""
     queue = app.queue
@@ -439,7 +456,7 @@ def wait_and_report(app: App, record: JobRecord, as_json: bool) -> None:
         if as_json:
             final = follow_events(queue, record.id, lambda _e: None)
         else:
-            view = ProgressView(tty=sys.stdout.isatty())
+            view = job_view(record, tty=sys.stdout.isatty())
             try:
                 final = follow_events(queue, record.id, view.handle)
             finally:
@@ -870,7 +887,10 @@ def list_cmd(app: App, state: str | None, limit: int, as_json: bool) -> None:
 @pass_app
 def logs(app: App, job_id: str, follow: bool, steps: bool, as_json: bool) -> None:
     """A job's events: state changes, log lines, epoch summaries."""
-    app.job(job_id)  # unknown id -> one-line error
+    record = app.job(job_id)  # unknown id -> one-line error
+    if record.kind == "tune" and not as_json:
+        _tune_logs(app, record, follow)
+        return
     last_progress: list[Any] = [None]
 
     def show(event: dict[str, Any]) -> None:
@@ -900,6 +920,27 @@ def logs(app: App, job_id: str, follow: bool, steps: bool, as_json: bool) -> Non
             show({"id": entry_id, **event})
         if len(batch) < 1000:
             break
+
+
+def _tune_logs(app: App, record: JobRecord, follow: bool) -> None:
+    """``logs`` of a tune job: trial events in words and the trials' running summary."""
+    view = job_view(record, tty=follow and sys.stdout.isatty(), stamp=lambda at: f"{fmt_time(at)}  ")
+    try:
+        if follow:
+            follow_events(app.queue, record.id, view.handle)
+            return
+        cursor = "0"
+        while True:
+            batch = app.queue.events.read(record.id, cursor, count=1000)
+            for entry_id, event in batch:
+                cursor = entry_id
+                view.handle({"id": entry_id, **event})
+            if len(batch) < 1000:
+                break
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        view.close()
 
 
 @main.command()
@@ -1010,6 +1051,11 @@ def print_results(record: JobRecord) -> None:
     if extra:
         click.echo("\n" + "  ".join(f"{k} {v if not isinstance(v, dict | list) else json.dumps(v)}"
                                     for k, v in extra.items()))
+    if matrix is not None:  # a tune job: its best checkpoint per model is named above; no job checkpoint
+        artifacts = result.get("artifacts") if isinstance(result.get("artifacts"), dict) else {}
+        if artifacts.get("csv"):
+            click.echo(f"Matrix CSV: {artifacts['csv']}")
+        return
     checkpoint = result.get("checkpoint") or record.checkpoint
     click.echo(f"\nCheckpoint: {checkpoint or '-'}")
 
