@@ -38,6 +38,7 @@ from typing import Any
 import click
 import redis
 
+from . import compare as compare_mod
 from . import stack as stack_mod
 from .config import Settings, SettingsError, redis_client
 from .jobspec import DATASETS, PRIORITIES, SpecError, parse_spec
@@ -1121,6 +1122,37 @@ def results(app: App, job_id: str, plot: Path | None, as_json: bool) -> None:
     print_results(record)
     for p in written:
         click.echo(f"Plot: {p}")
+
+
+@main.command()
+@click.argument("job_ids", metavar="JOB [JOB ...]", nargs=-1, required=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.png",
+              help="Also draw every run's accuracy against test angle on one plot (± std bands for seeds).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (accuracies as fractions).")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV: one row per run, acc_<angle> and std_<angle> columns.")
+@pass_app
+def compare(app: App, job_ids: tuple[str, ...], plot: Path | None, as_json: bool, as_csv: bool) -> None:
+    """Finished train, eval and tune jobs side by side: accuracy per test angle (tune: one row per
+    model × augmentation, mean ± std over seeds), parameters, epochs; angles are the union of the jobs'."""
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv are mutually exclusive")
+    records = [app.job(job_id) for job_id in dict.fromkeys(job_ids)]
+    try:
+        comparison = compare_mod.compare(records, app.queue.get)
+        written = compare_mod.plot(comparison, plot) if plot else None
+    except compare_mod.CompareError as err:
+        raise UserError(str(err)) from None
+    if as_json:
+        _emit_json({**comparison.to_dict(), "plot": str(written) if written else None})
+        return
+    if as_csv:
+        click.echo(compare_mod.to_csv(comparison), nl=False)
+        return
+    headers, rows, right = compare_mod.table_rows(comparison)
+    click.echo(table(headers, rows, right=right))
+    click.echo(f"\n{compare_mod.ACCURACY_NOTE}")
+    if written:
+        click.echo(f"Plot: {written}")
 
 
 # ----------------------------------------------------------------------------- worker / up / down
