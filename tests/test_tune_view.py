@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from services.cli import main
-from services.tune_view import TrialBoard, trial_line
+from services.tune_view import TrialBoard, TuneProgressView, trial_line
 
 from .service_helpers import WorkerProcess, service_env
 
@@ -139,3 +139,24 @@ def test_results_of_a_tune_job_and_a_quiet_worker_log(stack: dict, followed: dic
                    "Search algorithm", "╭", "│"):
         assert banner not in log, (banner, log[-3000:])
     assert Path(stack["worker"].log_path).stat().st_size < 20_000, log[-3000:]
+
+
+def test_view_survives_junk_events_and_draws_the_summary_in_place_only_on_a_terminal() -> None:
+    junk = [{"type": "progress", "at": "x", "data": {"type": "trial", "trial": None, "status": 3}},
+            {"type": "progress", "at": 0, "data": {"type": "trial", "trial": "weird", "status": "running",
+                                                   "val_accuracy": "nan?", "epoch": [1]}},
+            {"type": "progress", "data": ["not", "a", "dict"]},
+            {"type": "log", "data": {"message": "tune: 2 trials", "trials": 2}},
+            {"type": "progress", "data": {"type": "trial", "trial": "t001-x", "status": "finished",
+                                          "rotation_accuracy": {"0": "high"}}}]
+    for tty in (False, True):
+        written: list[str] = []
+        view = TuneProgressView(written.append, tty=tty, describe=lambda e: f"other {e.get('type')}",
+                                stamp=lambda _at: "")
+        for event in junk:
+            view.handle(event)
+        view.close()
+        text = "".join(written)
+        assert "trial weird: epoch [1]/?, val -" in text and "trial t001: finished: 0° -" in text
+        assert "trials: 1 finished, 1 running, 0 pending, 0 stopped (of 2)" in text
+        assert ("\r\x1b[K" in text) is tty and text.endswith("\n")
