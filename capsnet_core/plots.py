@@ -105,3 +105,38 @@ def plot_robustness_heatmap(matrix: Sequence[Sequence[float]], row_labels: Seque
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_accuracy_curves(curves: Mapping[str, Mapping[str | float, tuple[float, float | None]]], path: str | Path,
+                         title: str = "Accuracy on the rotated test set") -> Path:
+    """Several runs overlaid: accuracy (%) against test rotation, with a ± std band where a run has one.
+
+    curves: {label: {angle: (mean accuracy 0..1, std 0..1 or None)}}; a run draws only the angles it has.
+    """
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    markers = "osD^v<>ph*"
+    all_angles: set[float] = set()
+    for i, (label, curve) in enumerate(curves.items()):
+        points = sorted((float(a), 100 * float(m), None if s is None else 100 * float(s))
+                        for a, (m, s) in curve.items())
+        if not points:
+            continue
+        all_angles.update(p[0] for p in points)
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        line, = ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.8, markersize=5, label=label)
+        if any(p[2] for p in points):
+            sd = [p[2] or 0.0 for p in points]
+            ax.fill_between(xs, [y - s for y, s in zip(ys, sd, strict=True)],
+                            [y + s for y, s in zip(ys, sd, strict=True)], color=line.get_color(), alpha=0.18,
+                            linewidth=0)
+    if all_angles:
+        ax.set_xticks(sorted(all_angles))
+        ax.set_xticklabels([f"{a:g}°" for a in sorted(all_angles)])
+    ax.set_xlabel("test rotation")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False,
+                  ncol=1 if len(curves) < 5 else 2)  # below the axes: never over a curve
+    return _save(fig, path)

@@ -31,23 +31,7 @@ $capsctl logs -f "$caps"
 
 $capsctl results "$lenet" --plot "$out/lenet5.png"
 $capsctl results "$caps" --plot "$out/capsnet.png"
-$capsctl results "$lenet" --json > "$out/lenet5.json"
-$capsctl results "$caps" --json > "$out/capsnet.json"
-.venv/bin/python - "$out" <<'PY'
-import json, sys
-from pathlib import Path
-from capsnet_core.plots import plot_accuracy_vs_angle
-out = Path(sys.argv[1])
-runs = {}
-for name in ("lenet5", "capsnet"):
-    doc = json.loads((out / f"{name}.json").read_text())
-    result = doc.get("result", doc)
-    runs[name] = result["rotation_accuracy"]
-angles = sorted({float(a) for r in runs.values() for a in r})
-print("\nrobustness (accuracy on the test set rotated by each angle)")
-print("model     " + "".join(f"{a:>9g}°" for a in angles))
-for name, curve in runs.items():
-    print(f"{name:9} " + "".join(f"{100 * curve[f'{a:g}']:9.2f}%" for a in angles))
-path = plot_accuracy_vs_angle(runs, out / "accuracy_vs_angle.png", title="demo: trained upright (±2 px), tested rotated")
-print(f"plot: {path}")
-PY
+echo
+echo "== robustness: both runs side by side (accuracy on the test set rotated by each angle) =="
+$capsctl compare "$lenet" "$caps" --plot "$out/accuracy_vs_angle.png"
+$capsctl compare "$lenet" "$caps" --csv > "$out/compare.csv"

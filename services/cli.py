@@ -39,6 +39,7 @@ from typing import Any
 import click
 import redis
 
+from . import compare as compare_mod
 from . import stack as stack_mod
 from .config import Settings, SettingsError, redis_client
 from .jobspec import DATASETS, JOB_ID_RE, PRIORITIES, SpecError, parse_spec
@@ -56,6 +57,7 @@ from .queue import (
     resource_shape,
     worker_resources,
 )
+from .tune_view import TuneProgressView
 
 CONTEXT_SETTINGS = {"auto_envvar_prefix": "CAPSCTL", "help_option_names": ["-h", "--help"],
                     "max_content_width": 110}
@@ -219,10 +221,10 @@ class App:
 pass_app = click.make_pass_decorator(App)
 
 
-def echo(message: Any = "", err: bool = False) -> None:
+def echo(message: Any = "", err: bool = False, nl: bool = True) -> None:
     """``click.echo`` of printable text: whatever Redis held (bytes that are not UTF-8, lone
     surrogates from JSON) is escaped rather than making the write fail."""
-    click.echo(printable(message), err=err)
+    click.echo(printable(message), err=err, nl=nl)
 
 
 def _emit_json(obj: Any) -> None:
@@ -513,6 +515,22 @@ def follow_events(queue: JobQueue, job_id: str, handle: Callable[[dict[str, Any]
             return record
 
 
+def _write_raw(text: str) -> None:
+    echo(text, nl=False)
+
+
+def job_view(record: JobRecord, tty: bool,
+             stamp: Callable[[Any], str] | None = None) -> ProgressView | TuneProgressView:
+    """The live view for a job: trial lines and a running summary for tune jobs, epochs otherwise."""
+    if record.kind == "tune":
+        spec = record.spec if isinstance(record.spec, dict) else {}
+        total = (record.progress or {}).get("trials") if isinstance(record.progress, dict) else None
+        return TuneProgressView(_write_raw, tty, describe_event, spec=spec,
+                                total=total if isinstance(total, int) else None,
+                                **({"stamp": stamp} if stamp is not None else {}))
+    return ProgressView(tty=tty)
+
+
 def wait_and_report(app: App, record: JobRecord, as_json: bool) -> None:
     """``--follow``: show progress until the job ends, then its results; exit 1 unless it succeeded."""
     queue = app.queue
@@ -520,7 +538,7 @@ def wait_and_report(app: App, record: JobRecord, as_json: bool) -> None:
         if as_json:
             final = follow_events(queue, record.id, lambda _e: None)
         else:
-            view = ProgressView(tty=sys.stdout.isatty())
+            view = job_view(record, tty=sys.stdout.isatty())
             try:
                 final = follow_events(queue, record.id, view.handle)
             finally:
@@ -978,7 +996,10 @@ def list_cmd(app: App, state: str | None, limit: int, as_json: bool) -> None:
 @pass_app
 def logs(app: App, job_id: str, follow: bool, steps: bool, as_json: bool) -> None:
     """A job's events: state changes, log lines, epoch summaries."""
-    app.job(job_id)  # unknown id -> one-line error
+    record = app.job(job_id)  # unknown id -> one-line error
+    if record.kind == "tune" and not as_json:
+        _tune_logs(app, record, follow)
+        return
     last_progress: list[Any] = [None]
 
     def show(event: dict[str, Any]) -> None:
@@ -1008,6 +1029,27 @@ def logs(app: App, job_id: str, follow: bool, steps: bool, as_json: bool) -> Non
             show({"id": entry_id, **event})
         if len(batch) < 1000:
             break
+
+
+def _tune_logs(app: App, record: JobRecord, follow: bool) -> None:
+    """``logs`` of a tune job: trial events in words and the trials' running summary."""
+    view = job_view(record, tty=follow and sys.stdout.isatty(), stamp=lambda at: f"{fmt_time(at)}  ")
+    try:
+        if follow:
+            follow_events(app.queue, record.id, view.handle)
+            return
+        cursor = "0"
+        while True:
+            batch = app.queue.events.read(record.id, cursor, count=1000)
+            for entry_id, event in batch:
+                cursor = entry_id
+                view.handle({"id": entry_id, **event})
+            if len(batch) < 1000:
+                break
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        view.close()
 
 
 @main.command()
@@ -1176,6 +1218,11 @@ def print_results(record: JobRecord) -> None:
     if extra:
         echo("\n" + "  ".join(f"{k} {fmt_value(v)}"
                                     for k, v in extra.items()))
+    if matrix is not None:  # a tune job: its best checkpoint per model is named above; no job checkpoint
+        artifacts = result.get("artifacts") if isinstance(result.get("artifacts"), dict) else {}
+        if artifacts.get("csv"):
+            echo(f"Matrix CSV: {printable(artifacts['csv'])}")
+        return
     checkpoint = result.get("checkpoint") or record.checkpoint
     echo(f"\nCheckpoint: {checkpoint or '-'}")
 
@@ -1241,6 +1288,37 @@ def results(app: App, job_id: str, plot: Path | None, as_json: bool) -> None:
     print_results(record)
     for p in written:
         echo(f"Plot: {p}")
+
+
+@main.command()
+@click.argument("job_ids", metavar="JOB [JOB ...]", nargs=-1, required=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.png",
+              help="Also draw every run's accuracy against test angle on one plot (± std bands for seeds).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (accuracies as fractions).")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV: one row per run, acc_<angle> and std_<angle> columns.")
+@pass_app
+def compare(app: App, job_ids: tuple[str, ...], plot: Path | None, as_json: bool, as_csv: bool) -> None:
+    """Finished train, eval and tune jobs side by side: accuracy per test angle (tune: one row per
+    model × augmentation, mean ± std over seeds), parameters, epochs; angles are the union of the jobs'."""
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv are mutually exclusive")
+    records = [app.job(job_id) for job_id in dict.fromkeys(job_ids)]
+    try:
+        comparison = compare_mod.compare(records, app.queue.get)
+        written = compare_mod.plot(comparison, plot) if plot else None
+    except compare_mod.CompareError as err:
+        raise UserError(str(err)) from None
+    if as_json:
+        _emit_json({**comparison.to_dict(), "plot": str(written) if written else None})
+        return
+    if as_csv:
+        echo(compare_mod.to_csv(comparison), nl=False)
+        return
+    headers, rows, right = compare_mod.table_rows(comparison)
+    echo(table(headers, rows, right=right))
+    echo(f"\n{compare_mod.ACCURACY_NOTE}")
+    if written:
+        echo(f"Plot: {written}")
 
 
 # ----------------------------------------------------------------------------- worker / up / down

@@ -686,8 +686,13 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
     # Tune installs SIGINT/SIGUSR1 handlers when run from the main thread; keep the worker's own.
     saved_handlers = ({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
                       if threading.current_thread() is threading.main_thread() else {})
-    previous_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C on a worker finishes the job, it does not cut it
+    # TUNE_DISABLE_SIGINT_HANDLER: Ctrl-C on a worker finishes the job, it does not cut it.
+    # RAY_AIR_NEW_OUTPUT=0: Tune's new console reporter prints its "Configuration for experiment"
+    # box and "View detailed results here" even with RunConfig(verbose=0); the legacy reporter
+    # honours verbose=0 and prints nothing. The job's own events already say what runs.
+    tune_env = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0"}
+    previous_env = {name: os.environ.get(name) for name in tune_env}
+    os.environ.update(tune_env)
     try:
         grid = tuner.fit() if tuner is not None else []
     except Exception as exc:
@@ -698,10 +703,11 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
     finally:
         for sig, handler in saved_handlers.items():
             signal.signal(sig, handler)
-        if previous_env is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_env
+        for name, value in previous_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         _LIVE.pop(ctx.job_id, None)
     reason = channel.stop_reason()
     if reason is not None:
