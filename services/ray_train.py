@@ -91,12 +91,12 @@ class JobChannel:
 
     def progress(self, event: dict[str, Any]) -> None:
         """Publish a training event and keep the latest one in the job record (fenced)."""
-        self.events.publish(self.ctx.job_id, "progress", event)
+        self.events.publish(self.ctx.job_id, "progress", event, lease_token=self.ctx.lease_token)
         if event.get("type") in ("epoch", "eval") or event.get("step", 0) % 5 == 0:
             self.queue.report_progress(self.ctx.job_id, self.ctx.lease_token, event, publish=False)
 
     def log(self, message: str, **extra: Any) -> None:
-        self.events.log(self.ctx.job_id, message, **extra)
+        self.events.log(self.ctx.job_id, message, lease_token=self.ctx.lease_token, **extra)
 
 
 def _train_config(spec: TrainSpec) -> TrainConfig:

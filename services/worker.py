@@ -184,7 +184,8 @@ class Worker:
         ctx = self._context(job)
         events = self.queue.events
         events.log(job.job_id, f"attempt {job.attempt} started on worker {self.worker_id}"
-                   + (f", resuming from {job.checkpoint}" if job.checkpoint else ""), worker=self.worker_id)
+                   + (f", resuming from {job.checkpoint}" if job.checkpoint else ""), worker=self.worker_id,
+                   lease_token=job.token)
         started = time.monotonic()
         outcome = "succeeded"
         try:
@@ -206,7 +207,8 @@ class Worker:
                 self.queue.mark_cancelled(job.job_id, job.token)
             elif isinstance(exc, JobCancelled) or lost.is_set():
                 outcome = "lost"  # a newer attempt owns the job: record nothing of ours
-                events.log(job.job_id, f"attempt {job.attempt} stopped: {exc}", level="warning")
+                events.log(job.job_id, f"attempt {job.attempt} stopped: {exc}", level="warning",
+                           lease_token=job.token)
             else:
                 outcome = "failed"
                 message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
