@@ -332,3 +332,4 @@ def test_no_script_half_applies_with_any_key_of_the_wrong_type(q, client, name):
                 events = expected["jobs"][n]["events"]
                 expected["jobs"][n]["events"] = events[setup_events[n]:] if moved else None
         assert _snapshot(q, ids, template) == expected, where
+
