@@ -34,6 +34,21 @@ DEFAULT_MAXLEN = 5000
 
 Event = tuple[str, dict[str, Any]]
 
+# KEYS: 1 the job hash, 2 its event stream. ARGV: 1 lease token, 2 MAXLEN, 3 type, 4 at, 5 data.
+# Appends only while the job is running under that token (the fencing rule of every write of
+# an attempt, see services/queue.lua); returns the entry id, or nil when refused. A job key or
+# stream of the wrong type refuses too rather than raise: the queue's next script for the job
+# moves a bad stream aside.
+_FENCED_APPEND = """
+local lease = redis.pcall('HMGET', KEYS[1], 'state', 'lease_token')
+if type(lease) ~= 'table' or lease.err then return false end
+if lease[1] ~= 'running' or ARGV[1] == '' or lease[2] ~= ARGV[1] then return false end
+local t = redis.call('TYPE', KEYS[2])
+t = type(t) == 'table' and t.ok or t
+if t ~= 'stream' and t ~= 'none' then return false end
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'type', ARGV[3], 'at', ARGV[4], 'data', ARGV[5])
+"""
+
 
 _NOT_JSON = object()
 
@@ -62,19 +77,34 @@ class EventLog:
         self.client = client
         self.keys = keys
         self.maxlen = maxlen
+        self._fenced_append = client.register_script(_FENCED_APPEND)
 
-    def publish(self, job_id: str, type: str, data: dict[str, Any] | None = None) -> str:
-        """Append one event; returns its stream id. ``data`` must be JSON-serialisable."""
+    def publish(self, job_id: str, type: str, data: dict[str, Any] | None = None, *,
+                lease_token: str | None = None) -> str | None:
+        """Append one event; returns its stream id. ``data`` must be JSON-serialisable.
+
+        With a ``lease_token`` (the caller acts for one attempt of the job) the append is fenced:
+        it happens only while the job is running under that token, atomically, and None is
+        returned otherwise, so an attempt that lost its lease never mixes into the stream of
+        the attempt that replaced it."""
         if type not in EVENT_TYPES:
             raise ValueError(f"event type must be one of {', '.join(EVENT_TYPES)} (got {type!r})")
         payload = json.dumps(data if data is not None else {}, separators=(",", ":"), allow_nan=False)
-        entry_id = self.client.xadd(self.keys.events(job_id), {"type": type, "at": f"{time.time():.6f}",
-                                                               "data": payload},
-                                    maxlen=self.maxlen, approximate=True)
+        at = f"{time.time():.6f}"
+        if lease_token is not None:
+            entry_id = self._fenced_append(keys=[self.keys.job(job_id), self.keys.events(job_id)],
+                                           args=[lease_token, self.maxlen, type, at, payload])
+            if entry_id is None:
+                return None
+        else:
+            entry_id = self.client.xadd(self.keys.events(job_id), {"type": type, "at": at, "data": payload},
+                                        maxlen=self.maxlen, approximate=True)
         return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
-    def log(self, job_id: str, message: str, level: str = "info", **extra: Any) -> str:
-        return self.publish(job_id, "log", {"level": level, "message": message, **extra})
+    def log(self, job_id: str, message: str, level: str = "info", *, lease_token: str | None = None,
+            **extra: Any) -> str | None:
+        """Append a ``log`` event (fenced by ``lease_token`` when given, see ``publish``)."""
+        return self.publish(job_id, "log", {"level": level, "message": message, **extra}, lease_token=lease_token)
 
     def read(self, job_id: str, after_id: str = "0", block_ms: int | None = None,
              count: int = 1000) -> list[Event]:

@@ -90,9 +90,68 @@ local function printable(s)
   return (string.gsub(s, '[\128-\255]', function(ch) return string.format('\\x%02x', string.byte(ch)) end))
 end
 
-local function count(field, n)
-  redis.call('HINCRBY', k_counters(), field, n or 1)
+-- TYPE of a key as a plain string ('none' when absent).
+local function key_type(key)
+  local t = redis.call('TYPE', key)
+  return type(t) == 'table' and t.ok or t
 end
+
+-- A finite number, or nil: Lua's tonumber takes 'nan' and 'inf', which Redis then refuses as
+-- a score (and raises halfway through a script).
+local function finite(v)
+  local x = tonumber(v)
+  if x and x == x and x ~= math.huge and x ~= -math.huge then return x end
+  return nil
+end
+
+-- Move a key aside to a fresh quarantine key (never over an earlier one); returns the new name.
+local function move_aside(key)
+  local base = k_quarantine(key, math.floor(NOW * 1000))
+  local dest, n = base, 1
+  while redis.call('EXISTS', dest) == 1 do dest = base .. ':' .. n; n = n + 1 end
+  redis.call('RENAME', key, dest)
+  return dest
+end
+
+-- HINCRBY that never raises: a field holding something other than an integer restarts at n.
+local function incr_field(key, field, n)
+  local r = redis.pcall('HINCRBY', key, field, n)
+  if type(r) == 'table' and r.err then
+    redis.call('HSET', key, field, n)
+    return n
+  end
+  return r
+end
+
+-- One dead-letter entry plus its counter, with no checks (see sinks_ready).
+local function note(id, reason, source)
+  local entry = {job_id = printable(id), reason = printable(reason), at = NOW, source = printable(source)}
+  redis.call('LPUSH', k_dead(), cjson.encode(entry))
+  redis.call('LTRIM', k_dead(), 0, DEAD_MAX - 1)
+  incr_field(k_counters(), 'dead_lettered', 1)
+end
+
+-- The dead-letter list and the counters hash receive the notes about every other bad key, so
+-- they are checked first (once per call) and moved aside without going through themselves.
+local SINKS_READY = false
+local function sinks_ready()
+  if SINKS_READY then return end
+  SINKS_READY = true
+  local moved = {}
+  for _, sink in ipairs({{k_dead(), 'list'}, {k_counters(), 'hash'}}) do
+    local t = key_type(sink[1])
+    if t ~= 'none' and t ~= sink[2] then
+      table.insert(moved, {sink[1], 'a ' .. t .. ' where a ' .. sink[2] .. ' belongs; moved to ' .. move_aside(sink[1])})
+    end
+  end
+  for _, m in ipairs(moved) do note('', m[2], m[1]) end
+end
+
+local function count(field, n)
+  sinks_ready()
+  incr_field(k_counters(), field, n or 1)
+end
+
 
 -- Read some fields of a job hash into a table. Returns nil, reason when the key is missing
 -- or is not a hash (garbage must never make a script raise to the worker).
@@ -109,10 +168,74 @@ end
 
 -- Enough fields to put the job back in a queue?
 local function queueable(j)
-  return PRIORITY_OK[j.priority] and tonumber(j.gpus) and tonumber(j.cpus) and tonumber(j.seq)
+  return PRIORITY_OK[j.priority] and finite(j.gpus) and finite(j.cpus) and finite(j.seq)
+end
+
+local function dead_letter(id, reason, source)
+  sinks_ready()
+  note(id, reason, source)
+end
+
+-- A key of the wrong type where a queue structure should be: move it aside, record why
+-- (job_id names the job whose key it was, for per-job keys).
+local function quarantine(key, why, job_id)
+  dead_letter(job_id or '', why .. '; moved to ' .. move_aside(key), key)
+end
+
+-- A Redis script that raises keeps the writes it made before the error, so a key of the wrong
+-- type must never be met halfway through a transition. Every script therefore calls
+-- ensure_type for each key it will read or write before its first write: a key holding another
+-- type is quarantined (renamed aside, with a dead letter saying why) and the script carries on
+-- with a fresh, empty key. Checked keys are remembered for the rest of the call, so the write
+-- helpers below can check again for free. Returns false when the key was moved aside.
+local CHECKED = {}
+local function ensure_type(key, want, job_id)
+  if CHECKED[key] then return true end
+  CHECKED[key] = true
+  local t = key_type(key)
+  if t == want or t == 'none' then return true end
+  quarantine(key, 'a ' .. t .. ' where a ' .. want .. ' belongs', job_id)
+  return false
+end
+
+-- After a junk leases/delayed zset was moved aside: put back the jobs that the state index says
+-- belong there (expiry / backoff end from their records), so no running or retrying job is
+-- stranded where requeue_expired / promote_due can no longer see it.
+local function reindex(key, state, field)
+  for _, p in ipairs(PRIORITIES) do
+    local ids = redis.pcall('ZRANGE', k_state(state, p), 0, -1)
+    if type(ids) == 'table' and not ids.err then
+      for _, id in ipairs(ids) do
+        local at = redis.pcall('HGET', k_job(id), field)
+        if type(at) == 'string' and finite(at) then redis.call('ZADD', key, finite(at), id) end
+      end
+    end
+  end
+end
+
+local function ensure_leases()
+  if not ensure_type(k_leases(), 'zset') then reindex(k_leases(), 'running', 'lease_expires_at') end
+end
+
+local function ensure_delayed()
+  if not ensure_type(k_delayed(), 'zset') then reindex(k_delayed(), 'retrying', 'not_before') end
+end
+
+-- The keys a transition of job `id` writes: its event stream and the state indexes given.
+local function ensure_transition(id, prio, ...)
+  ensure_type(k_events(id), 'stream', id)
+  for _, state in ipairs({...}) do ensure_type(k_state(state, prio), 'zset', id) end
+end
+
+-- The keys enqueue writes for job j.
+local function ensure_enqueue(id, j)
+  ensure_type(k_queue(j.priority, j.gpus, j.cpus), 'zset', id)
+  ensure_type(k_shapes(j.priority), 'set', id)
+  ensure_type(k_notify(), 'list')
 end
 
 local function emit(id, etype, data_json)
+  ensure_type(k_events(id), 'stream', id)
   redis.call('XADD', k_events(id), 'MAXLEN', '~', EVENTS_MAXLEN, '*',
              'type', etype, 'at', NOWS, 'data', data_json)
 end
@@ -120,6 +243,7 @@ end
 -- Move a job between states: the (state, priority) index zsets, the state and timestamp
 -- fields, one entry appended to the JSON list 'transitions', and a 'state' event.
 local function transition(id, old_state, new_state, prio, attempt, extra)
+  if old_state then ensure_transition(id, prio, old_state, new_state) else ensure_transition(id, prio, new_state) end
   local jk = k_job(id)
   if old_state then redis.call('ZREM', k_state(old_state, prio), id) end
   redis.call('ZADD', k_state(new_state, prio), NOW, id)
@@ -141,6 +265,7 @@ end
 -- A terminal transition plus its outcome counter; the event stream (a log) starts to expire,
 -- the job record stays.
 local function finish(id, j, old_state, new_state, outcome, extra)
+  sinks_ready()
   transition(id, old_state, new_state, j.priority, j.attempt, extra)
   count('finished:' .. (j.kind or '?') .. ':' .. (j.model or '?') .. ':' .. outcome)
   if EVENTS_TTL > 0 then redis.call('EXPIRE', k_events(id), EVENTS_TTL) end
@@ -149,25 +274,12 @@ end
 -- Put a job id into its (priority, gpus, cpus) queue at its original sequence number, so a
 -- requeued or retried job keeps its place among jobs submitted after it; wake one waiter.
 local function enqueue(id, j)
-  redis.call('ZADD', k_queue(j.priority, j.gpus, j.cpus), tonumber(j.seq), id)
+  ensure_enqueue(id, j)
+  redis.call('ZADD', k_queue(j.priority, j.gpus, j.cpus), finite(j.seq), id)
   redis.call('SADD', k_shapes(j.priority), j.gpus .. ':' .. j.cpus)
   if redis.call('LPUSH', k_notify(), '1') > NOTIFY_MAX then
     redis.call('LTRIM', k_notify(), 0, NOTIFY_MAX - 1)
   end
-end
-
-local function dead_letter(id, reason, source)
-  local entry = {job_id = printable(id), reason = printable(reason), at = NOW, source = printable(source)}
-  redis.call('LPUSH', k_dead(), cjson.encode(entry))
-  redis.call('LTRIM', k_dead(), 0, DEAD_MAX - 1)
-  count('dead_lettered')
-end
-
--- A key of the wrong type where a queue structure should be: move it aside, record why.
-local function quarantine(key, why)
-  local dest = k_quarantine(key, math.floor(NOW * 1000))
-  redis.call('RENAME', key, dest)
-  dead_letter('', why .. '; moved to ' .. dest, key)
 end
 
 -- The job as seen by the holder of `token`, or nil when the token is stale (fencing).
@@ -180,6 +292,7 @@ end
 
 -- Release the lease of a job leaving 'running'.
 local function release(id)
+  ensure_leases()
   redis.call('ZREM', k_leases(), id)
   redis.call('HSET', k_job(id), 'lease_token', '')
   redis.call('HDEL', k_job(id), 'lease_expires_at')
@@ -187,11 +300,16 @@ end
 
 -- Retrying jobs whose backoff is over go back to their queue.
 local function promote_due(limit)
+  ensure_delayed()
   local ids = redis.call('ZRANGEBYSCORE', k_delayed(), '-inf', NOW, 'LIMIT', 0, limit)
   local out = {}
   for _, id in ipairs(ids) do
-    redis.call('ZREM', k_delayed(), id)
     local j, why = job_fields(id, LIGHT)
+    if j and j.state == 'retrying' and queueable(j) then
+      ensure_enqueue(id, j)
+      ensure_transition(id, j.priority, 'retrying', 'queued')
+    end
+    redis.call('ZREM', k_delayed(), id)
     if j and j.state == 'retrying' then
       if queueable(j) then
         redis.call('HDEL', k_job(id), 'not_before')
@@ -217,17 +335,23 @@ end
 -- was requested becomes 'cancelled'. The old token is cleared, so the lost worker is fenced
 -- out even if it comes back.
 local function requeue_expired(limit)
+  ensure_leases()
   local ids = redis.call('ZRANGEBYSCORE', k_leases(), '-inf', NOW, 'LIMIT', 0, limit)
   local out = {}
   for _, id in ipairs(ids) do
-    redis.call('ZREM', k_leases(), id)
     local j = job_fields(id, LIGHT)
+    if j and j.state == 'running' then
+      sinks_ready()
+      ensure_transition(id, j.priority, 'running', 'queued', 'failed', 'cancelled')
+      if queueable(j) then ensure_enqueue(id, j) end
+    end
+    redis.call('ZREM', k_leases(), id)
     if j and j.state == 'running' then
       local jk = k_job(id)
       local attempt = tonumber(j.attempt) or 0
       local info = {reason = 'lease expired', worker = j.worker or ''}
       release(id)
-      local lost = redis.call('HINCRBY', jk, 'lease_expiries', 1) -
+      local lost = incr_field(jk, 'lease_expiries', 1) -
                    (tonumber(redis.call('HGET', jk, 'lost_base')) or 0)
       local max_lost = tonumber(redis.call('HGET', jk, 'max_lost')) or DEFAULT_MAX_LOST
       count('lease_expiries')
@@ -257,6 +381,19 @@ end
 -- spec / 2 if it named one with a different spec (nothing is written), created_at}
 local id, idem = arg(1), arg(2)
 local spec_sha = redis.sha1hex(arg(9))
+local jk = k_job(id)
+if redis.call('EXISTS', jk) == 1 then return redis.error_reply('job id collision: ' .. id) end
+local j = {priority = arg(4), gpus = arg(5), cpus = arg(6), kind = arg(7), model = arg(8)}
+-- every key this script touches is checked before the first write (see ensure_type)
+if idem ~= '' then ensure_type(idem, 'string') end
+if ensure_type(k_seq(), 'string') then
+  local seq = redis.call('GET', k_seq())
+  if seq and not string.match(seq, '^%d+$') then quarantine(k_seq(), 'sequence counter is not an integer') end
+end
+ensure_type(k_jobs(), 'zset')
+ensure_type(k_state('queued', j.priority), 'zset')
+ensure_enqueue(id, j)
+sinks_ready()
 if idem ~= '' then
   local existing = redis.call('GET', idem)
   if existing then
@@ -268,16 +405,13 @@ if idem ~= '' then
     end
   end
 end
-local jk = k_job(id)
-if redis.call('HSETNX', jk, 'id', id) == 0 then return redis.error_reply('job id collision: ' .. id) end
-local j = {priority = arg(4), gpus = arg(5), cpus = arg(6), kind = arg(7), model = arg(8)}
 j.seq = redis.call('INCR', k_seq())
 -- The whole record in one HSET, including what transition() would write for 'queued' (this
 -- is the hot path of a pipelined submit). No event is written: a stream costs ~4.7 KB of Redis
 -- memory from its first entry, which would dominate the footprint of a deep backlog. The
 -- job's stream starts at its first claim; the 'queued' entry is in the record's transitions.
 local entry = cjson.encode({state = 'queued', at = NOW, attempt = 0, reason = 'submitted'})
-redis.call('HSET', jk, 'kind', j.kind, 'model', j.model, 'spec', arg(9),
+redis.call('HSET', jk, 'id', id, 'kind', j.kind, 'model', j.model, 'spec', arg(9),
            'priority', j.priority, 'gpus', j.gpus, 'cpus', j.cpus, 'attempt', 0, 'retry_base', 0,
            'max_retries', arg(10), 'seq', j.seq, 'created_at', NOWS, 'cancel_requested', '0',
            'lease_expiries', 0, 'state', 'queued', 'queued_at', NOWS, 'updated_at', NOWS,
@@ -339,8 +473,14 @@ for _, p in ipairs(PRIORITIES) do
     end
     if not best_id then break end
 
-    redis.call('ZREM', best_key, best_id)
     local j, reason = job_fields(best_id, FULL)
+    if j and j.state == 'queued' then
+      -- every key the claim (or the rejection) of this job writes, checked before its first write
+      local prio = PRIORITY_OK[j.priority] and j.priority or p
+      ensure_leases()
+      ensure_transition(best_id, prio, 'queued', 'running', 'failed')
+    end
+    redis.call('ZREM', best_key, best_id)
     if j and j.state ~= 'queued' then
       -- a stray entry for a job that is elsewhere: drop the entry, leave the job alone
       dead_letter(best_id, 'stale queue entry: job is ' .. tostring(j.state), best_key)
@@ -381,9 +521,17 @@ return nil
 
 --!script heartbeat
 -- arg: 1 job id, 2 token, 3 lease seconds. returns 0 lease lost, 1 ok, 2 ok but cancel requested
+-- A lease that has already expired is lost even while no one has requeued the job yet: its
+-- holder may have been paused or cut off for longer than the lease, and requeue_expired may
+-- hand the job to another worker at any moment, so it must stop rather than resurrect it.
 local id = arg(1)
-local j = fenced(id, arg(2))
+local names = {unpack(LIGHT)}
+table.insert(names, 'lease_expires_at')
+local j = fenced(id, arg(2), names)
 if not j then return 0 end
+local held_until = finite(j.lease_expires_at)
+if held_until and held_until < NOW then return 0 end
+ensure_leases()
 local expires = NOW + tonumber(arg(3))
 redis.call('ZADD', k_leases(), expires, id)
 redis.call('HSET', k_job(id), 'lease_expires_at', string.format('%.6f', expires), 'heartbeat_at', NOWS)
@@ -395,6 +543,7 @@ return 1
 -- returns 1, or 0 when fenced out
 local id = arg(1)
 if not fenced(id, arg(2)) then return 0 end
+if arg(4) ~= '0' then ensure_type(k_events(id), 'stream', id) end
 redis.call('HSET', k_job(id), 'progress', arg(3), 'updated_at', NOWS)
 if arg(4) ~= '0' then emit(id, 'progress', arg(3)) end
 return 1
@@ -403,20 +552,34 @@ return 1
 -- arg: 1 job id, 2 token, 3 checkpoint URI. returns 1, or 0 when fenced out
 local id = arg(1)
 if not fenced(id, arg(2)) then return 0 end
+ensure_type(k_events(id), 'stream', id)
 redis.call('HSET', k_job(id), 'checkpoint', arg(3), 'checkpoint_at', NOWS, 'updated_at', NOWS)
 emit(id, 'log', cjson.encode({level = 'info', message = 'checkpoint saved', checkpoint = arg(3)}))
 return 1
 
 --!script complete
 -- arg: 1 job id, 2 token, 3 result JSON. returns 1, or 0 when fenced out
+-- A cancel requested while the job was running but not yet acted on when it finished is
+-- dropped: the work is done and its result kept (succeeded), as cancelling a job that already
+-- finished does nothing; the transition and a warning event record that the cancel came late.
 local id = arg(1)
 local j = fenced(id, arg(2))
 if not j then return 0 end
+sinks_ready()
+ensure_leases()
+ensure_transition(id, j.priority, 'running', 'succeeded')
 release(id)
 redis.call('HSET', k_job(id), 'result', arg(3))
 redis.call('HDEL', k_job(id), 'error', 'traceback')
 emit(id, 'result', arg(3))
-finish(id, j, 'running', 'succeeded', 'succeeded', nil)
+local extra = nil
+if j.cancel_requested == '1' then
+  local why = 'finished before the cancel request took effect; cancel dropped, result kept'
+  redis.call('HSET', k_job(id), 'cancel_requested', '0')
+  emit(id, 'log', cjson.encode({level = 'warning', message = why}))
+  extra = {reason = why, cancel_dropped = true}
+end
+finish(id, j, 'running', 'succeeded', 'succeeded', extra)
 return 1
 
 --!script fail
@@ -434,6 +597,10 @@ local attempt = tonumber(j.attempt) or 0
 local losses = redis.call('HMGET', k_job(id), 'lease_expiries', 'lost_base')
 local used = attempt - (tonumber(j.retry_base) or 0) - ((tonumber(losses[1]) or 0) - (tonumber(losses[2]) or 0))
 local short = arg(8)
+sinks_ready()
+ensure_leases()
+ensure_delayed()
+ensure_transition(id, j.priority, 'running', 'retrying', 'failed', 'cancelled')
 release(id)
 redis.call('HSET', k_job(id), 'error', arg(3), 'traceback', arg(4))
 if j.cancel_requested == '1' then
@@ -461,16 +628,23 @@ local j = job_fields(id, LIGHT)
 if not j then return 'missing' end
 local info = {reason = 'cancelled by user'}
 if j.state == 'queued' then
+  sinks_ready()
+  if queueable(j) then ensure_type(k_queue(j.priority, j.gpus, j.cpus), 'zset', id) end
+  ensure_transition(id, j.priority, 'queued', 'cancelled')
   if queueable(j) then redis.call('ZREM', k_queue(j.priority, j.gpus, j.cpus), id) end
   finish(id, j, 'queued', 'cancelled', 'cancelled', info)
   return 'cancelled'
 elseif j.state == 'retrying' then
+  sinks_ready()
+  ensure_delayed()
+  ensure_transition(id, j.priority, 'retrying', 'cancelled')
   redis.call('ZREM', k_delayed(), id)
   redis.call('HDEL', k_job(id), 'not_before')
   finish(id, j, 'retrying', 'cancelled', 'cancelled', info)
   return 'cancelled'
 elseif j.state == 'running' then
   if j.cancel_requested ~= '1' then
+    ensure_type(k_events(id), 'stream', id)
     redis.call('HSET', k_job(id), 'cancel_requested', '1', 'cancel_requested_at', NOWS)
     emit(id, 'log', cjson.encode({level = 'warning', message = 'cancel requested'}))
   end
@@ -483,6 +657,9 @@ return 'is:' .. tostring(j.state)
 local id = arg(1)
 local j = fenced(id, arg(2))
 if not j then return 0 end
+sinks_ready()
+ensure_leases()
+ensure_transition(id, j.priority, 'running', 'cancelled')
 release(id)
 finish(id, j, 'running', 'cancelled', 'cancelled', {reason = 'cancelled by user', worker = j.worker or ''})
 return 1
@@ -497,6 +674,9 @@ local j = job_fields(id, LIGHT)
 if not j then return 'missing' end
 if j.state ~= 'failed' and j.state ~= 'cancelled' then return tostring(j.state) end
 if not queueable(j) then return 'invalid' end
+sinks_ready()
+ensure_enqueue(id, j)
+ensure_transition(id, j.priority, j.state, 'queued')
 local jk = k_job(id)
 redis.call('HSET', jk, 'retry_base', tonumber(j.attempt) or 0, 'cancel_requested', '0',
            'lost_base', tonumber(redis.call('HGET', jk, 'lease_expiries')) or 0)
@@ -513,6 +693,9 @@ return 'requeued'
 local id = arg(1)
 local j = fenced(id, arg(2))
 if not j then return 0 end
+sinks_ready()
+ensure_leases()
+ensure_transition(id, j.priority, 'running', 'failed')
 release(id)
 redis.call('HSET', k_job(id), 'error', 'dead-lettered: ' .. arg(3))
 dead_letter(id, arg(3), 'claim')
@@ -539,6 +722,10 @@ return promote_due(tonumber(arg(1)))
 local cutoff = NOW - tonumber(arg(1))
 local budget = tonumber(arg(2))
 local dry = arg(3) == '1'
+if not dry then  -- the keys written below besides DELs (see ensure_type); a dry run writes nothing
+  sinks_ready()
+  ensure_type(k_jobs(), 'zset')
+end
 local examined, out = 0, {0}
 for _, state in ipairs({'succeeded', 'failed', 'cancelled'}) do
   for _, p in ipairs(PRIORITIES) do

@@ -17,7 +17,11 @@ Lifecycle::
 * Leases: a claim returns a random *lease token* and puts the job in the lease zset for
   ``lease_seconds``; the worker renews it with ``heartbeat``. ``progress``, ``set_checkpoint``,
   ``complete``, ``fail`` and ``mark_cancelled`` all carry the token and change nothing once it is
-  stale (return False): a worker that lost its lease can never overwrite the new attempt.
+  stale (return False): a worker that lost its lease can never overwrite the new attempt. So do
+  the attempt's events (``EventLog.publish(..., lease_token=...)``). A heartbeat after the lease
+  has expired is refused even before anyone requeued the job: the holder must stop.
+* ``complete`` while a cancel is requested but not yet acted on: the job ends ``succeeded`` with
+  its result, and the cancel is dropped (recorded in the transition and as a warning event).
 * A lease that expires (worker SIGKILLed, hung, partitioned) sends the job back to ``queued``
   by ``requeue_expired`` (which ``claim`` also runs in passing), keeping ``checkpoint`` so the
   next attempt resumes. A lost worker is not the job's fault: expiries never use up
@@ -35,6 +39,12 @@ Lifecycle::
   ``IdempotencyConflict`` naming the existing job. Errors and tracebacks are stored truncated.
 * Retention: ``prune`` removes finished jobs (hash, events, index entries, idempotency key) older
   than an age, in small batches (``services.retention`` runs it from idle workers).
+* No script half-applies: a script that raises keeps its earlier writes, so every script
+  checks the type of each key it touches before its first write (``ensure_type`` in
+  queue.lua). A key of the wrong type (an index, the lease or delayed zset, a job's event
+  stream, the dead-letter list, the counters) is renamed to ``quarantine:<key>:<ms>`` with a
+  dead letter saying why, and the script goes on with a fresh key; a junk lease or delayed
+  zset is rebuilt from the state index so no running or retrying job is stranded.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class JobChannel:
             n = self.events_dropped
             if n and self._send(self.events.log, self.ctx.job_id,
                                 f"{n} progress/log event(s) dropped while Redis was unavailable",
-                                what="logging", level="warning", events_dropped=n) is not _DROPPED:
+                                lease_token=self.ctx.lease_token, what="logging", level="warning", events_dropped=n) is not _DROPPED:
                 self.events_dropped -= n
         finally:
             self._flushing = False
@@ -134,7 +134,8 @@ class JobChannel:
 
     def progress(self, event: dict[str, Any]) -> None:
         """Publish a training event and keep the latest one in the job record (fenced)."""
-        if self._send(self.events.publish, self.ctx.job_id, "progress", event, what="publishing progress") is _DROPPED:
+        if self._send(self.events.publish, self.ctx.job_id, "progress", event,
+                      lease_token=self.ctx.lease_token, what="publishing progress") is _DROPPED:
             self.events_dropped += 1
             return
         if event.get("type") in ("epoch", "eval") or event.get("step", 0) % 5 == 0:
@@ -142,7 +143,8 @@ class JobChannel:
                        what="recording progress")
 
     def log(self, message: str, **extra: Any) -> None:
-        if self._send(self.events.log, self.ctx.job_id, message, what="logging", **extra) is _DROPPED:
+        if self._send(self.events.log, self.ctx.job_id, message, lease_token=self.ctx.lease_token,
+                      what="logging", **extra) is _DROPPED:
             self.events_dropped += 1
 
     def set_checkpoint(self, uri: str) -> None:

@@ -233,7 +233,7 @@ def _publish_resumed(channel: JobChannel, job: JobContext, trial: dict[str, Any]
     epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["epoch"])
     channel.events.publish(job.job_id, "progress", {
         "type": "trial", "trial": trial["key"], "model": trial["model"], "augment": trial["augment"],
-        "status": "resumed", "resumed_from_epoch": epoch, "epochs": epochs})
+        "status": "resumed", "resumed_from_epoch": epoch, "epochs": epochs}, lease_token=job.lease_token)
 
 
 def _trial(config: dict[str, Any], spec: dict[str, Any] | None = None, ctx: dict[str, Any] | None = None,
@@ -406,7 +406,7 @@ class _SweepCallback(Callback):
         event = {"type": "trial", "trial": t["key"], "model": t["model"], "augment": t["augment"], "lr": t["lr"],
                  "routing_iters": t["routing_iters"], "seed": t["seed"], "status": status, **extra}
         try:
-            live.queue.events.publish(self.job_id, "progress", event)
+            live.queue.events.publish(self.job_id, "progress", event, lease_token=live.ctx.lease_token)
             if status != "running" or extra.get("epoch") is not None:
                 self._progress(live, last=event)
         except Exception:  # a Redis blip must not kill the sweep; the next event catches up
@@ -681,7 +681,7 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
     what = {"restored": "restoring the Tune experiment", "new": "new Tune experiment"}.get(how, how)
     queue.events.log(ctx.job_id, f"tune: {len(trials)} trials, {len(live.done)} already finished; {what} at "
                      f"{experiment}", trials=len(trials), finished=len(live.done), restored=how == "restored",
-                     experiment=experiment)
+                     experiment=experiment, lease_token=ctx.lease_token)
     callback._progress(live)
     # Tune installs SIGINT/SIGUSR1 handlers when run from the main thread; keep the worker's own.
     saved_handlers = ({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}

@@ -218,8 +218,9 @@ class Worker:
 
     def _log_event(self, job: ClaimedJob, message: str, **extra: Any) -> None:
         """A job log event that may be dropped (counted) while Redis is away."""
+        # A refused append (stale lease token) returns None too: either way nothing was written.
         if self.redis.attempt(self.queue.events.log, job.job_id, message, what=f"logging for {job.job_id}",
-                              default=None, **extra) is None:
+                              default=None, lease_token=job.token, **extra) is None:
             self.metrics.count_dropped_events()
             log.info("job %s: event dropped (Redis unavailable): %s", job.job_id, message)
 
