@@ -40,9 +40,10 @@ import redis
 
 from . import stack as stack_mod
 from .config import Settings, SettingsError, redis_client
-from .jobspec import DATASETS, PRIORITIES, SpecError, parse_spec
+from .jobspec import DATASETS, PRIORITIES, EvalSpec, SpecError, check_model_size, parse_spec
 from .keys import Keys
 from .queue import STATES, CapacityError, JobNotFound, JobQueue, JobRecord, JobStateError, QueueError
+from .sources import SourceRefused, check_checkpoint_file, check_source_allowed, local_checkpoint_file
 
 CONTEXT_SETTINGS = {"auto_envvar_prefix": "CAPSCTL", "help_option_names": ["-h", "--help"],
                     "max_content_width": 110}
@@ -552,9 +553,25 @@ def common_job_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def check_submittable(spec: Any, settings: Settings) -> None:
+    """What only the operator's settings decide, checked before queueing (SpecError, exit 2):
+    the model size limit, and for eval where the checkpoint may come from and, when it is a
+    local file this process can read, that it is a safe capsnet_core checkpoint."""
+    check_model_size(spec, settings.max_params)
+    if isinstance(spec, EvalSpec):
+        try:
+            check_source_allowed(spec.source, str(settings.artifacts), settings.eval_roots)
+            local = local_checkpoint_file(spec.source)
+            if local is not None:
+                check_checkpoint_file(local)
+        except SourceRefused as err:
+            raise SpecError(str(err), "source") from None
+
+
 def submit_spec(app: App, spec: dict[str, Any], idempotency_key: str | None, follow: bool,
                 as_json: bool) -> None:
     parsed = parse_spec(spec)  # SpecError -> exit 2 before touching Redis
+    check_submittable(parsed, app.settings)
     record = app.queue.submit(parsed, idempotency_key=idempotency_key)
     if as_json and not follow:
         _emit_json(record.to_dict())
@@ -642,15 +659,17 @@ def submit(app: App, model: str, gpus: int | None, workers: int | None, epochs: 
 @main.command("eval")
 @click.argument("source", metavar="JOB_ID|CHECKPOINT")
 @click.option("--angles", type=NumberList(float), help="Test rotations in degrees (default 0,15,35).")
+@click.option("--gpus", type=int, help="0 or 1: evaluate on a GPU the scheduler reserves for it (default 0).")
 @data_options(train=False)
 @common_job_options
 @pass_app
-def eval_cmd(app: App, source: str, angles: list[float] | None, dataset: str | None, test_subset: int | None,
-             priority: str | None, name: str | None, max_retries: int | None, idempotency_key: str | None,
-             follow: bool, as_json: bool) -> None:
-    """Evaluate a trained job's checkpoint (or a checkpoint path) on rotated test sets."""
-    spec = _put({"kind": "eval", "source": source}, angles=angles, dataset=dataset, test_subset=test_subset,
-                priority=priority, name=name, max_retries=max_retries)
+def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: int | None, dataset: str | None,
+             test_subset: int | None, priority: str | None, name: str | None, max_retries: int | None,
+             idempotency_key: str | None, follow: bool, as_json: bool) -> None:
+    """Evaluate a trained job's checkpoint (or a checkpoint path within the artifact storage or
+    CAPSNET_EVAL_ROOTS) on rotated test sets."""
+    spec = _put({"kind": "eval", "source": source}, angles=angles, gpus=gpus, dataset=dataset,
+                test_subset=test_subset, priority=priority, name=name, max_retries=max_retries)
     submit_spec(app, spec, idempotency_key, follow, as_json)
 
 

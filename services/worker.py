@@ -22,10 +22,10 @@ import time
 import traceback
 
 from . import metrics as svc_metrics
-from .config import Settings, redis_client
+from .config import Settings, ray_worker_env, redis_client
 from .keys import Keys
 from .queue import ClaimedJob, JobQueue
-from .ray_train import JobCancelled, JobContext, run_eval_job, run_train_job
+from .ray_train import JobCancelled, JobContext, JobRejected, run_eval_job, run_train_job
 
 log = logging.getLogger("capsctl.worker")
 
@@ -64,8 +64,7 @@ class Worker:
         import ray
 
         if not ray.is_initialized():
-            env_vars = {k: v for k, v in os.environ.items()
-                        if k.startswith("CAPSNET_") and k not in ("CAPSNET_METRICS_PORT",)}
+            env_vars = ray_worker_env(os.environ)  # CAPSNET_*, NCCL_*, TORCH_NCCL_*
             if self.settings.data_dir is not None:
                 env_vars["CAPSNET_DATA_DIR"] = str(self.settings.data_dir)
             ray.init(address=self.settings.ray_address or None,
@@ -210,7 +209,8 @@ class Worker:
             else:
                 outcome = "failed"
                 message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-                self.queue.fail(job.job_id, job.token, message, traceback.format_exc())
+                self.queue.fail(job.job_id, job.token, message, traceback.format_exc(),
+                                retry=not isinstance(exc, JobRejected))  # a refused input stays refused
                 log.warning("job %s attempt %d failed: %s", job.job_id, job.attempt, message)
         finally:
             done.set()
