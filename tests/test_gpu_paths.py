@@ -303,3 +303,13 @@ def test_workers_forward_nccl_variables_to_ray() -> None:
     assert ray_worker_env(env) == {"CAPSNET_ARTIFACTS": "/a", "NCCL_SOCKET_IFNAME": "eth0",
                                    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
     assert "ray_worker_env(os.environ)" in (REPO_ROOT / "services" / "worker.py").read_text()
+
+
+def test_gpu_check_cpu_parts_run_and_pass() -> None:
+    """benchmarks/gpu_check.py's CPU-only parts, so the GPU script cannot rot."""
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert all(any(line.split()[:1] == [name] for line in lines) for name in MODEL_NAMES), done.stdout
+    assert "resume through the device path: ok" in done.stdout and "ok (gloo)" in done.stdout
