@@ -32,7 +32,7 @@ import torch
 
 from capsnet_core import TrainConfig, build_model, load_dataset
 from capsnet_core.augment import augment_batch, parse_preset
-from capsnet_core.evaluate import autocast_context
+from capsnet_core.evaluate import autocast_context, configure_backends
 from capsnet_core.train import train_one_epoch
 
 
@@ -65,6 +65,7 @@ def timed_training(train_step: Callable[[torch.Tensor, torch.Tensor], None], dev
 
 def measure(name: str, device: torch.device, batch: int, steps: int, warmup: int) -> tuple[float, float]:
     torch.manual_seed(0)
+    configure_backends(device)  # cuDNN autotuning on CUDA: the warm-up steps absorb its search
     model = build_model(name).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -146,6 +147,7 @@ def reference_in_fresh_process(path: Path, device: str, batch: int, steps: int, 
 
 def full_epoch(name: str, device: torch.device, batch: int) -> float:
     torch.manual_seed(0)
+    configure_backends(device)  # cuDNN autotuning on CUDA: the warm-up steps absorb its search
     model = build_model(name).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = load_dataset("mnist", "train").to(device)

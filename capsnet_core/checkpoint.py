@@ -2,6 +2,10 @@
 
 Writes are atomic (temporary file + rename), so a crash mid-write leaves the previous
 checkpoint intact: a resumed job never reads half a file.
+
+Loading never runs code from the file: ``torch.load(weights_only=True)`` unpickles only
+tensors and plain containers (our files need nothing else), so a crafted pickle handed to
+``capsctl eval`` is refused with ``CheckpointRejected`` instead of executing.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from .models import build_model
 from .models.base import unwrap
 
 FORMAT_VERSION = 1
+
+
+class CheckpointRejected(ValueError):
+    """A file that is not a capsnet_core checkpoint, or needs more than tensors and plain
+    containers to load. The message is one line naming the file; retrying cannot help."""
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
@@ -72,14 +81,50 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint safely; weights and optimizer state end up on `map_location`.
+
+    Everything is read on the CPU first: the RNG states must stay there whatever the map
+    location (``torch.set_rng_state`` only takes a CPU ByteTensor, so mapping them to
+    ``cuda:N`` made every resume on a GPU crash).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    # weights_only=False: our own files carry RNG state (numpy/python objects), never user input.
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    if payload.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a capsnet_core checkpoint (format {payload.get('format')!r})")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for unsafe globals, RuntimeError/EOFError for junk
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointRejected(f"{path}: refused, not a safe capsnet_core checkpoint ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION or "model" not in payload:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointRejected(f"{path}: refused, not a capsnet_core checkpoint (format {found!r})")
+    if torch.device(map_location).type != "cpu":
+        for key in ("model_state", "optimizer_state"):
+            payload[key] = _to_device(payload.get(key), torch.device(map_location))
     return payload
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def resume_training(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    device: str | torch.device) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG state from a checkpoint onto `device` (the
+    code path of every rank, CPU or GPU); returns the payload (epoch, history...)."""
+    state = load_checkpoint(path, map_location=device)
+    unwrap(model).load_state_dict(state["model_state"])
+    optimizer.load_state_dict(state["optimizer_state"])
+    if scheduler is not None and state.get("scheduler_state") is not None:
+        scheduler.load_state_dict(state["scheduler_state"])
+    set_rng_state(state["rng_state"])
+    return state
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from .augment import AugmentSpec, augment_batch, parse_preset
-from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import resume_training, save_checkpoint
 from .data import Dataset
-from .evaluate import autocast_context, evaluate
+from .evaluate import autocast_context, configure_backends, evaluate
 from .models.base import unwrap
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -65,6 +65,18 @@ class FitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def ddp_options(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments for wrapping `model` in DistributedDataParallel.
+
+    Buffers are broadcast from rank 0 before every forward only when the model has state in
+    them (BatchNorm running statistics: persistent buffers, in the state dict). Constant
+    buffers, such as CapsNet's DFT matrices (24,272 floats, unused on CUDA), are identical on
+    every rank by construction: broadcasting them each step is pure NCCL traffic.
+    """
+    stateful = set(unwrap(model).state_dict())
+    return {"broadcast_buffers": any(name in stateful for name, _ in unwrap(model).named_buffers())}
 
 
 def angle_key(angle: float) -> str:
@@ -158,17 +170,14 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
     """
     bare = unwrap(model)
     device = next(bare.parameters()).device
+    configure_backends(device)
     augment = parse_preset(config.augment)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if resume_from is not None and Path(resume_from).is_file():
-        state = load_checkpoint(resume_from, map_location=device)
-        bare.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
-        scheduler.load_state_dict(state["scheduler_state"])
-        set_rng_state(state["rng_state"])
+        state = resume_training(resume_from, model, optimizer, scheduler, device)
         start_epoch, history = int(state["epoch"]), list(state["history"])
     train = train.to(device)
     test = test.to(device) if test is not None else None

@@ -42,7 +42,7 @@ import redis
 from . import compare as compare_mod
 from . import stack as stack_mod
 from .config import Settings, SettingsError, redis_client
-from .jobspec import DATASETS, JOB_ID_RE, PRIORITIES, SpecError, parse_spec
+from .jobspec import DATASETS, JOB_ID_RE, PRIORITIES, EvalSpec, SpecError, check_model_size, parse_spec
 from .keys import Keys
 from .parsing import finite, json_ready, printable
 from .queue import (
@@ -57,6 +57,7 @@ from .queue import (
     resource_shape,
     worker_resources,
 )
+from .sources import SourceRefused, check_checkpoint_file, check_source_allowed, local_checkpoint_file
 from .tune_view import TuneProgressView
 
 CONTEXT_SETTINGS = {"auto_envvar_prefix": "CAPSCTL", "help_option_names": ["-h", "--help"],
@@ -654,9 +655,26 @@ def common_job_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def check_submittable(spec: Any, settings: Settings) -> None:
+    """What only the operator's settings decide, checked before queueing (SpecError, exit 2):
+    the model size limit, and for eval where the checkpoint may come from and, when it is a
+    local file this process can read, that it is a safe capsnet_core checkpoint."""
+    check_model_size(spec, settings.max_params)
+    if isinstance(spec, EvalSpec):
+        try:
+            check_source_allowed(spec.source, str(settings.artifacts), settings.eval_roots)
+            local = local_checkpoint_file(spec.source)
+            if local is not None:
+                check_checkpoint_file(local)
+        except SourceRefused as err:
+            raise SpecError(str(err), "source") from None
+
+
 def submit_spec(app: App, spec: dict[str, Any], idempotency_key: str | None, follow: bool,
-                as_json: bool) -> None:
+                as_json: bool, checked: bool = False) -> None:
     parsed = parse_spec(spec)  # SpecError -> exit 2 before touching Redis
+    if not checked:
+        check_submittable(parsed, app.settings)
     record = app.queue.submit(parsed, idempotency_key=idempotency_key)
     if as_json and not follow:
         _emit_json(record.to_dict())
@@ -745,18 +763,20 @@ def submit(app: App, model: str, gpus: int | None, workers: int | None, epochs: 
 @main.command("eval")
 @click.argument("source", metavar="JOB_ID|CHECKPOINT")
 @click.option("--angles", type=NumberList(float), help="Test rotations in degrees (default 0,15,35).")
+@click.option("--gpus", type=int, help="0 or 1: evaluate on a GPU the scheduler reserves for it (default 0).")
 @data_options(train=False)
 @common_job_options
 @pass_app
-def eval_cmd(app: App, source: str, angles: list[float] | None, dataset: str | None, test_subset: int | None,
-             priority: str | None, name: str | None, max_retries: int | None, max_lost: int | None,
-             idempotency_key: str | None, follow: bool, as_json: bool) -> None:
-    """Evaluate a trained job's checkpoint (or a checkpoint path) on rotated test sets."""
-    spec = _put({"kind": "eval", "source": source}, angles=angles, dataset=dataset, test_subset=test_subset,
-                priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
-    parse_spec(spec)  # the spec's own errors first
+def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: int | None, dataset: str | None,
+             test_subset: int | None, priority: str | None, name: str | None, max_retries: int | None,
+             max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
+    """Evaluate a trained job's checkpoint (or a checkpoint path within the artifact storage or
+    CAPSNET_EVAL_ROOTS) on rotated test sets."""
+    spec = _put({"kind": "eval", "source": source}, angles=angles, gpus=gpus, dataset=dataset,
+                test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
+    check_submittable(parse_spec(spec), app.settings)  # the spec's and the operator's rules, before Redis
     check_eval_source(app, source.strip())
-    submit_spec(app, spec, idempotency_key, follow, as_json)
+    submit_spec(app, spec, idempotency_key, follow, as_json, checked=True)
 
 
 def check_eval_source(app: App, source: str) -> None:

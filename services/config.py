@@ -17,7 +17,13 @@ heartbeat_seconds          CAPSNET_HEARTBEAT_SECONDS    5
 data_dir                   CAPSNET_DATA_DIR             None (capsnet_core's own default)
 retention_days             CAPSNET_RETENTION_DAYS       30 (finished jobs older than this are
                                                         pruned by idle workers; 0 = keep forever)
+eval_roots                 CAPSNET_EVAL_ROOTS           () (eval reads artifacts and job ids only)
+max_params                 CAPSNET_MAX_PARAMS           100000000
 =========================  ===========================  ====================================
+
+``CAPSNET_EVAL_ROOTS`` is a comma-separated list of folders or URI prefixes that ``eval`` may
+read checkpoints from besides ``artifacts``; ``CAPSNET_MAX_PARAMS`` caps the parameter count of
+a submitted model config (12x the full-size CapsNet by default).
 
 ``redis_url`` may be ``rediss://`` (TLS) and carry a user/password
 (``redis://:secret@host:6379/0``); ``redis_client`` hands it to ``redis.Redis.from_url``.
@@ -35,6 +41,7 @@ import redis
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "capsnet:"
+DEFAULT_MAX_PARAMS = 100_000_000  # 12x the full-size CapsNet (8.2 M parameters)
 
 
 class SettingsError(ValueError):
@@ -73,6 +80,8 @@ class Settings:
     heartbeat_seconds: int = 5
     data_dir: Path | None = None
     retention_days: int = 30
+    eval_roots: tuple[str, ...] = ()
+    max_params: int = DEFAULT_MAX_PARAMS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -97,6 +106,8 @@ class Settings:
             heartbeat_seconds=heartbeat,
             data_dir=_path(env, "CAPSNET_DATA_DIR", None),
             retention_days=_int(env, "CAPSNET_RETENTION_DAYS", 30, 0, 36500),
+            eval_roots=tuple(r.strip() for r in env.get("CAPSNET_EVAL_ROOTS", "").split(",") if r.strip()),
+            max_params=_int(env, "CAPSNET_MAX_PARAMS", DEFAULT_MAX_PARAMS, 1, 10**12),
         )
         if overrides:
             settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -148,4 +159,17 @@ def redis_client(settings: Settings | str, **kwargs: Any) -> redis.Redis:
     return redis.Redis.from_url(url, **kwargs)
 
 
-__all__ = ["DEFAULT_PREFIX", "DEFAULT_REDIS_URL", "Settings", "SettingsError", "redis_client"]
+
+
+# Environment variables a worker hands to its Ray processes: our own settings, and NCCL's
+# (NCCL_SOCKET_IFNAME, NCCL_IB_*, TORCH_NCCL_*...), which multi-node GPU clusters need.
+RAY_FORWARDED_PREFIXES = ("CAPSNET_", "NCCL_", "TORCH_NCCL_")
+
+
+def ray_worker_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of `environ` that Ray workers must see (not the metrics port: one per worker)."""
+    return {k: v for k, v in environ.items() if k.startswith(RAY_FORWARDED_PREFIXES) and k != "CAPSNET_METRICS_PORT"}
+
+
+__all__ = ["DEFAULT_MAX_PARAMS", "DEFAULT_PREFIX", "DEFAULT_REDIS_URL", "Settings", "SettingsError", "ray_worker_env",
+           "redis_client"]

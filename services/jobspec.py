@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from capsnet_core.models.configs import MODEL_NAMES, config_choices
+from capsnet_core.models.configs import MODEL_NAMES, config_choices, config_maximum
 from capsnet_core.models.configs import model_config_fields as _model_config_fields
 from capsnet_core.presets import parse_preset, preset_for
 
@@ -78,6 +78,7 @@ Rate = _float(gt=0, le=1)
 # What each field allows, used to turn pydantic's type/range errors into one clear line.
 _HINTS: dict[str, str] = {
     "gpus": "an integer in 0..64",
+    "eval.gpus": "0 or 1",
     "workers": "an integer in 1..64",
     "epochs": "an integer in 1..1000",
     "batch_size": "an integer in 1..65536",
@@ -159,6 +160,17 @@ def _check_name(value: str | None) -> str | None:
     return value.strip()
 
 
+def _check_batch_divides(batch_size: int, ranks: int, option: str) -> None:
+    """Every rank trains on batch_size / ranks images per step: refuse what would only fail
+    once the ranks (and NCCL) are up, on every retry."""
+    if batch_size % ranks == 0:
+        return
+    lower = batch_size - batch_size % ranks
+    nearest = [n for n in (lower, lower + ranks) if n >= ranks]
+    raise ValueError(f"batch_size: {batch_size} does not divide over {ranks} ranks ({option} {ranks}); "
+                     f"nearest valid batch sizes: {', '.join(map(str, nearest))}")
+
+
 def _check_config_value(model: str, key: str, value: Any, default: Any) -> Any:
     where = f"model_config.{key}"
     if isinstance(default, bool):
@@ -166,8 +178,9 @@ def _check_config_value(model: str, key: str, value: Any, default: Any) -> Any:
             raise ValueError(f"{where}: {model} expects true or false (got {value!r})")
         return value
     if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
-            raise ValueError(f"{where}: {model} expects an integer in 1..65536 (got {value!r})")
+        top = config_maximum(model, key) or 65536
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+            raise ValueError(f"{where}: {model} expects an integer in 1..{top} (got {value!r})")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
@@ -295,6 +308,7 @@ class TrainSpec(_SpecBase):
         if self.batch_size < self.ranks:
             raise ValueError(f"batch_size: must be at least the number of ranks ({self.ranks}), "
                              f"got {self.batch_size}")
+        _check_batch_divides(self.batch_size, self.ranks, "--gpus" if self.gpus > 0 else "--workers")
         object.__setattr__(self, "model_overrides", _check_model_config([self.model], self.model_overrides))
         return self
 
@@ -317,6 +331,7 @@ class TrainSpec(_SpecBase):
 class EvalSpec(_SpecBase):
     kind: Literal["eval"] = "eval"
     source: str
+    gpus: _int(0, 1) = 0  # type: ignore[valid-type]  # CUDA only when it holds a GPU
     angles: list[Angle] = Field(default_factory=lambda: list(DEFAULT_ANGLES))
     dataset: Dataset = "mnist"
     test_subset: _int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
@@ -342,7 +357,7 @@ class EvalSpec(_SpecBase):
         return self.source if JOB_ID_RE.match(self.source) else None
 
     def resources(self) -> dict[str, int]:
-        return {"gpus": 0, "cpus": 1}
+        return {"gpus": self.gpus, "cpus": 1}
 
 
 class TuneSpec(_SpecBase):
@@ -422,6 +437,8 @@ class TuneSpec(_SpecBase):
         elif len(self.augment) != len(self.angles):
             raise ValueError(f"augment: must list one preset per training angle ({len(self.angles)} angles, "
                              f"got {len(self.augment)} presets)")
+        if self.gpus_per_trial > 1:
+            _check_batch_divides(self.batch_size, self.gpus_per_trial, "--gpus-per-trial")
         if self.routing_iters is not None and "capsnet" not in self.models:
             raise ValueError("routing_iters: only applies to capsnet, which is not in models")
         object.__setattr__(self, "model_overrides", _check_model_config(list(self.models), self.model_overrides))
@@ -496,7 +513,8 @@ def _format_error(err: dict[str, Any], kind: str | None) -> SpecError:
     typ = err.get("type", "")
     ctx = err.get("ctx") or {}
     got = f" (got {_short(err.get('input'))})"
-    hint = _ITEM_HINTS.get(top) if len(loc) > 1 and isinstance(loc[1], int) else _HINTS.get(top)
+    hint = (_ITEM_HINTS.get(top) if len(loc) > 1 and isinstance(loc[1], int)
+            else _HINTS.get(f"{kind}.{top}", _HINTS.get(top)))
 
     if typ == "value_error":
         text = str(ctx.get("error", err.get("msg", "")))
@@ -522,6 +540,25 @@ def _format_error(err: dict[str, Any], kind: str | None) -> SpecError:
     if hint:
         return SpecError(f"{field}: must be {hint}{got}", field)
     return SpecError(f"{field}: {err.get('msg', 'invalid')}{got}", field)
+
+
+def check_model_size(spec: TrainSpec | EvalSpec | TuneSpec, max_params: int) -> None:
+    """Refuse a model config a worker could not hold: the parameter count is estimated from the
+    config (``estimate_model_size``: no weights are allocated) and must stay within max_params."""
+    from capsnet_core.models import estimate_model_size
+
+    if isinstance(spec, TrainSpec):
+        models = [spec.model]
+    elif isinstance(spec, TuneSpec):
+        models = list(spec.models)
+    else:
+        return
+    for model in models:
+        params, activations = estimate_model_size(model, **spec.model_kwargs(model))
+        if params > max_params:
+            per_sample = f", ~{activations * 4 / 2**20:.1f} MiB of activations per sample" if activations else ""
+            raise SpecError(f"model_config: {model} would have ~{params:,} parameters ({params * 4 / 2**20:.0f} MiB"
+                            f"{per_sample}), above the limit of {max_params:,} (CAPSNET_MAX_PARAMS)", "model_config")
 
 
 def parse_spec(data: Any) -> TrainSpec | EvalSpec | TuneSpec:
@@ -556,5 +593,5 @@ def json_schema() -> dict[str, Any]:
 
 __all__ = [
     "DATASETS", "DEFAULT_ANGLES", "JOB_ID_RE", "KINDS", "PRIORITIES", "EvalSpec", "JobSpec", "SpecError",
-    "TrainSpec", "TuneSpec", "json_schema", "parse_spec",
+    "TrainSpec", "TuneSpec", "check_model_size", "json_schema", "parse_spec",
 ]

@@ -36,14 +36,15 @@ import torch
 from capsnet_core import TrainConfig, build_model, fit, load_dataset
 from capsnet_core.checkpoint import load_checkpoint, model_from_checkpoint
 from capsnet_core.evaluate import evaluate
-from capsnet_core.train import angle_key, shard_indices
+from capsnet_core.train import angle_key, ddp_options, shard_indices
 
-from .config import redis_client
+from .config import Settings, redis_client
 from .events import EventLog
-from .jobspec import EvalSpec, TrainSpec
+from .jobspec import EvalSpec, SpecError, TrainSpec, TuneSpec, check_model_size
 from .keys import Keys
 from .queue import JobQueue
 from .redis_retry import RedisRetry, no_retry_client_kwargs
+from .sources import SourceRefused, check_source_allowed
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -52,6 +53,29 @@ _DROPPED = object()  # what a Redis write returns when Redis was unavailable
 
 class JobCancelled(Exception):
     """The job was cancelled (or its lease was taken over) while it ran."""
+
+
+class JobRejected(Exception):
+    """The job asks for something no attempt may do (an unsafe checkpoint, a source outside the
+    allowed roots, an oversize model): it fails for good, without retries. One-line message."""
+
+
+def check_job_limits(spec: TrainSpec | TuneSpec) -> None:
+    """The submit-time size check again, on the worker: a spec written straight into Redis
+    must not get a model the worker cannot hold."""
+    try:
+        check_model_size(spec, Settings.from_env().max_params)
+    except SpecError as err:
+        raise JobRejected(str(err)) from None
+
+
+def assigned_device() -> str:
+    """CUDA only when Ray gave this task or actor a GPU: Ray 2.60 no longer hides GPUs from
+    tasks that asked for none, so ``torch.cuda.is_available()`` would land an eval on a GPU
+    another job holds."""
+    import ray
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
 @dataclass(frozen=True)
@@ -190,7 +214,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(spec.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = build_model(spec.model, **spec.model_kwargs())
-    model = ray.train.torch.prepare_model(model)  # moves to this rank's device; DDP when world_size > 1
+    # Moves to this rank's device (CapsNet lays out its weights for it); DDP when world_size > 1.
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options(model))
     train = load_dataset(spec.dataset, "train", root=ctx.data_dir).subset(spec.train_subset)
     test = load_dataset(spec.dataset, "test", root=ctx.data_dir).subset(spec.test_subset) if rank == 0 else None
 
@@ -282,6 +307,7 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_job_limits(spec)
     use_gpu = spec.gpus > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -333,12 +359,15 @@ def resolve_checkpoint(source: str, queue: JobQueue) -> str:
 
 
 def evaluate_checkpoint(checkpoint_uri: str, dataset: str, angles: list[float], test_subset: int | None = None,
-                        data_dir: str | None = None) -> dict[str, Any]:
+                        data_dir: str | None = None, device: str = "cpu") -> dict[str, Any]:
     """Load a capsnet_core checkpoint (a file, or a folder/URI holding checkpoint.pt) and measure
-    its accuracy on the test set rotated by each angle, on this process's best device."""
+    its accuracy on the test set rotated by each angle, on `device` (``assigned_device()`` in a
+    Ray task). The file is read with ``weights_only`` (``CheckpointRejected`` if unsafe)."""
     from ray.train import Checkpoint
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from capsnet_core.evaluate import configure_backends
+
+    configure_backends(torch.device(device))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(checkpoint_uri)
         if not path.is_file():
@@ -355,7 +384,8 @@ def evaluate_checkpoint(checkpoint_uri: str, dataset: str, angles: list[float], 
 
 def _eval_task(spec_dict: dict[str, Any], checkpoint_uri: str, data_dir: str | None) -> dict[str, Any]:
     spec = EvalSpec.model_validate(spec_dict)
-    result = evaluate_checkpoint(checkpoint_uri, spec.dataset, spec.angles, spec.test_subset, data_dir)
+    result = evaluate_checkpoint(checkpoint_uri, spec.dataset, spec.angles, spec.test_subset, data_dir,
+                                 device=assigned_device())
     result.pop("history")
     return result
 
@@ -364,10 +394,20 @@ def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
     """Evaluate a trained model on the rotated test set as a Ray task (on a GPU if the spec asks)."""
     import ray
 
-    checkpoint_uri = resolve_checkpoint(spec.source, queue)
+    from capsnet_core.checkpoint import CheckpointRejected
+
+    try:
+        # The source and what a job id resolves to must both lie within the allowed roots.
+        roots = Settings.from_env().eval_roots
+        source = check_source_allowed(spec.source, ctx.artifacts, roots)
+        checkpoint_uri = check_source_allowed(resolve_checkpoint(source, queue), ctx.artifacts, roots)
+    except SourceRefused as err:
+        raise JobRejected(str(err)) from None
     resources = spec.resources()
     task = ray.remote(num_cpus=max(1, resources.get("cpus", 1)), num_gpus=resources.get("gpus", 0))(_eval_task)
     try:
         return ray.get(task.remote(spec.to_dict(), checkpoint_uri, ctx.data_dir))
+    except CheckpointRejected as exc:  # Ray re-raises the task's error as an instance of its cause
+        raise JobRejected(str(getattr(exc, "cause", None) or exc)) from None
     except Exception as exc:
         raise RuntimeError(f"evaluation of {checkpoint_uri} failed: {exc}\n{traceback.format_exc()}") from exc

@@ -56,11 +56,19 @@ import torch
 from ray.tune import Callback
 
 from capsnet_core import TrainConfig, build_model, fit, load_dataset
-from capsnet_core.train import angle_key
+from capsnet_core.train import angle_key, ddp_options
 
 from .jobspec import TuneSpec, model_config_fields
 from .queue import JobQueue
-from .ray_train import CHECKPOINT_FILE, JobCancelled, JobChannel, JobContext, evaluate_checkpoint
+from .ray_train import (
+    CHECKPOINT_FILE,
+    JobCancelled,
+    JobChannel,
+    JobContext,
+    assigned_device,
+    check_job_limits,
+    evaluate_checkpoint,
+)
 
 log = logging.getLogger("capsctl.tune")
 
@@ -230,7 +238,7 @@ def _report_final(document: dict[str, Any], restored: bool, checkpoint: str) -> 
 
 def _publish_resumed(channel: JobChannel, job: JobContext, trial: dict[str, Any], checkpoint: Path,
                      epochs: int) -> None:
-    epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+    epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["epoch"])
     channel.events.publish(job.job_id, "progress", {
         "type": "trial", "trial": trial["key"], "model": trial["model"], "augment": trial["augment"],
         "status": "resumed", "resumed_from_epoch": epoch, "epochs": epochs}, lease_token=job.lease_token)
@@ -308,7 +316,8 @@ def _distributed_worker_loop(config: dict[str, Any]) -> None:
         if resume is not None and rank == 0:
             _publish_resumed(channel, job, trial, resume, spec.epochs)
         torch.manual_seed(trial["seed"])
-        model = ray.train.torch.prepare_model(build_model(trial["model"], **_model_kwargs(spec, trial)))
+        model = build_model(trial["model"], **_model_kwargs(spec, trial))
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options(model))
         train = load_dataset(spec.dataset, "train", root=job.data_dir).subset(spec.train_subset)
         test = load_dataset(spec.dataset, "test", root=job.data_dir).subset(spec.test_subset) if rank == 0 else None
 
@@ -532,7 +541,8 @@ def _make_tuner(spec: TuneSpec, ctx: JobContext, trials: list[dict[str, Any]], e
 def _eval_checkpoint_task(checkpoint: str, spec_dict: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
     """Evaluate an (early-stopped) trial's last checkpoint at every eval angle."""
     spec = TuneSpec.model_validate(spec_dict)
-    return evaluate_checkpoint(checkpoint, spec.dataset, spec.eval_angles or spec.angles, spec.test_subset, data_dir)
+    return evaluate_checkpoint(checkpoint, spec.dataset, spec.eval_angles or spec.angles, spec.test_subset, data_dir,
+                               device=assigned_device())
 
 
 def _evaluate_unfinished(spec: TuneSpec, ctx: JobContext, experiment: str, pending: list[dict[str, Any]],
@@ -668,6 +678,7 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
     import signal
     import threading
 
+    check_job_limits(spec)
     trials = expand_trials(spec)
     experiment = experiment_path(ctx)
     channel = JobChannel(ctx)

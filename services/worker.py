@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics as svc_metrics
-from .config import Settings, redis_client
+from .config import Settings, ray_worker_env, redis_client
 from .keys import Keys
 from .queue import ClaimedJob, JobQueue
-from .ray_train import JobCancelled, JobContext, run_eval_job, run_train_job
+from .ray_train import JobCancelled, JobContext, JobRejected, run_eval_job, run_train_job
 from .redis_retry import RedisRetry, RedisUnavailable, no_retry_client_kwargs
 from .retention import Pruner
 
@@ -77,8 +77,7 @@ class Worker:
         import ray
 
         if not ray.is_initialized():
-            env_vars = {k: v for k, v in os.environ.items()
-                        if k.startswith("CAPSNET_") and k not in ("CAPSNET_METRICS_PORT",)}
+            env_vars = ray_worker_env(os.environ)  # CAPSNET_*, NCCL_*, TORCH_NCCL_*
             if self.settings.data_dir is not None:
                 env_vars["CAPSNET_DATA_DIR"] = str(self.settings.data_dir)
             ray.init(address=self.settings.ray_address or None,
@@ -350,6 +349,7 @@ class Worker:
             return "lost"
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         self.redis.call(self.queue.fail, job.job_id, job.token, message, traceback.format_exc(),
+                        retry=not isinstance(exc, JobRejected),  # a refused input stays refused
                         what=f"recording the failure of {job.job_id}", stop=self._stop)
         log.warning("job %s attempt %d failed: %s", job.job_id, job.attempt, message)
         return "failed"

@@ -387,13 +387,17 @@ def test_capsctl_subprocesses(queue: JobQueue, env: dict[str, str]) -> None:
     assert queue.get(job["id"]).state == "cancelled" and len(queue.list()) == 1
 
 
-def test_submit_refuses_what_can_only_fail_later(queue: JobQueue, tmp_path: Path) -> None:
+def test_submit_refuses_what_can_only_fail_later(queue: JobQueue, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAPSNET_EVAL_ROOTS", "s3://bucket/")
     trained = run("submit", "lenet5", "--epochs", "1").output.strip()
-    checkpoint = tmp_path / "epoch-0001"
-    checkpoint.mkdir()
+    checkpoint = tmp_path / "artifacts" / "run" / "epoch-0001"  # inside the allowed artifact storage
+    checkpoint.mkdir(parents=True)
     for source, expected in [("j-zzzzzzzz-zzzz", "source: no job j-zzzzzzzz-zzzz in Redis"),
-                             (str(tmp_path / "nowhere"), "is neither a job id nor an existing checkpoint path"),
-                             (f"file://{tmp_path}/nowhere", "is neither a job id nor an existing checkpoint path")]:
+                             (str(tmp_path / "artifacts" / "nowhere"),
+                              "is neither a job id nor an existing checkpoint path"),
+                             (f"file://{tmp_path}/artifacts/nowhere",
+                              "is neither a job id nor an existing checkpoint path")]:
         res = CliRunner().invoke(main, ["eval", source])
         assert res.exit_code == 2 and "Traceback" not in res.output, (source, res.output)
         assert len(error_lines(res.output)) == 1 and expected in error_lines(res.output)[0], res.output

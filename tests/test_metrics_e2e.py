@@ -44,7 +44,8 @@ TRAIN_JOB = {"kind": "train", "model": "lenet5", "workers": 2, "epochs": EPOCHS,
              "train_subset": 6000, "test_subset": 1000, "eval_angles": [0, 35], "lr": 2e-3,
              "name": "metrics-e2e"}
 # Evals of a checkpoint that does not exist fail in the worker, for real: the first is retried once.
-BAD_EVAL = {"kind": "eval", "source": "/nonexistent/checkpoint.pt", "angles": [0], "test_subset": 500}
+# A missing checkpoint inside the artifact storage (allowed, so it fails and is retried for real).
+BAD_EVAL = {"kind": "eval", "angles": [0], "test_subset": 500}
 RAY_CPUS = 4  # as service_helpers.ray_cluster
 
 LIVE_SERIES = ("capsnet_train_epoch", "capsnet_train_step", "capsnet_train_loss", "capsnet_train_accuracy_ratio",
@@ -142,9 +143,10 @@ def scenario(redis_server: str, ray_address: str, tmp_path_factory: pytest.TempP
             prom.wait_for("capsnet_redis_up")  # Prometheus has the state before any job
             t_ready = time.monotonic()
             started = time.time()
-            bad1 = queue.submit({**BAD_EVAL, "max_retries": 1})
+            missing = str(tmp / "artifacts" / "nonexistent" / "checkpoint.pt")
+            bad1 = queue.submit({**BAD_EVAL, "source": missing, "max_retries": 1})
             train = queue.submit(dict(TRAIN_JOB))
-            bad2 = queue.submit({**BAD_EVAL, "max_retries": 0})
+            bad2 = queue.submit({**BAD_EVAL, "source": missing, "max_retries": 0})
             # Junk in a queue key: the worker's claim dead-letters it (capsnet_dead_lettered_total).
             client.zadd(Keys("capsnet:").queue("normal", 0, 1), {"not-a-job-id": 0})
             sc = Scenario(prom=prom, port=port, worker_info=info, train_id=train.id, bad_ids=(bad1.id, bad2.id),

@@ -113,9 +113,11 @@ def test_cancel_running_job_frees_ray_resources(queue: JobQueue, workers) -> Non
 
 
 def test_failing_job_is_retried_then_failed_and_worker_keeps_serving(queue: JobQueue, workers,
-                                                                      redis_url: str) -> None:
-    # An eval of a checkpoint that does not exist fails in the worker, for real.
-    bad = queue.submit({"kind": "eval", "source": "/nonexistent/checkpoint.pt", "angles": [0], "max_retries": 1})
+                                                                      redis_url: str, tmp_path: Path) -> None:
+    # An eval of a checkpoint that does not exist (inside the artifact storage, so an allowed
+    # source) fails in the worker, for real.
+    missing = str(tmp_path / "artifacts" / "nonexistent" / "checkpoint.pt")
+    bad = queue.submit({"kind": "eval", "source": missing, "angles": [0], "max_retries": 1})
     # Junk pushed straight into a queue key must not crash the worker.
     client = redis.Redis.from_url(redis_url)
     client.zadd(Keys("capsnet:").queue("normal", 0, 1), {"not-a-job-id": 0})

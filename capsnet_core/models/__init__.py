@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .configs import (
     MODEL_CONFIGS,
     MODEL_NAMES,
+    SIZE_ESTIMATORS,
     CapsNetConfig,
     LeNet5Config,
     config_class,
@@ -48,8 +49,23 @@ def build_model(name: str, **config: Any) -> ClassifierModel:
     return model_cls(config_cls(**config))
 
 
+def estimate_model_size(name: str, **config: Any) -> tuple[int, int | None]:
+    """(parameters, activation floats per sample or None) of a model config, without allocating
+    it: by formula where the model has one (no torch import), else built on the meta device."""
+    if "decoder_hidden" in config:
+        config["decoder_hidden"] = tuple(config["decoder_hidden"])
+    estimator = SIZE_ESTIMATORS.get(name)
+    if estimator is not None:
+        return estimator(config_class(name)(**config))
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(name, **config)
+    return sum(p.numel() for p in model.parameters()), None
+
+
 __all__ = [
     "MODELS", "MODEL_CONFIGS", "MODEL_NAMES", "CapsNet", "CapsNetConfig", "ClassifierModel", "LeNet5",
-    "LeNet5Config", "ModelOutput", "build_model", "config_class", "count_parameters", "margin_loss",
+    "LeNet5Config", "ModelOutput", "build_model", "config_class", "count_parameters", "estimate_model_size", "margin_loss",
     "model_config_fields", "squash", "unwrap",
 ]

@@ -74,21 +74,39 @@ class CapsNet(ClassifierModel):
         # DFT matrices of the FFT primary convolution; not in the state dict (they are constants).
         for key, mat in dft_matrices(9, 2, 6).items():
             self.register_buffer(f"_dft_{key}", mat.float(), persistent=False)
-        if c.primary_conv != "direct":
-            # Stored physically as (kh, kw, Cin, Cout): the layout conv2d_fft reads without a copy.
-            self.primary.weight.data = fft_weight_layout(self.primary.weight.data)
-            keep_freed_memory()  # its big temporaries would page-fault in every step (see there)
-        elif c.channels_last:
-            self.primary.to(memory_format=torch.channels_last)
         if c.channels_last:
             self.conv1.to(memory_format=torch.channels_last)
+        self._lay_out_primary_weight()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # Every .to()/.cuda() (and Ray's prepare_model) ends here: once the parameters are on
+        # their device, store the primary weight the way that device's convolution reads it.
+        module = super()._apply(fn, recurse)
+        self._lay_out_primary_weight()
+        return module
+
+    def _fft_on(self, device: torch.device) -> bool:
+        mode = self.config.primary_conv
+        return mode == "fft" or (mode == "auto" and device.type == "cpu")
+
+    def _lay_out_primary_weight(self) -> None:
+        """FFT path: (kh, kw, Cin, Cout) storage, which conv2d_fft reads without a copy. Direct
+        path (cuDNN): channels_last or contiguous; the FFT layout there made cuDNN re-lay out
+        the 5.3 M-element weight on every forward and copy its gradient back."""
+        weight = self.primary.weight
+        if self._fft_on(weight.device):
+            wanted = fft_weight_layout(weight.data)
+        else:
+            wanted = weight.data.contiguous(
+                memory_format=torch.channels_last if self.config.channels_last else torch.contiguous_format)
+        if wanted.stride() != weight.stride():
+            weight.data = wanted
 
     def use_fft(self, images: torch.Tensor) -> bool:
         # FFT on CPU, where the direct convolution is already at peak FLOP rate and only fewer
         # FLOPs help (fwd+bwd 0.29 s vs 0.78 s at batch 100 on 2 cores). On CUDA cuDNN with bf16 autocast is faster,
         # and the DFT matmuls must stay in fp32 (autocast would run them in bf16).
-        mode = self.config.primary_conv
-        return mode == "fft" or (mode == "auto" and images.device.type == "cpu")
+        return self._fft_on(images.device)
 
     def primary_capsules(self, images: torch.Tensor) -> torch.Tensor:
         """Squashed primary capsules u_i, (B, 1152, 8)."""
@@ -99,6 +117,7 @@ class CapsNet(ClassifierModel):
         c = self.config
         b = images.shape[0]
         if self.use_fft(images):
+            keep_freed_memory()  # its big temporaries would page-fault in every step (see there)
             # conv1 as an im2col matmul, position-major, only on the 19x19 outputs the stride-2
             # primary conv reads (its 20th row/column are never used).
             patches = F.unfold(images[:, :, :27, :27], 9).permute(2, 0, 1).reshape(361 * b, 81)
@@ -127,7 +146,9 @@ class CapsNet(ClassifierModel):
         u_hat = u_hat.view(n, b * nc, d).transpose(0, 1)  # (B*C, N_in, D)
         # b_ij laid out (B, C, N_in): the softmax over the 10 parents then runs along a strided
         # dim with a long contiguous inner dim (fast), not along a last dim of size 10 (slow).
-        logits = u_hat.new_zeros(b, nc, n)
+        # fp32 whatever u_hat's dtype: under bf16 autocast the agreements would otherwise be
+        # summed over the iterations in bf16 (8 mantissa bits).
+        logits = torch.zeros(b, nc, n, device=u_hat.device, dtype=torch.float32)
         # Intermediate iterations only decide the coupling coefficients; like the reference
         # implementations we do not backpropagate through them (cheaper, and more stable).
         u_hat_detached = u_hat.detach()
@@ -135,11 +156,11 @@ class CapsNet(ClassifierModel):
             coupling = logits.softmax(dim=1)  # over parents, as in the paper
             last = iteration == self.config.routing_iters - 1
             u = u_hat if last else u_hat_detached
-            s = torch.bmm(coupling.view(b * nc, 1, n), u).view(b, nc, d)  # sum_i c_ij u_hat_j|i
+            s = torch.bmm(coupling.to(u.dtype).view(b * nc, 1, n), u).view(b, nc, d)  # sum_i c_ij u_hat_j|i
             v = squash(s)  # (B, C, D)
             if not last:
                 agreement = torch.bmm(u_hat_detached, v.view(b * nc, d, 1))  # u_hat_j|i . v_j: (B*C, N_in, 1)
-                logits = logits + agreement.view(b, nc, n)
+                logits = logits + agreement.view(b, nc, n).float()
         return v, coupling.transpose(1, 2)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,

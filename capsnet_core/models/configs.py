@@ -49,9 +49,45 @@ class CapsNetConfig:
     primary_conv: str = "auto"
 
 
+def capsnet_size(c: CapsNetConfig) -> tuple[int, int]:
+    """(parameters, activation floats per sample of one forward) of a CapsNet, from its config."""
+    channels = c.primary_maps * c.primary_dim
+    primary = c.primary_maps * 36
+    params = (c.conv_channels * 81 + c.conv_channels  # conv1, 9x9 from 1 channel
+              + channels * c.conv_channels * 81 + channels  # primary capsules, 9x9
+              + primary * c.num_classes * c.digit_dim * c.primary_dim)  # W_ij
+    activations = (c.conv_channels * 400 + channels * 36  # conv1 (20x20), primary (6x6)
+                   + primary * c.num_classes * c.digit_dim  # u_hat
+                   + c.routing_iters * primary * c.num_classes * 2)  # logits and coupling per iteration
+    if c.decoder:
+        h1, h2 = c.decoder_hidden
+        params += c.num_classes * c.digit_dim * h1 + h1 + h1 * h2 + h2 + h2 * 784 + 784
+        activations += h1 + h2 + 784
+    return params, activations
+
+
+def lenet5_size(c: LeNet5Config) -> tuple[int, int]:
+    """(parameters, activation floats per sample of one forward) of a LeNet5, from its config."""
+    params = (c.conv1_channels * 25 + c.conv1_channels + c.conv1_channels * c.conv2_channels * 25
+              + c.conv2_channels + c.conv2_channels * 16 * c.hidden1 + c.hidden1 + c.hidden1 * c.hidden2
+              + c.hidden2 + c.hidden2 * c.num_classes + c.num_classes)
+    activations = (c.conv1_channels * (576 + 144) + c.conv2_channels * (64 + 16) + c.hidden1 + c.hidden2
+                   + c.num_classes)
+    return params, activations
+
+
+# Size formulas, {model: f(config) -> (parameters, activation floats per sample)}: what a job
+# would allocate, known at submit without torch. Models without one are measured by building
+# them on the meta device (``capsnet_core.models.estimate_model_size``).
+SIZE_ESTIMATORS: dict[str, Any] = {"capsnet": capsnet_size, "lenet5": lenet5_size}
+
 # The allowed values of text fields, {model: {field: choices}}: job specs are checked against
 # these at submit, and the models check them again when built.
 CONFIG_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {"capsnet": {"primary_conv": ("auto", "direct", "fft")}}
+
+# Upper bounds of integer fields beyond the generic 1..65536 of job specs, {model: {field: max}}:
+# routing cost grows linearly with the iterations, and the paper's gain stops at 3.
+CONFIG_MAXIMA: dict[str, dict[str, int]] = {"capsnet": {"routing_iters": 10}}
 
 MODEL_CONFIGS: dict[str, type] = {"capsnet": CapsNetConfig, "lenet5": LeNet5Config}
 MODEL_NAMES: tuple[str, ...] = tuple(sorted(MODEL_CONFIGS))
@@ -67,6 +103,11 @@ def config_class(name: str) -> type:
 def config_choices(name: str, field: str) -> tuple[str, ...] | None:
     """The values a text config field allows, or None when it is not a choice."""
     return CONFIG_CHOICES.get(name, {}).get(field)
+
+
+def config_maximum(name: str, field: str) -> int | None:
+    """The largest value an integer config field allows, or None for the generic bound."""
+    return CONFIG_MAXIMA.get(name, {}).get(field)
 
 
 def model_config_fields(name: str) -> dict[str, Any]:

@@ -72,6 +72,9 @@ def dft_matrices(k: int, stride: int, out: int) -> dict[str, torch.Tensor]:
             "inverse": inverse}
 
 
+_malloc_tuned: bool | None = None  # set by the first keep_freed_memory() call
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc to serve all allocations from its heap and keep freed memory for reuse.
 
@@ -81,15 +84,26 @@ def keep_freed_memory() -> bool:
     100 on a 2-core CPU). PyTorch's CPU allocator does not cache, so we tune malloc instead:
     M_MMAP_MAX = 0 (no mmap), M_TRIM_THRESHOLD = 1 GiB (keep freed memory). Process-wide; peak
     RSS grows a little (~15 %) and freed memory stays with the process. No-op off glibc.
+    Called on the first FFT forward only (CPU), never on GPU ranks, where it buys nothing.
     """
+    global _malloc_tuned
+    if _malloc_tuned is not None:
+        return _malloc_tuned
+    _malloc_tuned = False
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+        _malloc_tuned = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
     except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
+        pass
+    return _malloc_tuned
+
+
+def malloc_tuned() -> bool | None:
+    """Whether ``keep_freed_memory`` ran in this process (None: never asked, e.g. GPU-only runs)."""
+    return _malloc_tuned
 
 
 def fft_weight_layout(weight: torch.Tensor) -> torch.Tensor:
