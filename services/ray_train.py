@@ -231,6 +231,7 @@ def _latest_checkpoint(from_ray: Any, from_record: str | None) -> Any:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every rank inside Ray Train."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -252,10 +253,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fingerprint = hashlib.sha1(shard.numpy().tobytes()).hexdigest()[:12]
     # Ready to train: how long the worker's hand-over took (Ray Train's processes, data, model).
     startup = round(time.time() - ctx.started_at, 3) if ctx.started_at else None
-    channel.log(f"rank {rank}/{world_size} on {device}: {shard.numel()} images per epoch, shard {fingerprint}"
+    node_id = ray.get_runtime_context().get_node_id()  # which Ray node to blame if this rank is lost
+    channel.log(f"rank {rank}/{world_size} on {device}, Ray node {node_id[:8]}: {shard.numel()} images per epoch, "
+                f"shard {fingerprint}"
                 + (f"; ready {startup:.1f} s after the worker took the job" if startup is not None else ""),
                 rank=rank, world_size=world_size, shard_size=int(shard.numel()), shard_fingerprint=fingerprint,
-                device=str(device), **({"startup_seconds": startup} if rank == 0 and startup is not None else {}))
+                device=str(device), node_id=node_id,
+                **({"startup_seconds": startup} if rank == 0 and startup is not None else {}))
 
     workdir = Path(tempfile.mkdtemp(prefix=f"capsctl-{ctx.job_id}-r{rank}-"))
     resume_file: Path | None = None
