@@ -19,7 +19,8 @@ Three groups of series:
        "lease_expiries": n,                            -> capsnet_lease_expiries_total
        "dead_lettered": n,                             -> capsnet_dead_lettered_total
        "manual_retries": n,                            -> capsnet_job_manual_retries_total
-       "pruned": n}                                    -> capsnet_jobs_pruned_total
+       "pruned": n,                                    -> capsnet_jobs_pruned_total
+       "infrastructure_losses": n}                     -> capsnet_infrastructure_losses_total
 
   or flat, as the Redis hash fields themselves: ``{"submitted:train:capsnet": n,
   "finished:train:capsnet:succeeded": n, "retries": n, ...}`` (``|`` also accepted as the
@@ -90,6 +91,8 @@ _PLAIN_COUNTERS: dict[str, tuple[str, str]] = {
     "dead_lettered": ("capsnet_dead_lettered", "Jobs or queue entries moved to the dead-letter list (invalid spec, junk in a queue key)."),
     "manual_retries": ("capsnet_job_manual_retries", "Failed or cancelled jobs re-queued by hand (capsctl retry)."),
     "pruned": ("capsnet_jobs_pruned", "Finished jobs removed by retention (idle workers, capsctl prune)."),
+    "infrastructure_losses": ("capsnet_infrastructure_losses",
+                              "Job attempts handed back because their Ray node or a rank's process died."),
 }
 
 # What the service produces (services.jobspec.KINDS; services.worker's attempt outcomes;

@@ -757,3 +757,41 @@ end
 out[1] = examined
 if not dry and #out > 1 then count('pruned', #out - 1) end
 return out
+
+--!script hand_back
+-- arg: 1 job id, 2 token, 3 reason (one line). The holder's attempt lost its infrastructure
+-- (a Ray node or a rank's process died under it) and hands the job back at once instead of
+-- letting the lease run out. Same policy as an expired lease (requeue_expired): not the job's
+-- fault, so it counts against max_lost (lease_expiries counts every lost attempt), never
+-- against max_retries; back to 'queued' with no backoff and the checkpoint field kept, so the
+-- next attempt resumes; 'failed' once max_lost is used up; 'cancelled' if a cancel was pending.
+-- returns 'queued', 'failed', 'cancelled', or 'fenced' (stale token: nothing changed)
+local id = arg(1)
+local j = fenced(id, arg(2))
+if not j then return 'fenced' end
+local jk = k_job(id)
+local attempt = tonumber(j.attempt) or 0
+local info = {reason = 'infrastructure lost: ' .. arg(3), worker = j.worker or ''}
+-- every key written below, checked before the first write (see ensure_type)
+sinks_ready()
+ensure_leases()
+ensure_transition(id, j.priority, 'running', 'queued', 'failed', 'cancelled')
+if queueable(j) then ensure_enqueue(id, j) end
+local lost = incr_field(jk, 'lease_expiries', 1) - (tonumber(redis.call('HGET', jk, 'lost_base')) or 0)
+local max_lost = tonumber(redis.call('HGET', jk, 'max_lost')) or DEFAULT_MAX_LOST
+count('infrastructure_losses')
+release(id)
+if j.cancel_requested == '1' then
+  finish(id, j, 'running', 'cancelled', 'cancelled', info)
+  return 'cancelled'
+elseif lost > max_lost or not queueable(j) then
+  local msg = 'lost its infrastructure ' .. lost .. ' times (last: ' .. arg(3) .. ' on attempt ' .. attempt ..
+              ', worker ' .. (j.worker or '?') .. '; max_lost ' .. max_lost .. ')'
+  redis.call('HSET', jk, 'error', msg)
+  info.error = msg
+  finish(id, j, 'running', 'failed', 'failed', info)
+  return 'failed'
+end
+enqueue(id, j)
+transition(id, 'running', 'queued', j.priority, attempt, info)
+return 'queued'

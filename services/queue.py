@@ -28,6 +28,9 @@ Lifecycle::
   ``max_retries`` (meant for the job's own errors) but their own, larger ``max_lost`` budget
   (default 10), so a job that kills its workers every time ends ``failed`` after
   ``max_lost + 1`` losses ("lost its worker 11 times ...") instead of looping.
+* An attempt whose Ray node (or one of its rank processes) died is handed back by its worker
+  with ``hand_back``: the same policy as an expired lease (``max_lost``, no backoff, checkpoint
+  kept), at once instead of after the lease runs out.
 * ``fail`` retries with exponential backoff ``min(backoff_max, backoff_base * 2**(n-1))`` for
   the n-th failure, via state ``retrying`` and the delayed zset, then ``failed`` keeping the
   error and traceback.
@@ -619,6 +622,14 @@ class JobQueue:
                                   "1" if retry else "0", self.backoff_base, self.backoff_max, short])
         return int(code) != 0
 
+    def hand_back(self, job_id: str, token: str, reason: str) -> str:
+        """running -> queued at once after the attempt lost its infrastructure (its Ray node or a
+        rank's process died), fenced. Like an expired lease, this counts against ``max_lost``,
+        never ``max_retries``, and keeps the checkpoint to resume from. Returns ``"queued"``,
+        ``"failed"`` (``max_lost`` used up), ``"cancelled"`` (a cancel was pending) or
+        ``"fenced"`` (the token is stale: nothing changed)."""
+        return _s(self._run("hand_back", [job_id, token, truncate_head(str(reason), 500)])) or ""
+
     def mark_cancelled(self, job_id: str, token: str) -> bool:
         """The running worker stopped after a cancel request: running -> cancelled (fenced)."""
         return bool(self._run("mark_cancelled", [job_id, token]))
@@ -758,7 +769,8 @@ class JobQueue:
         """Monotonic counters for metrics::
 
             {"submitted": {(kind, model): n}, "finished": {(kind, model, outcome): n},
-             "retries": n, "lease_expiries": n, "dead_lettered": n, "manual_retries": n, "pruned": n}
+             "retries": n, "lease_expiries": n, "dead_lettered": n, "manual_retries": n, "pruned": n,
+             "infrastructure_losses": n}
         """
         try:
             stored = self.client.hgetall(self.keys.counters)
@@ -769,7 +781,7 @@ class JobQueue:
         # Names become metric labels: printable text only.
         raw = {parsing.printable(k): _i(v) for k, v in stored.items()}
         out: dict[str, Any] = {"submitted": {}, "finished": {}, "retries": 0, "lease_expiries": 0,
-                               "dead_lettered": 0, "manual_retries": 0, "pruned": 0}
+                               "dead_lettered": 0, "manual_retries": 0, "pruned": 0, "infrastructure_losses": 0}
         for name, value in raw.items():
             parts = name.split(":")
             if parts[0] == "submitted" and len(parts) == 3:

@@ -78,6 +78,61 @@ def assigned_device() -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
+class AttemptLost(Exception):
+    """The attempt lost the Ray processes or node it ran on: an infrastructure loss, not the
+    job's own error (the queue charges it to ``max_lost``, never to ``max_retries``)."""
+
+
+def infrastructure_loss(exc: BaseException) -> str | None:
+    """Why what ``trainer.fit()`` raised is an infrastructure loss, or None when it is the job's
+    own error (an exception raised by the training function, a bad spec...).
+
+    Ray Train V2 reports every rank failure as a ``WorkerGroupError`` and charges all of them to
+    ``FailureConfig.max_failures``; its ``worker_failures`` tells them apart. A rank whose process
+    (or node) is gone fails Ray's health check of it: ``WorkerHealthCheckFailedError`` wrapping a
+    ``RayActorError`` (``ActorDiedError``, ``ActorUnavailableError``) or ``NodeDiedError`` /
+    ``WorkerCrashedError`` / ``LocalRayletDiedError``, or ``WorkerHealthCheckTimeoutError`` when
+    the process stopped answering (a partitioned node). An exception raised by the training
+    function reaches us unwrapped, so a user's own ``ActorDiedError`` stays the job's error. As in
+    Ray's own preemption policy, one dead rank makes the whole failure a loss: the surviving ranks
+    routinely fail with collateral errors (collective aborted, connection reset by the dead peer).
+    The controller's start-up failures (a rank's node died while the group started, or its
+    resources vanished) are losses too. A job that kills its own rank processes every time is
+    bounded by ``max_lost``.
+    """
+    from ray.exceptions import LocalRayletDiedError, NodeDiedError, RayActorError, WorkerCrashedError
+    from ray.train.v2._internal.exceptions import (
+        WorkerGroupStartupFailedError,
+        WorkerGroupStartupTimeoutError,
+        WorkerHealthCheckFailedError,
+        WorkerHealthCheckTimeoutError,
+    )
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    def process_gone(error: BaseException) -> bool:
+        if isinstance(error, RayActorError):
+            return not error.actor_init_failed  # __init__ raising is code, not infrastructure
+        return isinstance(error, NodeDiedError | WorkerCrashedError | LocalRayletDiedError)
+
+    if isinstance(exc, WorkerGroupError):
+        dead = sorted(rank for rank, error in exc.worker_failures.items()
+                      if isinstance(error, WorkerHealthCheckTimeoutError)
+                      or (isinstance(error, WorkerHealthCheckFailedError) and process_gone(error.health_check_failure)))
+        if not dead:
+            return None
+        first = exc.worker_failures[dead[0]]
+        cause = getattr(first, "health_check_failure", first)
+        detail = str(cause).strip().splitlines()
+        return (f"rank(s) {', '.join(map(str, dead))} lost their Ray process or node ("
+                f"{type(cause).__name__}{': ' + detail[-1][:200] if detail else ''})")
+    if isinstance(exc, ControllerError) and isinstance(
+            exc.controller_failure, WorkerGroupStartupFailedError | WorkerGroupStartupTimeoutError):
+        return f"Ray Train could not start the ranks: {str(exc.controller_failure).splitlines()[0][:200]}"
+    if process_gone(exc):  # the controller actor itself (on the driver's node) is gone
+        return f"Ray Train's controller was lost ({type(exc).__name__})"
+    return None
+
+
 @dataclass(frozen=True)
 class JobContext:
     """What a run needs to know about its job; plain data so Ray can ship it to every rank."""
@@ -202,6 +257,7 @@ def _latest_checkpoint(from_ray: Any, from_record: str | None) -> Any:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every rank inside Ray Train."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -224,10 +280,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fingerprint = hashlib.sha1(shard.numpy().tobytes()).hexdigest()[:12]
     # Ready to train: how long the worker's hand-over took (Ray Train's processes, data, model).
     startup = round(time.time() - ctx.started_at, 3) if ctx.started_at else None
-    channel.log(f"rank {rank}/{world_size} on {device}: {shard.numel()} images per epoch, shard {fingerprint}"
+    node_id = ray.get_runtime_context().get_node_id()  # which Ray node to blame if this rank is lost
+    channel.log(f"rank {rank}/{world_size} on {device}, Ray node {node_id[:8]}: {shard.numel()} images per epoch, "
+                f"shard {fingerprint}"
                 + (f"; ready {startup:.1f} s after the worker took the job" if startup is not None else ""),
                 rank=rank, world_size=world_size, shard_size=int(shard.numel()), shard_fingerprint=fingerprint,
-                device=str(device), **({"startup_seconds": startup} if rank == 0 and startup is not None else {}))
+                device=str(device), node_id=node_id,
+                **({"startup_seconds": startup} if rank == 0 and startup is not None else {}))
 
     workdir = Path(tempfile.mkdtemp(prefix=f"capsctl-{ctx.job_id}-r{rank}-"))
     resume_file: Path | None = None
@@ -332,6 +391,9 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
         reason = channel.stop_reason()
         if reason is not None:
             raise JobCancelled(reason) from exc
+        lost = infrastructure_loss(exc)
+        if lost is not None:
+            raise AttemptLost(lost) from exc
         raise
     reason = channel.stop_reason()
     if reason is not None:

@@ -8,7 +8,10 @@ newer attempt). Several workers may run against one queue and one Ray cluster.
 
 If the worker dies (SIGKILL, machine gone), Ray tears down its runs (their driver is gone),
 the lease expires, and another worker re-claims the job, which resumes from its last
-checkpoint (see ``ray_train``).
+checkpoint (see ``ray_train``). If a Ray node under a running job dies (its ranks' processes
+go with it), the run raises ``AttemptLost`` and the worker hands the job straight back to the
+queue (``JobQueue.hand_back``, fenced): charged to ``max_lost`` like a lost worker, never to
+``max_retries``, and the next attempt, on the nodes that are left, resumes from the checkpoint.
 
 Redis going away (restart, failover, network) never ends the worker: every Redis call goes
 through one ``RedisRetry`` (``redis_retry``) and waits, backing off, for Redis to answer; a job
@@ -34,7 +37,7 @@ from . import metrics as svc_metrics
 from .config import Settings, ray_worker_env, redis_client
 from .keys import Keys
 from .queue import ClaimedJob, JobQueue
-from .ray_train import JobCancelled, JobContext, JobRejected, run_eval_job, run_train_job
+from .ray_train import AttemptLost, JobCancelled, JobContext, JobRejected, run_eval_job, run_train_job
 from .redis_retry import RedisRetry, RedisUnavailable, no_retry_client_kwargs
 from .retention import Pruner
 
@@ -346,6 +349,15 @@ class Worker:
         if isinstance(exc, JobCancelled) or lost.is_set():
             # a newer attempt owns the job: record nothing of ours
             self._log_event(job, f"attempt {job.attempt} stopped: {exc}", level="warning")
+            return "lost"
+        if isinstance(exc, AttemptLost):
+            # not the job's fault: back to the queue now (max_lost), not after the lease expires
+            self._log_event(job, f"attempt {job.attempt} lost its infrastructure: {exc}", level="warning",
+                            infrastructure_lost=str(exc))
+            state = self.redis.call(self.queue.hand_back, job.job_id, job.token, str(exc),
+                                    what=f"handing back {job.job_id}", stop=self._stop)
+            log.warning("job %s attempt %d lost its infrastructure (%s): %s", job.job_id, job.attempt, exc,
+                        "requeued" if state == "queued" else state)
             return "lost"
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         self.redis.call(self.queue.fail, job.job_id, job.token, message, traceback.format_exc(),

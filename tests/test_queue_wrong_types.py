@@ -216,6 +216,11 @@ SCENARIOS: dict[str, Scenario] = {
     "requeue-expired-cancelled": Scenario(_cancel_requested,
                                           lambda q, job: q.requeue_expired(now=time.time() + 6) == [job.id]),
     "promote-due": Scenario(_retrying, lambda q, job: q.promote_due(now=time.time() + 60) == [job.id]),
+    "hand-back": Scenario(_claimed, lambda q, job: q.hand_back(job.id, job.token, "node died")),
+    "hand-back-final": Scenario(lambda q: _claimed(q, max_lost=0),
+                                lambda q, job: q.hand_back(job.id, job.token, "node died")),
+    "hand-back-cancelled": Scenario(_cancel_requested, lambda q, job: q.hand_back(job.id, job.token, "node died")),
+    "prune": Scenario(_failed, lambda q, job: q.prune(0, limit=10).job_ids == [job.id]),
 }
 
 # Fields that differ between two runs of the same scenario whatever happens.
@@ -284,7 +289,7 @@ def _read_back(q: JobQueue, key: str) -> Any:
 # Planting junk here destroys what the operation needs to find the job, so the outcome may
 # differ from the clean run (it must still not raise, and the junk must be accounted for).
 _FINDS_THE_JOB = {("claim", "queue"), ("claim", "shapes"), ("claim-rejects", "queue"),
-                  ("claim-rejects", "shapes"), ("submit-again", "idem")}
+                  ("claim-rejects", "shapes"), ("submit-again", "idem"), ("prune", "state")}
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
@@ -317,9 +322,11 @@ def test_no_script_half_applies_with_any_key_of_the_wrong_type(q, client, name):
             assert [_read_back(q, m) for m in moved] == [junk], where
             assert any(d.get("source") == key and "; moved to " in d.get("reason", "")
                        for d in q.dead_letters(20)), where
+        elif name == "prune" and key == q.keys.events(ctx.id):
+            assert client.exists(key) == 0, where  # the pruned job's own key goes with it, junk or not
         else:  # not touched by this operation: still where it was, as it was
             assert _read_back(q, key) == junk, where
-        kind = next((part for part in ("queue", "shapes", "idem") if f":{part}:" in key), "")
+        kind = next((part for part in ("queue", "shapes", "idem", "state") if f":{part}:" in key), "")
         if (name, kind) in _FINDS_THE_JOB:
             continue
         assert answer == clean_answer, where
@@ -330,6 +337,6 @@ def test_no_script_half_applies_with_any_key_of_the_wrong_type(q, client, name):
             if template == _placeholders(q.keys.events(ids_before[n]), ids_before):
                 # the setup's events went with the junk: only the operation's own ones are left
                 events = expected["jobs"][n]["events"]
-                expected["jobs"][n]["events"] = events[setup_events[n]:] if moved else None
+                expected["jobs"][n]["events"] = events[setup_events[n]:] if moved or name == "prune" else None
         assert _snapshot(q, ids, template) == expected, where
 

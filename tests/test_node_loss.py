@@ -1,0 +1,201 @@
+"""Losing a Ray node under a running job is not the job's fault (issue 9, section 7).
+
+* ``infrastructure_loss`` tells a dead rank process/node from the job's own error, on the real
+  Ray Train V2 exception classes that ``trainer.fit()`` raises.
+* ``JobQueue.hand_back`` against a real redis-server: fenced, charged to ``max_lost`` (never to
+  ``max_retries``), checkpoint kept.
+* End to end: a two-node local Ray cluster (``ray.cluster_utils.Cluster``), a real ``capsctl
+  worker`` subprocess, a 2-rank LeNet5 DDP job whose ranks can only run on the second node;
+  that node is SIGKILLed after a checkpoint. The job (``max_retries=0``) resumes on what is left
+  and succeeds, and the cluster's resources are all free again afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayTaskError
+from ray.train.v2._internal.exceptions import (
+    WorkerGroupStartupFailedError,
+    WorkerHealthCheckFailedError,
+    WorkerHealthCheckTimeoutError,
+)
+from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+from services.queue import JobQueue
+from services.ray_train import infrastructure_loss
+
+from .service_helpers import WorkerProcess, service_env, wait_until
+
+CPU = {"gpus": 0, "cpus": 8}
+
+
+def _train(**kw: object) -> dict:
+    return {"kind": "train", "model": "lenet5", "epochs": 1, "train_subset": 64, "test_subset": 64, **kw}
+
+
+def _rank_died() -> WorkerHealthCheckFailedError:
+    """What Ray Train records for a rank whose process or node is gone: its health check (a poll
+    task on the rank's actor) failed with the actor's death."""
+    return WorkerHealthCheckFailedError("A worker health check failed.", failure=ActorDiedError())
+
+
+# ---------------------------------------------------------------------------- classification
+
+
+def test_dead_ranks_are_an_infrastructure_loss() -> None:
+    both = WorkerGroupError("ranks died", {0: _rank_died(), 1: _rank_died()})
+    reason = infrastructure_loss(both)
+    assert reason is not None and reason.startswith("rank(s) 0, 1 lost their Ray process or node (ActorDiedError")
+    unavailable = WorkerHealthCheckFailedError("failed", failure=ActorUnavailableError("node unreachable", None))
+    assert infrastructure_loss(WorkerGroupError("x", {1: unavailable})) is not None
+    node = WorkerHealthCheckFailedError("failed", failure=NodeDiedError("node 1.2.3.4 died"))
+    assert "NodeDiedError: node 1.2.3.4 died" in infrastructure_loss(WorkerGroupError("x", {0: node}))
+    hung = WorkerHealthCheckTimeoutError("A worker health check has been hanging for 600 s.")
+    assert infrastructure_loss(WorkerGroupError("x", {0: hung})) is not None
+    # One dead rank wins over the collateral error of its surviving peer.
+    collateral = RuntimeError("[gloo] Connection closed by peer")
+    assert infrastructure_loss(WorkerGroupError("x", {0: collateral, 1: _rank_died()})).startswith("rank(s) 1 ")
+    # The ranks never came up because their node died during start-up.
+    startup = ControllerError(WorkerGroupStartupFailedError("One of the worker actors failed to initialize"))
+    assert infrastructure_loss(startup).startswith("Ray Train could not start the ranks")
+    assert infrastructure_loss(ActorDiedError()) is not None  # the controller actor itself
+
+
+def test_the_jobs_own_errors_are_not_a_loss() -> None:
+    # An exception raised by the training function reaches fit() unwrapped, per rank.
+    assert infrastructure_loss(WorkerGroupError("x", {0: ValueError("bad lr"), 1: ValueError("bad lr")})) is None
+    # ...even a Ray error the user's code raised itself (it called an actor that had died).
+    assert infrastructure_loss(WorkerGroupError("x", {0: ActorDiedError()})) is None
+    # A rank actor whose constructor raised is code, not infrastructure.
+    init_failed = ActorDiedError(RayTaskError("RayTrainWorker.__init__", "Traceback ...", ImportError("x")))
+    assert init_failed.actor_init_failed
+    assert infrastructure_loss(WorkerGroupError("x", {0: WorkerHealthCheckFailedError("f", init_failed)})) is None
+    assert infrastructure_loss(ControllerError(ValueError("bad config"))) is None
+    assert infrastructure_loss(ValueError("not a Ray error")) is None
+    assert infrastructure_loss(RuntimeError("evaluation failed")) is None
+
+
+# ---------------------------------------------------------------------------- queue: hand_back
+
+
+def test_hand_back_requeues_on_max_lost_not_max_retries(queue: JobQueue) -> None:
+    rec = queue.submit(_train(max_retries=0, max_lost=2))
+    for attempt in (1, 2):  # with max_retries 0 a lost node still resumes the job
+        job = queue.claim("w", CPU)
+        assert job.attempt == attempt
+        assert queue.set_checkpoint(job.id, job.token, f"/ckpt/{rec.id}/epoch-000{attempt}")
+        assert queue.hand_back(job.id, job.token, "rank(s) 0, 1 lost their Ray process or node") == "queued"
+        r = queue.get(rec.id)
+        assert r.state == "queued" and r.losses == attempt and r.retries_left == 1 and r.lease_token is None
+        assert r.checkpoint == f"/ckpt/{rec.id}/epoch-000{attempt}"  # the next attempt resumes there
+        assert r.transitions[-1]["reason"] == "infrastructure lost: rank(s) 0, 1 lost their Ray process or node"
+        assert r.transitions[-1]["worker"] == "w"
+        assert queue.hand_back(job.id, job.token, "again") == "fenced"  # the token is spent
+    job = queue.claim("w", CPU)
+    assert queue.hand_back(job.id, job.token, "node died") == "failed"  # the third loss: over max_lost 2
+    r = queue.get(rec.id)
+    assert r.state == "failed" and r.error.startswith("lost its infrastructure 3 times (last: node died on attempt 3")
+    assert "max_lost 2" in r.error
+    counters = queue.counters()
+    assert counters["infrastructure_losses"] == 3 and counters["retries"] == 0
+
+
+def test_hand_back_is_fenced_and_honours_a_cancel(queue: JobQueue) -> None:
+    rec = queue.submit(_train())
+    job = queue.claim("w1", CPU)
+    assert queue.hand_back(job.id, "not-the-token", "x") == "fenced"
+    assert queue.get(rec.id).state == "running"
+    assert queue.cancel(rec.id) == "cancel_requested"
+    assert queue.hand_back(job.id, job.token, "node died") == "cancelled"
+    assert queue.get(rec.id).state == "cancelled"
+
+
+# ---------------------------------------------------------------------------- a real node loss
+
+# Ray settings of the test cluster: a dead raylet is declared dead after ~2 s, not ~15 s.
+_FAST_DEATH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_timeout_ms": 1000}
+
+
+@pytest.fixture
+def two_node_cluster() -> Iterator[object]:
+    """A head with no CPUs (the worker's driver and Ray Train's controller live there) and two
+    nodes with 2 CPUs each: a 2-rank CPU job runs on one of them (Ray Train packs the ranks), and
+    the other is what is left when the test kills that one.
+
+    Nothing is ray.init-ed in this process (it may already be a driver of the session's cluster):
+    the worker subprocess is the only driver, and it reports what Ray sees in its registration."""
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "_system_config": _FAST_DEATH})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_node_loss_resumes_elsewhere_without_using_a_retry(queue: JobQueue, redis_url: str, two_node_cluster,
+                                                           tmp_path: Path) -> None:
+    cluster = two_node_cluster
+    epochs = 4
+    job = queue.submit({"kind": "train", "model": "lenet5", "workers": 2, "batch_size": 64, "epochs": epochs,
+                        "train_subset": 2000, "test_subset": 200, "eval_angles": [0], "lr": 2e-3,
+                        "max_retries": 0})
+    env = service_env(redis_url, cluster.address, tmp_path / "artifacts")
+    worker = WorkerProcess("w-nodeloss", env, tmp_path / "w-nodeloss.log")
+    try:
+        ranks = wait_until(lambda: (r := [e["data"] for _, e in queue.events.read(job.id)
+                                          if "shard_fingerprint" in e["data"]]) and len(r) == 2 and r, 240,
+                           what=f"both ranks to start; worker log:\n{worker.output()[-3000:]}")
+        rank_nodes = {e["rank"]: e["node_id"] for e in ranks}
+        doomed = next(n for n in cluster.list_all_nodes() if n.node_id == rank_nodes[0])
+        assert doomed is not cluster.head_node  # the head has no CPUs: no rank can run there
+        wait_until(lambda: (r := queue.get(job.id)) and r.checkpoint and r.state == "running", 240, interval=0.1,
+                   what=f"a first checkpoint; worker log:\n{worker.output()[-3000:]}")
+        done_before_kill = int(queue.get(job.id).checkpoint.rsplit("-", 1)[1])
+        cluster.remove_node(doomed, allow_graceful=False)  # SIGKILL its raylet and the ranks with it
+        killed_at = time.monotonic()
+        assert done_before_kill < epochs
+
+        record = wait_until(lambda: (r := queue.get(job.id)) and r.is_terminal and r, 300,
+                            what=f"the job to finish on what is left; worker log:\n{worker.output()[-3000:]}")
+        recovered_s = time.monotonic() - killed_at
+        assert record.state == "succeeded", (record.error, record.traceback, worker.output()[-3000:])
+        # Charged to max_lost, not to max_retries (0): one loss, no retry, same worker.
+        assert record.max_retries == 0 and record.losses == 1 and record.attempt == 2
+        assert [t["state"] for t in record.transitions] == ["queued", "running", "queued", "running", "succeeded"]
+        handed_back = record.transitions[2]
+        assert handed_back["reason"].startswith("infrastructure lost: rank(s) "), handed_back
+        assert handed_back["worker"] == "w-nodeloss"
+        assert queue.counters()["infrastructure_losses"] == 1 and queue.counters()["retries"] == 0
+        # The second attempt ran on what is left and resumed from the last checkpoint, not epoch 0.
+        logs = [e["data"] for _, e in queue.events.read(job.id) if e["type"] == "log"]
+        assert any("infrastructure_lost" in e for e in logs)
+        second = [e["node_id"] for e in logs if "shard_fingerprint" in e][2:]
+        assert len(second) == 2 and doomed.node_id not in second
+        resumed = [e for e in logs if "resumed_from_epoch" in e]
+        assert resumed and resumed[0]["resumed_from_epoch"] >= done_before_kill
+        assert [h["epoch"] for h in record.result["history"]] == list(range(1, epochs + 1))
+        assert worker.proc.poll() is None  # the worker lived through it and still serves
+
+        # Nothing leaked: as the worker's Ray driver sees it, every CPU of what is left is free
+        # again (a placement group or rank actor left behind would hold some).
+        def settled() -> dict | None:
+            info = next((w for w in queue.workers() if w.get("id") == "w-nodeloss"), None)
+            return info if info and info["resources"]["cpus"] == 2 and info["available"]["cpus"] == 2 else None
+
+        wait_until(settled, 30, what=f"the cluster's CPUs to be free again: {queue.workers()}")
+        print(f"node loss: ranks on {sorted(set(rank_nodes.values()))}, {done_before_kill} epoch(s) checkpointed "
+              f"before the kill; succeeded {recovered_s:.1f} s after it")
+    finally:
+        worker.stop()
