@@ -40,13 +40,15 @@ import redis
 
 from . import stack as stack_mod
 from .config import Settings, SettingsError, redis_client
+from capsnet_core.models.configs import MODEL_DESCRIPTIONS, MODEL_NAMES
+
 from .jobspec import DATASETS, PRIORITIES, SpecError, parse_spec
 from .keys import Keys
 from .queue import STATES, CapacityError, JobNotFound, JobQueue, JobRecord, JobStateError, QueueError
 
 CONTEXT_SETTINGS = {"auto_envvar_prefix": "CAPSCTL", "help_option_names": ["-h", "--help"],
                     "max_content_width": 110}
-MODELS = ("capsnet", "lenet5")
+MODELS = MODEL_NAMES
 
 
 # ----------------------------------------------------------------------------- errors
@@ -691,6 +693,21 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
     submit_spec(app, spec, idempotency_key, follow, as_json)
+
+
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_cmd(as_json: bool) -> None:
+    """The models submit, eval and tune accept: parameters (full size) and what each is."""
+    from capsnet_core.models import build_model, count_parameters  # torch: only for this command
+
+    rows = [{"name": name, "parameters": count_parameters(build_model(name)),
+             "description": MODEL_DESCRIPTIONS[name]} for name in MODEL_NAMES]
+    if as_json:
+        _emit_json(rows)
+        return
+    click.echo(table(("model", "parameters", "description"),
+                     [(r["name"], f"{r['parameters']:,}", r["description"]) for r in rows], right=(1,)))
 
 
 # ----------------------------------------------------------------------------- status / list / logs

@@ -43,6 +43,7 @@ KINDS = ("train", "eval", "tune")
 PRIORITIES = ("high", "normal", "low")
 DATASETS = ("mnist", "fashion-mnist")
 DEFAULT_ANGLES = (0.0, 15.0, 35.0)
+DEFAULT_TUNE_MODELS = ("capsnet", "lenet5")  # the tutorial's pair; the rest of the zoo on request
 MAX_ANGLES = 32
 MAX_TRIALS = 5000
 JOB_ID_RE = re.compile(r"^j-[0-9a-z]{6,12}-[0-9a-z]{4,12}$")
@@ -343,7 +344,7 @@ class EvalSpec(_SpecBase):
 
 class TuneSpec(_SpecBase):
     kind: Literal["tune"] = "tune"
-    models: list[ModelName] = Field(default_factory=lambda: list(MODEL_NAMES))
+    models: list[ModelName] = Field(default_factory=lambda: list(DEFAULT_TUNE_MODELS))
     angles: list[Angle] = Field(default_factory=lambda: list(DEFAULT_ANGLES))
     eval_angles: list[Angle] | None = None
     augment: list[str] | None = None

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from .base import ClassifierModel
 
 # name -> "module:class" of the model, imported lazily.
-MODELS: dict[str, str] = {"capsnet": "capsnet:CapsNet", "lenet5": "lenet5:LeNet5"}
+MODELS: dict[str, str] = {"capsnet": "capsnet:CapsNet", "lenet5": "lenet5:LeNet5", "effcaps": "effcaps:EfficientCapsNet",
+                          "resnet": "resnet:PreActResNet", "c8cnn": "c8cnn:C8CNN"}
 
 _LAZY = {"CapsNet": "capsnet", "LeNet5": "lenet5", "margin_loss": "capsnet", "squash": "capsnet",
          "ClassifierModel": "base", "ModelOutput": "base", "count_parameters": "base", "unwrap": "base"}
