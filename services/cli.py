@@ -38,10 +38,10 @@ from typing import Any
 import click
 import redis
 
-from . import stack as stack_mod
-from .config import Settings, SettingsError, redis_client
 from capsnet_core.models.configs import MODEL_DESCRIPTIONS, MODEL_NAMES
 
+from . import stack as stack_mod
+from .config import Settings, SettingsError, redis_client
 from .jobspec import DATASETS, PRIORITIES, SpecError, parse_spec
 from .keys import Keys
 from .queue import STATES, CapacityError, JobNotFound, JobQueue, JobRecord, JobStateError, QueueError
