@@ -618,6 +618,8 @@ def main(ctx: click.Context, redis_url: str | None, redis_prefix: str | None, st
 @click.option("--lr-decay", type=float, help="Per-epoch learning-rate factor (default 1.0).")
 @click.option("--augment", metavar="PRESET", help="Training augmentation, e.g. shift2+rot15 (default shift2).")
 @click.option("--eval-angles", type=NumberList(float), help="Test rotations in degrees (default 0,15,35).")
+@click.option("--eval-suite", "eval_suites", type=WordList(), metavar="S1,S2",
+              help="Test suites: rotation (0-180° in 15° steps + AUC), affine (affine-MNIST or affNIST).")
 @click.option("--seed", type=int, help="Random seed (default 0).")
 @data_options(train=True)
 @click.option("--model-config", multiple=True, metavar="KEY=VALUE",
@@ -626,15 +628,16 @@ def main(ctx: click.Context, redis_url: str | None, redis_prefix: str | None, st
 @pass_app
 def submit(app: App, model: str, gpus: int | None, workers: int | None, epochs: int | None,
            batch_size: int | None, lr: float | None, lr_decay: float | None, augment: str | None,
-           eval_angles: list[float] | None, dataset: str | None, seed: int | None, train_subset: int | None,
-           test_subset: int | None, model_config: tuple[str, ...], priority: str | None, name: str | None,
+           eval_angles: list[float] | None, eval_suites: list[str] | None, dataset: str | None, seed: int | None,
+           train_subset: int | None, test_subset: int | None, model_config: tuple[str, ...], priority: str | None,
+           name: str | None,
            max_retries: int | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
     """Submit a training job for MODEL; prints its id."""
     if gpus is not None and workers is not None:
         raise click.UsageError("--gpus and --workers are mutually exclusive: a GPU job has one rank per GPU")
     spec = _put({"kind": "train", "model": model}, gpus=gpus, workers=workers, epochs=epochs,
                 batch_size=batch_size, lr=lr, lr_decay=lr_decay, augment=augment, eval_angles=eval_angles,
-                dataset=dataset, seed=seed, train_subset=train_subset, test_subset=test_subset,
+                eval_suites=eval_suites, dataset=dataset, seed=seed, train_subset=train_subset, test_subset=test_subset,
                 priority=priority, name=name, max_retries=max_retries)
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
@@ -644,22 +647,29 @@ def submit(app: App, model: str, gpus: int | None, workers: int | None, epochs: 
 @main.command("eval")
 @click.argument("source", metavar="JOB_ID|CHECKPOINT")
 @click.option("--angles", type=NumberList(float), help="Test rotations in degrees (default 0,15,35).")
+@click.option("--eval-suite", "eval_suites", type=WordList(), metavar="S1,S2",
+              help="Test suites: rotation (0-180° in 15° steps + AUC), affine (affine-MNIST or affNIST).")
 @data_options(train=False)
 @common_job_options
 @pass_app
-def eval_cmd(app: App, source: str, angles: list[float] | None, dataset: str | None, test_subset: int | None,
+def eval_cmd(app: App, source: str, angles: list[float] | None, eval_suites: list[str] | None,
+             dataset: str | None, test_subset: int | None,
              priority: str | None, name: str | None, max_retries: int | None, idempotency_key: str | None,
              follow: bool, as_json: bool) -> None:
     """Evaluate a trained job's checkpoint (or a checkpoint path) on rotated test sets."""
-    spec = _put({"kind": "eval", "source": source}, angles=angles, dataset=dataset, test_subset=test_subset,
+    spec = _put({"kind": "eval", "source": source}, angles=angles, eval_suites=eval_suites, dataset=dataset,
+                test_subset=test_subset,
                 priority=priority, name=name, max_retries=max_retries)
     submit_spec(app, spec, idempotency_key, follow, as_json)
 
 
 @main.command()
-@click.option("--models", type=WordList(), help="Models to compare (default capsnet,lenet5).")
+@click.option("--models", type=WordList(),
+              help="Models to compare (default capsnet,lenet5; capsctl models lists them all).")
 @click.option("--angles", type=NumberList(float), help="Training rotations, one condition each (default 0,15,35).")
 @click.option("--eval-angles", type=NumberList(float), help="Test rotations (default: --angles).")
+@click.option("--eval-suite", "eval_suites", type=WordList(), metavar="S1,S2",
+              help="Test suites: rotation (0-180° in 15° steps + AUC), affine (affine-MNIST or affNIST).")
 @click.option("--augment", type=WordList(), metavar="P1,P2",
               help="One augmentation preset per training angle (default shift2+rot<angle>).")
 @click.option("--lr", type=NumberList(float), help="Learning rates to search, e.g. 1e-3,3e-4.")
@@ -678,6 +688,7 @@ def eval_cmd(app: App, source: str, angles: list[float] | None, dataset: str | N
 @common_job_options
 @pass_app
 def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_angles: list[float] | None,
+         eval_suites: list[str] | None,
          augment: list[str] | None, lr: list[float] | None, routing_iters: list[int] | None,
          samples: int | None, seeds: int | None, seed: int | None, epochs: int | None,
          batch_size: int | None, gpus_per_trial: int | None, max_concurrent: int | None,
@@ -685,7 +696,8 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
          model_config: tuple[str, ...], priority: str | None, name: str | None, max_retries: int | None,
          idempotency_key: str | None, follow: bool, as_json: bool) -> None:
     """Submit a robustness study: models × training rotations (× lr × routing × seeds) on Ray Tune."""
-    spec = _put({"kind": "tune"}, models=models, angles=angles, eval_angles=eval_angles, augment=augment,
+    spec = _put({"kind": "tune"}, models=models, angles=angles, eval_angles=eval_angles, eval_suites=eval_suites,
+                augment=augment,
                 lr=lr, routing_iters=routing_iters, samples=samples, seeds=seeds, seed=seed, epochs=epochs,
                 batch_size=batch_size, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                 asha=asha, dataset=dataset, train_subset=train_subset, test_subset=test_subset,
@@ -979,6 +991,10 @@ def print_results(record: JobRecord) -> None:
         click.echo("\nAccuracy by test rotation")
         rows = [(fmt_angle(a), fmt_pct(rot[a])) for a in _angle_sorted(rot)]
         click.echo(_indent(table(("angle", "accuracy"), rows, right=(0, 1))))
+    suites = result.get("suite_accuracy")
+    if isinstance(suites, dict) and suites:
+        click.echo("\nTest suites")
+        click.echo(_indent(table(("suite", "value"), [(k, _suite_value(k, v)) for k, v in suites.items()], right=(1,))))
     per_class = result.get("per_class")
     if isinstance(per_class, dict) and per_class:
         click.echo("\nPer-class accuracy (%), rows = classes, columns = test rotation")
@@ -1018,6 +1034,8 @@ def print_results(record: JobRecord) -> None:
             click.echo(_indent(table(["augment", *(fmt_angle(c) for c in cols)], rows,
                                      right=range(1, len(cols) + 1))))
             click.echo("  * best in its column")
+            if "rotation_auc" in cols:
+                click.echo("  rotation_auc: area under accuracy against angle over 0-180° / 180, shown x 100")
             if m.get("best_checkpoint"):
                 click.echo(f"  best checkpoint: {m['best_checkpoint']}  (capsctl eval <it> --angles ...)")
     extra = {k: v for k, v in result.items()
@@ -1029,6 +1047,17 @@ def print_results(record: JobRecord) -> None:
                                     for k, v in extra.items()))
     checkpoint = result.get("checkpoint") or record.checkpoint
     click.echo(f"\nCheckpoint: {checkpoint or '-'}")
+
+
+SUITE_LABELS = {"rotation_auc": "rotation AUC 0-180° (trapezoid / 180)",
+                "affine-mnist": "affine-MNIST accuracy (generated, seed 0)",
+                "affnist": "affNIST accuracy (genuine, re-centred 28x28)"}
+
+
+def _suite_value(key: str, value: Any) -> str:
+    """A suite summary: the AUC as a fraction, accuracies in %, each with what it is."""
+    text = fmt_num(value, ".3f") if key == "rotation_auc" else fmt_pct(value)
+    return f"{text}  {SUITE_LABELS.get(key, '')}".rstrip()
 
 
 def _tune_models(result: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -1059,13 +1088,17 @@ def write_plots(record: JobRecord, path: Path) -> list[Path]:
             grid = [[_cell(m.get("mean"), i, j) or 0.0 for j in range(len(m.get("cols") or []))]
                     for i in range(len(m.get("rows") or []))]
             out.append(plots.plot_robustness_heatmap(grid, [str(r) for r in m.get("rows") or []],
-                                                     [f"{float(c):g}" for c in m.get("cols") or []], target,
+                                                     [str(c) for c in m.get("cols") or []], target,
                                                      title=f"{model}: accuracy by training augmentation"))
         return out
     rot = result.get("rotation_accuracy")
     if not isinstance(rot, dict) or not rot:
         raise UserError(f"job {record.id} has no accuracy by angle to plot")
     label = f"{record.model or result.get('model') or record.kind} ({record.id})"
+    auc = (result.get("suite_accuracy") or {}).get("rotation_auc") if isinstance(result.get("suite_accuracy"), dict) \
+        else None
+    if isinstance(auc, int | float):
+        label += f", AUC {auc:.3f}"
     return [plots.plot_accuracy_vs_angle({label: rot}, path,
                                          title=f"{record.model or record.kind}: accuracy on rotated test images")]
 

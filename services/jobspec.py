@@ -38,6 +38,7 @@ from pydantic import (
 from capsnet_core.models.configs import MODEL_NAMES, config_choices
 from capsnet_core.models.configs import model_config_fields as _model_config_fields
 from capsnet_core.presets import parse_preset, preset_for
+from capsnet_core.suites import EVAL_SUITES, check_suites, with_suite_angles
 
 KINDS = ("train", "eval", "tune")
 PRIORITIES = ("high", "normal", "low")
@@ -52,6 +53,7 @@ TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 Priority = Literal["high", "normal", "low"]
 Dataset = Literal["mnist", "fashion-mnist"]
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
+SuiteName = Literal[EVAL_SUITES]  # type: ignore[valid-type]
 
 
 @functools.cache
@@ -101,6 +103,7 @@ _HINTS: dict[str, str] = {
     "models": f"a list of model names ({', '.join(MODEL_NAMES)})",
     "routing_iters": "a list of integers in 1..10",
     "model_config": "an object of model config overrides",
+    "eval_suites": f"a list of test suites ({', '.join(EVAL_SUITES)})",
 }
 _ITEM_HINTS: dict[str, str] = {
     "angles": "a number in [-180, 180]",
@@ -273,11 +276,19 @@ class TrainSpec(_SpecBase):
     model_overrides: dict[str, Any] = Field(default_factory=dict, alias="model_config")
     train_subset: _int(1, TRAIN_IMAGES) | None = None  # type: ignore[valid-type]
     test_subset: _int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
+    # Named test suites (capsnet_core.suites): "rotation" adds 0..180 in 15-degree steps to
+    # eval_angles and reports their AUC; "affine" adds the affine-MNIST (or affNIST) accuracy.
+    eval_suites: list[SuiteName] = Field(default_factory=list)
 
     @field_validator("augment")
     @classmethod
     def _v_augment(cls, v: str) -> str:
         return _check_preset(v)
+
+    @field_validator("eval_suites")
+    @classmethod
+    def _v_suites(cls, v: list[str]) -> list[str]:
+        return check_suites(v)
 
     @field_validator("eval_angles")
     @classmethod
@@ -293,6 +304,7 @@ class TrainSpec(_SpecBase):
             raise ValueError(f"batch_size: must be at least the number of ranks ({self.ranks}), "
                              f"got {self.batch_size}")
         object.__setattr__(self, "model_overrides", _check_model_config([self.model], self.model_overrides))
+        object.__setattr__(self, "eval_angles", _check_angles(with_suite_angles(self.eval_angles, self.eval_suites)))
         return self
 
     @property
@@ -317,11 +329,22 @@ class EvalSpec(_SpecBase):
     angles: list[Angle] = Field(default_factory=lambda: list(DEFAULT_ANGLES))
     dataset: Dataset = "mnist"
     test_subset: _int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
+    eval_suites: list[SuiteName] = Field(default_factory=list)
 
     @field_validator("angles")
     @classmethod
     def _v_angles(cls, v: list[float]) -> list[float]:
         return _check_angles(v)
+
+    @field_validator("eval_suites")
+    @classmethod
+    def _v_suites(cls, v: list[str]) -> list[str]:
+        return check_suites(v)
+
+    @model_validator(mode="after")
+    def _suite_angles(self) -> EvalSpec:
+        object.__setattr__(self, "angles", _check_angles(with_suite_angles(self.angles, self.eval_suites)))
+        return self
 
     @field_validator("source")
     @classmethod
@@ -362,11 +385,17 @@ class TuneSpec(_SpecBase):
     train_subset: _int(1, TRAIN_IMAGES) | None = None  # type: ignore[valid-type]
     test_subset: _int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
     model_overrides: dict[str, Any] = Field(default_factory=dict, alias="model_config")
+    eval_suites: list[SuiteName] = Field(default_factory=list)
 
     @field_validator("angles")
     @classmethod
     def _v_angles(cls, v: list[float]) -> list[float]:
         return _check_angles(v)
+
+    @field_validator("eval_suites")
+    @classmethod
+    def _v_suites(cls, v: list[str]) -> list[str]:
+        return check_suites(v)
 
     @field_validator("eval_angles")
     @classmethod
@@ -414,6 +443,8 @@ class TuneSpec(_SpecBase):
     def _cross_checks(self) -> TuneSpec:
         if self.eval_angles is None:
             object.__setattr__(self, "eval_angles", list(self.angles))
+        object.__setattr__(self, "eval_angles", _check_angles(with_suite_angles(self.eval_angles or [],
+                                                                                self.eval_suites)))
         if self.augment is None:
             object.__setattr__(self, "augment", [preset_for(2, abs(a)) for a in self.angles])
         elif len(self.augment) != len(self.angles):
