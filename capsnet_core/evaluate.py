@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from .augment import rotate
+from .data import Dataset
 from .models.base import unwrap
+from .suites import rotation_auc
 
 
 @dataclass
@@ -103,3 +105,25 @@ def evaluate_rotations(model: nn.Module, images: torch.Tensor, labels: torch.Ten
                        angles: Iterable[float], batch_size: int = 500) -> dict[float, float]:
     """The rotation-robustness curve: {angle: accuracy} on the test set rotated by each angle."""
     return {float(a): evaluate(model, images, labels, batch_size=batch_size, angle=a).accuracy for a in angles}
+
+
+def evaluate_suites(model: nn.Module, test: Dataset, suites: Iterable[str], rotation: dict[str, float],
+                    batch_size: int = 500, amp: bool = True, data_root: str | None = None) -> dict[str, float]:
+    """The one-number summaries of the named test suites (``capsnet_core.suites``).
+
+    rotation: the per-angle accuracies already measured ({"15": 0.97, ...}); the rotation suite's
+    AUC is computed from them. Keys: "rotation_auc", and "affine-mnist" (generated) or "affnist"
+    (genuine, when its files are under the data root): accuracy on that set.
+    """
+    from .affine import affine_test_set
+
+    out: dict[str, float] = {}
+    suites = list(suites)
+    if "rotation" in suites:
+        auc = rotation_auc(rotation)
+        if auc is not None:
+            out["rotation_auc"] = auc
+    if "affine" in suites:
+        name, affine = affine_test_set(test.to("cpu"), root=data_root)
+        out[name] = evaluate(model, affine.images, affine.labels, batch_size=batch_size, amp=amp).accuracy
+    return out

@@ -89,15 +89,23 @@ def plot_reconstructions(model: nn.Module, images: torch.Tensor, path: str | Pat
     return _save(fig, path)
 
 
+def _column_label(column: str) -> str:
+    """A test angle as "35°"; a suite summary column (rotation_auc, affine-mnist) as its name."""
+    try:
+        return f"{float(column):g}°"
+    except ValueError:
+        return str(column)
+
+
 def plot_robustness_heatmap(matrix: Sequence[Sequence[float]], row_labels: Sequence[str],
                             col_labels: Sequence[str], path: str | Path, title: str = "") -> Path:
-    """Rows = training augmentation, columns = test angle, cells = accuracy 0..1 (shown in %)."""
+    """Rows = training augmentation, columns = test angle (or a suite's summary), cells 0..1 shown x 100."""
     fig, ax = plt.subplots(figsize=(1.1 * len(col_labels) + 2.5, 0.6 * len(row_labels) + 1.5))
     data = torch.tensor([[100 * float(v) for v in row] for row in matrix])
     im = ax.imshow(data.numpy(), cmap="viridis", vmin=max(0.0, float(data.min()) - 5), vmax=100, aspect="auto")
-    ax.set_xticks(range(len(col_labels)), [f"{c}°" for c in col_labels])
+    ax.set_xticks(range(len(col_labels)), [_column_label(c) for c in col_labels])
     ax.set_yticks(range(len(row_labels)), row_labels)
-    ax.set_xlabel("test rotation")
+    ax.set_xlabel("test rotation / suite")
     ax.set_ylabel("training augmentation")
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):

@@ -26,7 +26,7 @@ from torch import nn
 from .augment import AugmentSpec, augment_batch, parse_preset
 from .checkpoint import resume_training, save_checkpoint
 from .data import Dataset
-from .evaluate import autocast_context, configure_backends, evaluate
+from .evaluate import autocast_context, configure_backends, evaluate, evaluate_suites
 from .models.base import unwrap
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     eval_angles: tuple[float, ...] = (0.0, 15.0, 35.0)  # final robustness evaluation
+    eval_suites: tuple[str, ...] = ()  # named test suites (capsnet_core.suites), after eval_angles
     eval_every: int = 1  # upright test accuracy after every n epochs (0 = only at the end)
     eval_batch_size: int = 500
     log_every: int = 20  # a step event every n steps
@@ -62,6 +63,7 @@ class FitResult:
     start_epoch: int  # epochs already done when this call began (resume)
     epochs: int
     train_seconds: float
+    suite_accuracy: dict[str, float] = dataclasses.field(default_factory=dict)  # {"rotation_auc": .6, ...}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,6 +187,7 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
     began = time.perf_counter()
     rotation: dict[str, float] = {}
     per_class: dict[str, list[float]] = {}
+    suites: dict[str, float] = {}
 
     def evaluate_angles() -> None:
         for angle in config.eval_angles:
@@ -192,8 +195,9 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
                               angle=angle, amp=config.amp)
             rotation[angle_key(angle)] = result.accuracy
             per_class[angle_key(angle)] = result.per_class
+        suites.update(evaluate_suites(model, test, config.eval_suites, rotation, config.eval_batch_size, config.amp))
         if emit is not None:
-            emit({"type": "eval", "test_accuracy": dict(rotation)})
+            emit({"type": "eval", "test_accuracy": dict(rotation), **({"suite_accuracy": dict(suites)} if suites else {})})
 
     for epoch in range(start_epoch, config.epochs):
         stats = train_one_epoch(model, optimizer, train, batch_size=config.batch_size, augment=augment,
@@ -215,6 +219,8 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
             # the last checkpoint (and its report) carries the result.
             evaluate_angles()
             record.update(rotation_accuracy=dict(rotation), per_class=dict(per_class))
+            if suites:
+                record.update(suite_accuracy=dict(suites))
         history.append(record)
         saved: Path | None = None
         if rank == 0 and checkpoint_path is not None:
@@ -231,4 +237,5 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
     if not rotation and rank == 0 and test is not None:
         evaluate_angles()  # nothing left to train (resumed after the last epoch): still evaluate
     return FitResult(history=history, rotation_accuracy=rotation, per_class=per_class,
-                     start_epoch=start_epoch, epochs=config.epochs, train_seconds=train_seconds)
+                     start_epoch=start_epoch, epochs=config.epochs, train_seconds=train_seconds,
+                     suite_accuracy=suites)

@@ -39,6 +39,8 @@ from typing import Any
 import click
 import redis
 
+from capsnet_core.models.configs import MODEL_DESCRIPTIONS, MODEL_NAMES
+
 from . import compare as compare_mod
 from . import stack as stack_mod
 from .config import Settings, SettingsError, redis_client
@@ -62,7 +64,7 @@ from .tune_view import TuneProgressView
 
 CONTEXT_SETTINGS = {"auto_envvar_prefix": "CAPSCTL", "help_option_names": ["-h", "--help"],
                     "max_content_width": 110}
-MODELS = ("capsnet", "lenet5")
+MODELS = MODEL_NAMES
 
 
 # ----------------------------------------------------------------------------- errors
@@ -736,6 +738,8 @@ def main(ctx: click.Context, redis_url: str | None, redis_prefix: str | None, st
 @click.option("--lr-decay", type=float, help="Per-epoch learning-rate factor (default 1.0).")
 @click.option("--augment", metavar="PRESET", help="Training augmentation, e.g. shift2+rot15 (default shift2).")
 @click.option("--eval-angles", type=NumberList(float), help="Test rotations in degrees (default 0,15,35).")
+@click.option("--eval-suite", "eval_suites", type=WordList(), metavar="S1,S2",
+              help="Test suites: rotation (0-180° in 15° steps + AUC), affine (affine-MNIST or affNIST).")
 @click.option("--seed", type=int, help="Random seed (default 0).")
 @data_options(train=True)
 @click.option("--model-config", multiple=True, metavar="KEY=VALUE",
@@ -744,17 +748,17 @@ def main(ctx: click.Context, redis_url: str | None, redis_prefix: str | None, st
 @pass_app
 def submit(app: App, model: str, gpus: int | None, workers: int | None, epochs: int | None,
            batch_size: int | None, lr: float | None, lr_decay: float | None, augment: str | None,
-           eval_angles: list[float] | None, dataset: str | None, seed: int | None, train_subset: int | None,
-           test_subset: int | None, model_config: tuple[str, ...], priority: str | None, name: str | None,
-           max_retries: int | None, max_lost: int | None, idempotency_key: str | None, follow: bool,
-           as_json: bool) -> None:
+           eval_angles: list[float] | None, eval_suites: list[str] | None, dataset: str | None, seed: int | None,
+           train_subset: int | None, test_subset: int | None, model_config: tuple[str, ...], priority: str | None,
+           name: str | None, max_retries: int | None, max_lost: int | None, idempotency_key: str | None,
+           follow: bool, as_json: bool) -> None:
     """Submit a training job for MODEL; prints its id."""
     if gpus is not None and workers is not None:
         raise click.UsageError("--gpus and --workers are mutually exclusive: a GPU job has one rank per GPU")
     spec = _put({"kind": "train", "model": model}, gpus=gpus, workers=workers, epochs=epochs,
                 batch_size=batch_size, lr=lr, lr_decay=lr_decay, augment=augment, eval_angles=eval_angles,
-                dataset=dataset, seed=seed, train_subset=train_subset, test_subset=test_subset,
-                priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
+                eval_suites=eval_suites, dataset=dataset, seed=seed, train_subset=train_subset,
+                test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
     submit_spec(app, spec, idempotency_key, follow, as_json)
@@ -764,15 +768,18 @@ def submit(app: App, model: str, gpus: int | None, workers: int | None, epochs: 
 @click.argument("source", metavar="JOB_ID|CHECKPOINT")
 @click.option("--angles", type=NumberList(float), help="Test rotations in degrees (default 0,15,35).")
 @click.option("--gpus", type=int, help="0 or 1: evaluate on a GPU the scheduler reserves for it (default 0).")
+@click.option("--eval-suite", "eval_suites", type=WordList(), metavar="S1,S2",
+              help="Test suites: rotation (0-180° in 15° steps + AUC), affine (affine-MNIST or affNIST).")
 @data_options(train=False)
 @common_job_options
 @pass_app
-def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: int | None, dataset: str | None,
+def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: int | None,
+             eval_suites: list[str] | None, dataset: str | None,
              test_subset: int | None, priority: str | None, name: str | None, max_retries: int | None,
              max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
     """Evaluate a trained job's checkpoint (or a checkpoint path within the artifact storage or
     CAPSNET_EVAL_ROOTS) on rotated test sets."""
-    spec = _put({"kind": "eval", "source": source}, angles=angles, gpus=gpus, dataset=dataset,
+    spec = _put({"kind": "eval", "source": source}, angles=angles, gpus=gpus, eval_suites=eval_suites, dataset=dataset,
                 test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
     check_submittable(parse_spec(spec), app.settings)  # the spec's and the operator's rules, before Redis
     check_eval_source(app, source.strip())
@@ -795,9 +802,12 @@ def check_eval_source(app: App, source: str) -> None:
 
 
 @main.command()
-@click.option("--models", type=WordList(), help="Models to compare (default capsnet,lenet5).")
+@click.option("--models", type=WordList(),
+              help="Models to compare (default capsnet,lenet5; capsctl models lists them all).")
 @click.option("--angles", type=NumberList(float), help="Training rotations, one condition each (default 0,15,35).")
 @click.option("--eval-angles", type=NumberList(float), help="Test rotations (default: --angles).")
+@click.option("--eval-suite", "eval_suites", type=WordList(), metavar="S1,S2",
+              help="Test suites: rotation (0-180° in 15° steps + AUC), affine (affine-MNIST or affNIST).")
 @click.option("--augment", type=WordList(), metavar="P1,P2",
               help="One augmentation preset per training angle (default shift2+rot<angle>).")
 @click.option("--lr", type=NumberList(float), help="Learning rates to search, e.g. 1e-3,3e-4.")
@@ -816,6 +826,7 @@ def check_eval_source(app: App, source: str) -> None:
 @common_job_options
 @pass_app
 def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_angles: list[float] | None,
+         eval_suites: list[str] | None,
          augment: list[str] | None, lr: list[float] | None, routing_iters: list[int] | None,
          samples: int | None, seeds: int | None, seed: int | None, epochs: int | None,
          batch_size: int | None, gpus_per_trial: int | None, max_concurrent: int | None,
@@ -823,7 +834,8 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
          model_config: tuple[str, ...], priority: str | None, name: str | None, max_retries: int | None,
          max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
     """Submit a robustness study: models × training rotations (× lr × routing × seeds) on Ray Tune."""
-    spec = _put({"kind": "tune"}, models=models, angles=angles, eval_angles=eval_angles, augment=augment,
+    spec = _put({"kind": "tune"}, models=models, angles=angles, eval_angles=eval_angles, eval_suites=eval_suites,
+                augment=augment,
                 lr=lr, routing_iters=routing_iters, samples=samples, seeds=seeds, seed=seed, epochs=epochs,
                 batch_size=batch_size, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                 asha=asha, dataset=dataset, train_subset=train_subset, test_subset=test_subset,
@@ -831,6 +843,21 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
     submit_spec(app, spec, idempotency_key, follow, as_json)
+
+
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_cmd(as_json: bool) -> None:
+    """The models submit, eval and tune accept: parameters (full size) and what each is."""
+    from capsnet_core.models import build_model, count_parameters  # torch: only for this command
+
+    rows = [{"name": name, "parameters": count_parameters(build_model(name)),
+             "description": MODEL_DESCRIPTIONS[name]} for name in MODEL_NAMES]
+    if as_json:
+        _emit_json(rows)
+        return
+    click.echo(table(("model", "parameters", "description"),
+                     [(r["name"], f"{r['parameters']:,}", r["description"]) for r in rows], right=(1,)))
 
 
 # ----------------------------------------------------------------------------- status / list / logs
@@ -1190,6 +1217,10 @@ def print_results(record: JobRecord) -> None:
         echo("\nAccuracy by test rotation")
         rows = [(fmt_angle(a), fmt_pct(rot[a])) for a in _angle_sorted(rot)]
         echo(_indent(table(("angle", "accuracy"), rows, right=(0, 1))))
+    suites = result.get("suite_accuracy")
+    if isinstance(suites, dict) and suites:
+        echo("\nTest suites")
+        echo(_indent(table(("suite", "value"), [(k, _suite_value(k, v)) for k, v in suites.items()], right=(1,))))
     per_class = result.get("per_class")
     if isinstance(per_class, dict) and per_class:
         echo("\nPer-class accuracy (%), rows = classes, columns = test rotation")
@@ -1229,6 +1260,8 @@ def print_results(record: JobRecord) -> None:
             echo(_indent(table(["augment", *(fmt_angle(c) for c in cols)], rows,
                                      right=range(1, len(cols) + 1))))
             echo("  * best in its column")
+            if "rotation_auc" in cols:
+                echo("  rotation_auc: area under accuracy against angle over 0-180° / 180, shown x 100")
             if m.get("best_checkpoint"):
                 echo(f"  best checkpoint: {m['best_checkpoint']}  (capsctl eval <it> --angles ...)")
     extra = {k: v for k, v in result.items()
@@ -1245,6 +1278,17 @@ def print_results(record: JobRecord) -> None:
         return
     checkpoint = result.get("checkpoint") or record.checkpoint
     echo(f"\nCheckpoint: {checkpoint or '-'}")
+
+
+SUITE_LABELS = {"rotation_auc": "rotation AUC 0-180° (trapezoid / 180)",
+                "affine-mnist": "affine-MNIST accuracy (generated, seed 0)",
+                "affnist": "affNIST accuracy (genuine, re-centred 28x28)"}
+
+
+def _suite_value(key: str, value: Any) -> str:
+    """A suite summary: the AUC as a fraction, accuracies in %, each with what it is."""
+    text = fmt_num(value, ".3f") if key == "rotation_auc" else fmt_pct(value)
+    return f"{text}  {SUITE_LABELS.get(key, '')}".rstrip()
 
 
 def _tune_models(result: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -1275,13 +1319,17 @@ def write_plots(record: JobRecord, path: Path) -> list[Path]:
             grid = [[_cell(m.get("mean"), i, j) or 0.0 for j in range(len(m.get("cols") or []))]
                     for i in range(len(m.get("rows") or []))]
             out.append(plots.plot_robustness_heatmap(grid, [str(r) for r in m.get("rows") or []],
-                                                     [f"{float(c):g}" for c in m.get("cols") or []], target,
+                                                     [str(c) for c in m.get("cols") or []], target,
                                                      title=f"{model}: accuracy by training augmentation"))
         return out
     rot = result.get("rotation_accuracy")
     if not isinstance(rot, dict) or not rot:
         raise UserError(f"job {record.id} has no accuracy by angle to plot")
     label = f"{record.model or result.get('model') or record.kind} ({record.id})"
+    auc = (result.get("suite_accuracy") or {}).get("rotation_auc") if isinstance(result.get("suite_accuracy"), dict) \
+        else None
+    if isinstance(auc, int | float):
+        label += f", AUC {auc:.3f}"
     return [plots.plot_accuracy_vs_angle({label: rot}, path,
                                          title=f"{record.model or record.kind}: accuracy on rotated test images")]
 

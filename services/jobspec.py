@@ -38,11 +38,13 @@ from pydantic import (
 from capsnet_core.models.configs import MODEL_NAMES, config_choices, config_maximum
 from capsnet_core.models.configs import model_config_fields as _model_config_fields
 from capsnet_core.presets import parse_preset, preset_for
+from capsnet_core.suites import EVAL_SUITES, check_suites, with_suite_angles
 
 KINDS = ("train", "eval", "tune")
 PRIORITIES = ("high", "normal", "low")
 DATASETS = ("mnist", "fashion-mnist")
 DEFAULT_ANGLES = (0.0, 15.0, 35.0)
+DEFAULT_TUNE_MODELS = ("capsnet", "lenet5")  # the tutorial's pair; the rest of the zoo on request
 MAX_ANGLES = 32
 MAX_TRIALS = 5000
 JOB_ID_RE = re.compile(r"^j-[0-9a-z]{6,12}-[0-9a-z]{4,12}$")
@@ -51,6 +53,7 @@ TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 Priority = Literal["high", "normal", "low"]
 Dataset = Literal["mnist", "fashion-mnist"]
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
+SuiteName = Literal[EVAL_SUITES]  # type: ignore[valid-type]
 
 
 @functools.cache
@@ -102,6 +105,7 @@ _HINTS: dict[str, str] = {
     "models": f"a list of model names ({', '.join(MODEL_NAMES)})",
     "routing_iters": "a list of integers in 1..10",
     "model_config": "an object of model config overrides",
+    "eval_suites": f"a list of test suites ({', '.join(EVAL_SUITES)})",
 }
 _ITEM_HINTS: dict[str, str] = {
     "angles": "a number in [-180, 180]",
@@ -289,11 +293,19 @@ class TrainSpec(_SpecBase):
     model_overrides: dict[str, Any] = Field(default_factory=dict, alias="model_config")
     train_subset: _int(1, TRAIN_IMAGES) | None = None  # type: ignore[valid-type]
     test_subset: _int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
+    # Named test suites (capsnet_core.suites): "rotation" adds 0..180 in 15-degree steps to
+    # eval_angles and reports their AUC; "affine" adds the affine-MNIST (or affNIST) accuracy.
+    eval_suites: list[SuiteName] = Field(default_factory=list)
 
     @field_validator("augment")
     @classmethod
     def _v_augment(cls, v: str) -> str:
         return _check_preset(v)
+
+    @field_validator("eval_suites")
+    @classmethod
+    def _v_suites(cls, v: list[str]) -> list[str]:
+        return check_suites(v)
 
     @field_validator("eval_angles")
     @classmethod
@@ -310,6 +322,7 @@ class TrainSpec(_SpecBase):
                              f"got {self.batch_size}")
         _check_batch_divides(self.batch_size, self.ranks, "--gpus" if self.gpus > 0 else "--workers")
         object.__setattr__(self, "model_overrides", _check_model_config([self.model], self.model_overrides))
+        object.__setattr__(self, "eval_angles", _check_angles(with_suite_angles(self.eval_angles, self.eval_suites)))
         return self
 
     @property
@@ -335,11 +348,22 @@ class EvalSpec(_SpecBase):
     angles: list[Angle] = Field(default_factory=lambda: list(DEFAULT_ANGLES))
     dataset: Dataset = "mnist"
     test_subset: _int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
+    eval_suites: list[SuiteName] = Field(default_factory=list)
 
     @field_validator("angles")
     @classmethod
     def _v_angles(cls, v: list[float]) -> list[float]:
         return _check_angles(v)
+
+    @field_validator("eval_suites")
+    @classmethod
+    def _v_suites(cls, v: list[str]) -> list[str]:
+        return check_suites(v)
+
+    @model_validator(mode="after")
+    def _suite_angles(self) -> EvalSpec:
+        object.__setattr__(self, "angles", _check_angles(with_suite_angles(self.angles, self.eval_suites)))
+        return self
 
     @field_validator("source")
     @classmethod
@@ -362,7 +386,7 @@ class EvalSpec(_SpecBase):
 
 class TuneSpec(_SpecBase):
     kind: Literal["tune"] = "tune"
-    models: list[ModelName] = Field(default_factory=lambda: list(MODEL_NAMES))
+    models: list[ModelName] = Field(default_factory=lambda: list(DEFAULT_TUNE_MODELS))
     angles: list[Angle] = Field(default_factory=lambda: list(DEFAULT_ANGLES))
     eval_angles: list[Angle] | None = None
     augment: list[str] | None = None
@@ -380,11 +404,17 @@ class TuneSpec(_SpecBase):
     train_subset: _int(1, TRAIN_IMAGES) | None = None  # type: ignore[valid-type]
     test_subset: _int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
     model_overrides: dict[str, Any] = Field(default_factory=dict, alias="model_config")
+    eval_suites: list[SuiteName] = Field(default_factory=list)
 
     @field_validator("angles")
     @classmethod
     def _v_angles(cls, v: list[float]) -> list[float]:
         return _check_angles(v)
+
+    @field_validator("eval_suites")
+    @classmethod
+    def _v_suites(cls, v: list[str]) -> list[str]:
+        return check_suites(v)
 
     @field_validator("eval_angles")
     @classmethod
@@ -432,6 +462,8 @@ class TuneSpec(_SpecBase):
     def _cross_checks(self) -> TuneSpec:
         if self.eval_angles is None:
             object.__setattr__(self, "eval_angles", list(self.angles))
+        object.__setattr__(self, "eval_angles", _check_angles(with_suite_angles(self.eval_angles or [],
+                                                                                self.eval_suites)))
         if self.augment is None:
             object.__setattr__(self, "augment", [preset_for(2, abs(a)) for a in self.angles])
         elif len(self.augment) != len(self.angles):

@@ -35,7 +35,7 @@ import torch
 
 from capsnet_core import TrainConfig, build_model, fit, load_dataset
 from capsnet_core.checkpoint import load_checkpoint, model_from_checkpoint
-from capsnet_core.evaluate import evaluate
+from capsnet_core.evaluate import evaluate, evaluate_suites
 from capsnet_core.train import angle_key, ddp_options, shard_indices
 
 from .config import Settings, redis_client
@@ -234,7 +234,8 @@ class JobChannel:
 
 def _train_config(spec: TrainSpec) -> TrainConfig:
     return TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, lr_decay=spec.lr_decay,
-                       augment=spec.augment, seed=spec.seed, eval_angles=tuple(spec.eval_angles))
+                       augment=spec.augment, seed=spec.seed, eval_angles=tuple(spec.eval_angles),
+                       eval_suites=tuple(spec.eval_suites))
 
 
 def _checkpoint_epoch(path: str) -> int:
@@ -402,6 +403,7 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     result = {
         "rotation_accuracy": metrics.get("rotation_accuracy", {}),
         "per_class": metrics.get("per_class", {}),
+        "suite_accuracy": metrics.get("suite_accuracy", {}),
         "history": metrics.get("history", []),
         "world_size": metrics.get("world_size", spec.ranks),
         "device": metrics.get("device"),
@@ -421,7 +423,8 @@ def resolve_checkpoint(source: str, queue: JobQueue) -> str:
 
 
 def evaluate_checkpoint(checkpoint_uri: str, dataset: str, angles: list[float], test_subset: int | None = None,
-                        data_dir: str | None = None, device: str = "cpu") -> dict[str, Any]:
+                        data_dir: str | None = None, suites: list[str] | None = None,
+                        device: str = "cpu") -> dict[str, Any]:
     """Load a capsnet_core checkpoint (a file, or a folder/URI holding checkpoint.pt) and measure
     its accuracy on the test set rotated by each angle, on `device` (``assigned_device()`` in a
     Ray task). The file is read with ``weights_only`` (``CheckpointRejected`` if unsafe)."""
@@ -439,15 +442,16 @@ def evaluate_checkpoint(checkpoint_uri: str, dataset: str, angles: list[float], 
     model = model_from_checkpoint(payload, device)
     test = load_dataset(dataset, "test", root=data_dir).subset(test_subset)
     results = {angle_key(a): evaluate(model, test.images, test.labels, angle=a) for a in angles}
+    rotation = {k: r.accuracy for k, r in results.items()}
     return {"checkpoint": checkpoint_uri, "model": model.name, "device": device, "history": list(payload["history"]),
-            "rotation_accuracy": {k: r.accuracy for k, r in results.items()},
-            "per_class": {k: r.per_class for k, r in results.items()}}
+            "rotation_accuracy": rotation, "per_class": {k: r.per_class for k, r in results.items()},
+            "suite_accuracy": evaluate_suites(model, test, suites or [], rotation, data_root=data_dir)}
 
 
 def _eval_task(spec_dict: dict[str, Any], checkpoint_uri: str, data_dir: str | None) -> dict[str, Any]:
     spec = EvalSpec.model_validate(spec_dict)
     result = evaluate_checkpoint(checkpoint_uri, spec.dataset, spec.angles, spec.test_subset, data_dir,
-                                 device=assigned_device())
+                                 spec.eval_suites, device=assigned_device())
     result.pop("history")
     return result
 

@@ -125,7 +125,8 @@ def _model_kwargs(spec: TuneSpec, trial: dict[str, Any]) -> dict[str, Any]:
 
 def _train_config(spec: TuneSpec, trial: dict[str, Any]) -> TrainConfig:
     return TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=trial["lr"], augment=trial["augment"],
-                       seed=trial["seed"], eval_angles=tuple(spec.eval_angles or spec.angles))
+                       seed=trial["seed"], eval_angles=tuple(spec.eval_angles or spec.angles),
+                       eval_suites=tuple(spec.eval_suites))
 
 
 def _has_alternatives(spec: TuneSpec) -> bool:
@@ -219,11 +220,13 @@ def _epoch_metrics(record: dict[str, Any], epochs: int) -> dict[str, Any]:
 
 def _final_document(trial: dict[str, Any], spec: TuneSpec, history: list[dict[str, Any]],
                     rotation: dict[str, float], per_class: dict[str, list[float]], status: str,
-                    device: str, world_size: int = 1) -> dict[str, Any]:
+                    device: str, world_size: int = 1, suites: dict[str, float] | None = None) -> dict[str, Any]:
     last = history[-1] if history else {}
     return {**trial, "status": status, "epochs": spec.epochs, "epochs_trained": int(last.get("epoch", 0)),
             "val_accuracy": last.get("test_accuracy"), "rotation_accuracy": rotation, "per_class": per_class,
-            "history": [{k: v for k, v in h.items() if k not in ("per_class", "rotation_accuracy")} for h in history],
+            "suite_accuracy": dict(suites or {}),
+            "history": [{k: v for k, v in h.items() if k not in ("per_class", "rotation_accuracy", "suite_accuracy")}
+                        for h in history],
             "train_seconds": sum(h.get("epoch_seconds") or 0.0 for h in history),
             "device": device, "world_size": world_size, "finished_at": time.time()}
 
@@ -285,7 +288,7 @@ def _trial(config: dict[str, Any], spec: dict[str, Any] | None = None, ctx: dict
         result = fit(model, train, test, _train_config(tune_spec, trial), checkpoint_path=local_ckpt,
                      resume_from=resume, on_epoch_end=on_epoch_end, should_stop=channel.should_stop)
         document = _final_document(trial, tune_spec, result.history, result.rotation_accuracy, result.per_class,
-                                   "finished", str(device))
+                                   "finished", str(device), suites=result.suite_accuracy)
         store.put_final(document)
         _report_final(document, restored=False, checkpoint=store.checkpoint_uri)
     finally:
@@ -333,7 +336,7 @@ def _distributed_worker_loop(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {}
         if rank == 0:
             document = _final_document(trial, spec, result.history, result.rotation_accuracy, result.per_class,
-                                       "finished", str(device), world_size)
+                                       "finished", str(device), world_size, suites=result.suite_accuracy)
             store.put_final(document)
             last = document["history"][-1]
             metrics = {**_epoch_metrics(last, spec.epochs), "final": True, "restored": False,
@@ -542,7 +545,7 @@ def _eval_checkpoint_task(checkpoint: str, spec_dict: dict[str, Any], data_dir: 
     """Evaluate an (early-stopped) trial's last checkpoint at every eval angle."""
     spec = TuneSpec.model_validate(spec_dict)
     return evaluate_checkpoint(checkpoint, spec.dataset, spec.eval_angles or spec.angles, spec.test_subset, data_dir,
-                               device=assigned_device())
+                               spec.eval_suites, device=assigned_device())
 
 
 def _evaluate_unfinished(spec: TuneSpec, ctx: JobContext, experiment: str, pending: list[dict[str, Any]],
@@ -569,7 +572,7 @@ def _evaluate_unfinished(spec: TuneSpec, ctx: JobContext, experiment: str, pendi
             trial, store = refs[ref]
             measured = ray.get(ref)
             document = _final_document(trial, spec, measured["history"], measured["rotation_accuracy"], measured["per_class"],
-                                       "early_stopped", measured["device"])
+                                       "early_stopped", measured["device"], suites=measured.get("suite_accuracy"))
             store.put_final(document)
 
 
@@ -589,7 +592,11 @@ def build_matrix(spec: TuneSpec, finals: list[dict[str, Any]]) -> dict[str, Any]
     with the best mean final upright val accuracy over its seeds (``selected``), so the cells
     are not picked by the very numbers they report.
     """
-    cols = [angle_key(a) for a in spec.eval_angles or spec.angles]
+    angle_cols = [angle_key(a) for a in spec.eval_angles or spec.angles]
+    # The suites' one-number summaries (rotation AUC, affine accuracy) as extra columns after the angles.
+    suite_cols = sorted({k for f in finals for k in (f.get("suite_accuracy") or {})},
+                        key=lambda k: (k != "rotation_auc", k))
+    cols = angle_cols + suite_cols
     rows = [augment for _, augment in spec.conditions()]
     models: dict[str, Any] = {}
     for model in spec.models:
@@ -612,7 +619,9 @@ def build_matrix(spec: TuneSpec, finals: list[dict[str, Any]]) -> dict[str, Any]
             selected.append({"lr": lr, "routing_iters": routing, "seeds": sorted(g["seed"] for g in group)})
             mrow, srow, nrow, erow = [], [], [], []
             for col in cols:
-                values = [float(g["rotation_accuracy"][col]) for g in group if col in g.get("rotation_accuracy", {})]
+                values = [float(source[col]) for g in group
+                          for source in (g.get("rotation_accuracy") or {}, g.get("suite_accuracy") or {})
+                          if col in source]
                 mu, sd = _mean_std(values)
                 mrow.append(mu)
                 srow.append(sd)

@@ -168,8 +168,8 @@ def test_invalid_submits_exit_2_with_their_own_one_line_error(queue: JobQueue) -
         assert "Traceback" not in result.output
         seen.add(lines[0])
     assert len(seen) == len(INVALID_SUBMITS)  # each its own message
-    bad_model = CliRunner().invoke(main, ["submit", "resnet"])
-    assert bad_model.exit_code == 2 and "'resnet' is not one of" in bad_model.output
+    bad_model = CliRunner().invoke(main, ["submit", "vgg16"])
+    assert bad_model.exit_code == 2 and "'vgg16' is not one of" in bad_model.output
     bad_tune = CliRunner().invoke(main, ["tune", "--angles", "0,15", "--augment", "shift2"])
     assert bad_tune.exit_code == 2
     assert error_lines(bad_tune.output) == ["Error: augment: must list one preset per training angle "

@@ -37,8 +37,8 @@ def test_lenet5_shapes_and_layers() -> None:
 
 
 def test_unknown_model_and_config_field_are_clear_errors() -> None:
-    with pytest.raises(ValueError, match="unknown model 'resnet'.*capsnet, lenet5"):
-        build_model("resnet")
+    with pytest.raises(ValueError, match="unknown model 'vgg16'.*c8cnn, capsnet, effcaps, lenet5, resnet"):
+        build_model("vgg16")
     with pytest.raises(ValueError, match="unknown capsnet config field"):
         build_model("capsnet", widht=3)
 

@@ -366,10 +366,10 @@ def test_garbage_in_queue_is_dead_lettered(q, client, keys):
                                                   "gpus": 0, "cpus": 1, "seq": 0, "kind": "train"})
     client.zadd(qk, {"j-bad-json": 0})
     # valid JSON, but a model that does not exist (only pydantic can tell)
-    bad_spec = json.dumps({**train(), "model": "resnet"})
+    bad_spec = json.dumps({**train(), "model": "vgg16"})
     client.hset(keys.job("j-bad-model"), mapping={"state": "queued", "priority": "normal", "spec": bad_spec,
                                                    "gpus": 0, "cpus": 1, "seq": 0, "kind": "train",
-                                                   "model": "resnet", "attempt": 0})
+                                                   "model": "vgg16", "attempt": 0})
     client.zadd(qk, {"j-bad-model": 0})
     # a job key that is not a hash
     client.set(keys.job("j-string"), "junk")
@@ -384,7 +384,7 @@ def test_garbage_in_queue_is_dead_lettered(q, client, keys):
     reasons = {d.get("job_id"): d["reason"] for d in q.dead_letters(20)}
     assert reasons["ghost"] == "job hash is missing"
     assert reasons["j-bad-json"] == "spec is not valid JSON"
-    assert "model: must be one of 'capsnet', 'lenet5' (got 'resnet')" in reasons["j-bad-model"]
+    assert "model: must be one of 'c8cnn', 'capsnet', 'effcaps', 'lenet5', 'resnet' (got 'vgg16')" in reasons["j-bad-model"]
     assert reasons["j-string"] == "job key is not a hash"
     assert any("not a sorted set" in d["reason"] for d in q.dead_letters(20))
     assert all(isinstance(d["at"], float) for d in q.dead_letters(20))

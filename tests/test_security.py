@@ -207,3 +207,9 @@ def test_routing_iterations_are_capped() -> None:
     with pytest.raises(SpecError, match=r"^model_config.routing_iters: capsnet expects an integer in 1..10 "
                                         r"\(got 65536\)$"):
         parse_spec({"kind": "train", "model_config": {"routing_iters": 65536}})
+
+
+@pytest.mark.parametrize("config", [{"width": 1}, {"width": 3, "hidden": 17}, {"rotations": 16, "width": 2}])
+def test_c8cnn_estimate_is_exact_without_building_it(config: dict) -> None:
+    # e2cnn cannot build on the meta device; its count comes from one field pair per layer kind
+    assert estimate_model_size("c8cnn", **config)[0] == count_parameters(build_model("c8cnn", **config))

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from .base import ClassifierModel
 
 # name -> "module:class" of the model, imported lazily.
-MODELS: dict[str, str] = {"capsnet": "capsnet:CapsNet", "lenet5": "lenet5:LeNet5"}
+MODELS: dict[str, str] = {"capsnet": "capsnet:CapsNet", "lenet5": "lenet5:LeNet5", "effcaps": "effcaps:EfficientCapsNet",
+                          "resnet": "resnet:PreActResNet", "c8cnn": "c8cnn:C8CNN"}
 
 _LAZY = {"CapsNet": "capsnet", "LeNet5": "lenet5", "margin_loss": "capsnet", "squash": "capsnet",
          "ClassifierModel": "base", "ModelOutput": "base", "count_parameters": "base", "unwrap": "base"}
@@ -57,6 +58,10 @@ def estimate_model_size(name: str, **config: Any) -> tuple[int, int | None]:
     estimator = SIZE_ESTIMATORS.get(name)
     if estimator is not None:
         return estimator(config_class(name)(**config))
+    if name == "c8cnn":  # e2cnn samples its filter basis with real tensors: no meta device
+        from .c8cnn import parameter_count
+
+        return parameter_count(config_class(name)(**config)), None
     import torch
 
     with torch.device("meta"):

@@ -49,6 +49,46 @@ class CapsNetConfig:
     primary_conv: str = "auto"
 
 
+@dataclass
+class EffCapsConfig:
+    """Efficient-CapsNet's MNIST network (Mazzia, Salvetti & Chiaberge 2021); defaults are the paper's."""
+
+    num_classes: int = 10
+    width: int = 32  # conv1 channels; conv2/conv3 get 2x, conv4 (= primary capsule channels) 4x
+    primary_dim: int = 8  # the 4*width depthwise outputs are grouped into 4*width/primary_dim capsules
+    digit_dim: int = 16
+    # "batch" as in the paper; "group" (GroupNorm, same parameters) keeps DDP ranks' statistics
+    # out of the model: BatchNorm under DDP normalises with each rank's own shard.
+    norm: str = "batch"
+    decoder: bool = False  # the paper's reconstruction regulariser (160 -> 512 -> 1024 -> 784); not in its 161 k
+    decoder_hidden: tuple[int, int] = (512, 1024)
+    m_plus: float = 0.9
+    m_minus: float = 0.1
+    lambda_absent: float = 0.5
+    reconstruction_weight: float = 0.0005  # the paper's 0.392 x mean squared error = 0.392 / 784 x sum
+
+
+@dataclass
+class ResNetConfig:
+    """A small pre-activation ResNet (He et al. 2016, "Identity Mappings in Deep Residual Networks")."""
+
+    num_classes: int = 10
+    width: int = 32  # channels of the first stage; each later stage doubles them and halves the size
+    blocks_per_stage: int = 1  # basic blocks per stage (3 stages: 28x28, 14x14, 7x7)
+    groups: int = 8  # GroupNorm groups (GroupNorm, not BatchNorm: no running statistics to sync under DDP)
+
+
+@dataclass
+class C8CNNConfig:
+    """A C_N-equivariant steerable CNN on e2cnn (Weiler & Cesa 2019), regular representations."""
+
+    num_classes: int = 10
+    rotations: int = 8  # N of the cyclic group C_N; any multiple of 4 keeps exact 90-degree invariance
+    width: int = 8  # regular fields (each N channels) of the first layer; later layers 2x, 3x, 4x
+    hidden: int = 64  # the classifier's hidden layer
+
+
+
 def capsnet_size(c: CapsNetConfig) -> tuple[int, int]:
     """(parameters, activation floats per sample of one forward) of a CapsNet, from its config."""
     channels = c.primary_maps * c.primary_dim
@@ -83,13 +123,24 @@ SIZE_ESTIMATORS: dict[str, Any] = {"capsnet": capsnet_size, "lenet5": lenet5_siz
 
 # The allowed values of text fields, {model: {field: choices}}: job specs are checked against
 # these at submit, and the models check them again when built.
-CONFIG_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {"capsnet": {"primary_conv": ("auto", "direct", "fft")}}
+CONFIG_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {"capsnet": {"primary_conv": ("auto", "direct", "fft")},
+                                                          "effcaps": {"norm": ("batch", "group")}}
 
 # Upper bounds of integer fields beyond the generic 1..65536 of job specs, {model: {field: max}}:
 # routing cost grows linearly with the iterations, and the paper's gain stops at 3.
-CONFIG_MAXIMA: dict[str, dict[str, int]] = {"capsnet": {"routing_iters": 10}}
+# C_N beyond 32 rotations buys nothing on a 28x28 grid and its basis takes long to sample.
+CONFIG_MAXIMA: dict[str, dict[str, int]] = {"capsnet": {"routing_iters": 10}, "c8cnn": {"rotations": 32}}
 
-MODEL_CONFIGS: dict[str, type] = {"capsnet": CapsNetConfig, "lenet5": LeNet5Config}
+MODEL_CONFIGS: dict[str, type] = {"capsnet": CapsNetConfig, "lenet5": LeNet5Config, "effcaps": EffCapsConfig,
+                                  "resnet": ResNetConfig, "c8cnn": C8CNNConfig}
+# One line per model for ``capsctl models`` (kept here: the CLI lists them without importing torch).
+MODEL_DESCRIPTIONS: dict[str, str] = {
+    "capsnet": "Dynamic-routing CapsNet (Sabour, Frosst & Hinton 2017) with its reconstruction decoder",
+    "c8cnn": "C8-equivariant steerable CNN (e2cnn, regular fields), rotation-invariant pooling",
+    "effcaps": "Efficient-CapsNet (Mazzia et al. 2021): depthwise primary capsules, self-attention routing",
+    "lenet5": "LeNet5 as in the tutorial: two 5x5 convolutions, average pooling, three FC layers",
+    "resnet": "Pre-activation ResNet, 3 stages (28, 14, 7 px) with GroupNorm: a strong plain-CNN baseline",
+}
 MODEL_NAMES: tuple[str, ...] = tuple(sorted(MODEL_CONFIGS))
 
 
