@@ -22,7 +22,7 @@ import time
 import traceback
 
 from . import metrics as svc_metrics
-from .config import Settings, redis_client
+from .config import Settings, ray_node_env, redis_client
 from .keys import Keys
 from .queue import ClaimedJob, JobQueue
 from .ray_train import JobCancelled, JobContext, run_eval_job, run_train_job
@@ -68,6 +68,8 @@ class Worker:
                         if k.startswith("CAPSNET_") and k not in ("CAPSNET_METRICS_PORT",)}
             if self.settings.data_dir is not None:
                 env_vars["CAPSNET_DATA_DIR"] = str(self.settings.data_dir)
+            if not self.settings.ray_address:  # the local Ray this starts: ranks at normal priority
+                os.environ.update(ray_node_env())
             ray.init(address=self.settings.ray_address or None,
                      num_cpus=None if self.settings.ray_address else self.num_cpus,
                      runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING,
