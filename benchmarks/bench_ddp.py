@@ -133,7 +133,10 @@ def _ray_train_loop(case: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     out = train_rank(case, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
                      ray.train.torch.prepare_model)
-    ray.train.report(out)
+    # Train V2 keeps a result's metrics only with a checkpoint: rank 0 hands over an empty one.
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if ctx.get_world_rank() == 0 else None
+        ray.train.report(out, checkpoint=checkpoint)
 
 
 def run_ray_train(case: dict[str, Any], ranks: int, storage: Path) -> dict[str, Any]:
@@ -183,7 +186,7 @@ class Service:
                           CAPSNET_ARTIFACTS=str(self.tmp / "artifacts"), CAPSNET_METRICS_PORT="0",
                           RAY_USAGE_STATS_ENABLED="0")
         os.environ.update(ray_node_env())  # the local Ray started as `capsctl up` and the worker start it
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=False,
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, log_to_driver=False,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("CAPSNET_")}})
         self.worker = Worker(Settings.from_env(), num_cpus=num_cpus, poll_seconds=0.5)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
