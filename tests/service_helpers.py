@@ -46,7 +46,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.update(ray_node_env())  # as `capsctl up` starts Ray: ranks at normal priority
     # 4 logical CPUs on a 2-core machine: a 2-rank DDP job plus room for a second worker's claim.
-    context = ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING", configure_logging=False,
+    context = ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="WARNING", configure_logging=False,
                        log_to_driver=False)
     address = context.address_info["gcs_address"]
     try:
