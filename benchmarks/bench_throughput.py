@@ -93,12 +93,26 @@ def measure(name: str, device: torch.device, batch: int, steps: int, warmup: int
     return train_ips, eval_ips
 
 
+class _ReferenceTensor:
+    """What ``Variable(t)`` is to the reference file: a wrapper whose ``.cuda()`` returns the tensor."""
+
+    def __init__(self, tensor: torch.Tensor, device: torch.device) -> None:
+        self.tensor, self.device = tensor, device
+
+    def cuda(self, *_: object, **__: object) -> torch.Tensor:
+        return self.tensor.to(self.device)
+
+
+def _reference_variable(device: torch.device) -> Callable[[torch.Tensor], _ReferenceTensor]:
+    return lambda tensor, *_, **__: _ReferenceTensor(tensor, device)
+
+
 def measure_reference(path: Path, device: torch.device, batch: int, steps: int, warmup: int) -> float:
     """Training images/s of the reference CapsNet (gram-ai/capsule-networks' capsule_network.py).
 
-    Its own forward indexes 0-dim tensors (``index.data[0]``), which modern torch rejects, so this
-    calls its layers in the same order and picks the reconstruction target with one gather
-    instead of its Python loop over the batch: that can only make the reference faster.
+    Its forward (in older versions: indexing 0-dim tensors with ``index.data[0]``, which modern torch rejects;
+    later: building the decoder mask on CUDA only) is replaced: this calls its layers in the same order and
+    picks the reconstruction target with one gather instead: that can only make the reference faster.
     """
     import torch.nn.functional as F
 
@@ -106,6 +120,11 @@ def measure_reference(path: Path, device: torch.device, batch: int, steps: int, 
     if spec_ is None or spec_.loader is None:
         raise SystemExit(f"--reference: cannot import {path}")
     ref = importlib.util.module_from_spec(spec_)
+    # The file as shipped imports Variable only under ``if __name__ == "__main__":`` and its
+    # layers call ``Variable(...).cuda()``: give its namespace a Variable whose .cuda() moves the
+    # tensor to the measured device (on CUDA exactly what the original does; on CPU it stays put).
+    # Names the file defines itself at import time would override this one.
+    ref.Variable = _reference_variable(device)
     spec_.loader.exec_module(ref)
     torch.manual_seed(0)
     model = ref.CapsuleNet().to(device)

@@ -43,6 +43,18 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "capsnet:"
 DEFAULT_MAX_PARAMS = 100_000_000  # 12x the full-size CapsNet (8.2 M parameters)
 
+# Environment for every Ray node capsctl starts (``capsctl up``'s ``ray start``, a worker's local
+# ``ray.init``). Ray renices its worker processes, and so every training rank, to 15 by default:
+# then Ray's own daemons, the capsctl worker and anything else on the machine preempt the ranks,
+# and one slow rank stalls every DDP step. Ranks doing the node's main work run at normal
+# priority instead. A value already in the environment wins.
+RAY_NODE_ENV = {"RAY_worker_niceness": "0"}
+
+
+def ray_node_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """``RAY_NODE_ENV`` with the environment's own values taking precedence."""
+    return {key: environ.get(key, value) for key, value in RAY_NODE_ENV.items()}
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value that cannot be used (one-line message)."""

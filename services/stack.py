@@ -46,7 +46,7 @@ from urllib.parse import quote, unquote, urlparse
 
 import redis
 
-from .config import Settings, redis_client
+from .config import Settings, ray_node_env, redis_client
 from .queue import JobQueue
 
 STACK_FILE = "stack.json"
@@ -507,7 +507,7 @@ def _start_ray(cpus: int, state_dir: Path, logs: Path, auth_mode: str, record: d
            "--include-dashboard=true", f"--dashboard-port={free_port()}",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            "--log-style=record", "--log-color=false"]
-    env = {**os.environ, "RAY_AUTH_MODE": auth_mode}
+    env = {**os.environ, **ray_node_env(), "RAY_AUTH_MODE": auth_mode}
     env.pop("RAY_ADDRESS", None)
     log_path = logs / "ray-start.log"
     proc = _spawn(cmd, log_path, env)

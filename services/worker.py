@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics as svc_metrics
-from .config import Settings, ray_worker_env, redis_client
+from .config import Settings, ray_node_env, ray_worker_env, redis_client
 from .keys import Keys
 from .queue import ClaimedJob, JobQueue
 from .ray_train import AttemptLost, JobCancelled, JobContext, JobRejected, run_eval_job, run_train_job
@@ -83,6 +83,8 @@ class Worker:
             env_vars = ray_worker_env(os.environ)  # CAPSNET_*, NCCL_*, TORCH_NCCL_*
             if self.settings.data_dir is not None:
                 env_vars["CAPSNET_DATA_DIR"] = str(self.settings.data_dir)
+            if not self.settings.ray_address:  # the local Ray this starts: ranks at normal priority
+                os.environ.update(ray_node_env())
             ray.init(address=self.settings.ray_address or None,
                      num_cpus=None if self.settings.ray_address else self.num_cpus,
                      runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from services.config import redis_client
+from services.config import ray_node_env, redis_client
 from services.keys import Keys
 from services.queue import JobQueue
 
@@ -44,8 +44,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield ray.get_runtime_context().gcs_address
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.update(ray_node_env())  # as `capsctl up` starts Ray: ranks at normal priority
     # 4 logical CPUs on a 2-core machine: a 2-rank DDP job plus room for a second worker's claim.
-    context = ray.init(num_cpus=4, include_dashboard=True, logging_level="WARNING", configure_logging=False,
+    context = ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="WARNING", configure_logging=False,
                        log_to_driver=False)
     address = context.address_info["gcs_address"]
     try:

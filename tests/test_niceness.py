@@ -1,0 +1,41 @@
+"""Training ranks run at normal priority: the Ray node environment capsctl starts Ray with, and
+the rank-side renice for clusters started without it (real processes and threads, no mocks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from services.config import RAY_NODE_ENV, ray_node_env
+
+
+def test_ray_nodes_start_workers_at_normal_priority_unless_overridden() -> None:
+    assert RAY_NODE_ENV == {"RAY_worker_niceness": "0"}
+    assert ray_node_env({}) == {"RAY_worker_niceness": "0"}
+    assert ray_node_env({"RAY_worker_niceness": "5", "OTHER": "x"}) == {"RAY_worker_niceness": "5"}
+
+
+RENICE_SCRIPT = """
+import json, os, threading, time
+import psutil
+from services.ray_train import set_process_niceness
+stop = threading.Event()
+threads = [threading.Thread(target=stop.wait) for _ in range(3)]  # like gloo's and Ray's threads
+for t in threads:
+    t.start()
+level = set_process_niceness(7)
+nices = [os.getpriority(os.PRIO_PROCESS, t.id) for t in psutil.Process().threads()]
+stop.set()
+print(json.dumps({"level": level, "nices": nices}))
+"""
+
+
+def test_set_process_niceness_renices_every_thread() -> None:
+    # On Linux the nice level is per thread: a plain os.nice() in the training thread would leave
+    # the threads that already exist (gloo's, Ray's) where they were. Run in a child process so
+    # the test process keeps its own priority.
+    out = subprocess.run([sys.executable, "-c", RENICE_SCRIPT], check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["level"] == 7
+    assert len(result["nices"]) >= 4 and set(result["nices"]) == {7}
