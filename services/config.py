@@ -171,8 +171,6 @@ def redis_client(settings: Settings | str, **kwargs: Any) -> redis.Redis:
     return redis.Redis.from_url(url, **kwargs)
 
 
-
-
 # Environment variables a worker hands to its Ray processes: our own settings, and NCCL's
 # (NCCL_SOCKET_IFNAME, NCCL_IB_*, TORCH_NCCL_*...), which multi-node GPU clusters need.
 RAY_FORWARDED_PREFIXES = ("CAPSNET_", "NCCL_", "TORCH_NCCL_")
@@ -183,5 +181,5 @@ def ray_worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k.startswith(RAY_FORWARDED_PREFIXES) and k != "CAPSNET_METRICS_PORT"}
 
 
-__all__ = ["DEFAULT_MAX_PARAMS", "DEFAULT_PREFIX", "DEFAULT_REDIS_URL", "Settings", "SettingsError", "ray_worker_env",
+__all__ = ["DEFAULT_MAX_PARAMS", "DEFAULT_PREFIX", "DEFAULT_REDIS_URL", "Settings", "SettingsError", "ray_node_env", "ray_worker_env",
            "redis_client"]
