@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,3 +95,13 @@ def redis_url(redis_server: str) -> Iterator[str]:
     yield redis_server
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[Any]:
+    """A capsctl Redis client (``services.config.redis_client``) on the test's clean database."""
+    from services.config import redis_client
+
+    c = redis_client(redis_url)
+    yield c
+    c.close()

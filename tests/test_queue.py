@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from services.config import Settings, SettingsError, redis_client
+from services.config import Settings, SettingsError
 from services.jobspec import SpecError
 from services.keys import Keys
 from services.queue import (
@@ -24,19 +24,7 @@ from services.queue import (
     new_job_id,
 )
 
-TINY = {"conv_channels": 16, "primary_maps": 4}
-
-
-def train(**kw):
-    return {"kind": "train", "model": "capsnet", "epochs": 1, "model_config": TINY,
-            "train_subset": 64, "test_subset": 64, **kw}
-
-
-@pytest.fixture
-def client(redis_url):
-    c = redis_client(redis_url)
-    yield c
-    c.close()
+from .queue_helpers import CPU, TINY, train
 
 
 @pytest.fixture
@@ -49,7 +37,6 @@ def q(client, keys):
     return JobQueue(client, keys, lease_seconds=5, backoff_base=0.2, backoff_max=0.3)
 
 
-CPU = {"gpus": 0, "cpus": 8}
 
 
 def test_submit_claim_complete(q):

@@ -15,24 +15,10 @@ from typing import Any
 
 import pytest
 
-from services.config import redis_client
 from services.keys import Keys
 from services.queue import STATES, JobQueue
 
-TINY = {"conv_channels": 16, "primary_maps": 4}
-CPU = {"gpus": 0, "cpus": 8}
-
-
-def train(**kw: Any) -> dict[str, Any]:
-    return {"kind": "train", "model": "capsnet", "epochs": 1, "model_config": TINY,
-            "train_subset": 64, "test_subset": 64, **kw}
-
-
-@pytest.fixture
-def client(redis_url):
-    c = redis_client(redis_url)
-    yield c
-    c.close()
+from .queue_helpers import CPU, train
 
 
 @pytest.fixture

@@ -43,6 +43,28 @@ def margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float = 0.9
     return loss.sum(dim=1)
 
 
+def masked_reconstruction(decoder: nn.Module | None, v: torch.Tensor, lengths: torch.Tensor,
+                          labels: torch.Tensor | None, training: bool) -> torch.Tensor | None:
+    """Section 4.1: the decoder sees only one class's capsule, masked with the true label in
+    training and with the longest capsule otherwise. v: (B, C, D); returns (B, 1, 28, 28) or None."""
+    if decoder is None:
+        return None
+    target = labels if (labels is not None and training) else lengths.argmax(dim=1)
+    mask = F.one_hot(target, v.shape[1]).to(v.dtype)  # (B, C)
+    return decoder((v * mask.unsqueeze(-1)).flatten(1)).view(-1, 1, 28, 28)
+
+
+def capsule_loss(output: ModelOutput, images: torch.Tensor, labels: torch.Tensor, config: object) -> torch.Tensor:
+    """Margin loss plus the down-weighted reconstruction error (sum of squares per image), in fp32.
+    ``config`` carries m_plus, m_minus, lambda_absent and reconstruction_weight."""
+    c = config
+    loss = margin_loss(output.scores.float(), labels, c.m_plus, c.m_minus, c.lambda_absent)  # (B,)
+    if output.reconstructions is not None:
+        squared_error = (output.reconstructions.float() - images.float()) ** 2
+        loss = loss + c.reconstruction_weight * squared_error.flatten(1).sum(dim=1)
+    return loss.mean()
+
+
 ROUTING_CHUNK = 8  # samples routed together (see CapsNet.forward)
 
 
@@ -181,19 +203,9 @@ class CapsNet(ClassifierModel):
             couplings.append(coupling)
         v, coupling = torch.cat(vs), torch.cat(couplings)
         lengths = v.norm(dim=-1)  # (B, 10)
-        reconstructions = None
-        if self.decoder is not None:
-            # Mask with the true label in training, with the longest capsule otherwise.
-            target = labels if (labels is not None and self.training) else lengths.argmax(dim=1)
-            mask = F.one_hot(target, self.config.num_classes).to(v.dtype)  # (B, 10)
-            reconstructions = self.decoder((v * mask.unsqueeze(-1)).flatten(1)).view(-1, 1, 28, 28)
+        reconstructions = masked_reconstruction(self.decoder, v, lengths, labels, self.training)  # (B, 1, 28, 28)
         return ModelOutput(scores=lengths, capsules=v, reconstructions=reconstructions,
                            coupling=coupling if return_coupling else None)
 
     def loss(self, output: ModelOutput, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        loss = margin_loss(output.scores.float(), labels, c.m_plus, c.m_minus, c.lambda_absent)  # (B,)
-        if output.reconstructions is not None:
-            squared_error = (output.reconstructions.float() - images.float()) ** 2
-            loss = loss + c.reconstruction_weight * squared_error.flatten(1).sum(dim=1)
-        return loss.mean()
+        return capsule_loss(output, images, labels, self.config)

@@ -14,11 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import ClassifierModel, ModelOutput
-from .capsnet import margin_loss
+from .capsnet import capsule_loss, masked_reconstruction
 from .configs import EffCapsConfig, config_choices
 
 
@@ -102,18 +101,9 @@ class EfficientCapsNet(ClassifierModel):
         u = efficient_squash(x.view(x.shape[0], self.num_primary, c.primary_dim))  # (B, 16, 8)
         v, coupling = self.routing(u)  # (B, 10, 16), (B, 16, 10)
         lengths = v.norm(dim=-1)  # (B, 10)
-        reconstructions = None
-        if self.decoder is not None:
-            target = labels if (labels is not None and self.training) else lengths.argmax(dim=1)
-            mask = F.one_hot(target, c.num_classes).to(v.dtype)  # (B, 10)
-            reconstructions = self.decoder((v * mask.unsqueeze(-1)).flatten(1)).view(-1, 1, 28, 28)
+        reconstructions = masked_reconstruction(self.decoder, v, lengths, labels, self.training)  # (B, 1, 28, 28)
         return ModelOutput(scores=lengths, capsules=v, reconstructions=reconstructions,
                            coupling=coupling if return_coupling else None)
 
     def loss(self, output: ModelOutput, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        loss = margin_loss(output.scores.float(), labels, c.m_plus, c.m_minus, c.lambda_absent)  # (B,)
-        if output.reconstructions is not None:
-            squared_error = (output.reconstructions.float() - images.float()) ** 2
-            loss = loss + c.reconstruction_weight * squared_error.flatten(1).sum(dim=1)
-        return loss.mean()
+        return capsule_loss(output, images, labels, self.config)
