@@ -22,10 +22,7 @@ from services.keys import Keys
 from services.queue import JobQueue
 from services.worker import ADMISSION_BUSY, Admission, Worker
 
-from .service_helpers import queue, ray_cluster, wait_until, workers  # noqa: F401  (fixtures)
-
-DATA_DIR_ENV = "CAPSNET_DATA_DIR"
-
+from .service_helpers import wait_until
 
 # ----------------------------------------------------------------------------- pure decisions
 
@@ -135,7 +132,7 @@ def _hold(worker: Worker, admission: Admission) -> threading.Thread:
 
 
 def test_gpu_jobs_are_admitted_one_at_a_time_by_priority(redis_url: str, tmp_path: Path,
-                                                         queue: JobQueue) -> None:  # noqa: F811
+                                                         queue: JobQueue) -> None:
     cluster = FakeCluster(gpus=3, cpus=16)
     w0, w1, w2 = _workers(redis_url, tmp_path, cluster, 3)
     a, b, c = (queue.submit(_spec(2), check_capacity=False) for _ in range(3))
@@ -175,7 +172,7 @@ def test_gpu_jobs_are_admitted_one_at_a_time_by_priority(redis_url: str, tmp_pat
 
 
 def test_holder_releases_after_the_timeout_when_no_reservation_shows(redis_url: str, tmp_path: Path,
-                                                                      queue: JobQueue) -> None:  # noqa: F811
+                                                                      queue: JobQueue) -> None:
     cluster = FakeCluster(gpus=2, cpus=4)
     w0, w1 = _workers(redis_url, tmp_path, cluster, 2)
     w0.admission_timeout_s = 0.5
@@ -186,3 +183,47 @@ def test_holder_releases_after_the_timeout_when_no_reservation_shows(redis_url: 
     assert w1._admit() is None  # the lock is free again; the other job is running, nothing else queued
     messages = [e["data"].get("message", "") for _, e in queue.events.read(job.id, "0")]
     assert any("not seen reserved" in m for m in messages)
+
+
+# ----------------------------------------------------------------------------- real Ray, real workers
+
+LENET_JOB = {"kind": "train", "model": "lenet5", "workers": 2, "epochs": 2, "batch_size": 64,
+             "train_subset": 1000, "test_subset": 200, "eval_angles": [0]}
+
+
+@pytest.mark.slow
+def test_three_workers_never_overcommit_the_cluster_and_respect_priority(queue: JobQueue, workers) -> None:
+    """4 CPUs, three 2-rank jobs taken by three workers at once: two run, the third waits in Redis
+    (queued) until capacity frees; a high-priority job submitted later still goes before it."""
+    first = [queue.submit({**LENET_JOB, "name": f"first-{i}"}) for i in range(2)]
+    low = queue.submit({**LENET_JOB, "name": "low", "priority": "low"})
+    procs = [workers(f"w-adm-{i}") for i in range(3)]
+    states: dict[str, str] = {}
+    most_running = 0
+
+    def poll() -> dict[str, str]:
+        nonlocal most_running
+        for record in queue.list(limit=20):
+            states[record.id] = record.state
+        most_running = max(most_running, sum(s == "running" for s in states.values()))
+        return states
+
+    def logs() -> str:
+        return "\n".join(p.output()[-1500:] for p in procs)
+
+    wait_until(lambda: all(poll().get(j.id) == "running" for j in first), 180, interval=0.1,
+               what="the first two jobs to run")
+    time.sleep(3)  # three workers poll meanwhile: the third job may not be claimed while 4 of 4 CPUs are taken
+    assert poll()[low.id] == "queued", (states, logs())
+    high = queue.submit({**LENET_JOB, "name": "high", "priority": "high"})
+    jobs = [*first, low, high]
+    wait_until(lambda: all(poll().get(j.id) in ("succeeded", "failed") for j in jobs), 600, interval=0.1,
+               what="every job to finish")
+    assert most_running <= 2, (most_running, logs())
+    records = {j.id: queue.get(j.id) for j in jobs}
+    assert all(r.state == "succeeded" for r in records.values()), {i: r.error for i, r in records.items()}
+    assert records[high.id].started_at < records[low.id].started_at
+    # Every claim was followed by a reservation seen in Ray before the next admission.
+    for job in jobs:
+        messages = [e["data"].get("message", "") for _, e in queue.events.read(job.id, "0") if e["type"] == "log"]
+        assert any(m.startswith("resources reserved in Ray") for m in messages), messages
