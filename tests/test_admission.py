@@ -8,15 +8,17 @@ on the shared 4-CPU local Ray.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from services.admission import AdmissionLock, reserved, shortfall
-from services.cli import waiting_reason
+from services.cli import main, waiting_reason
 from services.config import Settings, redis_client
 from services.keys import Keys
 from services.queue import JobQueue
@@ -156,6 +158,10 @@ def test_gpu_jobs_are_admitted_one_at_a_time_by_priority(redis_url: str, tmp_pat
     w1._publish()
     record = queue.get(b.id)
     assert waiting_reason(record, queue.workers()) == "waiting for 2 GPUs; cluster has 1 free"
+    shown = CliRunner().invoke(main, ["--redis-url", redis_url, "status", b.id])
+    assert shown.exit_code == 0 and "waiting for 2 GPUs; cluster has 1 free" in shown.output, shown.output
+    shown = CliRunner().invoke(main, ["--redis-url", redis_url, "status", b.id, "--json"])
+    assert json.loads(shown.output)["waiting"] == "waiting for 2 GPUs; cluster has 1 free"
 
     # A high-priority job submitted later is admitted before the older normal ones.
     high = queue.submit(_spec(2, "high"), check_capacity=False)
