@@ -43,6 +43,7 @@ from capsnet_core.models.configs import MODEL_DESCRIPTIONS, MODEL_NAMES
 
 from . import compare as compare_mod
 from . import stack as stack_mod
+from .admission import shortfall
 from .config import Settings, SettingsError, redis_client
 from .jobspec import DATASETS, JOB_ID_RE, PRIORITIES, EvalSpec, SpecError, check_model_size, parse_spec
 from .keys import Keys
@@ -883,7 +884,35 @@ def job_summary(record: JobRecord) -> dict[str, Any]:
             "updated_at": record.updated_at, "worker": record.worker, "error": record.error}
 
 
-def print_job(record: JobRecord) -> None:
+def cluster_free(workers: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+    """The cluster's free resources as last published by a live worker (the freshest
+    registration: every worker on one Ray cluster reports the same cluster), or None."""
+    best: tuple[float, tuple[float, float]] | None = None
+    for w in workers:
+        free = resource_shape(w.get("available")) if w.get("available") is not None else None
+        seen = finite(w.get("seen_at"))
+        if free is not None and (best is None or (seen or 0.0) > best[0]):
+            best = (seen or 0.0, free)
+    return None if best is None else {"gpus": best[1][0], "cpus": best[1][1]}
+
+
+def waiting_reason(record: JobRecord, workers: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why a queued job is not running yet (None for a job in any other state)."""
+    if record.state != "queued":
+        return None
+    if not workers:
+        return "no live worker: start one with `capsctl worker` or `capsctl up`"
+    free = cluster_free(workers)
+    if free is None:
+        return "no worker has published the cluster's free resources yet"
+    short = shortfall(record.resources, free)
+    if short is not None:
+        return short
+    return (f"fits the free resources ({_g(free['gpus'])} GPU(s), {_g(free['cpus'])} CPU(s)): next in line "
+            f"unless a job of higher priority or older is admitted first")
+
+
+def print_job(record: JobRecord, waiting: str | None = None) -> None:
     rows: list[tuple[str, Any]] = [
         ("job", record.id + (f"  ({record.name})" if record.name else "")),
         ("state", record.state + ("  (cancel requested)" if record.cancel_requested and not record.is_terminal
@@ -898,6 +927,8 @@ def print_job(record: JobRecord) -> None:
     if p.get("type") in ("step", "epoch"):
         rows.append(("", f"loss {fmt_num(p.get('loss'))}  acc {fmt_pct(p.get('accuracy'))}  "
                          f"{fmt_num(p.get('images_per_second'), '.0f')} img/s"))
+    if waiting:
+        rows.append(("waiting", waiting))
     rows.append(("worker", record.worker or "-"))
     if record.state == "running" and record.lease_expires_at:
         rows.append(("lease", f"expires {fmt_time(record.lease_expires_at)}  heartbeat "
@@ -973,10 +1004,11 @@ def status(app: App, job_id: str | None, as_json: bool) -> None:
     """One job in detail, or (without JOB_ID) the cluster: workers, capacity, jobs by state."""
     if job_id:
         record = app.job(job_id)
+        waiting = waiting_reason(record, app.queue.workers()) if record.state == "queued" else None
         if as_json:
-            _emit_json(record.to_dict())
+            _emit_json({**record.to_dict(), **({"waiting": waiting} if waiting else {})})
         else:
-            print_job(record)
+            print_job(record, waiting)
         return
     info = cluster_info(app)
     if as_json:

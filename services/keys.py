@@ -19,6 +19,8 @@ Layout (``P`` = prefix, default ``capsnet:``)::
     P counters                          hash    monotonic counters for metrics
     P notify                            list    wake-up tokens pushed by submit/requeue (BLPOP)
     P seq                               string  submit sequence counter
+    P admission                         string  admission lock: token of the worker admitting a
+                                                job (SET NX PX, services.admission)
 
 The Lua scripts of ``services.queue`` build the same keys from the same templates:
 ``Keys.lua_functions()`` generates their key helpers (``k_job(id)``, ``k_queue(p, g, c)`` ...)
@@ -51,6 +53,7 @@ TEMPLATES: dict[str, str] = {
     "counters": "counters",
     "notify": "notify",
     "seq": "seq",
+    "admission": "admission",
 }
 
 
@@ -130,6 +133,10 @@ class Keys:
     @property
     def seq(self) -> str:
         return self._k("seq")
+
+    @property
+    def admission(self) -> str:
+        return self._k("admission")
 
     def all_pattern(self) -> str:
         """A SCAN pattern matching every key under this prefix (for tests and cleanup)."""

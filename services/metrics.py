@@ -77,6 +77,7 @@ PREFIX = "capsnet_"
 QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 RUN_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 # Seconds from a worker taking a train job to its first step: mostly Ray Train starting processes.
+ADMISSION_OUTCOMES = ("reserved", "timeout", "ended")
 STARTUP_BUCKETS = (1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
 
 # counters() key head -> (metric name without _total, label names after the head, help)
@@ -508,6 +509,11 @@ class WorkerMetrics:
             "Time from a worker starting a train job attempt to its first training step (Ray Train's "
             "controller and rank actors, the process group, loading the data).",
             buckets=STARTUP_BUCKETS, registry=registry)
+        self.admission = Histogram(
+            "capsnet_job_admission_seconds",
+            "Time a worker held the admission lock after claiming a job, until its resources were "
+            "reserved in Ray (outcome=reserved), the wait timed out (timeout) or the attempt ended first (ended).",
+            ["outcome"], buckets=STARTUP_BUCKETS, registry=registry)
         self.cluster_gpus = Gauge("capsnet_ray_cluster_gpus", "GPUs in the Ray cluster (state=total|available).",
                                   ["state"], registry=registry)
         self.cluster_cpus = Gauge("capsnet_ray_cluster_cpus", "CPUs in the Ray cluster (state=total|available).",
@@ -518,13 +524,15 @@ class WorkerMetrics:
             "is never dropped, it waits for Redis.", registry=registry)
         self.training = TrainingMetrics(registry=registry, max_jobs=max_jobs,
                                         result_linger_seconds=result_linger_seconds)
+        for outcome in ADMISSION_OUTCOMES:
+            self.admission.labels(outcome)
         for kind in kinds:
             self.queue_wait.labels(label_value(kind))
             for outcome in RUN_OUTCOMES:
                 self.run_duration.labels(label_value(kind), outcome)
 
     def collectors(self) -> list[Collector]:
-        return [self.queue_wait, self.run_duration, self.startup, self.cluster_gpus, self.cluster_cpus,
+        return [self.queue_wait, self.run_duration, self.startup, self.admission, self.cluster_gpus, self.cluster_cpus,
                 self.events_dropped, *self.training.gauges()]
 
     def observe_queue_wait(self, kind: str, seconds: float) -> None:
@@ -536,6 +544,9 @@ class WorkerMetrics:
     def count_dropped_events(self, n: int = 1) -> None:
         if n > 0:
             self.events_dropped.inc(n)
+
+    def observe_admission(self, outcome: str, seconds: float) -> None:
+        self.admission.labels(label_value(outcome)).observe(max(0.0, float(seconds)))
 
     def observe_startup(self, seconds: float) -> None:
         self.startup.observe(max(0.0, float(seconds)))

@@ -4,7 +4,10 @@ One worker process runs one job at a time, as a Ray driver: it claims a job only
 Ray cluster currently has the GPUs/CPUs the job asks for (so waiting jobs wait in Redis,
 visible to every worker, not inside Ray), heartbeats the job's lease while it runs, and
 records the outcome with the lease token (a worker that lost its lease can't overwrite a
-newer attempt). Several workers may run against one queue and one Ray cluster.
+newer attempt). Several workers may run against one queue and one Ray cluster: they admit
+jobs one at a time under the admission lock (``services.admission``), each holding it from
+reading the free resources until its job's resources are reserved in Ray, so two workers
+never count the same free CPUs or GPUs.
 
 If the worker dies (SIGKILL, machine gone), Ray tears down its runs (their driver is gone),
 the lease expires, and another worker re-claims the job, which resumes from its last
@@ -30,10 +33,12 @@ import socket
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import metrics as svc_metrics
+from .admission import AdmissionLock, free_of, reserved
 from .config import Settings, ray_node_env, ray_worker_env, redis_client
 from .keys import Keys
 from .queue import ClaimedJob, JobQueue
@@ -44,13 +49,36 @@ from .retention import Pruner
 log = logging.getLogger("capsctl.worker")
 
 
+# How often a worker waiting for the admission lock tries again, and how often the holder looks
+# at Ray for its job's reservation.
+ADMISSION_RETRY_S = 0.25
+ADMISSION_POLL_S = 0.2
+ADMISSION_BUSY = object()
+
+
+@dataclass
+class Admission:
+    """A job claimed under the admission lock, which is still held (``token``)."""
+
+    job: ClaimedJob
+    token: str
+    free: dict[str, float]  # the cluster's free resources read for the claim
+    groups_before: set[str]  # placement groups that existed before the claim
+    started: float  # time.monotonic() of the claim
+
+
+def _g(value: float) -> str:
+    return f"{value:g}"
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class Worker:
     def __init__(self, settings: Settings, *, worker_id: str | None = None, metrics_port: int | None = None,
-                 num_cpus: int | None = None, poll_seconds: float = 2.0) -> None:
+                 num_cpus: int | None = None, poll_seconds: float = 2.0,
+                 admission_timeout_s: float = 60.0) -> None:
         self.settings = settings
         self.worker_id = worker_id or default_worker_id()
         self.metrics_port = settings.metrics_port if metrics_port is None else metrics_port
@@ -59,6 +87,10 @@ class Worker:
         self.queue = JobQueue(redis_client(settings, **no_retry_client_kwargs()), Keys(settings.redis_prefix),
                               lease_seconds=settings.lease_seconds)
         self.pruner = Pruner(self.queue, settings.retention_days)
+        # Held from reading the free resources until the claimed job's resources are reserved
+        # (at most admission_timeout_s); its TTL frees it should this worker die meanwhile.
+        self.admission_timeout_s = admission_timeout_s
+        self.admission = AdmissionLock(self.queue.client, self.queue.keys, ttl_seconds=admission_timeout_s + 15)
         self.redis = RedisRetry(log)
         self.metrics = svc_metrics.default_worker_metrics()
         self.metrics_url = ""
@@ -143,11 +175,11 @@ class Worker:
                 if time.monotonic() - last_publish >= self.settings.heartbeat_seconds:
                     self.redis.call(self._publish, what="refreshing the worker registration", stop=self._stop)
                     last_publish = time.monotonic()
-                _, available = self._resources()
-                job = self.redis.call(self.queue.claim, self.worker_id,
-                                      {"gpus": available.get("GPU", 0), "cpus": available.get("CPU", 0)},
-                                      what="claiming a job", stop=self._stop)
-                if job is None:
+                admitted = self._admit()
+                if admitted is ADMISSION_BUSY:  # another worker is admitting a job: our turn soon
+                    self._stop.wait(ADMISSION_RETRY_S)
+                    continue
+                if admitted is None:
                     self.pruner.maybe_run()
                     if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                         log.info("idle for %.0f s: exiting", idle_exit_s)
@@ -155,7 +187,7 @@ class Worker:
                     self.redis.call(lambda: self.queue.wait_for_work(timeout=self.poll_seconds),
                                     what="waiting for work", stop=self._stop)
                     continue
-                self.execute(job)
+                self.execute(admitted.job, admitted)
                 done += 1
                 idle_since = time.monotonic()
         except RedisUnavailable:
@@ -166,6 +198,67 @@ class Worker:
                                 timeout=5)
             except RedisUnavailable as exc:
                 log.warning("could not unregister (%s); the registration expires by itself", exc)
+
+    # ------------------------------------------------------------------ admission
+
+    def _placement_groups(self) -> dict[str, dict[str, Any]]:
+        import ray.util
+
+        return dict(ray.util.placement_group_table())
+
+    def _admit(self) -> Admission | None | object:
+        """Under the admission lock, claim the best job that fits the cluster's free resources.
+
+        Returns the ``Admission`` (the lock still held: ``_hold_admission`` lets it go once the
+        job's resources are reserved), None when nothing fits (lock released), or
+        ``ADMISSION_BUSY`` when another worker holds the lock."""
+        token = self.redis.call(self.admission.acquire, what="taking the admission lock", stop=self._stop)
+        if token is None:
+            return ADMISSION_BUSY
+        job = None
+        try:
+            groups_before = self._placement_groups()
+            _, available = self._resources()
+            free = free_of(available)
+            job = self.redis.call(self.queue.claim, self.worker_id, free, what="claiming a job", stop=self._stop)
+        finally:
+            if job is None:
+                self.redis.attempt(self.admission.release, token, what="releasing the admission lock")
+        if job is None:
+            return None
+        return Admission(job, token, free, set(groups_before), time.monotonic())
+
+    def _hold_admission(self, admission: Admission, done: threading.Event) -> None:
+        """Keep the admission lock until the job's resources are reserved in Ray, the attempt
+        ends, or the timeout passes; then release it and say so in the job's events."""
+        job, need = admission.job, admission.job.spec.resources()
+        deadline = admission.started + self.admission_timeout_s
+        outcome = "ended"
+        try:
+            while not done.wait(ADMISSION_POLL_S):
+                try:
+                    groups = self._placement_groups()
+                    _, available = self._resources()
+                except Exception:  # Ray busy or going away: the deadline still bounds the wait
+                    log.exception("admission of %s: reading Ray's resources failed", job.job_id)
+                    groups, available = {}, {}
+                new_groups = [g for pg_id, g in groups.items() if pg_id not in admission.groups_before]
+                if available and reserved(need, admission.free, free_of(available), new_groups):
+                    outcome = "reserved"
+                    break
+                if time.monotonic() >= deadline:
+                    outcome = "timeout"
+                    break
+        finally:
+            self.redis.attempt(self.admission.release, admission.token, what="releasing the admission lock")
+        seconds = time.monotonic() - admission.started
+        self.metrics.observe_admission(outcome, seconds)
+        if outcome == "reserved":
+            self._log_event(job, f"resources reserved in Ray {seconds:.1f} s after the claim "
+                            f"({_g(need['gpus'])} GPU(s), {_g(need['cpus'])} CPU(s))", admission_seconds=round(seconds, 3))
+        elif outcome == "timeout":
+            self._log_event(job, f"resources not seen reserved in Ray within {self.admission_timeout_s:g} s; "
+                            f"other jobs may be admitted meanwhile", level="warning")
 
     # ------------------------------------------------------------------ one job
 
@@ -288,8 +381,9 @@ class Worker:
 
     # ------------------------------------------------------------------ run one job
 
-    def execute(self, job: ClaimedJob) -> str:
-        """Run one claimed job to an outcome: succeeded, failed (maybe retried), cancelled or lost."""
+    def execute(self, job: ClaimedJob, admission: Admission | None = None) -> str:
+        """Run one claimed job to an outcome: succeeded, failed (maybe retried), cancelled or lost.
+        With ``admission``, the admission lock is released once the job's resources are reserved."""
         self._current = job
         kind = job.spec.kind
         record = job.record
@@ -298,6 +392,8 @@ class Worker:
         done, lost = threading.Event(), threading.Event()
         threads = [threading.Thread(target=self._heartbeat_loop, args=(job, done, lost), daemon=True),
                    threading.Thread(target=self._metrics_loop, args=(job, done), daemon=True)]
+        if admission is not None:
+            threads.append(threading.Thread(target=self._hold_admission, args=(admission, done), daemon=True))
         for t in threads:
             t.start()
         ctx = self._context(job)

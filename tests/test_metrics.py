@@ -326,5 +326,5 @@ def test_metric_names_follow_conventions() -> None:
         assert not name.endswith(("_seconds_total", "_ms", "_milliseconds", "_percent")), name
     assert {n for n in names if n.endswith("_bucket")} == {
         "capsnet_job_queue_wait_seconds_bucket", "capsnet_job_run_duration_seconds_bucket",
-        "capsnet_job_startup_seconds_bucket"}
+        "capsnet_job_startup_seconds_bucket", "capsnet_job_admission_seconds_bucket"}
     assert m.angle_label(35) == m.angle_label("35.0") == "35"
