@@ -14,8 +14,8 @@ queue (one Redis prefix = one Ray cluster) by a short lock:
    the demand), the attempt ends, or ``timeout`` passes; then lets go, and the next worker
    reads a free count that already excludes this job.
 
-The lock expires by itself (``ttl``, longer than the timeout): a worker that dies mid-admission
-blocks admissions for at most that long, its job's lease expires and the job is re-queued, and
+The lock expires by itself after a short ``ttl`` that its holder renews while it waits: a
+worker that dies mid-admission blocks admissions for at most one ``ttl`` (seconds), its job's lease expires and the job is re-queued, and
 Ray frees whatever the dead driver had reserved. The release is token-checked, so a holder that
 overran its TTL never deletes a newer holder's lock.
 """
@@ -39,6 +39,10 @@ if t ~= 'none' and (t ~= 'string' or redis.call('PTTL', KEYS[1]) < 0) then redis
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
+_RENEW = """
+if redis.pcall('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 _RELEASE = """
 if redis.pcall('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -58,12 +62,17 @@ class AdmissionLock:
         self.key = keys.admission
         self.ttl_ms = max(1, int(ttl_seconds * 1000))
         self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
     def acquire(self) -> str | None:
         """The lock's token when this caller now holds it, None when another worker does."""
         token = secrets.token_hex(12)
         return token if int(self._acquire(keys=[self.key], args=[token, self.ttl_ms])) else None
+
+    def renew(self, token: str) -> bool:
+        """Restart the TTL while still the holder; False when the lock was lost meanwhile."""
+        return bool(self._renew(keys=[self.key], args=[token, self.ttl_ms]))
 
     def release(self, token: str) -> bool:
         """Let go; False when the lock had already expired (or passed to another holder)."""

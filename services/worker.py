@@ -53,6 +53,9 @@ log = logging.getLogger("capsctl.worker")
 # at Ray for its job's reservation.
 ADMISSION_RETRY_S = 0.25
 ADMISSION_POLL_S = 0.2
+# The admission lock's TTL, renewed by its holder on every poll: a worker that dies while
+# admitting blocks the other workers' admissions for at most this long.
+ADMISSION_TTL_S = 10.0
 ADMISSION_BUSY = object()
 
 
@@ -90,7 +93,7 @@ class Worker:
         # Held from reading the free resources until the claimed job's resources are reserved
         # (at most admission_timeout_s); its TTL frees it should this worker die meanwhile.
         self.admission_timeout_s = admission_timeout_s
-        self.admission = AdmissionLock(self.queue.client, self.queue.keys, ttl_seconds=admission_timeout_s + 15)
+        self.admission = AdmissionLock(self.queue.client, self.queue.keys, ttl_seconds=ADMISSION_TTL_S)
         self.redis = RedisRetry(log)
         self.metrics = svc_metrics.default_worker_metrics()
         self.metrics_url = ""
@@ -249,6 +252,7 @@ class Worker:
                 if time.monotonic() >= deadline:
                     outcome = "timeout"
                     break
+                self.redis.attempt(self.admission.renew, admission.token, what="renewing the admission lock")
         finally:
             self.redis.attempt(self.admission.release, admission.token, what="releasing the admission lock")
         seconds = time.monotonic() - admission.started

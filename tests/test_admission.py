@@ -63,6 +63,11 @@ def test_lock_is_exclusive_expires_and_is_released_only_by_its_holder(redis_url:
     second = lock.acquire()
     assert second is not None
     assert not lock.release(first)  # a late release of the expired token leaves the new holder alone
+    assert not lock.renew(first)  # nor does a late renewal
+    assert client.get(keys.admission) == second
+    for _ in range(3):  # a live holder renews: its lock outlives the TTL
+        time.sleep(0.2)
+        assert lock.renew(second)
     assert client.get(keys.admission) == second
     assert lock.release(second)
     assert client.exists(keys.admission) == 0
