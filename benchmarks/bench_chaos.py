@@ -1,12 +1,13 @@
 """Chaos: real short jobs while workers are SIGKILLed and an AOF redis-server is killed and restarted.
 
     python benchmarks/bench_chaos.py [--jobs 12] [--worker-kills 20] [--redis-restarts 3]
-                                     [--workers 2] [--epochs 4] [--train-subset 12000] [--seed 0]
+                                     [--workers 2] [--epochs 4] [--train-subset 12000] [--kill-after 20] [--seed 0]
 
 Starts a private redis-server (``appendonly yes``, ``appendfsync always``) and a local Ray in this
 process, ``--workers`` real ``capsctl worker`` subprocesses, and submits ``--jobs`` LeNet5 jobs with
 ``--max-retries 0`` (so any job that fails for an infrastructure loss shows up as failed). While
-jobs run, it SIGKILLs a random busy worker (and starts a fresh one) ``--worker-kills`` times, and
+jobs run, it SIGKILLs a random worker whose attempt has run ``--kill-after`` seconds (and starts
+a fresh one) ``--worker-kills`` times, and
 SIGKILLs redis-server and restarts it on the same directory and port ``--redis-restarts`` times,
 spread over the run. At the end it prints:
 
@@ -156,6 +157,8 @@ def main() -> None:
     parser.add_argument("--worker-kills", type=int, default=20)
     parser.add_argument("--redis-restarts", type=int, default=3)
     parser.add_argument("--redis-down-seconds", type=float, default=5.0)
+    parser.add_argument("--kill-after", type=float, default=20.0,
+                        help="only kill a worker whose current attempt has run this long (s)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--train-subset", type=int, default=12000)
     parser.add_argument("--deadline", type=float, default=1800, help="seconds before unfinished jobs count as lost")
@@ -177,8 +180,11 @@ def main() -> None:
                 "CAPSNET_LEASE_SECONDS": "6", "CAPSNET_HEARTBEAT_SECONDS": "1", "RAY_USAGE_STATS_ENABLED": "0",
                 "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
     queue = JobQueue(redis_client(server.url), Keys("capsnet:"), lease_seconds=6)
+    # max_retries 0: a job failing for a lost worker would show. max_lost above the number of kills:
+    # a job that absorbs every kill must still resume (the budget itself is tested elsewhere).
     spec = {"kind": "train", "model": "lenet5", "epochs": args.epochs, "train_subset": args.train_subset,
-            "test_subset": 1000, "eval_angles": [0, 35], "max_retries": 0}
+            "test_subset": 1000, "eval_angles": [0, 35], "max_retries": 0,
+            "max_lost": min(100, args.worker_kills + 5)}
     job_ids = [queue.submit({**spec, "seed": i}).id for i in range(args.jobs)]
     print(f"submitted {len(job_ids)} jobs; workers {args.workers}; plan: {args.worker_kills} worker kills, "
           f"{args.redis_restarts} redis restarts; logs in {tmp}", flush=True)
@@ -214,11 +220,13 @@ def main() -> None:
                     continue
                 try:
                     info = json.loads(queue.client.get(queue.keys.worker(w.worker_id)) or "{}")
-                except Exception:
-                    info = {}
-                if info.get("current_job"):
+                    record = queue.get(info["current_job"]) if info.get("current_job") else None
+                except Exception:  # Redis is down right now
+                    record = None
+                # Mid-training: the attempt has run long enough to start its ranks and checkpoint.
+                if record is not None and record.started_at and time.time() - record.started_at > args.kill_after:
                     busy.append(w)
-            if not busy:  # kill only workers that hold a job: an idle kill tests nothing
+            if not busy:  # kill only workers that train a job: an idle kill tests nothing
                 continue
             victim = rng.choice(busy)
             victim.kill()

@@ -240,7 +240,9 @@ def test_service_series_on_the_metrics_endpoint(scenario: Scenario) -> None:
     # One train attempt reached its first step: its start-up time was observed once, and it is
     # shorter than the whole run.
     assert get(end, "capsnet_job_startup_seconds_count") == 1
-    assert 0 < get(end, "capsnet_job_startup_seconds_sum") < train_seconds + 60
+    # (bounded by the attempt's whole run, not by a wall-clock guess: start-up stretches on a loaded machine)
+    assert 0 < get(end, "capsnet_job_startup_seconds_sum") < get(
+        end, "capsnet_job_run_duration_seconds_sum", kind="train", outcome="succeeded")
 
 
 def test_training_series_while_the_job_runs_and_removed_after(scenario: Scenario) -> None:
