@@ -19,6 +19,9 @@
 -- no longer matches (lease expired and the job was requeued/reclaimed) changes nothing.
 
 --!prelude
+-- A junk number in a record ("nan", "inf": Lua's tonumber accepts them) must never make an event
+-- or transition unencodable: such numbers are written as JSON null.
+cjson.encode_invalid_numbers('null')
 local P = ARGV[1]
 local NOW
 if ARGV[2] ~= nil and ARGV[2] ~= '' then

@@ -298,7 +298,9 @@ def run_read_commands(env: dict[str, str], client: redis.Redis, job_ids: Iterabl
                 assert_clean(invoke(env, *full), full, codes)
 
 
-FUZZ = settings(max_examples=15, deadline=None, database=None,
+# Derandomized: the same 15 examples every run, so CI never fails on a draw no one can replay;
+# explore more locally with HYPOTHESIS_SEED / a higher max_examples.
+FUZZ = settings(max_examples=15, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
