@@ -43,6 +43,16 @@ def margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float = 0.9
     return loss.sum(dim=1)
 
 
+def reconstruction_decoder(capsule_floats: int, hidden: tuple[int, int]) -> nn.Sequential:
+    """Section 4.1's decoder: the masked digit capsules (B, C*D) -> two ReLU layers -> (B, 784) in [0, 1]."""
+    h1, h2 = hidden
+    return nn.Sequential(
+        nn.Linear(capsule_floats, h1), nn.ReLU(inplace=True),
+        nn.Linear(h1, h2), nn.ReLU(inplace=True),
+        nn.Linear(h2, 28 * 28), nn.Sigmoid(),
+    )
+
+
 def masked_reconstruction(decoder: nn.Module | None, v: torch.Tensor, lengths: torch.Tensor,
                           labels: torch.Tensor | None, training: bool) -> torch.Tensor | None:
     """Section 4.1: the decoder sees only one class's capsule, masked with the true label in
@@ -81,15 +91,7 @@ class CapsNet(ClassifierModel):
         # W[i, j] maps input capsule i (primary_dim) to its prediction for parent j (digit_dim).
         self.transforms = nn.Parameter(
             c.transform_init_std * torch.randn(self.num_primary, c.num_classes, c.digit_dim, c.primary_dim))
-        if c.decoder:
-            h1, h2 = c.decoder_hidden
-            self.decoder = nn.Sequential(
-                nn.Linear(c.num_classes * c.digit_dim, h1), nn.ReLU(inplace=True),
-                nn.Linear(h1, h2), nn.ReLU(inplace=True),
-                nn.Linear(h2, 28 * 28), nn.Sigmoid(),
-            )
-        else:
-            self.decoder = None
+        self.decoder = reconstruction_decoder(c.num_classes * c.digit_dim, c.decoder_hidden) if c.decoder else None
         choices = config_choices(self.name, "primary_conv")
         if c.primary_conv not in choices:
             raise ValueError(f"primary_conv must be one of {', '.join(choices)}, not {c.primary_conv!r}")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .base import ClassifierModel, ModelOutput
-from .capsnet import capsule_loss, masked_reconstruction
+from .capsnet import capsule_loss, masked_reconstruction, reconstruction_decoder
 from .configs import EffCapsConfig, config_choices
 
 
@@ -84,15 +84,7 @@ class EfficientCapsNet(ClassifierModel):
         self.primary = nn.Conv2d(primary_channels, primary_channels, 9, groups=primary_channels)
         self.num_primary = primary_channels // c.primary_dim
         self.routing = SelfAttentionRouting(self.num_primary, c.primary_dim, c.num_classes, c.digit_dim)
-        if c.decoder:
-            h1, h2 = c.decoder_hidden
-            self.decoder = nn.Sequential(
-                nn.Linear(c.num_classes * c.digit_dim, h1), nn.ReLU(inplace=True),
-                nn.Linear(h1, h2), nn.ReLU(inplace=True),
-                nn.Linear(h2, 28 * 28), nn.Sigmoid(),
-            )
-        else:
-            self.decoder = None
+        self.decoder = reconstruction_decoder(c.num_classes * c.digit_dim, c.decoder_hidden) if c.decoder else None
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
                 return_coupling: bool = False) -> ModelOutput:
