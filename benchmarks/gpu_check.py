@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             rows.append((name, f"{error:.1e}", f"{fp32:,.0f}", f"{bf16:,.0f}" if bf16 == bf16 else "-",
                          f"{epoch:.1f}"))
+            print(f"  {name}: done after {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             resume = resume_check(device, Path(tmp))
             ddp = ddp_check(device, Path(tmp))

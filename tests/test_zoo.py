@@ -103,6 +103,20 @@ def test_c8cnn_state_dict_is_the_same_in_train_and_eval_mode() -> None:
     torch.testing.assert_close(other(images).scores, expected, atol=0, rtol=0)
 
 
+def test_c8cnn_models_in_one_process_share_no_tensors() -> None:
+    # e2cnn caches basis modules per process: two models once shared them, so moving one to the
+    # GPU moved the other's basis too (gpu_check on an H200 failed with tensors on two devices).
+    first = build_model("c8cnn", **TINY["c8cnn"])
+    second = build_model("c8cnn", **TINY["c8cnn"]).to("meta")
+    assert {t.device.type for t in first.state_dict().values()} == {"cpu"}
+    assert {t.device.type for t in second.state_dict().values()} == {"meta"}
+    pointers = {t.data_ptr() for t in first.state_dict().values()}
+    third = build_model("c8cnn", **TINY["c8cnn"])
+    assert pointers.isdisjoint(t.data_ptr() for t in third.state_dict().values())
+    images = torch.rand(2, 1, 28, 28)
+    first(images)  # still runs on the CPU
+
+
 def test_capsctl_models_lists_every_model_with_its_parameters() -> None:
     from services.cli import main
 

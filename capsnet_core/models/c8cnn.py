@@ -11,7 +11,8 @@ multiples of 90 degrees the filter grid maps onto itself, so the logits are exac
 (to float rounding) when each layer keeps the image centre fixed: odd kernels with "same"
 padding, 2x2 pooling on even sizes (28 -> 14 -> 7), no strided convolutions.
 
-e2cnn quirk handled here: R2Conv caches its expanded filter as a buffer in eval mode and drops
+e2cnn quirks handled here: its basis modules are cached per process and shared by every layer
+and model built with the same basis, so each layer samples its own (``recompute``). Also, R2Conv caches its expanded filter as a buffer in eval mode and drops
 it in training mode, so state_dict keys would depend on the mode (and a checkpoint written in
 one mode would not load in the other). ``_R2Conv`` keeps that cache out of the state dict (the
 trained weights alone define the model), and a load in eval mode re-expands the filter from the
@@ -58,7 +59,9 @@ class _R2Conv(enn.R2Conv):
 
 
 def _conv(in_type: enn.FieldType, out_type: enn.FieldType, kernel: int) -> enn.R2Conv:
-    return _R2Conv(in_type, out_type, kernel_size=kernel, padding=kernel // 2)
+    # recompute: e2cnn otherwise hands every model in the process the same cached basis modules,
+    # so moving one model to a GPU (or loading a checkpoint into it) also changes every other.
+    return _R2Conv(in_type, out_type, kernel_size=kernel, padding=kernel // 2, recompute=True)
 
 
 class C8CNN(ClassifierModel):

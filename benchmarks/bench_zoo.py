@@ -1,0 +1,182 @@
+"""The leaderboard: every model, the tutorial's protocol, several seeds, one equal training budget.
+
+    python benchmarks/bench_zoo.py --quick                    # minutes on a CPU: tiny budget, 2 seeds
+    python benchmarks/bench_zoo.py                            # CPU, background: hours
+    python benchmarks/bench_zoo.py --device cuda --epochs 5   # one GPU: minutes
+
+Protocol: train each model (full size, as ``build_model`` builds it) on MNIST for the same number
+of epochs over the same training images, batch 128, Adam lr 1e-3 with 0.96 decay per epoch, under
+each training augmentation (default ``shift2``, the tutorial's ±2 px shifts, and
+``shift2+rot35``); then test on the full MNIST test set rotated 0..180 degrees in 15-degree steps
+(rotation AUC) and on generated affine-MNIST. Every seed changes the initialisation and the
+augmentation stream; the data are the same. Results are written as they come
+(``<out>/zoo.json``), so an interrupted run continues where it stopped; the table and the
+accuracy-against-angle plot (mean line, ± std band over seeds) are made from that file.
+Torch and this repository only: it runs on the GPU machine (no Ray, no Redis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from capsnet_core import TrainConfig, build_model, count_parameters, fit, load_dataset  # noqa: E402
+from capsnet_core.evaluate import predict  # noqa: E402
+from capsnet_core.models import MODEL_NAMES  # noqa: E402
+from capsnet_core.plots import plot_accuracy_curves  # noqa: E402
+from capsnet_core.suites import ROTATION_SUITE_ANGLES  # noqa: E402
+
+TABLE_ANGLES = ("0", "15", "30", "45", "90", "180")
+# Order of the table: the tutorial's two models first, then the baselines it lacked.
+DEFAULT_MODELS = ("lenet5", "capsnet", "effcaps", "resnet", "c8cnn")
+QUICK = {"epochs": 1, "train_subset": 2000, "test_subset": 1000, "seeds": "0,1"}
+FULL = {"epochs": 3, "train_subset": 20000, "test_subset": None, "seeds": "0,1,2"}
+
+
+def run_key(model: str, augment: str, seed: int) -> str:
+    return f"{model}|{augment}|{seed}"
+
+
+def train_and_test(model_name: str, augment: str, seed: int, train: Any, test: Any, epochs: int,
+                   device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = build_model(model_name).to(device)
+    config = TrainConfig(epochs=epochs, batch_size=128, lr=1e-3, lr_decay=0.96, augment=augment, seed=seed,
+                         eval_angles=ROTATION_SUITE_ANGLES, eval_suites=("rotation", "affine"), eval_every=0,
+                         log_every=10**9)
+    result = fit(model, train, test, config)
+    train_ips = statistics.fmean(e["images_per_second"] for e in result.history)
+    model.eval()
+    images = test.images.to(device)
+    predict(model, images[:500])  # warm-up (cudnn autotuning, lazy buffers)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    predict(model, images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    eval_ips = len(images) / (time.perf_counter() - began)
+    return {"model": model_name, "augment": augment, "seed": seed, "parameters": count_parameters(model),
+            "rotation": result.rotation_accuracy, **result.suite_accuracy,
+            "train_images_per_second": train_ips, "eval_images_per_second": eval_ips,
+            "train_seconds": result.train_seconds}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def pct(values: Sequence[float]) -> str:
+    m, s = mean_std([100 * v for v in values])
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def table(runs: list[dict[str, Any]], augment: str, models: Sequence[str]) -> list[str]:
+    header = ["model", "params", *(f"{a}°" for a in TABLE_ANGLES), "rot. AUC", "affine", "train img/s",
+              "eval img/s", "seeds"]
+    rows = [header]
+    for name in models:
+        mine = [r for r in runs if r["model"] == name and r["augment"] == augment]
+        if not mine:
+            continue
+        affine_key = "affnist" if "affnist" in mine[0] else "affine-mnist"
+        rows.append([name, f"{mine[0]['parameters']:,}",
+                     *(pct([r["rotation"][a] for r in mine]) for a in TABLE_ANGLES),
+                     pct([r["rotation_auc"] for r in mine]), pct([r[affine_key] for r in mine]),
+                     f"{statistics.fmean(r['train_images_per_second'] for r in mine):,.0f}",
+                     f"{statistics.fmean(r['eval_images_per_second'] for r in mine):,.0f}", str(len(mine))])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|")
+    return lines
+
+
+def curves(runs: list[dict[str, Any]], augment: str, models: Sequence[str]) -> dict[str, dict[str, tuple]]:
+    out: dict[str, dict[str, tuple]] = {}
+    for name in models:
+        mine = [r for r in runs if r["model"] == name and r["augment"] == augment]
+        if mine:
+            angles = [a for a in mine[0]["rotation"] if all(a in r["rotation"] for r in mine)]
+            out[name] = {a: mean_std([r["rotation"][a] for r in mine]) for a in angles}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tiny budget: {QUICK['epochs']} epoch over {QUICK['train_subset']} images, "
+                             f"{QUICK['test_subset']} test images, seeds {QUICK['seeds']}")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--augment", default="shift2,shift2+rot35", help="training augmentations, comma-separated")
+    parser.add_argument("--seeds", default=None, help=f"comma-separated (default {FULL['seeds']})")
+    parser.add_argument("--epochs", type=int, default=None, help=f"default {FULL['epochs']}")
+    parser.add_argument("--train-subset", type=int, default=None,
+                        help=f"first N training images (default {FULL['train_subset']}; 0 = all 60,000)")
+    parser.add_argument("--test-subset", type=int, default=None, help="first N test images (default all 10,000)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="benchmarks/results/zoo")
+    parser.add_argument("--report-only", action="store_true", help="print the table and plot from zoo.json")
+    args = parser.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    epochs = args.epochs if args.epochs is not None else base["epochs"]
+    train_subset = args.train_subset if args.train_subset is not None else base["train_subset"]
+    test_subset = args.test_subset if args.test_subset is not None else base["test_subset"]
+    seeds = [int(s) for s in (args.seeds or base["seeds"]).split(",")]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODEL_NAMES)}")
+    augments = [a.strip() for a in args.augment.split(",") if a.strip()]
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "zoo.json"
+    saved = json.loads(store.read_text()) if store.is_file() else {"runs": {}}
+    train = load_dataset("mnist", "train", root=args.data_dir)
+    test = load_dataset("mnist", "test", root=args.data_dir)
+    train = train.subset(train_subset) if train_subset else train
+    test = test.subset(test_subset) if test_subset else test
+    budget = (f"budget: {epochs} epoch(s) over {len(train):,} MNIST training images (batch 128, Adam 1e-3, "
+              f"decay 0.96/epoch), tested on {len(test):,} test images, seeds {','.join(map(str, seeds))}, "
+              f"{device.type}")
+    if saved.get("budget") not in (None, budget):
+        parser.error(f"{store} holds runs of another budget ({saved['budget']}); use another --out")
+    saved["budget"] = budget
+    print(budget, flush=True)
+    if not args.report_only:
+        # Seed-major: an interrupted run still has every model under every augmentation.
+        for seed in seeds:
+            for augment in augments:
+                for name in models:
+                    key = run_key(name, augment, seed)
+                    if key in saved["runs"]:
+                        continue
+                    began = time.perf_counter()
+                    saved["runs"][key] = train_and_test(name, augment, seed, train, test, epochs, device)
+                    store.write_text(json.dumps(saved, indent=1))
+                    r = saved["runs"][key]
+                    print(f"  {key}: upright {100 * r['rotation']['0']:.1f} %, 45° {100 * r['rotation']['45']:.1f} %, "
+                          f"AUC {100 * r['rotation_auc']:.1f}, {time.perf_counter() - began:.0f} s", flush=True)
+    runs = list(saved["runs"].values())
+    for augment in augments:
+        print(f"\ntrained with {augment}; accuracy % mean ± std over seeds; {budget}")
+        print("\n".join(table(runs, augment, models)))
+        plot = plot_accuracy_curves(curves(runs, augment, models), out / f"zoo_{augment.replace('+', '_')}.png",
+                                    title=f"Trained with {augment}: accuracy on the rotated test set")
+        print(f"plot: {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
