@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from capsnet_core import TrainConfig, build_model, fit, load_dataset
-from capsnet_core.plots import plot_accuracy_vs_angle
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs without installing (GPU machine)
+
+from capsnet_core import TrainConfig, build_model, fit, load_dataset  # noqa: E402
+from capsnet_core.plots import plot_accuracy_vs_angle  # noqa: E402
 
 TUTORIAL = {"lenet5": {"0": 98.68, "35": 76.05}, "capsnet": {"0": 99.37, "15": 92.12}}
 
