@@ -51,14 +51,19 @@ def timed_training(train_step: Callable[[torch.Tensor, torch.Tensor], None], dev
                    steps: int, warmup: int) -> tuple[float, torch.Tensor]:
     """Training images/s of ``train_step(images, labels)`` on real shift2-augmented MNIST batches
     (the first ``warmup`` steps untimed); also returns the images, for the eval timing."""
-    data = load_dataset("mnist", "train").subset(batch * (steps + warmup))
+    data = load_dataset("mnist", "train")
+    data = data.subset(min(len(data), batch * (steps + warmup)))
     images, labels = data.images.to(device), data.labels.to(device)
+    batches = len(images) // batch  # large batches cycle through MNIST's 60,000 images
+    if batches == 0:
+        raise SystemExit(f"--batch-size {batch} is larger than MNIST's {len(images):,} training images")
     spec = parse_preset("shift2")
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
             start = time.perf_counter()
-        train_step(augment_batch(images[i * batch:(i + 1) * batch], spec), labels[i * batch:(i + 1) * batch])
+        j = i % batches
+        train_step(augment_batch(images[j * batch:(j + 1) * batch], spec), labels[j * batch:(j + 1) * batch])
     sync(device)
     return batch * steps / (time.perf_counter() - start), images
 
@@ -85,7 +90,8 @@ def measure(name: str, device: torch.device, batch: int, steps: int, warmup: int
             if i == warmup:
                 sync(device)
                 start = time.perf_counter()
-            x = augment_batch(images[i * batch:(i + 1) * batch], parse_preset("none"))
+            j = i % (len(images) // batch)
+            x = augment_batch(images[j * batch:(j + 1) * batch], parse_preset("none"))
             with autocast_context(device):
                 model(x).scores.argmax(1)
         sync(device)
