@@ -57,7 +57,6 @@ Typical worker wiring::
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 from collections import OrderedDict
@@ -67,6 +66,8 @@ from typing import Any, Protocol
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .parsing import finite, first
 
 log = logging.getLogger(__name__)
 
@@ -254,28 +255,20 @@ def _counter_families(counters: Mapping[str, Any],
 
 
 def _flatten_counters(counters: Mapping[Any, Any]) -> Iterator[tuple[str, tuple[str, ...], float]]:
-    """(head, labels, value) from either counters format (see module docstring)."""
+    """(head, labels, value) of ``JobQueue.counters()``: ``{"retries": n, "submitted":
+    {(kind, model): n}, ...}``; values that are not finite counts (>= 0) are left out."""
     for raw_key, raw_value in counters.items():
         key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
-        if isinstance(raw_value, Mapping):  # nested: {"submitted": {(kind, model): n}}
+        if isinstance(raw_value, Mapping):
             for labels, value in raw_value.items():
                 labels = labels if isinstance(labels, tuple | list) else (labels,)
-                number = _count(value)
-                if number is not None:
+                number = finite(value)
+                if number is not None and number >= 0:
                     yield key, tuple(str(v) for v in labels), number
-            continue
-        number = _count(raw_value)
-        if number is not None:  # flat: "submitted:train:capsnet" (or "|"-separated)
-            head, *labels = re.split(r"[:|]", key)
-            yield head, tuple(labels), number
-
-
-def _count(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
+        else:
+            number = finite(raw_value)
+            if number is not None and number >= 0:
+                yield key, (), number
 
 
 def known_job_labels() -> list[tuple[str, str]]:
@@ -384,8 +377,8 @@ class TrainingMetrics:
             put(self.epoch, epoch)
             if step is not None:
                 put(self.step, (epoch - 1) * per_epoch + step if epoch is not None and per_epoch else step)
-            put(self.loss, _first(event, "loss", "train_loss"))
-            put(self.accuracy, _first(event, "accuracy", "train_accuracy"))
+            put(self.loss, first(event, "loss", "train_loss"))
+            put(self.accuracy, first(event, "accuracy", "train_accuracy"))
             put(self.learning_rate, event.get("lr"))
             put(self.images_per_second, event.get("images_per_second"))
             put(self.epoch_duration, event.get("epoch_seconds"))
@@ -457,21 +450,9 @@ class TrainingMetrics:
         _discard_angles(self.test_accuracy, job, model_l, angles)
 
 
-def _first(event: Mapping[str, Any], *keys: str) -> Any:
-    for key in keys:
-        if event.get(key) is not None:
-            return event[key]
-    return None
-
-
 def _number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool | Mapping | list | tuple | str):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+    """A progress event's number: finite, and not text (numeric text is not a number there)."""
+    return None if isinstance(value, str) else finite(value)
 
 
 def _discard(g: Gauge, *labels: str) -> None:
@@ -570,11 +551,6 @@ def default_worker_metrics() -> WorkerMetrics:
         if _default is None:
             _default = WorkerMetrics(REGISTRY, result_linger_seconds=RESULT_LINGER_SECONDS)
         return _default
-
-
-def set_cluster_resources(total: Mapping[str, float], available: Mapping[str, float]) -> None:
-    """Shortcut for ``default_worker_metrics().set_cluster_resources(total, available)``."""
-    default_worker_metrics().set_cluster_resources(total, available)
 
 
 # --------------------------------------------------------------------------- introspection
