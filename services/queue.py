@@ -338,14 +338,15 @@ class JobQueue:
         except redis.TimeoutError:
             return False
 
-    def heartbeat(self, job_id: str, token: str) -> bool:
-        """Extend the lease; False = the lease is lost (stop working on the job now)."""
-        return self.renew(job_id, token) != "lost"
-
     def renew(self, job_id: str, token: str) -> LeaseStatus:
-        """Like ``heartbeat`` but also says whether a cancel was requested."""
+        """Extend the lease: "ok", "cancel_requested" (still held), or "lost" (the lease is gone:
+        stop working on the job now)."""
         code = int(self._run("heartbeat", [job_id, token, self.lease_seconds]))
         return {0: "lost", 1: "ok", 2: "cancel_requested"}[code]  # type: ignore[return-value]
+
+    def heartbeat(self, job_id: str, token: str) -> bool:
+        """``renew`` as a bool (False = lost); kept for ``services.worker``, which calls it."""
+        return self.renew(job_id, token) != "lost"
 
     def is_cancel_requested(self, job_id: str) -> bool:
         return _s(self.client.hget(self.keys.job(job_id), "cancel_requested")) == "1"
