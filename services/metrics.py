@@ -1,57 +1,6 @@
-"""Prometheus metrics for capsctl: queue state from Redis, worker process metrics, live training.
-
-Conventions: every name starts with ``capsnet_``, base units (``_seconds``, ``_bytes``, ``_ratio``),
-counters end in ``_total`` and label values are bounded (sanitised, truncated; per-job series are
-removed when the job ends and at most ``TrainingMetrics.max_jobs`` jobs are kept).
-
-Three groups of series:
-
-* ``QueueCollector(queue)`` — computed at scrape time from Redis through the queue's read
-  interface (``state_counts()``, ``workers()``, ``counters()``).  Every worker exposes the same
-  Redis-derived values, so dashboards and rules aggregate them with ``max``, never ``sum``.
-  The service counters are stored in Redis by whichever process did the action (the CLI for
-  submits, workers for finishes).  ``queue.counters()`` may return them nested, as
-  ``services.queue.JobQueue.counters()`` does::
-
-      {"submitted": {(kind, model): n},                -> capsnet_jobs_submitted_total{kind,model}
-       "finished": {(kind, model, outcome): n},        -> capsnet_jobs_finished_total{kind,model,outcome}
-       "retries": n,                                   -> capsnet_job_retries_total
-       "lease_expiries": n,                            -> capsnet_lease_expiries_total
-       "dead_lettered": n,                             -> capsnet_dead_lettered_total
-       "manual_retries": n,                            -> capsnet_job_manual_retries_total
-       "pruned": n,                                    -> capsnet_jobs_pruned_total
-       "infrastructure_losses": n}                     -> capsnet_infrastructure_losses_total
-
-  or flat, as the Redis hash fields themselves: ``{"submitted:train:capsnet": n,
-  "finished:train:capsnet:succeeded": n, "retries": n, ...}`` (``|`` also accepted as the
-  separator).  Unknown or malformed entries are ignored.  The unlabelled counters are always
-  exposed (0 when absent) so alerts and panels over them have data from the first scrape.
-  ``QueueCollector(queue, zero_fill=known_job_labels())`` does the same for the labelled ones:
-  ``submitted`` for every known (kind, model) and ``finished`` for every outcome of those and of
-  every submitted (kind, model).  Without it a label set's first event is invisible to
-  ``rate()``/``increase()`` (Prometheus sees the series appear at 1, not go from 0 to 1), so on a
-  fresh deployment the submit/finish rates read 0 and the failed share is empty.
-
-* ``WorkerMetrics`` — this process's histograms of queue wait and run time, and the Ray
-  cluster's CPU/GPU totals the worker passes in (this module never imports Ray).  The histograms
-  of every job kind (and run outcome) are exported from 0 on, so the first job a worker claims
-  shows in the rate-based panels too.
-
-* ``TrainingMetrics`` — per running job gauges (label ``job_id``) fed with the training loop's
-  progress events, removed by ``remove(job_id)`` when the job ends.  The job's result, its test
-  accuracy per angle, is only known in the last seconds of a run, so with
-  ``result_linger_seconds`` (the worker's default: ``RESULT_LINGER_SECONDS``) those series stay
-  that long after ``remove`` — long enough for a few scrapes — while the live gauges go at once.
-
-Typical worker wiring::
-
-    metrics = default_worker_metrics()              # registered on prometheus_client.REGISTRY
-    REGISTRY.register(QueueCollector(queue, zero_fill=known_job_labels()))
-    port = start_metrics_server(config.metrics_port)
-    metrics.set_cluster_resources(ray.cluster_resources(), ray.available_resources())
-    metrics.observe_queue_wait("train", waited_seconds)
-    metrics.training.observe(job_id, "capsnet", event)   # from the on_progress callback
-    metrics.training.remove(job_id); metrics.observe_run_duration("train", "succeeded", secs)
+"""Prometheus metrics for capsctl: queue state read from Redis at scrape time (``QueueCollector``),
+the worker's own histograms (``WorkerMetrics``) and live training gauges (``TrainingMetrics``).
+Naming, counters and the worker's wiring: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -169,7 +118,7 @@ class QueueCollector(Collector):
     """Scrape-time metrics computed from Redis via the queue's read interface.
 
     Exposes ``capsnet_jobs{state,priority}``, ``capsnet_workers_alive``, the service counters
-    (see module docstring) and ``capsnet_redis_up`` (0 when Redis could not be read; the other
+    (see docs/architecture.md) and ``capsnet_redis_up`` (0 when Redis could not be read; the other
     series are then left out of that scrape rather than reported wrong).
 
     ``zero_fill``: (kind, model) pairs whose ``submitted`` counter, and whose ``finished`` counter

@@ -1,53 +1,6 @@
-"""The Redis job queue: at-least-once delivery, never losing a job, with fenced workers.
-
-Like rq, but every multi-key update is one Lua script (``services/queue.lua``, registered with
-``redis.register_script`` and run with EVALSHA), so a crash between two Redis commands can
-never leave a job half-moved. Everything stored is JSON; nothing is pickled.
-
-Lifecycle::
-
-    submit ──> queued ──claim──> running ──complete──> succeeded
-                 ^  ^               │ │ └──fail, retries left──> retrying ──backoff──> queued
-                 │  └─lease expired─┘ └──fail, none left / lease expired, none left──> failed
-                 └──────── retry (manual) <── failed | cancelled <── cancel
-
-* Priorities ``high`` > ``normal`` > ``low``; FIFO within a priority (submit sequence number).
-* ``claim`` is GPU-aware: it takes the highest-priority oldest job whose ``spec.resources()``
-  fit the worker's ``available`` resources; others stay queued and visible.
-* Leases: a claim returns a random *lease token* and puts the job in the lease zset for
-  ``lease_seconds``; the worker renews it with ``heartbeat``. ``progress``, ``set_checkpoint``,
-  ``complete``, ``fail`` and ``mark_cancelled`` all carry the token and change nothing once it is
-  stale (return False): a worker that lost its lease can never overwrite the new attempt. So do
-  the attempt's events (``EventLog.publish(..., lease_token=...)``). A heartbeat after the lease
-  has expired is refused even before anyone requeued the job: the holder must stop.
-* ``complete`` while a cancel is requested but not yet acted on: the job ends ``succeeded`` with
-  its result, and the cancel is dropped (recorded in the transition and as a warning event).
-* A lease that expires (worker SIGKILLed, hung, partitioned) sends the job back to ``queued``
-  by ``requeue_expired`` (which ``claim`` also runs in passing), keeping ``checkpoint`` so the
-  next attempt resumes. A lost worker is not the job's fault: expiries never use up
-  ``max_retries`` (meant for the job's own errors) but their own, larger ``max_lost`` budget
-  (default 10), so a job that kills its workers every time ends ``failed`` after
-  ``max_lost + 1`` losses ("lost its worker 11 times ...") instead of looping.
-* An attempt whose Ray node (or one of its rank processes) died is handed back by its worker
-  with ``hand_back``: the same policy as an expired lease (``max_lost``, no backoff, checkpoint
-  kept), at once instead of after the lease runs out.
-* ``fail`` retries with exponential backoff ``min(backoff_max, backoff_base * 2**(n-1))`` for
-  the n-th failure, via state ``retrying`` and the delayed zset, then ``failed`` keeping the
-  error and traceback.
-* Junk found in a queue (missing or non-hash job key, invalid spec JSON, a spec pydantic
-  rejects, a queue key of the wrong type) is moved to the dead-letter list with a reason and
-  a timestamp; ``claim`` carries on with the next job and never raises because of it.
-* Bounded sizes: a submit carries at most ``MAX_SPEC_BYTES`` of spec JSON and an idempotency key
-  of ``MAX_IDEMPOTENCY_KEY_CHARS``; an idempotency key reused with a different spec is an
-  ``IdempotencyConflict`` naming the existing job. Errors and tracebacks are stored truncated.
-* Retention: ``prune`` removes finished jobs (hash, events, index entries, idempotency key) older
-  than an age, in small batches (``services.retention`` runs it from idle workers).
-* No script half-applies: a script that raises keeps its earlier writes, so every script
-  checks the type of each key it touches before its first write (``ensure_type`` in
-  queue.lua). A key of the wrong type (an index, the lease or delayed zset, a job's event
-  stream, the dead-letter list, the counters) is renamed to ``quarantine:<key>:<ms>`` with a
-  dead letter saying why, and the script goes on with a fresh key; a junk lease or delayed
-  zset is rebuilt from the state index so no running or retrying job is stranded.
+"""The Redis job queue: at-least-once delivery, never losing a job, with fenced workers. Every
+multi-key update is one Lua script (``services/queue.lua``); lifecycle, leases, retries and
+dead letters: docs/architecture.md.
 """
 
 from __future__ import annotations

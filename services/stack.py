@@ -1,27 +1,5 @@
-"""``capsctl up`` / ``capsctl down``: the embedded single-machine stack.
-
-``up(settings)`` brings up whatever is missing for a working capsctl on this machine:
-
-* **Redis** — if nothing answers at ``settings.redis_url`` (and its host is this machine), a
-  ``redis-server`` child on that port (or a free port when it is taken), with its data and AOF
-  under ``<state_dir>/redis``. A Redis that already answers is used as it is and never stopped.
-* **Ray** — a local head (``ray start --head`` from the venv, 127.0.0.1 only, a short
-  ``--temp-dir``) unless ``settings.ray_address`` (``RAY_ADDRESS``) names a cluster to use.
-* **workers** — N ``capsctl worker`` processes pointed at that Redis and Ray.
-
-Every process is started detached (its own session) with its output in ``<state_dir>/logs/``;
-what was started is recorded in ``<state_dir>/stack.json`` (written after each step, so a
-half-finished ``up`` can still be taken down) and the addresses in ``<state_dir>/env``
-(``KEY=value`` lines), which later ``capsctl`` invocations read for settings the environment
-does not set: ``capsctl submit`` after ``capsctl up`` finds the stack's Redis even on a
-non-default port. ``set -a; . <state_dir>/env`` gives other tools the same.
-
-``down(settings)`` stops exactly what ``up`` recorded, workers first (SIGTERM: they hand their
-job back), then the Ray head, then Redis: SIGTERM, a grace period, SIGKILL. The Ray head is
-stopped by its session id (every Ray daemon ``ray start`` spawned stays in the session we
-created for it), never with ``ray stop``, which would stop every Ray on the machine. A
-recorded PID is only signalled while it still belongs to the process we started (its command
-line or session still matches), so stale PIDs are skipped.
+"""``capsctl up`` / ``capsctl down``: the embedded single-machine stack (a local redis-server, a
+Ray head and N workers, recorded in ``<state_dir>/stack.json``; see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -330,7 +308,7 @@ def status(settings: Settings) -> dict[str, Any] | None:
 
 def up(settings: Settings, *, num_cpus: int | None = None, metrics_port: int | None = None,
        workers: int = 1, timeout: float = 180.0, log: Log | None = None) -> dict[str, Any]:
-    """Start what is missing (see the module docstring); returns the stack record with
+    """Start what is missing (see docs/architecture.md); returns the stack record with
     ``already_up`` True when a healthy stack was already running (then nothing is started)."""
     say: Log = log or (lambda _msg: None)
     if workers < 1:
