@@ -130,6 +130,9 @@ def _process(pid: int | None, needle: str | None = None) -> psutil.Process | Non
         return None
     try:
         proc = psutil.Process(pid)
+    except psutil.Error:
+        return None
+    try:
         if proc.status() in _GONE:
             return None
         if needle is not None and needle not in " ".join(proc.cmdline()):
