@@ -32,7 +32,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from services.config import redis_client  # noqa: E402
 from services.keys import Keys  # noqa: E402
 from services.queue import JobQueue  # noqa: E402
+from services.stack import free_port  # noqa: E402
 
 WORKER_CODE = (
     "import logging, sys; logging.basicConfig(level=logging.INFO);"
@@ -52,12 +52,6 @@ WORKER_CODE = (
     "Worker(Settings.from_env(), worker_id=sys.argv[1]).run()"
 )
 ATTEMPT_RE = re.compile(r"attempt (\d+) started")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,12 +51,6 @@ PATHS = {
     "ray-nice15": "(c) at Ray's default nice 15",
 }
 DEFAULT_STEPS = {"capsnet": 20, "lenet5": 100}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------- one rank
@@ -108,6 +101,8 @@ def _spawned_rank(case: dict[str, Any]) -> None:
 
 def run_spawned(case: dict[str, Any], ranks: int) -> dict[str, Any]:
     """Paths (a) and (b): ``ranks`` fresh interpreters (one for (a)), no Ray anywhere."""
+    from services.stack import free_port
+
     world = 1 if case["path"] == "one" else ranks
     port = free_port()
     procs = []
@@ -175,6 +170,7 @@ class Service:
         import ray
 
         from services.config import Settings, ray_node_env
+        from services.stack import free_port
         from services.worker import Worker
 
         self.tmp = Path(tempfile.mkdtemp(prefix="capsctl-bench-ddp-"))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -26,13 +25,8 @@ from pathlib import Path
 from statistics import median
 
 from services.config import Settings
+from services.stack import free_port
 from services.worker import Worker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mark_start(config: dict) -> None:

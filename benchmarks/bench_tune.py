@@ -28,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from services.stack import free_port  # noqa: E402
+
 # The tutorial's numbers (trained with random shifts up to 2 px): {model: {test angle: accuracy %}}.
 TUTORIAL = {
     "lenet5": {"0": 98.68, "35": 76.05},
@@ -37,12 +39,6 @@ TUTORIAL = {
 
 def numbers(text: str, cast: type = float) -> list:
     return [cast(x) for x in text.split(",") if x.strip()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:

@@ -86,9 +86,6 @@ class Keys:
     def shapes(self, priority: str) -> str:
         return self._k("shapes", priority)
 
-    def queue_pattern(self, priority: str = "*") -> str:
-        return self._k("queue", priority, "*", "*")
-
     @property
     def delayed(self) -> str:
         return self._k("delayed")

@@ -1,63 +1,11 @@
-"""Prometheus metrics for capsctl: queue state from Redis, worker process metrics, live training.
-
-Conventions: every name starts with ``capsnet_``, base units (``_seconds``, ``_bytes``, ``_ratio``),
-counters end in ``_total`` and label values are bounded (sanitised, truncated; per-job series are
-removed when the job ends and at most ``TrainingMetrics.max_jobs`` jobs are kept).
-
-Three groups of series:
-
-* ``QueueCollector(queue)`` — computed at scrape time from Redis through the queue's read
-  interface (``state_counts()``, ``workers()``, ``counters()``).  Every worker exposes the same
-  Redis-derived values, so dashboards and rules aggregate them with ``max``, never ``sum``.
-  The service counters are stored in Redis by whichever process did the action (the CLI for
-  submits, workers for finishes).  ``queue.counters()`` may return them nested, as
-  ``services.queue.JobQueue.counters()`` does::
-
-      {"submitted": {(kind, model): n},                -> capsnet_jobs_submitted_total{kind,model}
-       "finished": {(kind, model, outcome): n},        -> capsnet_jobs_finished_total{kind,model,outcome}
-       "retries": n,                                   -> capsnet_job_retries_total
-       "lease_expiries": n,                            -> capsnet_lease_expiries_total
-       "dead_lettered": n,                             -> capsnet_dead_lettered_total
-       "manual_retries": n,                            -> capsnet_job_manual_retries_total
-       "pruned": n,                                    -> capsnet_jobs_pruned_total
-       "infrastructure_losses": n}                     -> capsnet_infrastructure_losses_total
-
-  or flat, as the Redis hash fields themselves: ``{"submitted:train:capsnet": n,
-  "finished:train:capsnet:succeeded": n, "retries": n, ...}`` (``|`` also accepted as the
-  separator).  Unknown or malformed entries are ignored.  The unlabelled counters are always
-  exposed (0 when absent) so alerts and panels over them have data from the first scrape.
-  ``QueueCollector(queue, zero_fill=known_job_labels())`` does the same for the labelled ones:
-  ``submitted`` for every known (kind, model) and ``finished`` for every outcome of those and of
-  every submitted (kind, model).  Without it a label set's first event is invisible to
-  ``rate()``/``increase()`` (Prometheus sees the series appear at 1, not go from 0 to 1), so on a
-  fresh deployment the submit/finish rates read 0 and the failed share is empty.
-
-* ``WorkerMetrics`` — this process's histograms of queue wait and run time, and the Ray
-  cluster's CPU/GPU totals the worker passes in (this module never imports Ray).  The histograms
-  of every job kind (and run outcome) are exported from 0 on, so the first job a worker claims
-  shows in the rate-based panels too.
-
-* ``TrainingMetrics`` — per running job gauges (label ``job_id``) fed with the training loop's
-  progress events, removed by ``remove(job_id)`` when the job ends.  The job's result, its test
-  accuracy per angle, is only known in the last seconds of a run, so with
-  ``result_linger_seconds`` (the worker's default: ``RESULT_LINGER_SECONDS``) those series stay
-  that long after ``remove`` — long enough for a few scrapes — while the live gauges go at once.
-
-Typical worker wiring::
-
-    metrics = default_worker_metrics()              # registered on prometheus_client.REGISTRY
-    REGISTRY.register(QueueCollector(queue, zero_fill=known_job_labels()))
-    port = start_metrics_server(config.metrics_port)
-    metrics.set_cluster_resources(ray.cluster_resources(), ray.available_resources())
-    metrics.observe_queue_wait("train", waited_seconds)
-    metrics.training.observe(job_id, "capsnet", event)   # from the on_progress callback
-    metrics.training.remove(job_id); metrics.observe_run_duration("train", "succeeded", secs)
+"""Prometheus metrics for capsctl: queue state read from Redis at scrape time (``QueueCollector``),
+the worker's own histograms (``WorkerMetrics``) and live training gauges (``TrainingMetrics``).
+Naming, counters and the worker's wiring: docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 from collections import OrderedDict
@@ -67,6 +15,8 @@ from typing import Any, Protocol
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .parsing import finite, first
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +118,7 @@ class QueueCollector(Collector):
     """Scrape-time metrics computed from Redis via the queue's read interface.
 
     Exposes ``capsnet_jobs{state,priority}``, ``capsnet_workers_alive``, the service counters
-    (see module docstring) and ``capsnet_redis_up`` (0 when Redis could not be read; the other
+    (see docs/architecture.md) and ``capsnet_redis_up`` (0 when Redis could not be read; the other
     series are then left out of that scrape rather than reported wrong).
 
     ``zero_fill``: (kind, model) pairs whose ``submitted`` counter, and whose ``finished`` counter
@@ -254,28 +204,20 @@ def _counter_families(counters: Mapping[str, Any],
 
 
 def _flatten_counters(counters: Mapping[Any, Any]) -> Iterator[tuple[str, tuple[str, ...], float]]:
-    """(head, labels, value) from either counters format (see module docstring)."""
+    """(head, labels, value) of ``JobQueue.counters()``: ``{"retries": n, "submitted":
+    {(kind, model): n}, ...}``; values that are not finite counts (>= 0) are left out."""
     for raw_key, raw_value in counters.items():
         key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
-        if isinstance(raw_value, Mapping):  # nested: {"submitted": {(kind, model): n}}
+        if isinstance(raw_value, Mapping):
             for labels, value in raw_value.items():
                 labels = labels if isinstance(labels, tuple | list) else (labels,)
-                number = _count(value)
-                if number is not None:
+                number = finite(value)
+                if number is not None and number >= 0:
                     yield key, tuple(str(v) for v in labels), number
-            continue
-        number = _count(raw_value)
-        if number is not None:  # flat: "submitted:train:capsnet" (or "|"-separated)
-            head, *labels = re.split(r"[:|]", key)
-            yield head, tuple(labels), number
-
-
-def _count(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
+        else:
+            number = finite(raw_value)
+            if number is not None and number >= 0:
+                yield key, (), number
 
 
 def known_job_labels() -> list[tuple[str, str]]:
@@ -384,8 +326,8 @@ class TrainingMetrics:
             put(self.epoch, epoch)
             if step is not None:
                 put(self.step, (epoch - 1) * per_epoch + step if epoch is not None and per_epoch else step)
-            put(self.loss, _first(event, "loss", "train_loss"))
-            put(self.accuracy, _first(event, "accuracy", "train_accuracy"))
+            put(self.loss, first(event, "loss", "train_loss"))
+            put(self.accuracy, first(event, "accuracy", "train_accuracy"))
             put(self.learning_rate, event.get("lr"))
             put(self.images_per_second, event.get("images_per_second"))
             put(self.epoch_duration, event.get("epoch_seconds"))
@@ -457,21 +399,9 @@ class TrainingMetrics:
         _discard_angles(self.test_accuracy, job, model_l, angles)
 
 
-def _first(event: Mapping[str, Any], *keys: str) -> Any:
-    for key in keys:
-        if event.get(key) is not None:
-            return event[key]
-    return None
-
-
 def _number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool | Mapping | list | tuple | str):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+    """A progress event's number: finite, and not text (numeric text is not a number there)."""
+    return None if isinstance(value, str) else finite(value)
 
 
 def _discard(g: Gauge, *labels: str) -> None:
@@ -570,11 +500,6 @@ def default_worker_metrics() -> WorkerMetrics:
         if _default is None:
             _default = WorkerMetrics(REGISTRY, result_linger_seconds=RESULT_LINGER_SECONDS)
         return _default
-
-
-def set_cluster_resources(total: Mapping[str, float], available: Mapping[str, float]) -> None:
-    """Shortcut for ``default_worker_metrics().set_cluster_resources(total, available)``."""
-    default_worker_metrics().set_cluster_resources(total, available)
 
 
 # --------------------------------------------------------------------------- introspection

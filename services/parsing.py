@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 # Deeper JSON than this in a stored value is junk (a spec, result or event is a few levels
@@ -60,10 +61,15 @@ def finite(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     try:
-        x = float(text(value))  # type: ignore[arg-type]
+        x = float(text(value) if isinstance(value, str | bytes | bytearray | memoryview) else value)
     except (TypeError, ValueError, OverflowError):
         return None
     return x if math.isfinite(x) else None
+
+
+def first(data: Mapping[str, Any], *keys: str) -> Any:
+    """The value of the first of ``keys`` present in ``data`` and not None, else None."""
+    return next((data[k] for k in keys if data.get(k) is not None), None)
 
 
 def integer(value: Any, default: int = 0) -> int:
@@ -119,4 +125,4 @@ def json_ready(obj: Any) -> Any:
     return printable(str(obj))
 
 
-__all__ = ["MAX_JSON_DEPTH", "finite", "integer", "json_ready", "json_value", "printable", "text", "wrong_type"]
+__all__ = ["MAX_JSON_DEPTH", "finite", "first", "integer", "json_ready", "json_value", "printable", "text", "wrong_type"]

@@ -1,85 +1,28 @@
-"""The Redis job queue: at-least-once delivery, never losing a job, with fenced workers.
-
-Like rq, but every multi-key update is one Lua script (``services/queue.lua``, registered with
-``redis.register_script`` and run with EVALSHA), so a crash between two Redis commands can
-never leave a job half-moved. Everything stored is JSON; nothing is pickled.
-
-Lifecycle::
-
-    submit ──> queued ──claim──> running ──complete──> succeeded
-                 ^  ^               │ │ └──fail, retries left──> retrying ──backoff──> queued
-                 │  └─lease expired─┘ └──fail, none left / lease expired, none left──> failed
-                 └──────── retry (manual) <── failed | cancelled <── cancel
-
-* Priorities ``high`` > ``normal`` > ``low``; FIFO within a priority (submit sequence number).
-* ``claim`` is GPU-aware: it takes the highest-priority oldest job whose ``spec.resources()``
-  fit the worker's ``available`` resources; others stay queued and visible.
-* Leases: a claim returns a random *lease token* and puts the job in the lease zset for
-  ``lease_seconds``; the worker renews it with ``heartbeat``. ``progress``, ``set_checkpoint``,
-  ``complete``, ``fail`` and ``mark_cancelled`` all carry the token and change nothing once it is
-  stale (return False): a worker that lost its lease can never overwrite the new attempt. So do
-  the attempt's events (``EventLog.publish(..., lease_token=...)``). A heartbeat after the lease
-  has expired is refused even before anyone requeued the job: the holder must stop.
-* ``complete`` while a cancel is requested but not yet acted on: the job ends ``succeeded`` with
-  its result, and the cancel is dropped (recorded in the transition and as a warning event).
-* A lease that expires (worker SIGKILLed, hung, partitioned) sends the job back to ``queued``
-  by ``requeue_expired`` (which ``claim`` also runs in passing), keeping ``checkpoint`` so the
-  next attempt resumes. A lost worker is not the job's fault: expiries never use up
-  ``max_retries`` (meant for the job's own errors) but their own, larger ``max_lost`` budget
-  (default 10), so a job that kills its workers every time ends ``failed`` after
-  ``max_lost + 1`` losses ("lost its worker 11 times ...") instead of looping.
-* An attempt whose Ray node (or one of its rank processes) died is handed back by its worker
-  with ``hand_back``: the same policy as an expired lease (``max_lost``, no backoff, checkpoint
-  kept), at once instead of after the lease runs out.
-* ``fail`` retries with exponential backoff ``min(backoff_max, backoff_base * 2**(n-1))`` for
-  the n-th failure, via state ``retrying`` and the delayed zset, then ``failed`` keeping the
-  error and traceback.
-* Junk found in a queue (missing or non-hash job key, invalid spec JSON, a spec pydantic
-  rejects, a queue key of the wrong type) is moved to the dead-letter list with a reason and
-  a timestamp; ``claim`` carries on with the next job and never raises because of it.
-* Bounded sizes: a submit carries at most ``MAX_SPEC_BYTES`` of spec JSON and an idempotency key
-  of ``MAX_IDEMPOTENCY_KEY_CHARS``; an idempotency key reused with a different spec is an
-  ``IdempotencyConflict`` naming the existing job. Errors and tracebacks are stored truncated.
-* Retention: ``prune`` removes finished jobs (hash, events, index entries, idempotency key) older
-  than an age, in small batches (``services.retention`` runs it from idle workers).
-* No script half-applies: a script that raises keeps its earlier writes, so every script
-  checks the type of each key it touches before its first write (``ensure_type`` in
-  queue.lua). A key of the wrong type (an index, the lease or delayed zset, a job's event
-  stream, the dead-letter list, the counters) is renamed to ``quarantine:<key>:<ms>`` with a
-  dead letter saying why, and the script goes on with a fresh key; a junk lease or delayed
-  zset is rebuilt from the state index so no running or retrying job is stranded.
+"""The Redis job queue: at-least-once delivery, never losing a job, with fenced workers. Every
+multi-key update is one Lua script (``services/queue.lua``); lifecycle, leases, retries and
+dead letters: docs/architecture.md.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import math
-import re
 import secrets
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from importlib import resources as importlib_resources
 from typing import Any, Literal
 
 import redis
 
 from . import parsing
-from .events import EventLog
-from .jobspec import PRIORITIES, EvalSpec, SpecError, TrainSpec, TuneSpec, parse_spec
+from .events import TERMINAL_STATES, EventLog
+from .job import STATES, AnySpec, ClaimedJob, JobRecord, PruneBatch, new_job_id
+from .jobspec import PRIORITIES, SpecError, TuneSpec, parse_spec
 from .keys import Keys
+from .lua_scripts import load_scripts
 
-STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
-ACTIVE_STATES = ("queued", "running", "retrying")
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
-OUTCOMES = ("succeeded", "failed", "cancelled", "dead_lettered")
-
-AnySpec = TrainSpec | EvalSpec | TuneSpec
 LeaseStatus = Literal["ok", "lost", "cancel_requested"]
 
-_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _SUBMIT_CHUNK = 500
 
 # What one submit may carry, and how much of a failure's text is kept: a job's hash is read
@@ -131,22 +74,6 @@ def truncate_tail(text: str, limit: int) -> str:
     return f"[{len(text) - keep} characters cut] ...\n" + text[len(text) - keep:]
 
 
-def _base36(n: int) -> str:
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = _B36[r] + out
-        if n == 0:
-            return out
-
-
-def new_job_id() -> str:
-    """``j-<ms since epoch, base36>-<8 random base32 chars>``: short, unique (40 random bits per
-    millisecond), sorts by creation time."""
-    rand = base64.b32encode(secrets.token_bytes(5)).decode().lower()
-    return f"j-{_base36(int(time.time() * 1000))}-{rand}"
-
-
 # Every value read from Redis goes through these total parsers (services.parsing): junk
 # becomes None or a default, never an exception.
 _s = parsing.text
@@ -159,229 +86,7 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), default=str)
 
 
-_UNREADABLE = object()
-
-
-def _transitions(raw: Any) -> list[dict[str, Any]]:
-    """The stored ``transitions`` JSON list; whatever is not a JSON object (or a list of them)
-    is kept as ``{"invalid": <what was there>}`` so readers can show that it is unreadable."""
-    if raw is None or raw == "":
-        return []
-    parsed = _json(raw, _UNREADABLE)
-    if parsed is _UNREADABLE:
-        return [{"invalid": parsing.printable(raw)[:200]}]
-    if not isinstance(parsed, list):
-        return [{"invalid": parsed}]
-    return [t if isinstance(t, dict) else {"invalid": t} for t in parsed]
-
-
-@dataclass
-class JobRecord:
-    """A job as stored in its Redis hash (``Keys.job(id)``), with typed fields.
-
-    Timestamps are seconds since the epoch (Redis server time). ``transitions`` lists every
-    state change: ``{"state", "from", "at", "attempt", ...reason/worker/error/delay}``.
-    """
-
-    id: str
-    kind: str
-    state: str
-    priority: str
-    spec: dict[str, Any]
-    attempt: int = 0
-    max_retries: int = 0
-    retry_base: int = 0
-    max_lost: int = 10
-    lost_base: int = 0
-    model: str = ""
-    name: str | None = None
-    gpus: int = 0
-    cpus: int = 1
-    created_at: float | None = None
-    updated_at: float | None = None
-    queued_at: float | None = None
-    started_at: float | None = None
-    retrying_at: float | None = None
-    finished_at: float | None = None
-    heartbeat_at: float | None = None
-    transitions: list[dict[str, Any]] = field(default_factory=list)
-    worker: str | None = None
-    lease_token: str | None = None
-    lease_expires_at: float | None = None
-    lease_expiries: int = 0
-    not_before: float | None = None
-    error: str | None = None
-    traceback: str | None = None
-    result: Any = None
-    progress: dict[str, Any] | None = None
-    checkpoint: str | None = None
-    cancel_requested: bool = False
-    idempotency_key: str | None = None
-    seq: int = 0
-
-    @classmethod
-    def from_hash(cls, h: Mapping[Any, Any]) -> JobRecord:
-        """Build from HGETALL output; tolerant of missing or garbled fields."""
-        d = {_s(k): v for k, v in h.items()}
-        spec = _json(d.get("spec"), {})
-        spec = spec if isinstance(spec, dict) else {}
-        progress = _json(d.get("progress"), None)
-        spec_kind = spec.get("kind")
-        return cls(
-            id=_s(d.get("id")) or "",
-            kind=_s(d.get("kind")) or (spec_kind if isinstance(spec_kind, str) else ""),
-            state=_s(d.get("state")) or "",
-            priority=_s(d.get("priority")) or "",
-            spec=spec,
-            attempt=_i(d.get("attempt")),
-            max_retries=_i(d.get("max_retries")),
-            retry_base=_i(d.get("retry_base")),
-            max_lost=_i(d.get("max_lost"), 10),
-            lost_base=_i(d.get("lost_base")),
-            model=_s(d.get("model")) or "",
-            name=_s(d.get("name")) or None,
-            gpus=_i(d.get("gpus")),
-            cpus=_i(d.get("cpus"), 1),
-            created_at=_f(d.get("created_at")),
-            updated_at=_f(d.get("updated_at")),
-            queued_at=_f(d.get("queued_at")),
-            started_at=_f(d.get("started_at")),
-            retrying_at=_f(d.get("retrying_at")),
-            finished_at=_f(d.get("finished_at")),
-            heartbeat_at=_f(d.get("heartbeat_at")),
-            transitions=_transitions(d.get("transitions")),
-            worker=_s(d.get("worker")) or None,
-            lease_token=_s(d.get("lease_token")) or None,
-            lease_expires_at=_f(d.get("lease_expires_at")),
-            lease_expiries=_i(d.get("lease_expiries")),
-            not_before=_f(d.get("not_before")),
-            error=_s(d.get("error")) or None,
-            traceback=_s(d.get("traceback")) or None,
-            result=_json(d.get("result"), None),
-            progress=progress if isinstance(progress, dict) else None,
-            checkpoint=_s(d.get("checkpoint")) or None,
-            cancel_requested=_s(d.get("cancel_requested")) == "1",
-            idempotency_key=_s(d.get("idempotency_key")) or None,
-            seq=_i(d.get("seq")),
-        )
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-    @property
-    def losses(self) -> int:
-        """Attempts lost with their worker (lease expired) since the last manual retry."""
-        return max(0, self.lease_expiries - self.lost_base)
-
-    @property
-    def retries_left(self) -> int:
-        """Retries left for the job's own errors (lost attempts do not count, see max_lost)."""
-        return max(0, self.max_retries + 1 - (self.attempt - self.retry_base - self.losses))
-
-    @property
-    def resources(self) -> dict[str, int]:
-        return {"gpus": self.gpus, "cpus": self.cpus}
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of every field except the lease token (a capability, not for display)."""
-        d = asdict(self)
-        d.pop("lease_token", None)
-        return d
-
-
-@dataclass
-class PruneBatch:
-    """What one ``JobQueue.prune`` call did: the ids removed (or, in a dry run, that would be),
-    the index entries it examined, and whether more may be waiting (call again)."""
-
-    job_ids: list[str]
-    examined: int
-    more: bool
-
-
-@dataclass
-class ClaimedJob:
-    """What ``claim`` hands a worker: the validated spec plus the lease token to fence with."""
-
-    job_id: str
-    token: str
-    attempt: int
-    spec: AnySpec
-    record: JobRecord
-
-    @property
-    def id(self) -> str:
-        return self.job_id
-
-    @property
-    def checkpoint(self) -> str | None:
-        """The last checkpoint of an earlier attempt, to resume from (None on a fresh start)."""
-        return self.record.checkpoint
-
-
-_LUA_DEF = re.compile(r"^local (?:function )?([A-Za-z_][A-Za-z0-9_]*)")
-_LUA_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _lua_words(src: str) -> set[str]:
-    return set(_LUA_WORD.findall(re.sub(r"--[^\n]*", "", src)))
-
-
-def _lua_blocks(text: str) -> list[tuple[str, str]]:
-    """Split Lua helpers into (defined name, source) blocks at column-0 ``local`` definitions;
-    column-0 comments go with the definition that follows them."""
-    blocks: list[list[Any]] = []
-    comments: list[str] = []
-    for line in text.splitlines():
-        match = _LUA_DEF.match(line)
-        if match:
-            blocks.append([match.group(1), comments + [line]])
-            comments = []
-        elif line.startswith("--") or not blocks:
-            comments.append(line)
-        else:
-            blocks[-1][1].append(line)
-    return [(name, "\n".join(lines)) for name, lines in blocks]
-
-
-def _load_scripts() -> dict[str, str]:
-    """Script name -> full source: the prelude's header, then only the helpers (and key
-    functions) the body uses, transitively, then the body. Every EVALSHA re-creates the
-    helpers it contains, so leaving unused ones out keeps the per-call overhead small."""
-    text = importlib_resources.files("services").joinpath("queue.lua").read_text(encoding="utf-8")
-    sections: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        if line.startswith("--!prelude"):
-            current = "__prelude__"
-            sections[current] = []
-        elif line.startswith("--!script "):
-            current = line.split(None, 1)[1].strip()
-            sections[current] = []
-        elif current is not None:
-            sections[current].append(line)
-    header, _, helpers = "\n".join(sections.pop("__prelude__")).partition("-- @@KEY_FUNCTIONS@@")
-    blocks = _lua_blocks(Keys.lua_functions() + helpers)
-    scripts = {}
-    for name, lines in sections.items():
-        body = "\n".join(lines)
-        needed = _lua_words(body)
-        included: set[str] = set()
-        changed = True
-        while changed:
-            changed = False
-            for block_name, src in blocks:
-                if block_name in needed and block_name not in included:
-                    included.add(block_name)
-                    needed |= _lua_words(src)
-                    changed = True
-        used = "\n".join(src for block_name, src in blocks if block_name in included)
-        scripts[name] = f"{header}\n{used}\n{body}\n"
-    return scripts
-
-
-_SCRIPTS = _load_scripts()
+_SCRIPTS = load_scripts()
 
 
 class JobQueue:
@@ -586,14 +291,15 @@ class JobQueue:
         except redis.TimeoutError:
             return False
 
-    def heartbeat(self, job_id: str, token: str) -> bool:
-        """Extend the lease; False = the lease is lost (stop working on the job now)."""
-        return self.renew(job_id, token) != "lost"
-
     def renew(self, job_id: str, token: str) -> LeaseStatus:
-        """Like ``heartbeat`` but also says whether a cancel was requested."""
+        """Extend the lease: "ok", "cancel_requested" (still held), or "lost" (the lease is gone:
+        stop working on the job now)."""
         code = int(self._run("heartbeat", [job_id, token, self.lease_seconds]))
         return {0: "lost", 1: "ok", 2: "cancel_requested"}[code]  # type: ignore[return-value]
+
+    def heartbeat(self, job_id: str, token: str) -> bool:
+        """``renew`` as a bool (False = lost); kept for ``services.worker``, which calls it."""
+        return self.renew(job_id, token) != "lost"
 
     def is_cancel_requested(self, job_id: str) -> bool:
         return _s(self.client.hget(self.keys.job(job_id), "cancel_requested")) == "1"
@@ -926,8 +632,7 @@ def worker_resources(info: Mapping[str, Any]) -> tuple[float, float] | None:
 
 
 __all__ = [
-    "ACTIVE_STATES", "MAX_ERROR_CHARS", "MAX_IDEMPOTENCY_KEY_CHARS", "MAX_SPEC_BYTES", "MAX_TRACEBACK_CHARS",
-    "OUTCOMES", "STATES", "TERMINAL_STATES", "CapacityError", "ClaimedJob", "IdempotencyConflict", "JobNotFound",
+    "MAX_ERROR_CHARS", "MAX_IDEMPOTENCY_KEY_CHARS", "MAX_SPEC_BYTES", "MAX_TRACEBACK_CHARS", "STATES", "TERMINAL_STATES", "CapacityError", "ClaimedJob", "IdempotencyConflict", "JobNotFound",
     "JobQueue", "JobRecord", "JobStateError", "LeaseStatus", "PruneBatch", "QueueError", "new_job_id",
     "truncate_head", "truncate_tail",
     "resource_shape", "worker_resources",

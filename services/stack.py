@@ -1,27 +1,5 @@
-"""``capsctl up`` / ``capsctl down``: the embedded single-machine stack.
-
-``up(settings)`` brings up whatever is missing for a working capsctl on this machine:
-
-* **Redis** — if nothing answers at ``settings.redis_url`` (and its host is this machine), a
-  ``redis-server`` child on that port (or a free port when it is taken), with its data and AOF
-  under ``<state_dir>/redis``. A Redis that already answers is used as it is and never stopped.
-* **Ray** — a local head (``ray start --head`` from the venv, 127.0.0.1 only, a short
-  ``--temp-dir``) unless ``settings.ray_address`` (``RAY_ADDRESS``) names a cluster to use.
-* **workers** — N ``capsctl worker`` processes pointed at that Redis and Ray.
-
-Every process is started detached (its own session) with its output in ``<state_dir>/logs/``;
-what was started is recorded in ``<state_dir>/stack.json`` (written after each step, so a
-half-finished ``up`` can still be taken down) and the addresses in ``<state_dir>/env``
-(``KEY=value`` lines), which later ``capsctl`` invocations read for settings the environment
-does not set: ``capsctl submit`` after ``capsctl up`` finds the stack's Redis even on a
-non-default port. ``set -a; . <state_dir>/env`` gives other tools the same.
-
-``down(settings)`` stops exactly what ``up`` recorded, workers first (SIGTERM: they hand their
-job back), then the Ray head, then Redis: SIGTERM, a grace period, SIGKILL. The Ray head is
-stopped by its session id (every Ray daemon ``ray start`` spawned stays in the session we
-created for it), never with ``ray stop``, which would stop every Ray on the machine. A
-recorded PID is only signalled while it still belongs to the process we started (its command
-line or session still matches), so stale PIDs are skipped.
+"""``capsctl up`` / ``capsctl down``: the embedded single-machine stack (a local redis-server, a
+Ray head and N workers, recorded in ``<state_dir>/stack.json``; see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -33,7 +11,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
+import psutil
 import redis
 
 from .config import Settings, ray_node_env, redis_client
@@ -134,80 +112,80 @@ def _lock(state_dir: Path) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- processes
 
+_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, session id) from /proc, or None when the process is gone."""
+
+def _running(proc: psutil.Process) -> bool:
+    """True while ``proc`` runs; zombies count as gone, and a PID reused by another program is
+    not ``proc`` (psutil compares the create time)."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return proc.is_running() and proc.status() not in _GONE
+    except psutil.Error:
+        return False
+
+
+def _process(pid: int | None, needle: str | None = None) -> psutil.Process | None:
+    """The running process ``pid`` whose command line contains ``needle`` (when given), else None."""
+    if not pid or pid <= 0:
         return None
-    fields = raw[raw.rfind(")") + 2:].split()
     try:
-        return fields[0], int(fields[3])
-    except (IndexError, ValueError):
+        proc = psutil.Process(pid)
+    except psutil.Error:
         return None
-
-
-def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
+        if proc.status() in _GONE:
+            return None
+        if needle is not None and needle not in " ".join(proc.cmdline()):
+            return None
+    except psutil.AccessDenied:  # someone else's process: alive, but never ours to match
+        return proc if needle is None else None
+    except psutil.Error:
+        return None
+    return proc
 
 
 def pid_alive(pid: int | None, needle: str | None = None) -> bool:
     """True while ``pid`` runs (zombies count as gone) and, with ``needle``, its command line
     still contains it (so a PID the OS handed to another program is not ours)."""
-    if not pid or pid <= 0:
-        return False
-    if Path("/proc").is_dir():
-        stat = _proc_stat(pid)
-        if stat is None or stat[0] in ("Z", "X"):
-            return False
-        return needle is None or needle in _cmdline(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return _process(pid, needle) is not None
 
 
-def session_pids(sid: int | None) -> list[int]:
-    """Live processes whose session id is ``sid`` (Linux /proc)."""
+def _session_procs(sid: int | None) -> list[psutil.Process]:
     if not sid:
         return []
     out = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit():
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() not in _GONE:
+                out.append(proc)
+        except (psutil.Error, OSError):  # gone meanwhile
             continue
-        stat = _proc_stat(int(entry.name))
-        if stat is not None and stat[1] == sid and stat[0] not in ("Z", "X"):
-            out.append(int(entry.name))
-    return sorted(out)
+    return sorted(out, key=lambda p: p.pid)
 
 
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
+def session_pids(sid: int | None) -> list[int]:
+    """Live processes whose session id is ``sid``."""
+    return [p.pid for p in _session_procs(sid)]
 
 
-def _terminate(pids: list[int], alive: Callable[[int], bool], grace: float) -> list[int]:
-    """SIGTERM, wait up to ``grace`` s, SIGKILL what is left; returns the PIDs signalled."""
-    targets = [p for p in pids if alive(p)]
-    for pid in targets:
-        _signal(pid, signal.SIGTERM)
+def _terminate(procs: list[psutil.Process], grace: float) -> list[int]:
+    """SIGTERM, wait up to ``grace`` s, SIGKILL what is left; returns the PIDs signalled. psutil
+    refuses to signal a PID that now belongs to another process, so a late reuse is never hit."""
+    targets = [p for p in procs if _running(p)]
+    for proc in targets:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(alive(p) for p in targets):
+    while time.monotonic() < deadline and any(_running(p) for p in targets):
         time.sleep(0.1)
-    for pid in targets:
-        if alive(pid):
-            _signal(pid, signal.SIGKILL)
+    for proc in targets:
+        if _running(proc):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(alive(p) for p in targets):
+    while time.monotonic() < deadline and any(_running(p) for p in targets):
         time.sleep(0.05)
-    return targets
+    return [p.pid for p in targets]
 
 
 def _tail(path: Path | str | None, lines: int = 15) -> str:
@@ -333,7 +311,7 @@ def status(settings: Settings) -> dict[str, Any] | None:
 
 def up(settings: Settings, *, num_cpus: int | None = None, metrics_port: int | None = None,
        workers: int = 1, timeout: float = 180.0, log: Log | None = None) -> dict[str, Any]:
-    """Start what is missing (see the module docstring); returns the stack record with
+    """Start what is missing (see docs/architecture.md); returns the stack record with
     ``already_up`` True when a healthy stack was already running (then nothing is started)."""
     say: Log = log or (lambda _msg: None)
     if workers < 1:
@@ -532,32 +510,27 @@ def _start_ray(cpus: int, state_dir: Path, logs: Path, auth_mode: str, record: d
 # ----------------------------------------------------------------------------- down
 
 
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
 def _stop_ray_session(sid: int, grace: float) -> list[int]:
     """Stop the Ray processes of one session in ``ray stop``'s order: the raylet first (its
     agents fate-share with it), then the rest, the GCS last; a third of the grace period each."""
 
-    def in_session(pid: int) -> bool:
-        stat = _proc_stat(pid)
-        return stat is not None and stat[1] == sid and stat[0] not in ("Z", "X")
+    def name(proc: psutil.Process) -> str:
+        try:
+            return proc.name()
+        except psutil.Error:
+            return ""
 
     buckets: list[Callable[[str], bool]] = [lambda c: c == "raylet",
                                             lambda c: c not in ("raylet", "gcs_server"),
                                             lambda c: c == "gcs_server"]
     stopped: list[int] = []
     for pick in buckets:
-        pids = [p for p in session_pids(sid) if pick(_comm(p))]
-        if pids:
-            stopped += _terminate(pids, in_session, grace / len(buckets))
-    late = session_pids(sid)  # anything spawned while the others were stopping
+        procs = [p for p in _session_procs(sid) if pick(name(p))]
+        if procs:
+            stopped += _terminate(procs, grace / len(buckets))
+    late = _session_procs(sid)  # anything spawned while the others were stopping
     if late:
-        stopped += _terminate(late, in_session, 1.0)
+        stopped += _terminate(late, 1.0)
     return stopped
 
 
@@ -578,15 +551,14 @@ def _down_locked(state_dir: Path, *, grace: float, say: Log) -> dict[str, Any] |
     stopped: dict[str, Any] = {"workers": [], "ray": [], "redis": []}
 
     workers = [w for w in record.get("workers") or [] if isinstance(w, dict)]
-    pids = [int(w["pid"]) for w in workers if w.get("pid") and pid_alive(int(w["pid"]), w.get("id"))]
-    needles = {int(w["pid"]): w.get("id") for w in workers if w.get("pid")}
-    if pids:
-        say(f"stopping {len(pids)} worker(s) (SIGTERM; their jobs go back to the queue)")
-        stopped["workers"] = _terminate(pids, lambda p: pid_alive(p, needles.get(p)), grace)
-    for pid in pids:  # anything our (verified) workers left behind in their sessions
-        leftovers = session_pids(pid)
+    procs = [p for p in (_process(w.get("pid"), w.get("id")) for w in workers) if p is not None]
+    if procs:
+        say(f"stopping {len(procs)} worker(s) (SIGTERM; their jobs go back to the queue)")
+        stopped["workers"] = _terminate(procs, grace)
+    for proc in procs:  # anything our (verified) workers left behind in their sessions
+        leftovers = _session_procs(proc.pid)
         if leftovers:
-            _terminate(leftovers, pid_alive, 5.0)
+            _terminate(leftovers, 5.0)
 
     ray = record.get("ray") or {}
     if ray.get("started") and ray.get("session"):
@@ -598,10 +570,10 @@ def _down_locked(state_dir: Path, *, grace: float, say: Log) -> dict[str, Any] |
 
     r = record.get("redis") or {}
     if r.get("started") and r.get("pid"):
-        pid, needle = int(r["pid"]), str(r.get("port", "")) or None
-        if pid_alive(pid, needle):
+        proc = _process(int(r["pid"]), str(r.get("port", "")) or None)
+        if proc is not None:
             say(f"stopping redis-server on port {r.get('port')} (its data stays in {r.get('dir')})")
-            stopped["redis"] = _terminate([pid], lambda p: pid_alive(p, needle), grace)
+            stopped["redis"] = _terminate([proc], grace)
 
     for path in (stack_path(state_dir), env_path(state_dir)):
         with contextlib.suppress(FileNotFoundError):

@@ -17,11 +17,12 @@ function and its own ``describe`` for the events that are not about trials.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from .parsing import finite
 
 # Trial statuses (``status`` of a trial event) that end a trial in this attempt.
 ENDED = ("finished", "restored", "early_stopped", "error")
@@ -29,11 +30,8 @@ CLEAR_LINE = "\r\x1b[K"  # carriage return + erase to the end of the line (every
 
 
 def _pct(value: Any) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    return f"{100 * v:.1f} %" if math.isfinite(v) else "-"
+    v = finite(value)
+    return "-" if v is None else f"{100 * v:.1f} %"
 
 
 def _angle_order(key: Any) -> tuple[int, float, str]:
@@ -154,8 +152,8 @@ class TrialBoard:
         if etype != "progress" or data.get("type") != "trial" or data.get("trial") is None:
             return False
         key, status = str(data["trial"]), data.get("status")
-        if isinstance(data.get("val_accuracy"), int | float) and math.isfinite(data["val_accuracy"]):
-            val = float(data["val_accuracy"])
+        val = None if isinstance(data.get("val_accuracy"), str) else finite(data.get("val_accuracy"))
+        if val is not None:
             if self.best is None or val > self.best[0]:
                 self.best = (val, short_trial_id(key))
         if status in ("started", "running", "resumed"):

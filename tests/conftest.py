@@ -38,6 +38,8 @@ if _shared is not None and "CAPSNET_DATA_DIR" not in os.environ:
     os.environ["CAPSNET_DATA_DIR"] = str(_shared)
 os.environ.setdefault("CAPSNET_OFFLINE", "1")
 
+from services.stack import free_port  # noqa: E402  (the one free_port; tests import it from here)
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
@@ -45,12 +47,6 @@ def data_dir() -> Path:
     if not root or not (Path(root) / "MNIST" / "raw").is_dir():
         pytest.fail("real MNIST not found: set CAPSNET_DATA_DIR or put ../shared/data beside the repo")
     return Path(root)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, timeout: float = 10.0) -> None:

@@ -165,6 +165,7 @@ def _ddp_rank(rank: int, store: str, broadcast: bool | None, results: str) -> No
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes train two steps
 @pytest.mark.parametrize("broadcast", [None, True], ids=["ddp_options", "control-broadcast"])
 def test_ddp_with_our_options_broadcasts_no_buffers(tmp_path: Path, broadcast: bool | None) -> None:
     torch.multiprocessing.spawn(_ddp_rank, args=(str(tmp_path / "store"), broadcast, str(tmp_path)), nprocs=2)
@@ -311,6 +312,7 @@ def test_workers_forward_nccl_variables_to_ray() -> None:
     assert "ray_worker_env(os.environ)" in (REPO_ROOT / "services" / "worker.py").read_text()
 
 
+@pytest.mark.slow  # trains every model, resumes, runs DDP
 def test_gpu_check_cpu_parts_run_and_pass() -> None:
     """benchmarks/gpu_check.py's CPU-only parts, so the GPU script cannot rot."""
     done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick"], cwd=REPO_ROOT,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -12,6 +13,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from services import metrics as m
+from services.config import redis_client
+from services.keys import Keys
+from services.queue import JobQueue
 from tests.conftest import free_port
 
 Samples = dict[tuple[str, frozenset], float]
@@ -41,12 +45,14 @@ def series(samples: Samples, name: str) -> list[dict[str, str]]:
 
 class RedisQueueReadDouble:
     """Test double of the queue's *read interface only* (state_counts, workers, counters), backed by
-    a real Redis so the collector's scrape-time Redis round trips are exercised. Not the real queue:
-    counters() returns the flat form (the Redis hash fields as services/queue.lua writes them)."""
+    a real Redis so the collector's scrape-time Redis round trips are exercised. Not the real queue,
+    except counters(): the real ``JobQueue.counters()`` over the hash fields ``incr`` writes (named
+    as services/queue.lua names them)."""
 
     def __init__(self, url: str, prefix: str = "test:") -> None:
         self.r = redis.Redis.from_url(url, decode_responses=True)
         self.prefix = prefix
+        self.queue = JobQueue(redis_client(url), Keys(prefix))
 
     # writers used by the tests
     def set_state(self, state: str, priority: str | int, n: int) -> None:
@@ -69,8 +75,8 @@ class RedisQueueReadDouble:
     def workers(self) -> list[dict]:
         return [json.loads(v) for v in self.r.hgetall(self.prefix + "workers").values()]
 
-    def counters(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.r.hgetall(self.prefix + "counters").items()}
+    def counters(self) -> dict[str, Any]:
+        return self.queue.counters()
 
 
 @pytest.fixture
@@ -110,7 +116,7 @@ def test_queue_collector_reads_redis_at_scrape_time(redis_url: str, registry: Co
     q.heartbeat("w1")
     q.heartbeat("w2")
     q.incr("submitted:train:capsnet", 4)
-    q.incr("submitted|tune|capsnet+lenet5")
+    q.incr("submitted:tune:capsnet+lenet5")
     q.incr("finished:train:capsnet:succeeded", 2)
     q.incr("finished:train:capsnet:failed")
     q.incr("retries", 2)
@@ -309,7 +315,7 @@ def test_default_worker_metrics_on_global_registry() -> None:
 
     w = m.default_worker_metrics()
     assert m.default_worker_metrics() is w
-    m.set_cluster_resources({"GPU": 1, "CPU": 8}, {"GPU": 1, "CPU": 8})
+    w.set_cluster_resources({"GPU": 1, "CPU": 8}, {"GPU": 1, "CPU": 8})
     assert b'capsnet_ray_cluster_gpus{state="total"} 1.0' in generate_latest(REGISTRY)
 
 

@@ -54,7 +54,7 @@ def test_submit_claim_complete(q):
     running = q.get(rec.id)
     assert running.state == "running" and running.worker == "w1" and running.started_at
     assert running.lease_expires_at == pytest.approx(running.started_at + 5, abs=0.5)
-    assert q.heartbeat(job.id, job.token)
+    assert q.renew(job.id, job.token) == "ok"
     assert q.report_progress(job.id, job.token, {"epoch": 1, "step": 10, "loss": 0.5, "accuracy": 0.8})
     assert q.set_checkpoint(job.id, job.token, "file:///tmp/ckpt-1.pt")
     assert q.complete(job.id, job.token, {"accuracy": {"0": 0.98}})
@@ -163,14 +163,14 @@ def test_fencing_stale_worker_changes_nothing(q):
     q.requeue_expired(now=time.time() + 6)
     new = q.claim("w2", CPU)
     assert new.id == old.id and new.token != old.token
-    assert not q.heartbeat(old.id, old.token)
+    assert not q.heartbeat(old.id, old.token)  # renew's bool form, which services/worker.py calls
     assert q.renew(old.id, old.token) == "lost"
     assert not q.report_progress(old.id, old.token, {"epoch": 9})
     assert not q.set_checkpoint(old.id, old.token, "file:///stale.pt")
     assert not q.complete(old.id, old.token, {"stale": True})
     assert not q.fail(old.id, old.token, "boom")
     assert not q.mark_cancelled(old.id, old.token)
-    assert not q.heartbeat(old.id, "")
+    assert q.renew(old.id, "") == "lost"
     r = q.get(rec.id)
     assert r.state == "running" and r.worker == "w2" and r.progress is None and r.checkpoint is None
     assert q.report_progress(new.id, new.token, {"epoch": 1})
@@ -240,7 +240,7 @@ def test_heartbeat_extends_lease(q):
     job = q.claim("w", CPU)
     before = q.get(job.id).lease_expires_at
     time.sleep(0.05)
-    assert q.heartbeat(job.id, job.token)
+    assert q.renew(job.id, job.token) == "ok"
     after = q.get(job.id).lease_expires_at
     assert after > before
     assert q.requeue_expired(now=before + 0.01) == []
@@ -320,8 +320,7 @@ def test_cancel_queued_retrying_running(q):
     assert q.cancel(c) == "cancel_requested"
     assert q.cancel(c) == "cancel_requested"
     assert q.is_cancel_requested(c) and q.get(c).state == "running"
-    assert q.renew(job.id, job.token) == "cancel_requested"
-    assert q.heartbeat(job.id, job.token)  # still holds the lease
+    assert q.renew(job.id, job.token) == "cancel_requested"  # and still holds the lease
     assert q.mark_cancelled(job.id, job.token)
     r = q.get(c)
     assert r.state == "cancelled" and r.cancel_requested

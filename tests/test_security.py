@@ -87,6 +87,7 @@ def test_every_torch_load_in_the_project_is_weights_only() -> None:
     assert all("weights_only=True" in line for _, line in calls), calls
 
 
+@pytest.mark.slow  # trains and resumes on MNIST
 def test_our_own_checkpoints_still_load_and_resume(tmp_path: Path, data_dir: Path) -> None:
     train = load_dataset("mnist", "train", root=data_dir).subset(256)
     test = load_dataset("mnist", "test", root=data_dir).subset(100)

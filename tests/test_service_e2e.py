@@ -65,7 +65,7 @@ def test_ddp_job_runs_to_success_with_disjoint_shards(queue: JobQueue, workers, 
     assert out.exit_code == 0, out.output
     parsed = json.loads(out.output)
     assert json.dumps(parsed).count(result["checkpoint"]) >= 1
-    assert parsed["result"]["rotation_accuracy"] == result["rotation_accuracy"] if "result" in parsed else True
+    assert parsed["result"]["rotation_accuracy"] == result["rotation_accuracy"]
 
 
 def test_killed_worker_job_resumes_from_its_last_checkpoint(queue: JobQueue, workers) -> None:
@@ -107,7 +107,7 @@ def test_cancel_running_job_frees_ray_resources(queue: JobQueue, workers) -> Non
     wait_until(lambda: (r := queue.get(job.id)) and r.progress and r.state == "running", 240,
                what=f"training progress; log:\n{worker.output()[-3000:]}")
     assert ray.available_resources().get("CPU", 0) <= 2  # the two ranks hold their CPUs
-    assert queue.cancel(job.id) in ("cancelling", "cancel_requested", "running", "cancelled")
+    assert queue.cancel(job.id) == "cancel_requested"  # it runs: the worker must act on the request
     record = wait_until(lambda: (r := queue.get(job.id)) and r.is_terminal and r, 60,
                         what="the job to stop")
     assert record.state == "cancelled"

@@ -26,6 +26,7 @@ def mnist(data_dir):
     return load_dataset("mnist", "train", root=data_dir).subset(5000), load_dataset("mnist", "test", root=data_dir)
 
 
+@pytest.mark.slow  # trains on real MNIST
 def test_lenet5_reaches_90_percent_on_the_real_test_set(mnist) -> None:
     train, test = mnist
     torch.manual_seed(0)
@@ -44,6 +45,7 @@ def test_lenet5_reaches_90_percent_on_the_real_test_set(mnist) -> None:
     assert step["images_per_second"] > 0 and 0 <= step["accuracy"] <= 1
 
 
+@pytest.mark.slow  # trains on real MNIST
 def test_tiny_capsnet_learns_well_above_chance(mnist) -> None:
     train, test = mnist
     torch.manual_seed(0)
@@ -56,6 +58,7 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow  # trains on real MNIST
 def test_resume_after_epoch_k_gives_the_same_weights(mnist, tmp_path: Path) -> None:
     train, test = mnist[0].subset(1000), mnist[1].subset(200)
     config = TrainConfig(epochs=3, batch_size=50, lr=1e-3, lr_decay=0.9, augment="shift2+rot10", eval_angles=(0,))
@@ -95,6 +98,7 @@ def test_ranks_get_disjoint_equal_shards_of_one_permutation() -> None:
     assert not torch.equal(shard_indices(1000, 4, 0, 0, 3), shards[0])  # reshuffled every epoch
 
 
+@pytest.mark.slow  # trains on real MNIST
 def test_checkpoint_roundtrip_and_plots(mnist, tmp_path: Path) -> None:
     train, test = mnist[0].subset(500), mnist[1].subset(100)
     torch.manual_seed(0)
