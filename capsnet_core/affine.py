@@ -29,14 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from .data import Dataset, default_data_root
+from .suites import AFFINE_MNIST, AFFNIST
 
 # affNIST's documented ranges.
 MAX_ROTATION_DEG = 20.0
 MAX_SHEAR = 0.2
 SCALE_RANGE = (0.8, 1.2)
 DEFAULT_SEED = 0
-AFFINE_MNIST = "affine-mnist"  # the suite's generated test set
-AFFNIST = "affnist"  # genuine affNIST, when present
 _PAD = 6  # warp on 40x40 (28 + 2 x 6, affNIST's own canvas) so nothing is cut before the digit is placed
 
 
