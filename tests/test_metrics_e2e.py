@@ -1,5 +1,5 @@
 """Metrics end to end: a real ``capsctl worker`` process, on a real Ray cluster and Redis, trains
-LeNet5 (2 DDP ranks, real MNIST) and fails two evals (one retried) while the test reads its
+LeNet5 (2 DDP ranks, real MNIST, both test suites) and fails two evals (one retried) while the test reads its
 ``/metrics`` every half second and a real Prometheus scrapes it, and Ray's own metrics, every
 second. Then every panel of both Grafana dashboards is queried from that Prometheus as Grafana
 does. Nothing is mocked.
