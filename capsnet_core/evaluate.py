@@ -11,7 +11,7 @@ from torch import nn
 from .augment import rotate
 from .data import Dataset
 from .models.base import unwrap
-from .suites import rotation_auc
+from .suites import ROTATION_AUC, rotation_auc
 
 
 @dataclass
@@ -122,7 +122,7 @@ def evaluate_suites(model: nn.Module, test: Dataset, suites: Iterable[str], rota
     if "rotation" in suites:
         auc = rotation_auc(rotation)
         if auc is not None:
-            out["rotation_auc"] = auc
+            out[ROTATION_AUC] = auc
     if "affine" in suites:
         name, affine = affine_test_set(test.to("cpu"), root=data_root)
         out[name] = evaluate(model, affine.images, affine.labels, batch_size=batch_size, amp=amp).accuracy

@@ -16,6 +16,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 EVAL_SUITES = ("rotation", "affine")
+# The suites' one-number results (``capsnet_core.evaluate.evaluate_suites`` keys): the rotation AUC,
+# and the affine suite's accuracy on whichever set it used. Bounded, so they can be metric labels.
+ROTATION_AUC = "rotation_auc"
+AFFINE_MNIST = "affine-mnist"  # the affine suite's generated test set
+AFFNIST = "affnist"  # genuine affNIST, when present
+SUITE_RESULTS = (ROTATION_AUC, AFFINE_MNIST, AFFNIST)
 ROTATION_SUITE_ANGLES: tuple[float, ...] = tuple(float(a) for a in range(0, 181, 15))
 
 

@@ -16,6 +16,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from capsnet_core.suites import SUITE_RESULTS
+
 from .parsing import finite, first
 
 log = logging.getLogger(__name__)
@@ -236,6 +238,8 @@ def known_job_labels() -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- training metrics
 
 _JOB_LABELS = ("job_id", "model")
+# A job's result series: (its gauge, the angle or suite label); kept to remove them later.
+_Result = tuple[Gauge, str]
 
 
 class TrainingMetrics:
@@ -253,10 +257,14 @@ class TrainingMetrics:
       capsnet_train_epoch_duration_seconds
     * ``test_accuracy``: a dict ``{angle: ratio}`` -> capsnet_test_accuracy_ratio{angle}; a plain
       float (the upright accuracy of an ``epoch`` event) -> the ``angle="0"`` series
+    * ``suite_accuracy``: a dict ``{result: ratio}`` of the test suites' summaries (``eval`` and last
+      ``epoch`` events) -> capsnet_suite_accuracy_ratio{suite}; ``suite`` is one of
+      ``capsnet_core.suites.SUITE_RESULTS`` (rotation_auc: the mean accuracy over 0..180 degrees;
+      affine-mnist / affnist: accuracy on that set), other keys are ignored
     * ``gpu_memory_bytes`` (only set on CUDA) -> capsnet_gpu_memory_used_bytes
 
     ``remove(job_id)`` drops all of a job's series; with ``result_linger_seconds`` > 0 its test
-    accuracies (the job's result, set in its last seconds) are dropped that much later, so a
+    and suite accuracies (the job's result, set in its last seconds) are dropped that much later, so a
     scrape every few seconds still records them (observing the job again keeps them).  At most
     ``max_jobs`` jobs are kept (and as many lingering): observing one more evicts the least
     recently updated, so a missed ``remove`` cannot grow cardinality.
@@ -283,14 +291,19 @@ class TrainingMetrics:
         self.test_accuracy = gauge("capsnet_test_accuracy_ratio",
                                    "Test accuracy (0..1) of a running job by evaluation rotation angle (degrees).",
                                    ("angle",))
+        self.suite_accuracy = gauge(
+            "capsnet_suite_accuracy_ratio",
+            "Test suite result (0..1) of a running job: suite=rotation_auc (mean accuracy over 0..180 degrees), "
+            "affine-mnist or affnist (accuracy on that set).", ("suite",))
         self.gpu_memory = gauge("capsnet_gpu_memory_used_bytes",
                                 "Peak CUDA memory allocated by a running job (rank 0); only on CUDA.")
         self._plain = (self.epoch, self.step, self.loss, self.accuracy, self.learning_rate,
                        self.images_per_second, self.epoch_duration, self.gpu_memory)
-        # job_id label -> (model label, angle labels seen); ordered by last update
-        self._jobs: OrderedDict[str, tuple[str, set[str]]] = OrderedDict()
-        # ended jobs whose test accuracies linger: job_id label -> (model label, angles, timer)
-        self._lingering: OrderedDict[str, tuple[str, set[str], threading.Timer]] = OrderedDict()
+        # job_id label -> (model label, result series seen as (gauge, angle or suite label));
+        # ordered by last update
+        self._jobs: OrderedDict[str, tuple[str, set[_Result]]] = OrderedDict()
+        # ended jobs whose results linger: job_id label -> (model label, results, timer)
+        self._lingering: OrderedDict[str, tuple[str, set[_Result], threading.Timer]] = OrderedDict()
         self._lock = threading.Lock()
 
     def observe(self, job_id: str, model: str, event: Mapping[str, Any]) -> None:
@@ -302,7 +315,7 @@ class TrainingMetrics:
                 if lingering[0] == model_l and job not in self._jobs:
                     self._jobs[job] = (model_l, lingering[1])
                 else:
-                    _discard_angles(self.test_accuracy, job, lingering[0], lingering[1])
+                    _discard_results(job, lingering[0], lingering[1])
             entry = self._jobs.get(job)
             if entry is not None and entry[0] != model_l:  # model changed: drop old series
                 self._remove_locked(job)
@@ -313,7 +326,7 @@ class TrainingMetrics:
                 while len(self._jobs) > self.max_jobs:
                     self._remove_locked(next(iter(self._jobs)))
             self._jobs.move_to_end(job)
-            angles = entry[1]
+            results = entry[1]
             labels = (job, model_l)
 
             def put(g: Gauge, value: Any) -> None:
@@ -339,17 +352,27 @@ class TrainingMetrics:
                 items = [("0", test)]
             else:
                 items = []
+            n_angles = sum(1 for g, _ in results if g is self.test_accuracy)
             for angle, value in items:
                 number = _number(value)
                 key = angle_label(angle)
-                if number is None or (key not in angles and len(angles) >= self.max_angles):
+                new = (self.test_accuracy, key) not in results
+                if number is None or (new and n_angles >= self.max_angles):
                     continue
-                angles.add(key)
+                n_angles += new
+                results.add((self.test_accuracy, key))
                 self.test_accuracy.labels(*labels, key).set(number)
+            suites = event.get("suite_accuracy")
+            for suite, value in (suites.items() if isinstance(suites, Mapping) else ()):
+                number = _number(value)
+                if number is None or suite not in SUITE_RESULTS:  # bounded: only the known results
+                    continue
+                results.add((self.suite_accuracy, suite))
+                self.suite_accuracy.labels(*labels, suite).set(number)
 
     def remove(self, job_id: str) -> None:
         """Drop every series of ``job_id`` (call when the job ends, whatever the outcome); its
-        test accuracies after ``result_linger_seconds``."""
+        test and suite accuracies after ``result_linger_seconds``."""
         job = label_value(job_id)
         with self._lock:
             entry = self._jobs.get(job)
@@ -357,16 +380,16 @@ class TrainingMetrics:
                 self._remove_locked(job)
                 return
             del self._jobs[job]
-            model_l, angles = entry
+            model_l, results = entry
             for g in self._plain:
                 _discard(g, job, model_l)
             timer = threading.Timer(self.result_linger_seconds, lambda: self._expire(job, timer))
             timer.daemon = True
-            self._lingering[job] = (model_l, angles, timer)
+            self._lingering[job] = (model_l, results, timer)
             while len(self._lingering) > self.max_jobs:
-                old_job, (old_model, old_angles, old_timer) = self._lingering.popitem(last=False)
+                old_job, (old_model, old_results, old_timer) = self._lingering.popitem(last=False)
                 old_timer.cancel()
-                _discard_angles(self.test_accuracy, old_job, old_model, old_angles)
+                _discard_results(old_job, old_model, old_results)
         timer.start()
 
     def _expire(self, job: str, timer: threading.Timer) -> None:
@@ -375,17 +398,17 @@ class TrainingMetrics:
             if lingering is None or lingering[2] is not timer:  # observed again since, or evicted
                 return
             del self._lingering[job]
-            _discard_angles(self.test_accuracy, job, lingering[0], lingering[1])
+            _discard_results(job, lingering[0], lingering[1])
 
     def gauges(self) -> list[Gauge]:
-        return [*self._plain, self.test_accuracy]
+        return [*self._plain, self.test_accuracy, self.suite_accuracy]
 
     def jobs(self) -> list[str]:
         with self._lock:
             return list(self._jobs)
 
     def lingering(self) -> list[str]:
-        """Ended jobs whose test accuracies are still exported."""
+        """Ended jobs whose test and suite accuracies are still exported."""
         with self._lock:
             return list(self._lingering)
 
@@ -393,10 +416,10 @@ class TrainingMetrics:
         entry = self._jobs.pop(job, None)
         if entry is None:
             return
-        model_l, angles = entry
+        model_l, results = entry
         for g in self._plain:
             _discard(g, job, model_l)
-        _discard_angles(self.test_accuracy, job, model_l, angles)
+        _discard_results(job, model_l, results)
 
 
 def _number(value: Any) -> float | None:
@@ -411,9 +434,9 @@ def _discard(g: Gauge, *labels: str) -> None:
         pass
 
 
-def _discard_angles(g: Gauge, job: str, model: str, angles: Iterable[str]) -> None:
-    for angle in angles:
-        _discard(g, job, model, angle)
+def _discard_results(job: str, model: str, results: Iterable[_Result]) -> None:
+    for g, key in results:
+        _discard(g, job, model, key)
 
 
 # --------------------------------------------------------------------------- worker metrics

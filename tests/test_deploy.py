@@ -372,7 +372,8 @@ def test_every_panel_returns_data_from_a_real_prometheus(redis_url: str, tmp_pat
         worker.training.observe(job, "capsnet", {
             "type": "epoch", "epoch": 1 + i // 4, "epoch_seconds": 2.5, "test_accuracy": 0.9,
             "gpu_memory_bytes": 2**30})
-        worker.training.observe(job, "capsnet", {"type": "eval", "test_accuracy": {"0": 0.99, "35": 0.8 - i / 100}})
+        worker.training.observe(job, "capsnet", {"type": "eval", "test_accuracy": {"0": 0.99, "35": 0.8 - i / 100},
+                                                 "suite_accuracy": {"rotation_auc": 0.6, "affine-mnist": 0.9 - i / 100}})
 
     try:
         activity(0)
@@ -403,5 +404,9 @@ def test_every_panel_returns_data_from_a_real_prometheus(redis_url: str, tmp_pat
             # the final accuracy-by-angle bar gauge is an instant query over the dashboard range
             bars = next(q for q in queries if q.panel.startswith("Accuracy by test angle"))
             assert {r["metric"]["angle"] for r in prom.query(bars.expr)} == {"0", "35"}
+            suites = next(q for q in queries if q.panel == "Test suites (last value)")
+            final = {r["metric"]["suite"]: float(r["value"][1]) for r in prom.query(suites.expr)}
+            assert final.keys() == {"rotation_auc", "affine-mnist"} and final["rotation_auc"] == 0.6
+            assert 0.9 - (i - 1) / 100 - 1e-9 <= final["affine-mnist"] <= 0.9  # the last scraped value
     finally:
         m.stop_metrics_server(port)

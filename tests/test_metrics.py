@@ -248,7 +248,7 @@ def test_worker_histograms_and_cluster_resources(registry: CollectorRegistry, se
 TRAIN_SERIES = ("capsnet_train_epoch", "capsnet_train_step", "capsnet_train_loss", "capsnet_train_accuracy_ratio",
                 "capsnet_train_learning_rate", "capsnet_train_images_per_second",
                 "capsnet_train_epoch_duration_seconds", "capsnet_test_accuracy_ratio",
-                "capsnet_gpu_memory_used_bytes")
+                "capsnet_suite_accuracy_ratio", "capsnet_gpu_memory_used_bytes")
 
 
 def test_training_metrics_observe_and_remove(registry: CollectorRegistry, served: int) -> None:
@@ -261,7 +261,11 @@ def test_training_metrics_observe_and_remove(registry: CollectorRegistry, served
                                    "lr": 9e-4, "epoch_seconds": 12.5, "images_per_second": 1400.0,
                                    "test_accuracy": 0.95, "test_loss": 0.1, "epochs": 3,
                                    "gpu_memory_bytes": None})
-    t.observe("job-a", "capsnet", {"type": "eval", "test_accuracy": {"0": 0.99, "35": 0.7, 7.5: 0.97}})
+    t.observe("job-a", "capsnet", {"type": "eval", "test_accuracy": {"0": 0.99, "35": 0.7, 7.5: 0.97},
+                                   "suite_accuracy": {"rotation_auc": 0.61, "affine-mnist": 0.83}})
+    # suite labels are bounded to the known results: unknown keys and junk values are dropped
+    t.observe("job-a", "capsnet", {"type": "eval", "suite_accuracy": {"made-up": 0.5, "affnist": "n/a"}})
+    t.observe("job-a", "capsnet", {"type": "eval", "suite_accuracy": [0.5]})
     t.observe("job-b", "lenet5", {"type": "step", "epoch": 1, "step": 3, "loss": 1.5,
                                   "gpu_memory_bytes": 123456789, "unknown": "ignored"})
 
@@ -277,6 +281,9 @@ def test_training_metrics_observe_and_remove(registry: CollectorRegistry, served
     assert get(s, "capsnet_test_accuracy_ratio", angle="0", **a) == 0.99
     assert get(s, "capsnet_test_accuracy_ratio", angle="35", **a) == 0.7
     assert get(s, "capsnet_test_accuracy_ratio", angle="7.5", **a) == 0.97
+    assert get(s, "capsnet_suite_accuracy_ratio", suite="rotation_auc", **a) == 0.61
+    assert get(s, "capsnet_suite_accuracy_ratio", suite="affine-mnist", **a) == 0.83
+    assert {lab["suite"] for lab in series(s, "capsnet_suite_accuracy_ratio")} == {"rotation_auc", "affine-mnist"}
     assert get(s, "capsnet_gpu_memory_used_bytes", **a) is None  # not on CUDA
     b = {"job_id": "job-b", "model": "lenet5"}
     assert get(s, "capsnet_train_step", **b) == 3             # no steps_per_epoch: as given

@@ -1,5 +1,5 @@
 """Metrics end to end: a real ``capsctl worker`` process, on a real Ray cluster and Redis, trains
-LeNet5 (2 DDP ranks, real MNIST) and fails two evals (one retried) while the test reads its
+LeNet5 (2 DDP ranks, real MNIST, both test suites) and fails two evals (one retried) while the test reads its
 ``/metrics`` every half second and a real Prometheus scrapes it, and Ray's own metrics, every
 second. Then every panel of both Grafana dashboards is queried from that Prometheus as Grafana
 does. Nothing is mocked.
@@ -42,7 +42,10 @@ WORKER_ID = "w-metrics"
 EPOCHS = 3
 TRAIN_JOB = {"kind": "train", "model": "lenet5", "workers": 2, "epochs": EPOCHS, "batch_size": 64,
              "train_subset": 6000, "test_subset": 1000, "eval_angles": [0, 35], "lr": 2e-3,
-             "name": "metrics-e2e"}
+             "eval_suites": ["rotation", "affine"], "name": "metrics-e2e"}
+# The angles evaluated at the end: the job's own and the rotation suite's 0, 15, ..., 180.
+ANGLES = {"0", "35", *(str(a) for a in range(15, 181, 15))}
+SUITES = {"rotation_auc", "affine-mnist"}
 # Evals of a checkpoint that does not exist fail in the worker, for real: the first is retried once.
 # A missing checkpoint inside the artifact storage (allowed, so it fails and is retried for real).
 BAD_EVAL = {"kind": "eval", "angles": [0], "test_subset": 500}
@@ -188,7 +191,8 @@ def test_jobs_ran_for_real(scenario: Scenario) -> None:
     records = scenario.records
     train = records[scenario.train_id]
     assert train.state == "succeeded", (train.error, train.traceback)
-    assert set(train.result["rotation_accuracy"]) == {"0", "35"}
+    assert set(train.result["rotation_accuracy"]) == ANGLES
+    assert set(train.result["suite_accuracy"]) == SUITES
     bad1, bad2 = (records[j] for j in scenario.bad_ids)
     assert (bad1.state, bad1.attempt) == ("failed", 2) and "nonexistent" in bad1.error
     assert (bad2.state, bad2.attempt) == ("failed", 1)
@@ -276,7 +280,7 @@ def test_training_series_while_the_job_runs_and_removed_after(scenario: Scenario
     seen = [angles(s) for s in running if angles(s)]
     assert seen and set(seen[0]) == {"0"} and 0 < seen[0]["0"] <= 1
     final = seen[-1]
-    assert set(final) == {"0", "35"}
+    assert set(final) == ANGLES
     result = scenario.records[job].result["rotation_accuracy"]
     assert final == pytest.approx(result)            # the gauges carry the job's result
     assert final["0"] > 0.6 and final["35"] < final["0"]   # rotated digits are harder
@@ -286,8 +290,19 @@ def test_training_series_while_the_job_runs_and_removed_after(scenario: Scenario
     for name in LIVE_SERIES:
         assert not job_series(scenario.lingered, name, job), name
     assert angles(scenario.lingered) == pytest.approx(result)
+
+    # The suites' results (rotation AUC, affine-MNIST accuracy) arrive with the final evaluation
+    # and linger like the accuracy per angle.
+    def suites(s: Samples) -> dict[str, float]:
+        return {lab["suite"]: v for lab, v in job_series(s, "capsnet_suite_accuracy_ratio", job)}
+
+    suite_result = scenario.records[job].result["suite_accuracy"]
+    assert [suites(s) for s in running if suites(s)][-1] == pytest.approx(suite_result)
+    assert suites(scenario.lingered) == pytest.approx(suite_result)
+    assert 0.1 < suite_result["rotation_auc"] < final["0"] and 0.1 < suite_result["affine-mnist"] <= 1
     for (name, labels), _ in scenario.after.items():
-        assert dict(labels).get("job_id") != job or name == "capsnet_test_accuracy_ratio", name
+        assert dict(labels).get("job_id") != job or name in (
+            "capsnet_test_accuracy_ratio", "capsnet_suite_accuracy_ratio"), name
 
 
 # --------------------------------------------------------------------------- Prometheus and Grafana
@@ -338,7 +353,7 @@ def test_every_dashboard_panel_has_data(scenario: Scenario) -> None:
 
     assert set(finite(results[("Running jobs", "A")])) == {0, 1}              # 1 while training, else 0
     assert max(finite(results[("Epoch", "A")])) == EPOCHS
-    assert by("Test accuracy over time by angle", "angle").keys() == {"0", "35"}
+    assert by("Test accuracy over time by angle", "angle").keys() == ANGLES
     assert set(by("Queue wait quantiles", "kind")) == {"train", "eval"}       # tune: never claimed, left out
     runs = {(r["metric"]["kind"], r["metric"]["outcome"]) for r in results[("Run time quantiles", "A")]}
     assert runs == {("train", "succeeded"), ("eval", "failed")}
@@ -350,6 +365,10 @@ def test_every_dashboard_panel_has_data(scenario: Scenario) -> None:
     bars = next(q for q in queries if q.panel == "Accuracy by test angle (last value)")
     final = {r["metric"]["angle"]: float(r["value"][1]) for r in prom.query(bars.expr, at=scenario.ended)}
     assert final == pytest.approx(scenario.records[job].result["rotation_accuracy"])
+    # The suites' bar gauge likewise: the job's rotation AUC and affine-MNIST accuracy.
+    bars = next(q for q in queries if q.panel == "Test suites (last value)")
+    final = {r["metric"]["suite"]: float(r["value"][1]) for r in prom.query(bars.expr, at=scenario.ended)}
+    assert final == pytest.approx(scenario.records[job].result["suite_accuracy"])
 
 
 def test_alert_rules_evaluate_without_errors(scenario: Scenario) -> None:

@@ -95,8 +95,9 @@ EVENTS = [
     {"type": "step", "epoch": 1, "step": 5, "steps_per_epoch": 10, "loss": 0.5, "accuracy": 0.8,
      "lr": 1e-3, "images_per_second": 900.0},
     {"type": "epoch", "epoch": 1, "train_loss": 0.4, "epoch_seconds": 3.0, "test_accuracy": 0.9},
-    {"type": "eval", "test_accuracy": {"0": 0.95, "35": 0.6}},
+    {"type": "eval", "test_accuracy": {"0": 0.95, "35": 0.6}, "suite_accuracy": {"rotation_auc": 0.55}},
 ]
+RESULTS = ("capsnet_test_accuracy_ratio", "capsnet_suite_accuracy_ratio")
 
 
 def finished_job(linger: float) -> tuple[CollectorRegistry, m.TrainingMetrics]:
@@ -112,12 +113,14 @@ def finished_job(linger: float) -> tuple[CollectorRegistry, m.TrainingMetrics]:
 def test_finished_job_result_lingers_then_goes() -> None:
     registry, t = finished_job(linger=0.5)
     s = samples(registry)
-    # live gauges go at once; the result stays
-    assert not [k for k in s if k[0] != "capsnet_test_accuracy_ratio"]
+    # live gauges go at once; the result (accuracy per angle, suite results) stays
+    assert not [k for k in s if k[0] not in RESULTS]
     assert {lab["angle"] for lab in with_labels(s, "capsnet_test_accuracy_ratio", job_id="job-1")} == {"0", "35"}
+    assert s[("capsnet_suite_accuracy_ratio",
+              frozenset({"job_id": "job-1", "model": "lenet5", "suite": "rotation_auc"}.items()))] == 0.55
     assert t.jobs() == [] and t.lingering() == ["job-1"]
     deadline = time.monotonic() + 5
-    while with_labels(samples(registry), "capsnet_test_accuracy_ratio"):
+    while [k for k in samples(registry) if k[0] in RESULTS]:
         assert time.monotonic() < deadline, "the result never left /metrics"
         time.sleep(0.05)
     assert t.lingering() == []
@@ -129,10 +132,11 @@ def test_job_observed_again_while_its_result_lingers() -> None:
     time.sleep(0.6)                           # the old expiry must not drop the new attempt's series
     s = samples(registry)
     assert {lab["angle"] for lab in with_labels(s, "capsnet_test_accuracy_ratio")} == {"0", "35"}
+    assert with_labels(s, "capsnet_suite_accuracy_ratio") == [{"job_id": "job-1", "model": "lenet5", "suite": "rotation_auc"}]
     assert with_labels(s, "capsnet_train_loss", job_id="job-1")
     t.remove("job-1")
     time.sleep(0.6)
-    assert not [k for k in samples(registry) if k[0].startswith(("capsnet_train", "capsnet_test"))]
+    assert not [k for k in samples(registry) if k[0].startswith(("capsnet_train", "capsnet_test", "capsnet_suite"))]
 
     # Without a linger (the class default) everything goes at once; a job with no result too.
     now = m.TrainingMetrics(CollectorRegistry())
@@ -153,6 +157,7 @@ def test_lingering_results_are_bounded() -> None:
         t.remove(job)
     assert t.lingering() == ["b", "c"]
     assert {lab["job_id"] for lab in with_labels(samples(registry), "capsnet_test_accuracy_ratio")} == {"b", "c"}
+    assert {lab["job_id"] for lab in with_labels(samples(registry), "capsnet_suite_accuracy_ratio")} == {"b", "c"}
 
 
 @pytest.mark.parametrize("linger", [0.0, 0.2])
@@ -164,3 +169,4 @@ def test_model_change_drops_lingering_series(linger: float) -> None:
     t.observe("job-1", "lenet5", {"test_accuracy": {"15": 0.7}})
     s = samples(registry)
     assert with_labels(s, "capsnet_test_accuracy_ratio") == [{"job_id": "job-1", "model": "lenet5", "angle": "15"}]
+    assert with_labels(s, "capsnet_suite_accuracy_ratio") == []   # capsnet's suite result went with it

@@ -13,7 +13,7 @@ from capsnet_core import TrainConfig, build_model, fit, load_dataset
 from capsnet_core.affine import AFFINE_MNIST, AFFNIST, affine_mnist, affine_test_set, load_affnist_test
 from capsnet_core.data import Dataset
 from capsnet_core.evaluate import evaluate_suites
-from capsnet_core.suites import ROTATION_SUITE_ANGLES, rotation_auc, with_suite_angles
+from capsnet_core.suites import ROTATION_SUITE_ANGLES, SUITE_RESULTS, rotation_auc, with_suite_angles
 from services.jobspec import SpecError, parse_spec
 
 
@@ -100,6 +100,7 @@ def test_fit_reports_the_suites(data_dir, test_set: Dataset) -> None:
     result = fit(model, train, test_set, config)
     suites = result.suite_accuracy
     assert set(suites) == {"rotation_auc", AFFINE_MNIST}
+    assert {"rotation_auc", AFFINE_MNIST, AFFNIST} == set(SUITE_RESULTS)  # the metrics' bounded suite labels
     assert suites["rotation_auc"] == pytest.approx(rotation_auc(result.rotation_accuracy))
     assert 0 < suites["rotation_auc"] < result.rotation_accuracy["0"]  # upside-down digits are harder
     assert 0.1 <= suites[AFFINE_MNIST] <= 1

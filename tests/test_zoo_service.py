@@ -1,8 +1,10 @@
 """The new models and test suites through the service: a real Redis, a local Ray cluster and
 `capsctl worker` processes. A 2-rank Ray Train (gloo DDP) job of the e2cnn model with both suites,
-an eval job of its checkpoint, and a tune sweep over the three new models."""
+an eval job of its checkpoint, a tune sweep over the three new models, and `capsctl tune` over all five."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from click.testing import CliRunner
@@ -61,3 +63,33 @@ def test_tune_compares_the_new_models_with_suite_columns(queue: JobQueue, worker
         assert all(v is not None for v in m["mean"][0]), (model, m["mean"])
     text = CliRunner().invoke(main, ["--redis-url", redis_url, "results", job.id]).output
     assert "effcaps:" in text and "c8cnn:" in text and "rotation_auc" in text
+
+
+# Every model, shrunk: `capsctl tune --model-config MODEL.KEY=VALUE` pairs (lenet5 is small already).
+TINY_ALL = {**TINY, "capsnet": {"conv_channels": 16, "primary_maps": 4, "decoder_hidden": [32, 64]}}
+ALL_MODELS = ("capsnet", "effcaps", "resnet", "c8cnn", "lenet5")
+
+
+def test_tune_from_the_cli_builds_a_matrix_with_every_model(queue: JobQueue, workers, redis_url: str) -> None:
+    """`capsctl tune --models capsnet,effcaps,resnet,c8cnn,lenet5 --angles 0,35`, as a user types it
+    (with tiny widths and data): one matrix per model, every cell measured."""
+    worker = workers("w-zoo-all")
+    overrides = [f"--model-config={model}.{key}={json.dumps(value)}"
+                 for model, config in TINY_ALL.items() for key, value in config.items()]
+    submitted = CliRunner().invoke(main, [
+        "--redis-url", redis_url, "tune", "--models", ",".join(ALL_MODELS), "--angles", "0,35",
+        "--epochs", "1", "--train-subset", "400", "--test-subset", "200", "--batch-size", "50", "--lr", "3e-3",
+        "--no-asha", "--max-concurrent", "2", *overrides])
+    assert submitted.exit_code == 0, submitted.output
+    job_id = submitted.output.strip().splitlines()[-1]
+    spec = queue.get(job_id).spec
+    assert spec["models"] == list(ALL_MODELS) and spec["model_config"] == TINY_ALL
+    result = _finish(queue, job_id, worker, timeout=1200).result
+    assert set(result["models"]) == set(ALL_MODELS)
+    for model in ALL_MODELS:
+        m = result["models"][model]
+        assert m["rows"] == ["shift2", "shift2+rot35"] and m["cols"] == ["0", "35"], (model, m)
+        assert all(0 <= v <= 1 for row in m["mean"] for v in row), (model, m["mean"])
+        assert m["n"] == [[1, 1], [1, 1]], (model, m["n"])
+    text = CliRunner().invoke(main, ["--redis-url", redis_url, "results", job_id]).output
+    assert all(f"{model}:" in text for model in ALL_MODELS), text
