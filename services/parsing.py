@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 # Deeper JSON than this in a stored value is junk (a spec, result or event is a few levels
@@ -64,6 +65,12 @@ def finite(value: Any) -> float | None:
     except (TypeError, ValueError, OverflowError):
         return None
     return x if math.isfinite(x) else None
+
+
+def first(data: Mapping[str, Any], *keys: str) -> Any:
+    """The value of the first of ``keys`` that ``data`` holds and is not None, else None (for
+    records whose writers named a field differently, e.g. ``loss`` or ``train_loss``)."""
+    return next((data[k] for k in keys if data.get(k) is not None), None)
 
 
 def integer(value: Any, default: int = 0) -> int:
@@ -119,4 +126,4 @@ def json_ready(obj: Any) -> Any:
     return printable(str(obj))
 
 
-__all__ = ["MAX_JSON_DEPTH", "finite", "integer", "json_ready", "json_value", "printable", "text", "wrong_type"]
+__all__ = ["MAX_JSON_DEPTH", "finite", "first", "integer", "json_ready", "json_value", "printable", "text", "wrong_type"]
