@@ -306,7 +306,7 @@ class TrainSpec(_SpecBase):
         if self.batch_size < self.ranks:
             raise ValueError(f"batch_size: must be at least the number of ranks ({self.ranks}), "
                              f"got {self.batch_size}")
-        _check_batch_divides(self.batch_size, self.ranks, "--gpus" if self.gpus > 0 else "--workers")
+        _check_batch_divides(self.batch_size, self.ranks, "--gpus" if self.gpus > 0 else "--cpu-ranks")
         object.__setattr__(self, "model_overrides", _check_model_config([self.model], self.model_overrides))
         object.__setattr__(self, "eval_angles", _check_angles(with_suite_angles(self.eval_angles, self.eval_suites)))
         return self
