@@ -9,7 +9,7 @@ For every model and rank count N, in one run, on the same model, global batch an
 (a) ``one``:   one process, no DDP, N torch threads (the same cores as N one-thread ranks);
 (b) ``ddp``:   plain ``torch.distributed`` DDP, N processes spawned here (gloo on CPU, NCCL on CUDA), no Ray;
 (c) ``ray``:   Ray Train ``TorchTrainer`` with N workers calling ``capsnet_core.train.fit`` directly;
-(d) ``capsctl``: a real job (``submit <model> --workers N``, ``--gpus N`` on CUDA) through a private
+(d) ``capsctl``: a real job (``submit <model> --cpu-ranks N``, ``--gpus N`` on CUDA) through a private
     redis-server, the queue and a ``Worker`` (in this process) on the same local Ray as (c).
 
 Extra paths for the investigation (``--paths``): ``ray-nice15`` is (c) with every rank lowering

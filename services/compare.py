@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .jobspec import SpecError, TrainSpec, TuneSpec, parse_spec
+from .parsing import finite
 from .queue import JobRecord
 
 ACCURACY_NOTE = "accuracy (%) on the test set rotated by each angle; tune rows: mean ± std over seeds"
@@ -66,22 +66,14 @@ class Comparison:
 # ----------------------------------------------------------------------------- building it
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 def _angle_key(angle: Any) -> str:
     """The key a result uses for an angle: ``15`` for 15.0, ``7.5`` for 7.5."""
-    v = _finite(angle)
+    v = finite(angle)
     return f"{v:g}" if v is not None else str(angle)
 
 
 def _angle_order(key: str) -> tuple[int, float, str]:
-    v = _finite(key)
+    v = finite(key)
     return (0, v, "") if v is not None else (1, 0.0, key)
 
 
@@ -143,7 +135,7 @@ def _train_run(record: JobRecord, result: Mapping[str, Any], kind: str,
                augment=train_spec.augment if train_spec else None,
                parameters=count_parameters(model, train_spec.model_kwargs()) if train_spec else None,
                epochs=epochs, seeds=1,
-               accuracy={_angle_key(a): _finite(v) for a, v in rot.items()},
+               accuracy={_angle_key(a): finite(v) for a, v in rot.items()},
                std={_angle_key(a): None for a in rot})
 
 
@@ -165,8 +157,8 @@ def _tune_runs(record: JobRecord, result: Mapping[str, Any]) -> list[Run]:
             runs.append(Run(job=record.id, kind="tune", name=record.name, model=str(model), augment=str(augment),
                             parameters=params, epochs=tune_spec.epochs if tune_spec else None,
                             seeds=seeds or (tune_spec.seeds if tune_spec else 1),
-                            accuracy={c: _finite(mean[j]) if j < len(mean) else None for j, c in enumerate(cols)},
-                            std={c: _finite(std[j]) if j < len(std) and seeds > 1 else None
+                            accuracy={c: finite(mean[j]) if j < len(mean) else None for j, c in enumerate(cols)},
+                            std={c: finite(std[j]) if j < len(std) and seeds > 1 else None
                                  for j, c in enumerate(cols)}))
     return runs
 

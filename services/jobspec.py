@@ -22,9 +22,13 @@ import functools
 import json
 import math
 import re
+import types
+import typing
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -34,6 +38,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from capsnet_core.models.configs import MODEL_NAMES, config_choices, config_maximum
 from capsnet_core.models.configs import model_config_fields as _model_config_fields
@@ -78,40 +83,22 @@ Bool = Annotated[bool, Strict()]
 Angle = Annotated[float, Strict()]
 Rate = _float(gt=0, le=1)
 
-# What each field allows, used to turn pydantic's type/range errors into one clear line.
+# What a field allows, for the fields whose rules live in validators rather than in their type
+# (numbers, bounds and booleans are described from the field itself, see ``_hint``).
+ANGLE_RANGE = "[-180, 180]"
 _HINTS: dict[str, str] = {
-    "gpus": "an integer in 0..64",
-    "eval.gpus": "0 or 1",
-    "workers": "an integer in 1..64",
-    "epochs": "an integer in 1..1000",
-    "batch_size": "an integer in 1..65536",
-    "lr": "a number in (0, 1]",
-    "lr_decay": "a number in (0, 1]",
-    "seed": "an integer in 0..4294967295",
-    "max_retries": "an integer in 0..20",
-    "max_lost": "an integer in 0..100",
-    "train_subset": f"an integer in 1..{TRAIN_IMAGES} or null",
-    "test_subset": f"an integer in 1..{TEST_IMAGES} or null",
-    "samples": "an integer in 1..1000",
-    "seeds": "an integer in 1..10",
-    "gpus_per_trial": "an integer in 0..8",
-    "max_concurrent": "an integer in 1..64",
-    "asha": "true or false",
     "name": "a string of at most 100 characters",
     "source": "a job id or a checkpoint path",
     "augment": "an augmentation preset string such as 'shift2+rot15'",
-    "angles": "a list of 1..32 numbers in [-180, 180]",
-    "eval_angles": "a list of 1..32 numbers in [-180, 180]",
+    "angles": f"a list of 1..{MAX_ANGLES} numbers in {ANGLE_RANGE}",
+    "eval_angles": f"a list of 1..{MAX_ANGLES} numbers in {ANGLE_RANGE}",
     "models": f"a list of model names ({', '.join(MODEL_NAMES)})",
-    "routing_iters": "a list of integers in 1..10",
     "model_config": "an object of model config overrides",
     "eval_suites": f"a list of test suites ({', '.join(EVAL_SUITES)})",
 }
 _ITEM_HINTS: dict[str, str] = {
-    "angles": "a number in [-180, 180]",
-    "eval_angles": "a number in [-180, 180]",
-    "lr": "a number in (0, 1]",
-    "routing_iters": "an integer in 1..10",
+    "angles": f"a number in {ANGLE_RANGE}",
+    "eval_angles": f"a number in {ANGLE_RANGE}",
     "augment": "an augmentation preset string",
 }
 
@@ -139,12 +126,16 @@ def _check_angles(values: list[float]) -> list[float]:
     for a in values:
         a = float(a)
         if not math.isfinite(a) or not -180.0 <= a <= 180.0:
-            raise ValueError(f"angle {a:g} is outside [-180, 180]")
+            raise ValueError(f"angle {a:g} is outside {ANGLE_RANGE}")
         if a in seen:
             raise ValueError(f"duplicate angle {a:g}")
         seen.add(a)
         out.append(a)
     return out
+
+
+# A list of test or training rotations: 1..MAX_ANGLES distinct finite numbers in [-180, 180].
+AngleList = Annotated[list[Angle], AfterValidator(_check_angles)]
 
 
 def _check_preset(value: str) -> str:
@@ -287,7 +278,7 @@ class TrainSpec(_SpecBase):
     lr: Rate = 1e-3  # type: ignore[valid-type]
     lr_decay: Rate = 1.0  # type: ignore[valid-type]
     augment: str = "shift2"
-    eval_angles: list[Angle] = Field(default_factory=lambda: list(DEFAULT_ANGLES))
+    eval_angles: AngleList = Field(default_factory=lambda: list(DEFAULT_ANGLES))
     dataset: Dataset = "mnist"
     seed: _int(0, 2**32 - 1) = 0  # type: ignore[valid-type]
     model_overrides: dict[str, Any] = Field(default_factory=dict, alias="model_config")
@@ -307,11 +298,6 @@ class TrainSpec(_SpecBase):
     def _v_suites(cls, v: list[str]) -> list[str]:
         return check_suites(v)
 
-    @field_validator("eval_angles")
-    @classmethod
-    def _v_angles(cls, v: list[float]) -> list[float]:
-        return _check_angles(v)
-
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainSpec:
         if self.gpus > 0 and self.workers not in (1, self.gpus):
@@ -320,7 +306,7 @@ class TrainSpec(_SpecBase):
         if self.batch_size < self.ranks:
             raise ValueError(f"batch_size: must be at least the number of ranks ({self.ranks}), "
                              f"got {self.batch_size}")
-        _check_batch_divides(self.batch_size, self.ranks, "--gpus" if self.gpus > 0 else "--workers")
+        _check_batch_divides(self.batch_size, self.ranks, "--gpus" if self.gpus > 0 else "--cpu-ranks")
         object.__setattr__(self, "model_overrides", _check_model_config([self.model], self.model_overrides))
         object.__setattr__(self, "eval_angles", _check_angles(with_suite_angles(self.eval_angles, self.eval_suites)))
         return self
@@ -345,15 +331,10 @@ class EvalSpec(_SpecBase):
     kind: Literal["eval"] = "eval"
     source: str
     gpus: _int(0, 1) = 0  # type: ignore[valid-type]  # CUDA only when it holds a GPU
-    angles: list[Angle] = Field(default_factory=lambda: list(DEFAULT_ANGLES))
+    angles: AngleList = Field(default_factory=lambda: list(DEFAULT_ANGLES))
     dataset: Dataset = "mnist"
     test_subset: _int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
     eval_suites: list[SuiteName] = Field(default_factory=list)
-
-    @field_validator("angles")
-    @classmethod
-    def _v_angles(cls, v: list[float]) -> list[float]:
-        return _check_angles(v)
 
     @field_validator("eval_suites")
     @classmethod
@@ -387,8 +368,8 @@ class EvalSpec(_SpecBase):
 class TuneSpec(_SpecBase):
     kind: Literal["tune"] = "tune"
     models: list[ModelName] = Field(default_factory=lambda: list(DEFAULT_TUNE_MODELS))
-    angles: list[Angle] = Field(default_factory=lambda: list(DEFAULT_ANGLES))
-    eval_angles: list[Angle] | None = None
+    angles: AngleList = Field(default_factory=lambda: list(DEFAULT_ANGLES))
+    eval_angles: AngleList | None = None
     augment: list[str] | None = None
     lr: list[Rate] | None = None  # type: ignore[valid-type]
     routing_iters: list[_int(1, 10)] | None = None  # type: ignore[valid-type]
@@ -406,20 +387,10 @@ class TuneSpec(_SpecBase):
     model_overrides: dict[str, Any] = Field(default_factory=dict, alias="model_config")
     eval_suites: list[SuiteName] = Field(default_factory=list)
 
-    @field_validator("angles")
-    @classmethod
-    def _v_angles(cls, v: list[float]) -> list[float]:
-        return _check_angles(v)
-
     @field_validator("eval_suites")
     @classmethod
     def _v_suites(cls, v: list[str]) -> list[str]:
         return check_suites(v)
-
-    @field_validator("eval_angles")
-    @classmethod
-    def _v_eval_angles(cls, v: list[float] | None) -> list[float] | None:
-        return None if v is None else _check_angles(v)
 
     @field_validator("models")
     @classmethod
@@ -534,6 +505,71 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _bounds(metadata: Iterable[Any]) -> dict[str, Any]:
+    """The ``gt``/``ge``/``lt``/``le`` bounds among a field's constraints (nested ``Field``s too)."""
+    out: dict[str, Any] = {}
+    for item in metadata:
+        if isinstance(item, FieldInfo):
+            out.update(_bounds(item.metadata))
+            continue
+        for attr in ("gt", "ge", "lt", "le"):
+            if getattr(item, attr, None) is not None:
+                out[attr] = getattr(item, attr)
+    return out
+
+
+def _describe(annotation: Any, metadata: Iterable[Any] = ()) -> str | None:
+    """What a type allows, in words, from its own constraints: ``an integer in 0..64``, ``a number
+    in (0, 1]``, ``true or false``, ``a list of integers in 1..10``; None when it cannot tell."""
+    metadata = list(metadata)
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        base, *extra = typing.get_args(annotation)
+        return _describe(base, [*extra, *metadata])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) != 1:
+            return None
+        inner = _describe(args[0], metadata)
+        is_list = typing.get_origin(args[0]) is list  # an optional list may simply be left out
+        return None if inner is None else inner if is_list else f"{inner} or null"
+    if origin is list:
+        item = _describe(typing.get_args(annotation)[0])
+        if item is None:
+            return None
+        return item.replace("an integer", "a list of integers", 1).replace("a number", "a list of numbers", 1)
+    if annotation is bool:
+        return "true or false"
+    bounds = _bounds(metadata)
+    if annotation is int and "ge" in bounds and "le" in bounds:
+        lo, hi = bounds["ge"], bounds["le"]
+        return f"{lo} or {hi}" if hi == lo + 1 else f"an integer in {lo}..{hi}"
+    if annotation is float and ("gt" in bounds or "ge" in bounds) and ("lt" in bounds or "le" in bounds):
+        low = f"({bounds['gt']:g}" if "gt" in bounds else f"[{bounds['ge']:g}"
+        high = f"{bounds['lt']:g})" if "lt" in bounds else f"{bounds['le']:g}]"
+        return f"a number in {low}, {high}"
+    return None
+
+
+@functools.cache
+def _hint(kind: str | None, field: str, item: bool = False) -> str | None:
+    """What ``field`` of a ``kind`` job (or, with ``item``, one item of that list field) allows."""
+    if field in (_ITEM_HINTS if item else _HINTS):
+        return (_ITEM_HINTS if item else _HINTS)[field]
+    model = _MODELS_BY_KIND.get(kind or "")
+    info = model.model_fields.get("model_overrides" if field == "model_config" else field) if model else None
+    if info is None:
+        return None
+    if not item:
+        return _describe(info.annotation, info.metadata)
+    annotation = info.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return _describe(typing.get_args(annotation)[0]) if typing.get_origin(annotation) is list else None
+
+
 def _format_error(err: dict[str, Any], kind: str | None) -> SpecError:
     loc = list(err.get("loc", ()))
     if loc and loc[0] in KINDS and kind == loc[0]:
@@ -545,8 +581,7 @@ def _format_error(err: dict[str, Any], kind: str | None) -> SpecError:
     typ = err.get("type", "")
     ctx = err.get("ctx") or {}
     got = f" (got {_short(err.get('input'))})"
-    hint = (_ITEM_HINTS.get(top) if len(loc) > 1 and isinstance(loc[1], int)
-            else _HINTS.get(f"{kind}.{top}", _HINTS.get(top)))
+    hint = _hint(kind, top, item=len(loc) > 1 and isinstance(loc[1], int))
 
     if typ == "value_error":
         text = str(ctx.get("error", err.get("msg", "")))
@@ -616,14 +651,7 @@ def parse_spec(data: Any) -> TrainSpec | EvalSpec | TuneSpec:
         raise _format_error(errors[0], kind) from None
 
 
-def json_schema() -> dict[str, Any]:
-    """The JSON schema of ``JobSpec`` (all three kinds, discriminated on ``kind``)."""
-    schema = _ADAPTER.json_schema(by_alias=True)
-    schema.setdefault("title", "JobSpec")
-    return schema
-
-
 __all__ = [
     "DATASETS", "DEFAULT_ANGLES", "JOB_ID_RE", "KINDS", "PRIORITIES", "EvalSpec", "JobSpec", "SpecError",
-    "TrainSpec", "TuneSpec", "check_model_size", "json_schema", "parse_spec",
+    "TrainSpec", "TuneSpec", "check_model_size", "parse_spec",
 ]

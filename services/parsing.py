@@ -68,7 +68,8 @@ def finite(value: Any) -> float | None:
 
 
 def first(data: Mapping[str, Any], *keys: str) -> Any:
-    """The value of the first of ``keys`` present in ``data`` and not None, else None."""
+    """The value of the first of ``keys`` that ``data`` holds and is not None, else None (for
+    records whose writers named a field differently, e.g. ``loss`` or ``train_loss``)."""
     return next((data[k] for k in keys if data.get(k) is not None), None)
 
 

@@ -98,7 +98,7 @@ def drive(queue: JobQueue, job_id: str, *, fail: str | None = None, result: dict
 def test_submit_prints_id_and_enqueues_the_spec(queue: JobQueue) -> None:
     out = run("submit", "capsnet", "--epochs", "3", "--batch-size", "64", "--lr", "0.002", "--lr-decay", "0.9",
               "--augment", "shift2+rot15", "--eval-angles", "0,15,35,-45", "--priority", "high",
-              "--name", "first", "--seed", "7", "--max-retries", "1", "--workers", "2",
+              "--name", "first", "--seed", "7", "--max-retries", "1", "--cpu-ranks", "2",
               "--train-subset", "1000", "--test-subset", "500", "--model-config", "routing_iters=2",
               "--dataset", "fashion-mnist").output
     job_id = out.strip()
@@ -142,7 +142,7 @@ INVALID_SUBMITS = [
     (["--eval-angles", "0,15,15"], "eval_angles: duplicate angle 15"),
     (["--eval-angles", "0,x"], "'--eval-angles'"),
     (["--augment", "spin3"], "augment: unknown augmentation 'spin3'"),
-    (["--gpus", "1", "--workers", "2"], "--gpus and --workers are mutually exclusive"),
+    (["--gpus", "1", "--cpu-ranks", "2"], "--gpus and --cpu-ranks are mutually exclusive"),
     (["--model-config", "nonsense=1"], "model_config.nonsense: unknown"),
     (["--model-config", "conv_channels=-3"], "model_config.conv_channels"),
     (["--model-config", "novalue"], "expected key=value"),
@@ -150,7 +150,7 @@ INVALID_SUBMITS = [
     (["--max-retries", "99"], "max_retries: must be an integer in 0..20"),
     (["--name", " "], "name: must not be blank"),
     (["--priority", "urgent"], "'--priority'"),
-    (["--workers", "4", "--batch-size", "2"], "batch_size: must be at least the number of ranks"),
+    (["--cpu-ranks", "4", "--batch-size", "2"], "batch_size: must be at least the number of ranks"),
     (["--seed", "-1"], "seed: must be an integer in 0..4294967295"),
     (["--epochs", "many"], "'--epochs'"),
 ]
@@ -170,11 +170,26 @@ def test_invalid_submits_exit_2_with_their_own_one_line_error(queue: JobQueue) -
     assert len(seen) == len(INVALID_SUBMITS)  # each its own message
     bad_model = CliRunner().invoke(main, ["submit", "vgg16"])
     assert bad_model.exit_code == 2 and "'vgg16' is not one of" in bad_model.output
+    assert "Invalid value for 'MODEL'" in bad_model.output and "'capsnet'" in bad_model.output
     bad_tune = CliRunner().invoke(main, ["tune", "--angles", "0,15", "--augment", "shift2"])
     assert bad_tune.exit_code == 2
     assert error_lines(bad_tune.output) == ["Error: augment: must list one preset per training angle "
                                             "(2 angles, got 1 presets)"]
     assert queue.list() == []
+
+
+def test_workers_is_a_deprecated_alias_of_cpu_ranks(queue: JobQueue) -> None:
+    """``submit --workers N`` (before --cpu-ranks) still works for one release, with a note."""
+    result = CliRunner().invoke(main, ["submit", "lenet5", "--workers", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["spec"]["workers"] == 2
+    assert result.stderr.strip() == "Warning: --workers is deprecated and will be removed; use --cpu-ranks"
+    both = CliRunner().invoke(main, ["submit", "lenet5", "--workers", "2", "--cpu-ranks", "2"])
+    assert both.exit_code == 2 and "give only --cpu-ranks" in error_lines(both.output)[0]
+    help_text = run("submit", "--help").output
+    assert "--cpu-ranks" in help_text and "--workers" not in help_text
+    assert "(default 10)" in help_text and "(default 0,15,35)" in help_text  # read from TrainSpec
+    assert len(queue.list()) == 1
 
 
 def test_idempotent_submit_and_capacity(queue: JobQueue) -> None:
@@ -226,7 +241,7 @@ def test_unreachable_redis_is_one_line_exit_1(env: dict[str, str]) -> None:
 
 
 def test_list_status_logs_results_of_a_driven_job(queue: JobQueue, tmp_path: Path) -> None:
-    job_id = run("submit", "capsnet", "--epochs", "2", "--workers", "2", "--name", "driven").output.strip()
+    job_id = run("submit", "capsnet", "--epochs", "2", "--cpu-ranks", "2", "--name", "driven").output.strip()
     other = run("submit", "lenet5", "--priority", "low").output.strip()
     drive(queue, job_id)
 

@@ -11,7 +11,6 @@ from services.jobspec import (
     SpecError,
     TrainSpec,
     TuneSpec,
-    json_schema,
     parse_spec,
 )
 
@@ -205,8 +204,10 @@ def test_model_config_overrides_build_a_model():
 
 
 def test_json_schema_covers_all_kinds():
-    schema = json_schema()
-    text = json.dumps(schema)
-    for name in ("TrainSpec", "EvalSpec", "TuneSpec", "model_config", "eval_angles", "gpus_per_trial"):
-        assert name in text
-    assert schema["discriminator"]["propertyName"] == "kind"
+    for model, kind, field in ((TrainSpec, "train", "eval_angles"), (EvalSpec, "eval", "angles"),
+                               (TuneSpec, "tune", "gpus_per_trial")):
+        schema = model.model_json_schema(by_alias=True)
+        assert schema["title"] == model.__name__ and schema["properties"]["kind"]["const"] == kind
+        assert field in schema["properties"] and schema["additionalProperties"] is False
+    assert "model_config" in TrainSpec.model_json_schema(by_alias=True)["properties"]
+    assert TuneSpec.model_json_schema(by_alias=True)["properties"]["max_concurrent"]["maximum"] == 64

@@ -1,0 +1,5 @@
+"""``python -m services.cli``: capsctl without its entry point script."""
+
+from . import main
+
+main()

@@ -1,0 +1,363 @@
+"""The commands that read and manage the queue: status, workers, list, logs, cancel, retry,
+dead-letters, prune."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import click
+
+from .. import stack as stack_mod
+from ..admission import shortfall
+from ..jobspec import PRIORITIES
+from ..parsing import finite, json_ready
+from ..queue import STATES, JobRecord, resource_shape, worker_resources
+from .follow import follow_events, job_view, read_events
+from .helpers import App, command, echo, emit_json, pass_app
+from .options import Duration
+from .render import (
+    describe_event,
+    fmt_age,
+    fmt_amount,
+    fmt_num,
+    fmt_pct,
+    fmt_progress,
+    fmt_time,
+    fmt_value,
+    indent,
+    table,
+)
+
+
+def _attempts(record: JobRecord) -> str:
+    return f"{record.attempt}/{record.retry_base + record.losses + record.max_retries + 1}"
+
+
+def _resources(record: JobRecord) -> str:
+    if record.kind == "train":
+        ranks = record.cpus
+        return (f"{record.gpus} GPU(s), {ranks} rank(s)" if record.gpus
+                else f"CPU, {ranks} rank(s)")
+    return f"{record.gpus} GPU(s), {record.cpus} CPU(s)"
+
+
+def job_summary(record: JobRecord) -> dict[str, Any]:
+    return {"id": record.id, "name": record.name, "state": record.state, "kind": record.kind,
+            "model": record.model, "priority": record.priority, "gpus": record.gpus, "cpus": record.cpus,
+            "attempt": record.attempt, "max_attempts": record.retry_base + record.losses + record.max_retries + 1,
+            "progress": record.progress, "progress_text": fmt_progress(record), "created_at": record.created_at,
+            "updated_at": record.updated_at, "worker": record.worker, "error": record.error}
+
+
+def cluster_free(workers: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+    """The cluster's free resources as last published by a live worker (the freshest
+    registration: every worker on one Ray cluster reports the same cluster), or None."""
+    best: tuple[float, tuple[float, float]] | None = None
+    for w in workers:
+        free = resource_shape(w.get("available")) if w.get("available") is not None else None
+        seen = finite(w.get("seen_at"))
+        if free is not None and (best is None or (seen or 0.0) > best[0]):
+            best = (seen or 0.0, free)
+    return None if best is None else {"gpus": best[1][0], "cpus": best[1][1]}
+
+
+def waiting_reason(record: JobRecord, workers: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why a queued job is not running yet (None for a job in any other state)."""
+    if record.state != "queued":
+        return None
+    if not workers:
+        return "no live worker: start one with `capsctl worker` or `capsctl up`"
+    free = cluster_free(workers)
+    if free is None:
+        return "no worker has published the cluster's free resources yet"
+    short = shortfall(record.resources, free)
+    if short is not None:
+        return short
+    return (f"fits the free resources ({fmt_amount(free['gpus'])} GPU(s), {fmt_amount(free['cpus'])} CPU(s)): next in line "
+            f"unless a job of higher priority or older is admitted first")
+
+
+def print_job(record: JobRecord, waiting: str | None = None) -> None:
+    rows: list[tuple[str, Any]] = [
+        ("job", record.id + (f"  ({record.name})" if record.name else "")),
+        ("state", record.state + ("  (cancel requested)" if record.cancel_requested and not record.is_terminal
+                                  else "")),
+        ("kind", f"{record.kind}  model {record.model or '-'}  priority {record.priority}"),
+        ("resources", _resources(record)),
+        ("attempt", f"{_attempts(record)}  ({record.retries_left} retries left, "
+                    f"{record.losses}/{record.max_lost} lost workers)"),
+        ("progress", fmt_progress(record)),
+    ]
+    p = record.progress or {}
+    if p.get("type") in ("step", "epoch"):
+        rows.append(("", f"loss {fmt_num(p.get('loss'))}  acc {fmt_pct(p.get('accuracy'))}  "
+                         f"{fmt_num(p.get('images_per_second'), '.0f')} img/s"))
+    if waiting:
+        rows.append(("waiting", waiting))
+    rows.append(("worker", record.worker or "-"))
+    if record.state == "running" and record.lease_expires_at:
+        rows.append(("lease", f"expires {fmt_time(record.lease_expires_at)}  heartbeat "
+                              f"{fmt_time(record.heartbeat_at)}"))
+    if record.state == "retrying" and record.not_before:
+        rows.append(("next try", fmt_time(record.not_before)))
+    rows.append(("checkpoint", record.checkpoint or "-"))
+    if record.error:
+        rows.append(("error", record.error))
+    rows += [("created", fmt_time(record.created_at)), ("started", fmt_time(record.started_at)),
+             ("finished", fmt_time(record.finished_at))]
+    rows.append(("spec", json.dumps(json_ready(record.spec), sort_keys=True)))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        echo(f"{key:<{width}}  {value}")
+    if record.transitions:
+        echo("\ntransitions:")
+        trows = []
+        for t in record.transitions:
+            if "invalid" in t:  # an entry that is not a transition object (see JobRecord.from_hash)
+                trows.append(("-", "", "<unreadable>", "", fmt_value(t["invalid"])))
+                continue
+            detail = "  ".join(f"{k} {fmt_value(t[k])}" for k in ("reason", "worker", "error") if t.get(k))
+            trows.append((fmt_time(t.get("at")), fmt_value(t.get("from") or ""), fmt_value(t.get("state", "?")),
+                          fmt_value(t.get("attempt", "")), detail))
+        echo(indent(table(("AT", "FROM", "TO", "ATTEMPT", "DETAIL"), trows, right=(3,))))
+
+
+
+def cluster_info(app: App) -> dict[str, Any]:
+    queue = app.queue
+    counts: dict[str, int] = dict.fromkeys(STATES, 0)
+    by_priority: dict[str, dict[str, int]] = {s: dict.fromkeys(PRIORITIES, 0) for s in STATES}
+    for (state, priority), n in queue.state_counts().items():
+        counts[state] = counts.get(state, 0) + n
+        by_priority.setdefault(state, {})[priority] = n
+    capacity = queue.cluster_capacity()
+    return {
+        "redis_url": stack_mod.redact_url(app.settings.redis_url),
+        "workers": queue.workers(),
+        "cluster": {k: capacity[k] for k in ("workers", "gpus", "cpus", "max_gpus", "max_cpus")},
+        "jobs": counts,
+        "jobs_by_priority": by_priority,
+        "queue_depth": queue.queue_depth(),
+        "dead_letters": queue.dead_letter_count(),
+    }
+
+
+def print_workers(workers: Sequence[Mapping[str, Any]]) -> None:
+    rows = []
+    for w in workers:
+        shape = worker_resources(w)  # None: unreadable, counted in no total
+        free = w.get("available")
+        free_shape = resource_shape(free)
+        rows.append((fmt_value(w.get("id")), fmt_value(w.get("hostname", "-")),
+                     "invalid" if shape is None else fmt_amount(shape[0]), "invalid" if shape is None else fmt_amount(shape[1]),
+                     "-" if not free else "invalid" if free_shape is None else
+                     f"{fmt_amount(free_shape[0])}/{fmt_amount(free_shape[1])}",
+                     fmt_value(w.get("current_job") or "-"), fmt_value(w.get("metrics_url") or "-"),
+                     fmt_age(w.get("seen_at"))))
+    echo(indent(table(("ID", "HOST", "GPUS", "CPUS", "FREE G/C", "JOB", "METRICS", "SEEN"), rows,
+                             right=(2, 3))))
+
+
+@command()
+@click.argument("job_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_app
+def status(app: App, job_id: str | None, as_json: bool) -> None:
+    """One job in detail, or (without JOB_ID) the cluster: workers, capacity, jobs by state."""
+    if job_id:
+        record = app.job(job_id)
+        waiting = waiting_reason(record, app.queue.workers()) if record.state == "queued" else None
+        if as_json:
+            emit_json({**record.to_dict(), **({"waiting": waiting} if waiting else {})})
+        else:
+            print_job(record, waiting)
+        return
+    info = cluster_info(app)
+    if as_json:
+        emit_json(info)
+        return
+    c = info["cluster"]
+    echo(f"Redis    {info['redis_url']}")
+    echo(f"Cluster  {c['workers']} worker(s), {fmt_amount(c['gpus'])} GPU(s), {fmt_amount(c['cpus'])} CPU(s)")
+    if info["workers"]:
+        print_workers(info["workers"])
+    else:
+        echo("  no live workers: start one with `capsctl worker` or `capsctl up`")
+    echo("Jobs     " + "  ".join(f"{s} {n}" for s, n in info["jobs"].items()))
+    if info["dead_letters"]:
+        echo(f"Dead letters: {info['dead_letters']} (capsctl dead-letters)")
+
+
+@command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_app
+def workers(app: App, as_json: bool) -> None:
+    """Live workers and the cluster's GPU/CPU totals."""
+    queue = app.queue
+    found = queue.workers()
+    capacity = queue.cluster_capacity()
+    if as_json:
+        emit_json({"workers": found, "cluster": {k: capacity[k] for k in
+                                                  ("workers", "gpus", "cpus", "max_gpus", "max_cpus")}})
+        return
+    if not found:
+        echo("no live workers: start one with `capsctl worker` or `capsctl up`")
+        return
+    print_workers(found)
+    echo(f"total: {capacity['workers']} worker(s), {fmt_amount(capacity['gpus'])} GPU(s), "
+               f"{fmt_amount(capacity['cpus'])} CPU(s)")
+
+
+@command("list")
+@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True, help="Newest N jobs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_app
+def list_cmd(app: App, state: str | None, limit: int, as_json: bool) -> None:
+    """Jobs, newest first."""
+    records = app.queue.list(state=state, limit=limit)
+    if as_json:
+        emit_json([job_summary(r) for r in records])
+        return
+    if not records:
+        echo("no jobs" + (f" in state {state}" if state else ""))
+        return
+    now = time.time()
+    rows = [(r.id, r.state, r.kind, r.model or "-", r.gpus, _attempts(r), fmt_progress(r), fmt_age(r.created_at, now),
+             r.worker or "-") for r in records]
+    echo(table(("ID", "STATE", "KIND", "MODEL", "GPUS", "ATTEMPT", "PROGRESS", "AGE", "WORKER"), rows,
+                     right=(4, 7)))
+
+
+@command()
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+@click.option("--steps", is_flag=True, help="Include per-step progress events.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event and line.")
+@pass_app
+def logs(app: App, job_id: str, follow: bool, steps: bool, as_json: bool) -> None:
+    """A job's events: state changes, log lines, epoch summaries."""
+    record = app.job(job_id)  # unknown id -> one-line error
+    if record.kind == "tune" and not as_json:
+        _tune_logs(app, record, follow)
+        return
+    last_progress: list[Any] = [None]
+
+    def show(event: dict[str, Any]) -> None:
+        if as_json:
+            echo(json.dumps(json_ready({"id": event["id"], "type": event["type"], "at": event["at"],
+                                        "data": event["data"]}), sort_keys=True, allow_nan=False))
+            return
+        if event["type"] == "progress":
+            if event["data"] == last_progress[0]:  # the same progress published twice
+                return
+            last_progress[0] = event["data"]
+        line = describe_event(event, steps=steps)
+        if line is not None:
+            echo(f"{fmt_time(event['at'])}  {line}")
+
+    if follow:
+        try:
+            follow_events(app.queue, job_id, show)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        return
+    for entry_id, event in read_events(app.queue, job_id):
+        show({"id": entry_id, **event})
+
+
+def _tune_logs(app: App, record: JobRecord, follow: bool) -> None:
+    """``logs`` of a tune job: trial events in words and the trials' running summary."""
+    view = job_view(record, tty=follow and sys.stdout.isatty(), stamp=lambda at: f"{fmt_time(at)}  ")
+    try:
+        if follow:
+            follow_events(app.queue, record.id, view.handle)
+            return
+        for entry_id, event in read_events(app.queue, record.id):
+            view.handle({"id": entry_id, **event})
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        view.close()
+
+
+@command()
+@click.argument("job_id")
+@pass_app
+def cancel(app: App, job_id: str) -> None:
+    """Cancel a job (a running one stops at its next step)."""
+    outcome = app.queue.cancel(job_id)
+    if outcome == "cancelled":
+        echo(f"cancelled {job_id}")
+    else:
+        echo(f"cancel requested for {job_id}: it is running; its worker stops it shortly")
+
+
+@command()
+@click.argument("job_id")
+@pass_app
+def retry(app: App, job_id: str) -> None:
+    """Queue a failed or cancelled job again (with a fresh retry budget)."""
+    record = app.queue.retry(job_id)  # JobNotFound / JobStateError become one-line errors
+    echo(f"requeued {record.id} (state {record.state}, {record.max_retries} automatic retries)")
+
+
+@command("dead-letters")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_app
+def dead_letters(app: App, limit: int, as_json: bool) -> None:
+    """Jobs (or junk) the queue set aside, newest first, with the reason."""
+    entries = app.queue.dead_letters(limit)
+    if as_json:
+        emit_json(entries)
+        return
+    if not entries:
+        echo("no dead letters")
+        return
+    rows = [(fmt_time(e.get("at")), fmt_value(e.get("job_id", "-")), fmt_value(e.get("source", "-")),
+             fmt_value(e.get("reason", e.get("raw", "")))) for e in entries]
+    echo(table(("AT", "JOB", "SOURCE", "REASON"), rows))
+
+
+PRUNE_BATCH = 500  # jobs per Lua call: each call holds Redis for a few ms only
+
+
+@command()
+@click.option("--older-than", type=Duration(), metavar="AGE",
+              help="Remove jobs that finished longer ago than this, e.g. 7d, 12h [default: "
+                   "CAPSNET_RETENTION_DAYS, 30d].")
+@click.option("--dry-run", is_flag=True, help="Only count what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_app
+def prune(app: App, older_than: float | None, dry_run: bool, as_json: bool) -> None:
+    """Remove finished jobs (record, events, index entries, idempotency key) older than an age.
+
+    Workers do this on their own in small batches; queued, running and retrying jobs are never
+    touched."""
+    if older_than is None:
+        if app.settings.retention_days <= 0:
+            raise click.UsageError("CAPSNET_RETENTION_DAYS is 0 (keep forever): give --older-than")
+        older_than = app.settings.retention_days * 86400.0
+    queue = app.queue
+    if dry_run:
+        count = queue.count_prunable(older_than)
+    else:
+        count = 0
+        while True:
+            batch = queue.prune(older_than, limit=PRUNE_BATCH)
+            count += len(batch.job_ids)
+            if not batch.more:
+                break
+    if as_json:
+        emit_json({"pruned": 0 if dry_run else count, "would_prune": count if dry_run else None,
+                    "dry_run": dry_run, "older_than_seconds": older_than})
+        return
+    age = fmt_age(time.time() - older_than)
+    click.echo(f"{'would remove' if dry_run else 'removed'} {count} finished job(s) older than {age}")
+
+

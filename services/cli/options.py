@@ -1,0 +1,161 @@
+"""Option types and option groups the job commands share. Defaults shown in the help are read
+from the job specs (services.jobspec), which apply them: the options themselves default to
+None, so that only what the user gave goes into a spec."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+from pydantic import BaseModel
+
+from ..jobspec import DATASETS, PRIORITIES, TrainSpec
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def shown(value: Any) -> str:
+    """A default as the help shows it: ``10``, ``0.001``, ``0,15,35``, ``on``."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return ",".join(shown(v) for v in value)
+    return str(value)
+
+
+def default_of(spec: type[BaseModel], field: str) -> str:
+    """``default <value>`` of a job spec field, for an option's help text."""
+    return f"default {shown(spec.model_fields[field].get_default(call_default_factory=True))}"
+
+
+class NumberList(click.ParamType):
+    """Comma-separated numbers, e.g. ``0,15,35`` (``float``) or ``1,3`` (``int``)."""
+
+    def __init__(self, kind: type = float) -> None:
+        self.kind = kind
+        self.name = "INTS" if kind is int else "NUMBERS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, list):
+            return value
+        items = [v.strip() for v in str(value).split(",")]
+        if not items or any(v == "" for v in items):
+            self.fail(f"{value!r}: expected comma-separated {'integers' if self.kind is int else 'numbers'} "
+                      f"such as {'1,3' if self.kind is int else '0,15,35'}", param, ctx)
+        try:
+            return [self.kind(v) for v in items]
+        except ValueError:
+            self.fail(f"{value!r}: expected comma-separated {'integers' if self.kind is int else 'numbers'} "
+                      f"such as {'1,3' if self.kind is int else '0,15,35'}", param, ctx)
+
+
+class WordList(click.ParamType):
+    name = "A,B"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, list):
+            return value
+        items = [v.strip() for v in str(value).split(",")]
+        if any(v == "" for v in items):
+            self.fail(f"{value!r}: expected a comma-separated list without empty items", param, ctx)
+        return items
+
+
+def parse_model_config(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs -> dict; values parsed as JSON when possible; ``model.key=value``
+    nests (per-model overrides)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: expected key=value, e.g. conv_channels=64",
+                                     param_hint="'--model-config'")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if "." in key:
+            model, _, sub = key.partition(".")
+            nested = out.setdefault(model, {})
+            if not isinstance(nested, dict):
+                raise click.BadParameter(f"{pair!r}: {model} is set both as a value and per model",
+                                         param_hint="'--model-config'")
+            nested[sub] = value
+        else:
+            out[key] = value
+    return out
+
+
+def given(spec: dict[str, Any], **values: Any) -> dict[str, Any]:
+    """``spec`` with the options the user gave (not None, not an empty multiple option) set."""
+    for key, value in values.items():
+        if value is not None and value != ():
+            spec[key] = value
+    return spec
+
+
+def deprecated_alias(new: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A callback for a hidden old option name: one line on stderr when it is used."""
+    def note(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            click.echo(f"Warning: {param.opts[0]} is deprecated and will be removed; use {new}", err=True)
+        return value
+    return note
+
+
+def data_options(train: bool) -> Decorator:
+    """--dataset, [--train-subset,] --test-subset: shared by submit, eval and tune."""
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option("--test-subset", type=int, help="Test on the first N images only.")(f)
+        if train:
+            f = click.option("--train-subset", type=int, help="Train on the first N images only.")(f)
+        return click.option("--dataset", type=click.Choice(DATASETS),
+                            help=f"Dataset ({default_of(TrainSpec, 'dataset')}).")(f)
+    return decorate
+
+
+def common_job_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every submitting command shares (the fields of every job spec)."""
+    options = [
+        click.option("--priority", type=click.Choice(PRIORITIES),
+                     help=f"Queue priority ({default_of(TrainSpec, 'priority')})."),
+        click.option("--name", help="A label for the job (shown by list/status)."),
+        click.option("--max-retries", type=int,
+                     help=f"Automatic retries after a failure ({default_of(TrainSpec, 'max_retries')})."),
+        click.option("--max-lost", type=int,
+                     help=f"Times the job may lose its worker (lease expired) and resume "
+                          f"({default_of(TrainSpec, 'max_lost')}); never uses up --max-retries."),
+        click.option("--idempotency-key", help="Submitting again with the same key returns the same job."),
+        click.option("--follow", "-f", is_flag=True, help="Show progress until the job ends; exit 1 if it fails."),
+        click.option("--json", "as_json", is_flag=True, help="Print the job record as JSON."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+class Duration(click.ParamType):
+    """An age such as ``7d``, ``12h``, ``30m`` or ``90s`` (a bare number is days), in seconds."""
+
+    name = "AGE"
+    UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip().lower()
+        unit = self.UNITS.get(text[-1:]) if text else None
+        try:
+            amount = float(text[:-1] if unit else text)
+        except ValueError:
+            amount = math.nan
+        if not math.isfinite(amount) or amount < 0:
+            self.fail(f"{value!r}: expected an age such as 7d, 12h, 30m or 90s", param, ctx)
+        return amount * (unit or 86400.0)
+
