@@ -62,12 +62,16 @@ from .jobspec import TuneSpec, model_config_fields
 from .queue import JobQueue
 from .ray_train import (
     CHECKPOINT_FILE,
+    AttemptLost,
     JobCancelled,
     JobChannel,
     JobContext,
     assigned_device,
     check_job_limits,
+    describe_error,
     evaluate_checkpoint,
+    infrastructure_loss,
+    process_gone,
 )
 
 log = logging.getLogger("capsctl.tune")
@@ -682,6 +686,27 @@ def write_artifacts(result: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- entry point
 
 
+def trial_loss(error: BaseException | str | None) -> str | None:
+    """Why a trial's error (as Tune's result grid reports it) is an infrastructure loss, or None
+    when it is the trial's own error.
+
+    Tune records what failed the trial's actor task: a ``RayTaskError`` when the trainable raised
+    (an instance of the cause's class too, so a user's own ``ActorDiedError`` is one), a bare
+    ``RayActorError`` (``ActorDiedError``, ``ActorUnavailableError``) when the trial's actor is
+    gone, e.g. with its node; without a picklable error, only its text. A trial that drives its
+    own Ray Train run (``gpus_per_trial > 1``) raised that run's ``WorkerGroupError`` /
+    ``ControllerError``: a loss when its ranks were (see ``infrastructure_loss``)."""
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    if not isinstance(error, BaseException):
+        return None
+    if isinstance(error, RayTaskError):
+        cause = getattr(error, "cause", None)
+        return infrastructure_loss(cause) if isinstance(cause, WorkerGroupError | ControllerError) else None
+    return describe_error(error) if process_gone(error) else None
+
+
 def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, Any]:
     """Run (or resume) a tune job on the connected Ray cluster; returns its result document."""
     import signal
@@ -719,6 +744,8 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
         reason = channel.stop_reason()
         if reason is not None:
             raise JobCancelled(reason) from exc
+        if process_gone(exc):
+            raise AttemptLost(f"the Tune run lost a Ray process or node ({describe_error(exc)})") from exc
         raise
     finally:
         for sig, handler in saved_handlers.items():
@@ -735,15 +762,24 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
 
     by_key = {t["key"]: t for t in trials}
     errors: dict[str, str] = {}
+    losses: dict[str, str] = {}
     for res in grid:
         key = (res.config or {}).get("trial", {}).get("key")
         if key is None:
             continue
         if res.error is not None:
             errors[key] = f"{type(res.error).__name__}: {res.error}".splitlines()[0][:300]
+            lost = trial_loss(res.error)
+            if lost is not None:
+                losses[key] = lost
     stores = {k: TrialStore(experiment, k) for k in by_key}
     missing = [k for k in by_key if stores[k].final() is None]
     failed = [k for k in missing if k in errors or not stores[k].has_checkpoint()]
+    lost_trials = [k for k in failed if k in losses]
+    if lost_trials and not any(k in errors and k not in losses for k in failed):
+        # Not the job's fault: back to the queue (max_lost); the next attempt resumes these trials.
+        raise AttemptLost(f"{len(lost_trials)} of {len(trials)} tune trials lost their Ray actor or node "
+                          f"({lost_trials[0]}: {losses[lost_trials[0]]})")
     if failed:
         first = next((errors[k] for k in failed if k in errors), "no checkpoint")
         raise RuntimeError(f"{len(failed)} of {len(trials)} tune trials did not finish ({failed[0]}: {first}); "
