@@ -25,7 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayTaskError, WorkerCrashedError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    NodeDiedError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 from ray.train.v2._internal.exceptions import (
     WorkerGroupStartupFailedError,
     WorkerHealthCheckFailedError,
@@ -33,9 +39,8 @@ from ray.train.v2._internal.exceptions import (
 )
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
+from services.losses import infrastructure_loss, trial_loss
 from services.queue import JobQueue
-from services.ray_train import infrastructure_loss
-from services.ray_tune import trial_loss
 
 from .service_helpers import WorkerProcess, service_env, wait_until
 
@@ -244,7 +249,7 @@ _NODE_LOSS_DRIVER = """
 import json, sys, time
 import ray
 from ray.train.v2.api.exceptions import WorkerGroupError
-from services.ray_train import node_loss
+from services.losses import node_loss
 
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 doomed, head = sys.argv[2], sys.argv[3]
