@@ -25,6 +25,11 @@ SUITE_RESULTS = (ROTATION_AUC, AFFINE_MNIST, AFFNIST)
 ROTATION_SUITE_ANGLES: tuple[float, ...] = tuple(float(a) for a in range(0, 181, 15))
 
 
+def angle_key(angle: float) -> str:
+    """15.0 -> '15', 7.5 -> '7.5': stable JSON keys and Prometheus label values."""
+    return f"{float(angle):g}"
+
+
 def check_suites(suites: Iterable[str]) -> list[str]:
     """Validated, de-duplicated suite names; ValueError with one line otherwise."""
     out: list[str] = []

@@ -28,6 +28,7 @@ from .checkpoint import resume_training, save_checkpoint
 from .data import Dataset
 from .evaluate import autocast_context, configure_backends, evaluate, evaluate_suites
 from .models.base import unwrap
+from .suites import angle_key
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -79,11 +80,6 @@ def ddp_options(model: nn.Module) -> dict[str, Any]:
     """
     stateful = set(unwrap(model).state_dict())
     return {"broadcast_buffers": any(name in stateful for name, _ in unwrap(model).named_buffers())}
-
-
-def angle_key(angle: float) -> str:
-    """15.0 -> '15', 7.5 -> '7.5': stable JSON keys and Prometheus label values."""
-    return f"{float(angle):g}"
 
 
 def _generator(device: torch.device, *seeds: int) -> torch.Generator:

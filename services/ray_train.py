@@ -1,4 +1,4 @@
-"""Train and eval jobs on Ray: one Ray Train ``TorchTrainer`` run (Train V2 API) per train job.
+"""Train jobs on Ray: one Ray Train ``TorchTrainer`` run (Train V2 API) per train job.
 
 ``num_workers`` = the job's ranks (``--gpus N``: N GPU workers with NCCL; ``--workers N``: N
 CPU workers with gloo). Every rank loads the dataset itself, keeps it on its device and trains
@@ -11,227 +11,31 @@ is the job id, a later attempt of the same job (after its worker died) finds Ray
 checkpoint snapshot in that folder and ``ray.train.get_checkpoint()`` hands back the last
 epoch's checkpoint: the job resumes there instead of at epoch 0.
 
-Redis may go away while a job trains (restart, failover): the ranks keep training and
-checkpointing to storage. ``JobChannel`` tries each Redis write once and, while Redis is down,
-drops progress and log events (counted, and reported in one log event with ``events_dropped``
-once Redis answers), keeps the newest checkpoint URI to record later, and treats "cannot ask"
-as "no reason to stop". The outcome is the worker's to record, and that one is never dropped.
+The job runtime (``JobContext``, ``JobChannel``, how a run ends) is ``runtime``; which failures
+are infrastructure losses is ``losses``; eval jobs are ``eval_job``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
-import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from capsnet_core import TrainConfig, build_model, fit, load_dataset
-from capsnet_core.checkpoint import load_checkpoint, model_from_checkpoint
-from capsnet_core.evaluate import evaluate, evaluate_suites
-from capsnet_core.train import angle_key, ddp_options, shard_indices
+from capsnet_core.train import ddp_options, shard_indices
 
-from .config import Settings, redis_client
-from .events import EventLog
-from .jobspec import EvalSpec, SpecError, TrainSpec, TuneSpec, check_model_size
-from .keys import Keys
-from .queue import JobQueue
-from .redis_retry import RedisRetry, no_retry_client_kwargs
-from .sources import SourceRefused, check_source_allowed
-
-CHECKPOINT_FILE = "checkpoint.pt"
-
-_DROPPED = object()  # what a Redis write returns when Redis was unavailable
-
-
-class JobCancelled(Exception):
-    """The job was cancelled (or its lease was taken over) while it ran."""
-
-
-class JobRejected(Exception):
-    """The job asks for something no attempt may do (an unsafe checkpoint, a source outside the
-    allowed roots, an oversize model): it fails for good, without retries. One-line message."""
-
-
-def check_job_limits(spec: TrainSpec | TuneSpec) -> None:
-    """The submit-time size check again, on the worker: a spec written straight into Redis
-    must not get a model the worker cannot hold."""
-    try:
-        check_model_size(spec, Settings.from_env().max_params)
-    except SpecError as err:
-        raise JobRejected(str(err)) from None
-
-
-def assigned_device() -> str:
-    """CUDA only when Ray gave this task or actor a GPU: Ray 2.60 no longer hides GPUs from
-    tasks that asked for none, so ``torch.cuda.is_available()`` would land an eval on a GPU
-    another job holds."""
-    import ray
-
-    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-
-
-class AttemptLost(Exception):
-    """The attempt lost the Ray processes or node it ran on: an infrastructure loss, not the
-    job's own error (the queue charges it to ``max_lost``, never to ``max_retries``)."""
-
-
-def infrastructure_loss(exc: BaseException) -> str | None:
-    """Why what ``trainer.fit()`` raised is an infrastructure loss, or None when it is the job's
-    own error (an exception raised by the training function, a bad spec...).
-
-    Ray Train V2 reports every rank failure as a ``WorkerGroupError`` and charges all of them to
-    ``FailureConfig.max_failures``; its ``worker_failures`` tells them apart. A rank whose process
-    (or node) is gone fails Ray's health check of it: ``WorkerHealthCheckFailedError`` wrapping a
-    ``RayActorError`` (``ActorDiedError``, ``ActorUnavailableError``) or ``NodeDiedError`` /
-    ``WorkerCrashedError`` / ``LocalRayletDiedError``, or ``WorkerHealthCheckTimeoutError`` when
-    the process stopped answering (a partitioned node). An exception raised by the training
-    function reaches us unwrapped, so a user's own ``ActorDiedError`` stays the job's error. As in
-    Ray's own preemption policy, one dead rank makes the whole failure a loss: the surviving ranks
-    routinely fail with collateral errors (collective aborted, connection reset by the dead peer).
-    The controller's start-up failures (a rank's node died while the group started, or its
-    resources vanished) are losses too. A job that kills its own rank processes every time is
-    bounded by ``max_lost``.
-    """
-    from ray.exceptions import LocalRayletDiedError, NodeDiedError, RayActorError, WorkerCrashedError
-    from ray.train.v2._internal.exceptions import (
-        WorkerGroupStartupFailedError,
-        WorkerGroupStartupTimeoutError,
-        WorkerHealthCheckFailedError,
-        WorkerHealthCheckTimeoutError,
-    )
-    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
-
-    def process_gone(error: BaseException) -> bool:
-        if isinstance(error, RayActorError):
-            return not error.actor_init_failed  # __init__ raising is code, not infrastructure
-        return isinstance(error, NodeDiedError | WorkerCrashedError | LocalRayletDiedError)
-
-    if isinstance(exc, WorkerGroupError):
-        dead = sorted(rank for rank, error in exc.worker_failures.items()
-                      if isinstance(error, WorkerHealthCheckTimeoutError)
-                      or (isinstance(error, WorkerHealthCheckFailedError) and process_gone(error.health_check_failure)))
-        if not dead:
-            return None
-        first = exc.worker_failures[dead[0]]
-        cause = getattr(first, "health_check_failure", first)
-        detail = str(cause).strip().splitlines()
-        return (f"rank(s) {', '.join(map(str, dead))} lost their Ray process or node ("
-                f"{type(cause).__name__}{': ' + detail[-1][:200] if detail else ''})")
-    if isinstance(exc, ControllerError) and isinstance(
-            exc.controller_failure, WorkerGroupStartupFailedError | WorkerGroupStartupTimeoutError):
-        return f"Ray Train could not start the ranks: {str(exc.controller_failure).splitlines()[0][:200]}"
-    if process_gone(exc):  # the controller actor itself (on the driver's node) is gone
-        return f"Ray Train's controller was lost ({type(exc).__name__})"
-    return None
-
-
-@dataclass(frozen=True)
-class JobContext:
-    """What a run needs to know about its job; plain data so Ray can ship it to every rank."""
-
-    job_id: str
-    lease_token: str
-    attempt: int
-    redis_url: str
-    redis_prefix: str
-    artifacts: str  # Ray storage_path: local folder or URI
-    data_dir: str | None = None
-    resume_checkpoint: str | None = None  # the job record's last checkpoint (earlier attempt)
-    started_at: float = 0.0  # wall-clock time the worker started this attempt (start-up metric)
-
-
-class JobChannel:
-    """Rank-side connection to the job's Redis record: fenced progress, events, cancel checks.
-
-    Never blocks training on Redis: every call is tried once (see ``RedisRetry.attempt``)."""
-
-    def __init__(self, ctx: JobContext, check_interval_s: float = 1.0) -> None:
-        self.ctx = ctx
-        client = redis_client(ctx.redis_url, **no_retry_client_kwargs())
-        keys = Keys(ctx.redis_prefix)
-        self.queue = JobQueue(client, keys)
-        self.events = EventLog(client, keys)
-        self.redis = RedisRetry(logging.getLogger("capsctl.rank"))
-        self._check_interval = check_interval_s
-        self._last_check = 0.0
-        self._stop_reason: str | None = None
-        self.events_dropped = 0  # not yet reported
-        self._pending_checkpoint: str | None = None
-        self._flushing = False
-
-    def _send(self, fn: Any, *args: Any, what: str, **kwargs: Any) -> Any:
-        """``fn(*args)`` once; ``_DROPPED`` while Redis is away. After an outage, first records
-        what was kept back (the newest checkpoint URI, how many events were dropped)."""
-        value = self.redis.attempt(fn, *args, what=what, default=_DROPPED, **kwargs)
-        if value is not _DROPPED and not self._flushing:
-            self._flush()
-        return value
-
-    def _flush(self) -> None:
-        self._flushing = True
-        try:
-            if self._pending_checkpoint is not None:
-                uri = self._pending_checkpoint
-                if self._send(self.queue.set_checkpoint, self.ctx.job_id, self.ctx.lease_token, uri,
-                              what="recording a checkpoint") is not _DROPPED:
-                    self._pending_checkpoint = None
-            n = self.events_dropped
-            if n and self._send(self.events.log, self.ctx.job_id,
-                                f"{n} progress/log event(s) dropped while Redis was unavailable",
-                                lease_token=self.ctx.lease_token, what="logging", level="warning", events_dropped=n) is not _DROPPED:
-                self.events_dropped -= n
-        finally:
-            self._flushing = False
-
-    def stop_reason(self) -> str | None:
-        """Why this rank must stop (cancel requested, lease lost), checked at most once a second.
-        While Redis cannot be asked, there is no reason to stop: training goes on."""
-        now = time.monotonic()
-        if self._stop_reason is None and now - self._last_check >= self._check_interval:
-            self._last_check = now
-            record = self._send(self.queue.get, self.ctx.job_id, what="checking for a cancel")
-            if record is _DROPPED:
-                return None  # Redis is away: no reason to stop, training goes on
-            if record is None:
-                self._stop_reason = "job record deleted"
-            elif record.cancel_requested:
-                self._stop_reason = "cancel requested"
-            elif record.lease_token != self.ctx.lease_token:
-                self._stop_reason = "lease lost to a newer attempt"
-        return self._stop_reason
-
-    def should_stop(self) -> bool:
-        return self.stop_reason() is not None
-
-    def progress(self, event: dict[str, Any]) -> None:
-        """Publish a training event and keep the latest one in the job record (fenced)."""
-        if self._send(self.events.publish, self.ctx.job_id, "progress", event,
-                      lease_token=self.ctx.lease_token, what="publishing progress") is _DROPPED:
-            self.events_dropped += 1
-            return
-        if event.get("type") in ("epoch", "eval") or event.get("step", 0) % 5 == 0:
-            self._send(self.queue.report_progress, self.ctx.job_id, self.ctx.lease_token, event, publish=False,
-                       what="recording progress")
-
-    def log(self, message: str, **extra: Any) -> None:
-        if self._send(self.events.log, self.ctx.job_id, message, lease_token=self.ctx.lease_token,
-                      what="logging", **extra) is _DROPPED:
-            self.events_dropped += 1
-
-    def set_checkpoint(self, uri: str) -> None:
-        """Record the newest checkpoint in the job record (fenced); kept for later while Redis is away."""
-        self._pending_checkpoint = uri
-        self._flush()
+from .jobspec import TrainSpec
+from .losses import infrastructure_loss, node_loss, rank_nodes
+from .runtime import CHECKPOINT_FILE, JobChannel, JobContext, check_job_limits, fit_or_stop
 
 
 def _train_config(spec: TrainSpec) -> TrainConfig:
@@ -406,19 +210,10 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     # importing torch; say so, or `logs -f` looks stuck.
     channel.log(f"starting Ray Train: a controller and {spec.ranks} rank process(es) "
                 f"({'NCCL on GPUs' if use_gpu else 'gloo on CPUs'})")
-    try:
-        outcome = trainer.fit()
-    except Exception as exc:
-        reason = channel.stop_reason()
-        if reason is not None:
-            raise JobCancelled(reason) from exc
-        lost = infrastructure_loss(exc)
-        if lost is not None:
-            raise AttemptLost(lost) from exc
-        raise
-    reason = channel.stop_reason()
-    if reason is not None:
-        raise JobCancelled(reason)
+    # Each rank logs the Ray node it runs on; this attempt's are the ones after this event.
+    since = channel.redis.attempt(channel.events.last_id, ctx.job_id, what="reading the event stream")
+    outcome = fit_or_stop(trainer.fit, channel,
+                          lost=lambda exc: infrastructure_loss(exc) or node_loss(exc, rank_nodes(channel, since)))
     metrics = dict(outcome.metrics or {})
     result = {
         "rotation_accuracy": metrics.get("rotation_accuracy", {}),
@@ -430,70 +225,3 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
         "checkpoint": outcome.checkpoint.path if outcome.checkpoint is not None else None,
     }
     return result
-
-
-def resolve_checkpoint(source: str, queue: JobQueue) -> str:
-    """A checkpoint folder/URI from a job id (its last checkpoint) or a path given directly."""
-    record = queue.get(source)
-    if record is not None:
-        if not record.checkpoint:
-            raise ValueError(f"job {source} has no checkpoint yet (state {record.state})")
-        return record.checkpoint
-    return source
-
-
-def evaluate_checkpoint(checkpoint_uri: str, dataset: str, angles: list[float], test_subset: int | None = None,
-                        data_dir: str | None = None, suites: list[str] | None = None,
-                        device: str = "cpu") -> dict[str, Any]:
-    """Load a capsnet_core checkpoint (a file, or a folder/URI holding checkpoint.pt) and measure
-    its accuracy on the test set rotated by each angle, on `device` (``assigned_device()`` in a
-    Ray task). The file is read with ``weights_only`` (``CheckpointRejected`` if unsafe)."""
-    from ray.train import Checkpoint
-
-    from capsnet_core.evaluate import configure_backends
-
-    configure_backends(torch.device(device))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(checkpoint_uri)
-        if not path.is_file():
-            Checkpoint(checkpoint_uri).to_directory(tmp)
-            path = Path(tmp) / CHECKPOINT_FILE
-        payload = load_checkpoint(path, map_location=device)
-    model = model_from_checkpoint(payload, device)
-    test = load_dataset(dataset, "test", root=data_dir).subset(test_subset)
-    results = {angle_key(a): evaluate(model, test.images, test.labels, angle=a) for a in angles}
-    rotation = {k: r.accuracy for k, r in results.items()}
-    return {"checkpoint": checkpoint_uri, "model": model.name, "device": device, "history": list(payload["history"]),
-            "rotation_accuracy": rotation, "per_class": {k: r.per_class for k, r in results.items()},
-            "suite_accuracy": evaluate_suites(model, test, suites or [], rotation, data_root=data_dir)}
-
-
-def _eval_task(spec_dict: dict[str, Any], checkpoint_uri: str, data_dir: str | None) -> dict[str, Any]:
-    spec = EvalSpec.model_validate(spec_dict)
-    result = evaluate_checkpoint(checkpoint_uri, spec.dataset, spec.angles, spec.test_subset, data_dir,
-                                 spec.eval_suites, device=assigned_device())
-    result.pop("history")
-    return result
-
-
-def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> dict[str, Any]:
-    """Evaluate a trained model on the rotated test set as a Ray task (on a GPU if the spec asks)."""
-    import ray
-
-    from capsnet_core.checkpoint import CheckpointRejected
-
-    try:
-        # The source and what a job id resolves to must both lie within the allowed roots.
-        roots = Settings.from_env().eval_roots
-        source = check_source_allowed(spec.source, ctx.artifacts, roots)
-        checkpoint_uri = check_source_allowed(resolve_checkpoint(source, queue), ctx.artifacts, roots)
-    except SourceRefused as err:
-        raise JobRejected(str(err)) from None
-    resources = spec.resources()
-    task = ray.remote(num_cpus=max(1, resources.get("cpus", 1)), num_gpus=resources.get("gpus", 0))(_eval_task)
-    try:
-        return ray.get(task.remote(spec.to_dict(), checkpoint_uri, ctx.data_dir))
-    except CheckpointRejected as exc:  # Ray re-raises the task's error as an instance of its cause
-        raise JobRejected(str(getattr(exc, "cause", None) or exc)) from None
-    except Exception as exc:
-        raise RuntimeError(f"evaluation of {checkpoint_uri} failed: {exc}\n{traceback.format_exc()}") from exc

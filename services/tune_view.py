@@ -1,7 +1,7 @@
 """How a tune job reads while it runs: one line in words per trial event, and a running summary.
 
 The worker publishes a ``progress`` event ``{"type": "trial", "trial": <key>, "status": ...}`` per
-trial start, epoch and end (see ``ray_tune._SweepCallback``). This module turns them into lines
+trial start, epoch and end (see ``tune_callback.SweepCallback``). This module turns them into lines
 such as::
 
     trial t003 lenet5 shift2+rot15 seed 1: epoch 1/2, val 77.5 %

@@ -40,11 +40,13 @@ from typing import Any
 from . import metrics as svc_metrics
 from .admission import AdmissionLock, free_of, reserved
 from .config import Settings, ray_node_env, ray_worker_env, redis_client
+from .eval_job import run_eval_job
 from .keys import Keys
 from .queue import ClaimedJob, JobQueue
-from .ray_train import AttemptLost, JobCancelled, JobContext, JobRejected, run_eval_job, run_train_job
+from .ray_train import run_train_job
 from .redis_retry import RedisRetry, RedisUnavailable, no_retry_client_kwargs
 from .retention import Pruner
+from .runtime import AttemptLost, JobCancelled, JobContext, JobRejected
 
 log = logging.getLogger("capsctl.worker")
 

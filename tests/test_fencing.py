@@ -69,7 +69,7 @@ def test_fenced_append_refuses_instead_of_raising_on_junk_keys(q, client, keys):
 
 
 def test_job_channel_of_a_stale_attempt_writes_no_events(q, redis_url, keys, tmp_path):
-    from services.ray_train import JobChannel, JobContext
+    from services.runtime import JobChannel, JobContext
 
     old, new = _stale_and_new(q)
     before = q.events.length(new.id)

@@ -295,7 +295,7 @@ def test_a_gpu_eval_reserves_its_gpu() -> None:
 
 
 def test_eval_without_an_assigned_gpu_stays_on_the_cpu(tmp_path: Path, data_dir: Path) -> None:
-    from services.ray_train import evaluate_checkpoint
+    from services.eval_job import evaluate_checkpoint
 
     path = save_checkpoint(tmp_path / "checkpoint.pt", build_model("lenet5"))
     # A machine with a GPU that this task was not given: before, this picked cuda.

@@ -8,17 +8,30 @@
   worker`` subprocess, a 2-rank LeNet5 DDP job whose ranks can only run on the second node;
   that node is SIGKILLed after a checkpoint. The job (``max_retries=0``) resumes on what is left
   and succeeds, and the cluster's resources are all free again afterwards.
+* Tune jobs the same way: ``trial_loss`` on the errors Tune records for a trial, and a real
+  two-trial LeNet5 sweep whose node is SIGKILLed is handed back (``max_lost``) and resumed.
+* A rank failure that arrives before Ray noticed the dead node (``node_loss``): a real node of a
+  local cluster is killed while a driver waits for Ray to declare it dead.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayTaskError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    NodeDiedError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 from ray.train.v2._internal.exceptions import (
     WorkerGroupStartupFailedError,
     WorkerHealthCheckFailedError,
@@ -26,8 +39,8 @@ from ray.train.v2._internal.exceptions import (
 )
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
+from services.losses import infrastructure_loss, trial_loss
 from services.queue import JobQueue
-from services.ray_train import infrastructure_loss
 
 from .service_helpers import WorkerProcess, service_env, wait_until
 
@@ -78,6 +91,35 @@ def test_the_jobs_own_errors_are_not_a_loss() -> None:
     assert infrastructure_loss(ControllerError(ValueError("bad config"))) is None
     assert infrastructure_loss(ValueError("not a Ray error")) is None
     assert infrastructure_loss(RuntimeError("evaluation failed")) is None
+
+
+def _raised_in_task(error: BaseException) -> RayTaskError:
+    """What Tune records when the trainable itself raised ``error``: a ``RayTaskError`` that is an
+    instance of the cause's class too."""
+    return RayTaskError("_trial", "Traceback ...", error).as_instanceof_cause()
+
+
+def test_tune_trials_whose_actor_died_are_a_loss() -> None:
+    # The trial's actor (and its node) is gone: Tune records the bare actor error.
+    assert trial_loss(ActorDiedError()).startswith("ActorDiedError")
+    assert trial_loss(ActorUnavailableError("node unreachable", None)) is not None
+    assert trial_loss(NodeDiedError("node 1.2.3.4 died")) == "NodeDiedError: node 1.2.3.4 died"
+    assert trial_loss(WorkerCrashedError()) is not None
+    # gpus_per_trial > 1: the trial's own Ray Train run lost its ranks.
+    lost_ranks = _raised_in_task(WorkerGroupError("ranks died", {0: _rank_died(), 1: _rank_died()}))
+    assert trial_loss(lost_ranks).startswith("rank(s) 0, 1 lost their Ray process or node")
+
+
+def test_a_trials_own_error_is_not_a_loss() -> None:
+    assert trial_loss(_raised_in_task(ValueError("bad lr"))) is None
+    own = _raised_in_task(ActorDiedError())  # the trainable called a dead actor of its own
+    assert isinstance(own, ActorDiedError) and trial_loss(own) is None
+    assert trial_loss(_raised_in_task(WorkerGroupError("x", {0: ValueError("bad lr")}))) is None
+    assert trial_loss(_raised_in_task(ControllerError(ValueError("bad config")))) is None
+    init_failed = ActorDiedError(RayTaskError("ImplicitFunc.__init__", "Traceback ...", ImportError("x")))
+    assert trial_loss(init_failed) is None
+    assert trial_loss("Failure # 1 ... ActorDiedError") is None  # only the text: not enough to tell
+    assert trial_loss(None) is None
 
 
 # ---------------------------------------------------------------------------- queue: hand_back
@@ -199,3 +241,122 @@ def test_node_loss_resumes_elsewhere_without_using_a_retry(queue: JobQueue, redi
               f"before the kill; succeeded {recovered_s:.1f} s after it")
     finally:
         worker.stop()
+
+
+# ---------------------------------------------------------------------------- a rank error before the node's death
+
+_NODE_LOSS_DRIVER = """
+import json, sys, time
+import ray
+from ray.train.v2.api.exceptions import WorkerGroupError
+from services.losses import node_loss
+
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+doomed, head = sys.argv[2], sys.argv[3]
+# What the surviving rank of a 2-node DDP job reports when its peer's node dies.
+collateral = WorkerGroupError("rank failed", {1: RuntimeError("[gloo] Connection closed by peer")})
+before = node_loss(collateral, {doomed, head}, grace_s=0)
+print("RESULT", json.dumps({"ready": True, "before": before}), flush=True)
+sys.stdin.readline()  # the test kills the node now
+started = time.monotonic()
+after = node_loss(collateral, {doomed, head}, grace_s=60)
+waited = time.monotonic() - started
+print("RESULT", json.dumps({"after": after, "waited": waited, "own": node_loss(ValueError("x"), {doomed, head}),
+                  "other_nodes": node_loss(collateral, {head}, grace_s=0)}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_collective_error_counts_as_lost_once_ray_declares_the_node_dead() -> None:
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "_system_config": _FAST_DEATH})
+    driver = None
+    try:
+        doomed = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        driver = subprocess.Popen([sys.executable, "-c", _NODE_LOSS_DRIVER, cluster.address, doomed.node_id,
+                                   cluster.head_node.node_id], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True, cwd=Path(__file__).resolve().parent.parent)
+        def result() -> dict:  # Ray may print to stdout too
+            for line in driver.stdout:
+                if line.startswith("RESULT "):
+                    return json.loads(line.split(" ", 1)[1])
+            raise AssertionError(f"the driver ended without a result (exit status {driver.wait()})")
+
+        first = result()
+        assert first == {"ready": True, "before": None}  # both nodes alive: the job's own error
+        cluster.remove_node(doomed, allow_graceful=False)  # SIGKILL its raylet
+        driver.stdin.write("\n")
+        driver.stdin.flush()
+        second = result()
+        assert second["after"].startswith(f"Ray node(s) {doomed.node_id[:8]} of the attempt's ranks died (a rank "
+                                          f"reported RuntimeError: [gloo] Connection closed by peer)"), second
+        assert second["waited"] < 30  # declared dead within a few health checks, not the whole grace
+        assert second["own"] is None  # not a rank failure: never a node's fault
+        assert second["other_nodes"] is None  # a dead node the attempt did not use is not its loss
+    finally:
+        if driver is not None:
+            driver.kill()
+            driver.wait()
+        cluster.shutdown()
+
+
+# ---------------------------------------------------------------------------- a tune job loses its node
+
+
+@pytest.mark.slow
+def test_tune_trials_lost_with_their_node_resume_without_using_a_retry(queue: JobQueue, redis_url: str,
+                                                                      tmp_path: Path) -> None:
+    """A head with no CPUs and one 2-CPU node: both trials of the sweep run there. That node is
+    SIGKILLed once a trial has checkpointed, then a fresh node joins: the job is handed back
+    (``max_lost``, not ``max_retries`` 0) and the second attempt resumes both trials there."""
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "_system_config": _FAST_DEATH})
+    worker = None
+    try:
+        doomed = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        epochs = 12
+        job = queue.submit({"kind": "tune", "models": ["lenet5"], "angles": [0], "eval_angles": [0], "seeds": 2,
+                            "epochs": epochs, "train_subset": 400, "test_subset": 100, "batch_size": 32,
+                            "lr": [2e-3], "asha": False, "max_concurrent": 2, "max_retries": 0})
+        env = service_env(redis_url, cluster.address, tmp_path / "artifacts")
+        worker = WorkerProcess("w-tuneloss", env, tmp_path / "w-tuneloss.log")
+
+        def trial_epochs() -> list[dict]:
+            return [e["data"] for _, e in queue.events.read(job.id, count=10_000)
+                    if e["type"] == "progress" and e["data"].get("type") == "trial" and e["data"].get("epoch")]
+
+        wait_until(trial_epochs, 300, interval=0.1, what=f"a trial's first epoch; worker log:\n{worker.output()[-3000:]}")
+        cluster.remove_node(doomed, allow_graceful=False)  # SIGKILL its raylet and both trials with it
+        handed_back = wait_until(lambda: (r := queue.get(job.id)) and r.losses == 1 and r, 180,
+                                 what=f"the job to be handed back; worker log:\n{worker.output()[-3000:]}")
+        assert handed_back.transitions[2]["state"] == "queued"
+        assert not any(e["status"] == "finished" for e in trial_epochs())  # the kill came mid-sweep
+        cluster.add_node(num_cpus=2)
+        record = wait_until(lambda: (r := queue.get(job.id)) and r.is_terminal and r, 300,
+                            what=f"the job to finish on the new node; worker log:\n{worker.output()[-3000:]}")
+        assert record.state == "succeeded", (record.error, record.traceback, worker.output()[-3000:])
+        assert record.max_retries == 0 and record.losses == 1 and record.attempt == 2
+        assert [t["state"] for t in record.transitions] == ["queued", "running", "queued", "running", "succeeded"]
+        reason = record.transitions[2]["reason"]
+        assert reason.startswith("infrastructure lost: ") and "tune trials lost their Ray actor or node" in reason
+        assert queue.counters()["infrastructure_losses"] == 1 and queue.counters()["retries"] == 0
+        # The second attempt resumed the trials from their checkpoints, and the matrix is complete.
+        statuses = [e["data"] for _, e in queue.events.read(job.id, count=10_000)
+                    if e["type"] == "progress" and e["data"].get("type") == "trial"]
+        assert any(s["status"] == "resumed" and s["resumed_from_epoch"] >= 1 for s in statuses)
+        assert len(record.result["trials"]) == 2
+        assert all(t["status"] == "finished" and t["epochs_trained"] == epochs for t in record.result["trials"])
+        assert record.result["models"]["lenet5"]["n"] == [[2]]
+        assert worker.proc.poll() is None  # the worker lived through it and still serves
+    finally:
+        if worker is not None:
+            worker.stop()
+        cluster.shutdown()

@@ -12,7 +12,8 @@ import pytest
 
 from services.jobspec import parse_spec
 from services.queue import JobQueue
-from services.ray_tune import build_matrix, expand_trials
+from services.tune_matrix import build_matrix
+from services.tune_space import expand_trials
 
 from .service_helpers import wait_until
 
@@ -84,8 +85,8 @@ def test_matrix_selects_config_by_val_accuracy_not_by_the_cells() -> None:
 @pytest.mark.slow
 def test_sweep_through_a_worker_gives_a_plausible_complete_matrix(queue: JobQueue, workers) -> None:
     from capsnet_core.checkpoint import load_model
+    from services.eval_job import _eval_task
     from services.jobspec import EvalSpec
-    from services.ray_train import _eval_task
 
     job = queue.submit({**SWEEP, "name": "tune-e2e"})
     worker = workers("w-tune")
