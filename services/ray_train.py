@@ -78,6 +78,15 @@ def set_process_niceness(niceness: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
+def adopt_worker_niceness(worker_niceness: int) -> int:
+    """Run this rank at the nice level of the capsctl worker that took the job, not at Ray's
+    (15 by default): an operator who started the worker with ``nice -n 19`` meant its training
+    too, and one who did not wants the ranks at normal priority. Returns the level reached."""
+    if os.getpriority(os.PRIO_PROCESS, 0) == worker_niceness:
+        return worker_niceness
+    return set_process_niceness(worker_niceness)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every rank inside Ray Train."""
     import ray
@@ -90,7 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = train_ctx.get_world_rank(), train_ctx.get_world_size()
     channel = JobChannel(ctx)
     device = ray.train.torch.get_device()
-    niceness = set_process_niceness(0) if os.getpriority(os.PRIO_PROCESS, 0) > 0 else 0
+    niceness = adopt_worker_niceness(ctx.niceness)
 
     torch.manual_seed(spec.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = build_model(spec.model, **spec.model_kwargs())
@@ -108,7 +117,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     channel.log(f"rank {rank}/{world_size} on {device}, Ray node {node_id[:8]}: {shard.numel()} images per epoch, "
                 f"shard {fingerprint}"
                 + (f"; ready {startup:.1f} s after the worker took the job" if startup is not None else "")
-                + (f"; running at nice {niceness} (Ray's worker niceness; could not lower it)" if niceness else ""),
+                + (f"; running at nice {niceness}, not the worker's {ctx.niceness} (Ray's worker niceness; "
+                   "could not lower it)" if niceness > ctx.niceness else ""),
                 rank=rank, world_size=world_size, nice=niceness, torch_threads=torch.get_num_threads(),
                 shard_size=int(shard.numel()), shard_fingerprint=fingerprint, device=str(device), node_id=node_id,
                 **({"startup_seconds": startup} if rank == 0 and startup is not None else {}))

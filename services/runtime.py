@@ -80,6 +80,7 @@ class JobContext:
     data_dir: str | None = None
     resume_checkpoint: str | None = None  # the job record's last checkpoint (earlier attempt)
     started_at: float = 0.0  # wall-clock time the worker started this attempt (start-up metric)
+    niceness: int = 0  # the worker's own nice level: its ranks run at it (``adopt_worker_niceness``)
 
 
 class JobChannel:

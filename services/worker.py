@@ -273,7 +273,8 @@ class Worker:
                           redis_url=self.settings.redis_url, redis_prefix=self.settings.redis_prefix,
                           artifacts=str(self.settings.artifacts),
                           data_dir=str(self.settings.data_dir) if self.settings.data_dir else None,
-                          resume_checkpoint=job.checkpoint, started_at=time.time())
+                          resume_checkpoint=job.checkpoint, started_at=time.time(),
+                          niceness=os.getpriority(os.PRIO_PROCESS, 0))
 
     def _heartbeat_loop(self, job: ClaimedJob, done: threading.Event, lost: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_seconds):

@@ -4,8 +4,11 @@ the rank-side renice for clusters started without it (real processes and threads
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from services.config import RAY_NODE_ENV, ray_node_env
 
@@ -39,3 +42,23 @@ def test_set_process_niceness_renices_every_thread() -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["level"] == 7
     assert len(result["nices"]) >= 4 and set(result["nices"]) == {7}
+
+
+ADOPT_SCRIPT = """
+import json, os, sys
+from services.ray_train import adopt_worker_niceness
+os.nice(int(sys.argv[1]))  # where Ray (or the operator) started this process
+print(json.dumps({"level": adopt_worker_niceness(int(sys.argv[2])), "now": os.getpriority(os.PRIO_PROCESS, 0)}))
+"""
+
+
+@pytest.mark.parametrize(("ray_level", "worker_level"), [(15, 0), (15, 5), (0, 9), (4, 4)])
+def test_ranks_adopt_the_workers_nice_level(ray_level: int, worker_level: int) -> None:
+    # A worker started with `nice -n 9` means its training too; one at 0 wants its ranks at 0, not
+    # at Ray's 15. Lowering needs CAP_SYS_NICE (root here); raising never does.
+    out = subprocess.run([sys.executable, "-c", ADOPT_SCRIPT, str(ray_level), str(worker_level)], check=True,
+                         capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    can_lower = os.geteuid() == 0
+    expected = worker_level if worker_level >= ray_level or can_lower else ray_level
+    assert result == {"level": expected, "now": expected}
