@@ -171,11 +171,7 @@ def two_node_cluster() -> Iterator[object]:
 
     Nothing is ray.init-ed in this process (it may already be a driver of the session's cluster):
     the worker subprocess is the only driver, and it reports what Ray sees in its registration."""
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "_system_config": _FAST_DEATH})
+    cluster = _cpu_less_head_cluster()
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=2)
@@ -267,12 +263,20 @@ print("RESULT", json.dumps({"after": after, "waited": waited, "own": node_loss(V
 
 
 @pytest.mark.slow
-def test_a_collective_error_counts_as_lost_once_ray_declares_the_node_dead() -> None:
+
+
+def _cpu_less_head_cluster():  # -> ray.cluster_utils.Cluster
+    """A real local Ray cluster whose head has no CPUs (work lands on the nodes a test adds and
+    kills), with node death detected fast."""
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+    return Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "_system_config": _FAST_DEATH})
+
+
+def test_a_collective_error_counts_as_lost_once_ray_declares_the_node_dead() -> None:
+    cluster = _cpu_less_head_cluster()
     driver = None
     try:
         doomed = cluster.add_node(num_cpus=1)
@@ -313,11 +317,7 @@ def test_tune_trials_lost_with_their_node_resume_without_using_a_retry(queue: Jo
     """A head with no CPUs and one 2-CPU node: both trials of the sweep run there. That node is
     SIGKILLed once a trial has checkpointed, then a fresh node joins: the job is handed back
     (``max_lost``, not ``max_retries`` 0) and the second attempt resumes both trials there."""
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "_system_config": _FAST_DEATH})
+    cluster = _cpu_less_head_cluster()
     worker = None
     try:
         doomed = cluster.add_node(num_cpus=2)
