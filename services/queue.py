@@ -17,69 +17,37 @@ import redis
 from . import parsing
 from .events import TERMINAL_STATES, EventLog
 from .job import STATES, AnySpec, ClaimedJob, JobRecord, PruneBatch, new_job_id
-from .jobspec import PRIORITIES, SpecError, TuneSpec, parse_spec
+from .jobspec import SpecError, TuneSpec, parse_spec
 from .keys import Keys
 from .lua_scripts import load_scripts
+from .queue_errors import (
+    MAX_ERROR_CHARS,
+    MAX_TRACEBACK_CHARS,
+    CapacityError,
+    IdempotencyConflict,
+    JobNotFound,
+    JobStateError,
+    QueueError,
+    truncate_head,
+    truncate_tail,
+)
+from .queue_stats import QueueStats
+from .registry import WorkerRegistry, resource_shape, server_time, worker_resources
 
 LeaseStatus = Literal["ok", "lost", "cancel_requested"]
 
 _SUBMIT_CHUNK = 500
 
-# What one submit may carry, and how much of a failure's text is kept: a job's hash is read
-# whole by claim (HGETALL), and one 32 MB field there blocked all of Redis for seconds.
+# What one submit may carry: a job's hash is read whole by claim (HGETALL), and one 32 MB
+# field there blocked all of Redis for seconds (failure text is cut likewise: queue_errors).
 MAX_SPEC_BYTES = 64 * 1024
 MAX_IDEMPOTENCY_KEY_CHARS = 200
-MAX_ERROR_CHARS = 2 * 1024
-MAX_TRACEBACK_CHARS = 16 * 1024
-
-
-class QueueError(Exception):
-    """Base class of queue errors (one-line messages)."""
-
-
-class JobNotFound(QueueError, LookupError):
-    pass
-
-
-class JobStateError(QueueError, ValueError):
-    """The job is in a state where the operation makes no sense (e.g. cancel a finished job)."""
-
-
-class CapacityError(QueueError, ValueError):
-    """No live worker could ever run the job (e.g. it needs more GPUs than any worker has)."""
-
-
-class IdempotencyConflict(QueueError, ValueError):
-    """An idempotency key already names a job with a different spec (as payment APIs refuse a
-    reused key with a different request); ``job_id`` is that job."""
-
-    def __init__(self, message: str, job_id: str) -> None:
-        super().__init__(message)
-        self.job_id = job_id
-
-
-def truncate_head(text: str, limit: int) -> str:
-    """At most ``limit`` characters of ``text``: its head, marked when something was cut."""
-    if len(text) <= limit:
-        return text
-    keep = max(0, limit - 40)  # room for the marker
-    return text[:keep] + f" ... [{len(text) - keep} characters cut]"
-
-
-def truncate_tail(text: str, limit: int) -> str:
-    """At most ``limit`` characters of ``text``: its tail (a traceback's end says what raised)."""
-    if len(text) <= limit:
-        return text
-    keep = max(0, limit - 40)
-    return f"[{len(text) - keep} characters cut] ...\n" + text[len(text) - keep:]
 
 
 # Every value read from Redis goes through these total parsers (services.parsing): junk
 # becomes None or a default, never an exception.
 _s = parsing.text
 _f = parsing.finite
-_i = parsing.integer
-_json = parsing.json_value
 
 
 def _dumps(obj: Any) -> str:
@@ -112,6 +80,8 @@ class JobQueue:
         self.max_spec_bytes = int(max_spec_bytes)
         self.events = EventLog(client, self.keys, maxlen=events_maxlen)
         self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
+        self.registry = WorkerRegistry(client, self.keys)
+        self.stats = QueueStats(client, self.keys)
 
     @classmethod
     def from_settings(cls, settings: Any, client: redis.Redis | None = None, **kwargs: Any) -> JobQueue:
@@ -367,13 +337,8 @@ class JobQueue:
                           more=examined >= limit and not dry_run)
 
     def count_prunable(self, older_than: float, now: float | None = None) -> int:
-        """How many finished jobs ``prune(older_than)`` would remove (index entries, one round)."""
-        cutoff = (self._server_time() if now is None else float(now)) - float(older_than)
-        pipe = self.client.pipeline(transaction=False)
-        for state in TERMINAL_STATES:
-            for p in PRIORITIES:
-                pipe.zcount(self.keys.state(state, p), "-inf", repr(cutoff))
-        return sum(n for n in pipe.execute(raise_on_error=False) if isinstance(n, int))
+        """How many finished jobs ``prune(older_than)`` would remove (services.queue_stats)."""
+        return self.stats.count_prunable(older_than, now)
 
     # ------------------------------------------------------------------ user side
 
@@ -418,217 +383,51 @@ class JobQueue:
         return record
 
     def list(self, state: str | None = None, limit: int = 50) -> list[JobRecord]:
-        """Newest first; all jobs or those in one state."""
-        if state is not None and state not in STATES:
-            raise ValueError(f"state must be one of {', '.join(STATES)} (got {state!r})")
-        if limit <= 0:
-            return []
-        ids = self._index_ids(state, limit)
-        pipe = self.client.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hgetall(self.keys.job(job_id))
-        try:
-            rows = pipe.execute(raise_on_error=False)  # a key that is not a hash: its error, skipped
-        except UnicodeDecodeError:  # a strictly decoding client met junk: fetch one by one
-            rows = []
-            for job_id in ids:
-                try:
-                    rows.append(self.client.hgetall(self.keys.job(job_id)))
-                except (UnicodeDecodeError, redis.ResponseError):
-                    rows.append(None)
-        out = []
-        for job_id, h in zip(ids, rows, strict=True):
-            if isinstance(h, dict) and h:  # an index entry without a record has nothing to show
-                record = JobRecord.from_hash(h)
-                record.id = record.id or job_id
-                out.append(record)
-        return out
+        """Newest first; all jobs or those in one state (see ``QueueStats.list``)."""
+        return self.stats.list(state, limit)
 
-    def _index_ids(self, state: str | None, limit: int) -> list[str]:
-        """Job ids of the ``jobs`` index (or of one state's indexes), newest first. An index key
-        of the wrong type reads as empty."""
-        if state is None:
-            try:
-                return [_s(x) for x in self.client.zrevrange(self.keys.jobs, 0, limit - 1)]  # type: ignore[misc]
-            except redis.ResponseError as err:
-                if not parsing.wrong_type(err):
-                    raise
-                return []
-        pipe = self.client.pipeline(transaction=False)
-        for p in PRIORITIES:
-            pipe.zrevrange(self.keys.state(state, p), 0, limit - 1, withscores=True)
-        scored = [(float(score), _s(m)) for rows in pipe.execute(raise_on_error=False)
-                  if isinstance(rows, list) for m, score in rows]
-        return [m for _, m in sorted(scored, key=lambda t: (-t[0], t[1]))[:limit]]  # type: ignore[misc]
+    # ------------------------------------------------------------------ read-only views
+    # (services.queue_stats: totals that read junk keys as empty)
 
     def state_counts(self) -> dict[tuple[str, str], int]:
-        """``{(state, priority): n}`` for every state and priority: one pipelined round of ZCARDs."""
-        pipe = self.client.pipeline(transaction=False)
-        pairs = [(s, p) for s in STATES for p in PRIORITIES]
-        for s, p in pairs:
-            pipe.zcard(self.keys.state(s, p))
-        # An index key of the wrong type counts 0 (its error is not raised).
-        return {pair: (n if isinstance(n, int) else 0)
-                for pair, n in zip(pairs, pipe.execute(raise_on_error=False), strict=True)}
+        """``{(state, priority): n}`` for every state and priority."""
+        return self.stats.state_counts()
 
     def counters(self) -> dict[str, Any]:
-        """Monotonic counters for metrics::
-
-            {"submitted": {(kind, model): n}, "finished": {(kind, model, outcome): n},
-             "retries": n, "lease_expiries": n, "dead_lettered": n, "manual_retries": n, "pruned": n,
-             "infrastructure_losses": n}
-        """
-        try:
-            stored = self.client.hgetall(self.keys.counters)
-        except redis.ResponseError as err:  # not a hash: no counters to read
-            if not parsing.wrong_type(err):
-                raise
-            stored = {}
-        # Names become metric labels: printable text only.
-        raw = {parsing.printable(k): _i(v) for k, v in stored.items()}
-        out: dict[str, Any] = {"submitted": {}, "finished": {}, "retries": 0, "lease_expiries": 0,
-                               "dead_lettered": 0, "manual_retries": 0, "pruned": 0, "infrastructure_losses": 0}
-        for name, value in raw.items():
-            parts = name.split(":")
-            if parts[0] == "submitted" and len(parts) == 3:
-                out["submitted"][(parts[1], parts[2])] = value
-            elif parts[0] == "finished" and len(parts) == 4:
-                out["finished"][(parts[1], parts[2], parts[3])] = value
-            elif len(parts) == 1 and parts[0] and parts[0] not in ("submitted", "finished"):
-                out[parts[0]] = value
-        return out
+        """Monotonic counters for metrics (see ``QueueStats.counters``)."""
+        return self.stats.counters()
 
     def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
-        """Newest first: ``{"job_id", "reason", "at", "source"}`` (source = queue key or "claim")."""
-        try:
-            rows = self.client.lrange(self.keys.dead_letters, 0, max(0, limit - 1)) if limit > 0 else []
-        except redis.ResponseError as err:  # not a list: nothing readable
-            if not parsing.wrong_type(err):
-                raise
-            rows = []
-        out = []
-        for row in rows:
-            entry = _json(row, None)
-            out.append(entry if isinstance(entry, dict) else {"raw": _s(row)})
-        return out
+        """Newest first: ``{"job_id", "reason", "at", "source"}``."""
+        return self.stats.dead_letters(limit)
 
     def dead_letter_count(self) -> int:
-        """How many dead letters are kept (0 when the key is not a list)."""
-        try:
-            return int(self.client.llen(self.keys.dead_letters))
-        except redis.ResponseError as err:
-            if not parsing.wrong_type(err):
-                raise
-            return 0
+        return self.stats.dead_letter_count()
 
     def queue_depth(self) -> dict[str, int]:
-        """Entries waiting in the queue zsets per priority (junk included until claim meets it)."""
-        out = {}
-        for p in PRIORITIES:
-            try:
-                shapes = [_s(s) for s in self.client.smembers(self.keys.shapes(p))]
-            except redis.ResponseError as err:  # not a set (claim quarantines it)
-                if not parsing.wrong_type(err):
-                    raise
-                shapes = []
-            pipe = self.client.pipeline(transaction=False)
-            for shape in shapes:
-                g, _, c = (shape or "").partition(":")
-                pipe.zcard(self.keys.queue(p, g, c))
-            out[p] = sum(int(n) for n in pipe.execute(raise_on_error=False) if isinstance(n, int))
-        return out
+        """Entries waiting in the queue zsets per priority."""
+        return self.stats.queue_depth()
 
     # ------------------------------------------------------------------ workers
+    # (services.registry: TTL'd registrations, the capacity submit checks against)
 
     def register_worker(self, worker_id: str, info: Mapping[str, Any], ttl: float | None = None) -> None:
-        """Announce (or refresh) a live worker for ``ttl`` s (default: the lease length).
-
-        ``info`` is free-form JSON; the queue reads ``resources`` = ``{"gpus", "cpus"}`` (what the
-        worker can ever offer, for submit's capacity check). Conventional keys: ``hostname``,
-        ``pid``, ``available``, ``current_job``, ``started_at``.
-        """
-        ttl = float(ttl if ttl is not None else self.lease_seconds)
-        now = self._server_time()
-        payload = {**dict(info), "id": worker_id, "seen_at": now, "expires_at": now + ttl}
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.keys.worker(worker_id), _dumps(payload), px=max(1, int(ttl * 1000)))
-        pipe.zadd(self.keys.workers, {worker_id: now + ttl})
-        pipe.execute()
-
-    def _server_time(self) -> float:
-        """Redis server time, so hosts with skewed clocks agree on registration expiry."""
-        secs, micros = self.client.time()
-        return int(secs) + int(micros) / 1e6
+        """Announce (or refresh) a live worker for ``ttl`` s (default: the lease length)."""
+        self.registry.register(worker_id, info, self.lease_seconds if ttl is None else ttl)
 
     def unregister_worker(self, worker_id: str) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self.keys.worker(worker_id))
-        pipe.zrem(self.keys.workers, worker_id)
-        pipe.execute()
+        self.registry.unregister(worker_id)
 
     def workers(self) -> list[dict[str, Any]]:
-        """Live workers' info dicts (expired registrations are pruned), sorted by id.
-
-        A registration that is not a JSON object is listed as ``{"id", "invalid": why}``; one whose
-        key is gone (or not a string) is left out.
-        """
-        now = self._server_time()
-        try:
-            self.client.zremrangebyscore(self.keys.workers, "-inf", now)
-            ids = [_s(x) for x in self.client.zrange(self.keys.workers, 0, -1)]
-        except redis.ResponseError as err:  # the registry is not a sorted set: nobody is registered
-            if not parsing.wrong_type(err):
-                raise
-            return []
-        if not ids:
-            return []
-        values = self.client.mget([self.keys.worker(w) for w in ids])  # type: ignore[arg-type]
-        out = []
-        for worker_id, raw in zip(ids, values, strict=True):
-            if raw is None:
-                continue
-            info = _json(raw, None)
-            if not isinstance(info, dict):
-                info = {"invalid": "registration is not a JSON object"}
-            info.setdefault("id", worker_id)
-            out.append(info)
-        return sorted(out, key=lambda w: parsing.printable(w.get("id")))
+        """Live workers' info dicts, sorted by id (see ``WorkerRegistry.workers``)."""
+        return self.registry.workers()
 
     def cluster_capacity(self) -> dict[str, Any]:
-        """Totals published by live workers: ``{"workers", "gpus", "cpus", "max_gpus", "max_cpus",
-        "shapes": [(gpus, cpus) per worker]}``. Workers whose resources are not finite numbers
-        >= 0 are left out (``worker_resources`` is None for them)."""
-        shapes = [shape for info in self.workers() if (shape := worker_resources(info)) is not None]
-        return {
-            "workers": len(shapes),
-            "gpus": sum(g for g, _ in shapes), "cpus": sum(c for _, c in shapes),
-            "max_gpus": max((g for g, _ in shapes), default=0), "max_cpus": max((c for _, c in shapes), default=0),
-            "shapes": shapes,
-        }
+        """Totals published by live workers (see ``WorkerRegistry.cluster_capacity``)."""
+        return self.registry.cluster_capacity()
 
-
-def resource_shape(res: Any) -> tuple[float, float] | None:
-    """``(gpus, cpus)`` of a ``{"gpus", "cpus"}`` mapping (missing or empty = 0), or None when
-    it is not a mapping or either value is not a finite number >= 0 (``"nan"``, ``-1``, junk)."""
-    if not isinstance(res, Mapping):
-        return None
-    values = []
-    for name in ("gpus", "cpus"):
-        raw = res.get(name)
-        value = 0.0 if raw is None or raw == "" else _f(raw)
-        if value is None or value < 0:
-            return None
-        values.append(value)
-    return values[0], values[1]
-
-
-def worker_resources(info: Mapping[str, Any]) -> tuple[float, float] | None:
-    """What a registered worker can ever offer: its ``resources`` (or, in older registrations,
-    the info itself); None when that is unreadable, so it counts towards no capacity."""
-    if info.get("invalid"):  # an unreadable registration (see JobQueue.workers)
-        return None
-    res = info.get("resources")
-    return resource_shape(res if isinstance(res, Mapping) else info)
+    def _server_time(self) -> float:
+        return server_time(self.client)
 
 
 __all__ = [

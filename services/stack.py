@@ -1,13 +1,13 @@
 """``capsctl up`` / ``capsctl down``: the embedded single-machine stack (a local redis-server, a
-Ray head and N workers, recorded in ``<state_dir>/stack.json``; see docs/architecture.md).
+Ray head and N workers, recorded in ``<state_dir>/stack.json``; see docs/architecture.md). This
+module orchestrates; process supervision is in ``services.processes`` and the record files in
+``services.stack_record`` (their public names are re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import json
 import os
 import secrets
 import shutil
@@ -16,21 +16,40 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
-import psutil
 import redis
 
 from .config import Settings, ray_node_env, redis_client
+from .processes import (
+    find_process,
+    free_port,
+    log_tail,
+    pid_alive,
+    port_free,
+    session_pids,
+    session_procs,
+    spawn,
+    stop_ray_session,
+    terminate,
+)
 from .queue import JobQueue
+from .stack_record import (
+    ENV_FILE,
+    STACK_FILE,
+    env_path,
+    load_env,
+    read_stack,
+    save_record,
+    stack_path,
+    state_lock,
+    write_env,
+)
 
-STACK_FILE = "stack.json"
-ENV_FILE = "env"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "")
-ENV_KEYS = ("CAPSNET_REDIS_URL", "CAPSNET_REDIS_PREFIX", "RAY_ADDRESS", "RAY_AUTH_MODE")
 
 Log = Callable[[str], None]
 
@@ -39,187 +58,7 @@ class StackError(RuntimeError):
     """``up``/``down`` could not do its job; the message is one line (plus a log tail at most)."""
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def stack_path(state_dir: Path) -> Path:
-    return Path(state_dir) / STACK_FILE
-
-
-def env_path(state_dir: Path) -> Path:
-    return Path(state_dir) / ENV_FILE
-
-
-def read_stack(state_dir: Path) -> dict[str, Any] | None:
-    """The record ``up`` wrote, or None (no stack, or an unreadable file)."""
-    try:
-        data = json.loads(stack_path(state_dir).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def load_env(state_dir: Path) -> dict[str, str]:
-    """``KEY=value`` pairs from ``<state_dir>/env`` (empty when there is none)."""
-    try:
-        text = env_path(state_dir).read_text()
-    except OSError:
-        return {}
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        key = key.strip().removeprefix("export ").strip()
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        if key in ENV_KEYS:
-            out[key] = value
-    return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _save(state_dir: Path, record: dict[str, Any]) -> None:
-    _atomic_write(stack_path(state_dir), json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
-def _write_env(state_dir: Path, env: dict[str, str]) -> None:
-    lines = ["# written by `capsctl up`, removed by `capsctl down`; capsctl reads it for settings",
-             "# the environment leaves unset. Other tools: set -a; . " + str(env_path(state_dir))]
-    lines += [f"{k}={v}" for k, v in env.items() if v]
-    _atomic_write(env_path(state_dir), "\n".join(lines) + "\n")
-
-
-@contextlib.contextmanager
-def _lock(state_dir: Path) -> Iterator[None]:
-    """One ``up``/``down`` at a time per state dir."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / "stack.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-# ----------------------------------------------------------------------------- processes
-
-_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-
-
-def _running(proc: psutil.Process) -> bool:
-    """True while ``proc`` runs; zombies count as gone, and a PID reused by another program is
-    not ``proc`` (psutil compares the create time)."""
-    try:
-        return proc.is_running() and proc.status() not in _GONE
-    except psutil.Error:
-        return False
-
-
-def _process(pid: int | None, needle: str | None = None) -> psutil.Process | None:
-    """The running process ``pid`` whose command line contains ``needle`` (when given), else None."""
-    if not pid or pid <= 0:
-        return None
-    try:
-        proc = psutil.Process(pid)
-    except psutil.Error:
-        return None
-    try:
-        if proc.status() in _GONE:
-            return None
-        if needle is not None and needle not in " ".join(proc.cmdline()):
-            return None
-    except psutil.AccessDenied:  # someone else's process: alive, but never ours to match
-        return proc if needle is None else None
-    except psutil.Error:
-        return None
-    return proc
-
-
-def pid_alive(pid: int | None, needle: str | None = None) -> bool:
-    """True while ``pid`` runs (zombies count as gone) and, with ``needle``, its command line
-    still contains it (so a PID the OS handed to another program is not ours)."""
-    return _process(pid, needle) is not None
-
-
-def _session_procs(sid: int | None) -> list[psutil.Process]:
-    if not sid:
-        return []
-    out = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid and proc.status() not in _GONE:
-                out.append(proc)
-        except (psutil.Error, OSError):  # gone meanwhile
-            continue
-    return sorted(out, key=lambda p: p.pid)
-
-
-def session_pids(sid: int | None) -> list[int]:
-    """Live processes whose session id is ``sid``."""
-    return [p.pid for p in _session_procs(sid)]
-
-
-def _terminate(procs: list[psutil.Process], grace: float) -> list[int]:
-    """SIGTERM, wait up to ``grace`` s, SIGKILL what is left; returns the PIDs signalled. psutil
-    refuses to signal a PID that now belongs to another process, so a late reuse is never hit."""
-    targets = [p for p in procs if _running(p)]
-    for proc in targets:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_running(p) for p in targets):
-        time.sleep(0.1)
-    for proc in targets:
-        if _running(proc):
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_running(p) for p in targets):
-        time.sleep(0.05)
-    return [p.pid for p in targets]
-
-
-def _tail(path: Path | str | None, lines: int = 15) -> str:
-    try:
-        text = Path(path).read_text(errors="replace") if path else ""
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def _spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log_fh:
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, close_fds=True)
-
-
-# ----------------------------------------------------------------------------- ports and URLs
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+# ----------------------------------------------------------------------------- URLs
 
 
 def redact_url(url: str) -> str:
@@ -252,7 +91,7 @@ def _wait_redis(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise StackError(f"redis-server exited with code {proc.returncode}; its log "
-                             f"{log_path}:\n{_tail(log_path)}")
+                             f"{log_path}:\n{log_tail(log_path)}")
         if redis_answers(url, timeout=0.5):
             return
         time.sleep(0.1)
@@ -317,7 +156,7 @@ def up(settings: Settings, *, num_cpus: int | None = None, metrics_port: int | N
     if workers < 1:
         raise StackError("workers: must be at least 1")
     state_dir = Path(settings.state_dir).expanduser()
-    with _lock(state_dir):
+    with state_lock(state_dir):
         current = status(settings)
         if current is not None:
             if current.get("healthy"):
@@ -347,7 +186,7 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
                metrics_port: int | None, workers: int, timeout: float, say: Log) -> None:
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    _save(state_dir, record)
+    save_record(state_dir, record)
 
     # --- Redis
     url = settings.redis_url
@@ -357,7 +196,7 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
     else:
         record["redis"] = _start_redis(url, state_dir, logs, say)
         url = record["redis"]["url"]
-    _save(state_dir, record)
+    save_record(state_dir, record)
 
     # --- Ray
     auth_mode = os.environ.get("RAY_AUTH_MODE") or "token"
@@ -367,10 +206,10 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
     else:
         cpus = int(num_cpus or os.cpu_count() or 1)
         record["ray"] = {"started": False, "num_cpus": cpus}
-        _save(state_dir, record)
+        save_record(state_dir, record)
         record["ray"] = _start_ray(cpus, state_dir, logs, auth_mode, record, say)
     record["ray"]["auth_mode"] = auth_mode
-    _save(state_dir, record)
+    save_record(state_dir, record)
 
     # --- workers
     env_values = {"CAPSNET_REDIS_URL": url, "CAPSNET_REDIS_PREFIX": settings.redis_prefix,
@@ -392,12 +231,12 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
         if settings.data_dir is not None:
             env["CAPSNET_DATA_DIR"] = str(settings.data_dir)
         log_path = logs / f"worker-{i}.log"
-        proc = _spawn([*_worker_command(), "worker", "--worker-id", worker_id, "--metrics-port", str(port)],
+        proc = spawn([*_worker_command(), "worker", "--worker-id", worker_id, "--metrics-port", str(port)],
                       log_path, env)
         procs[worker_id] = proc
         record["workers"].append({"id": worker_id, "pid": proc.pid, "log": str(log_path),
                                   "metrics_port": port})
-        _save(state_dir, record)
+        save_record(state_dir, record)
         say(f"started worker {worker_id} (pid {proc.pid})")
 
     # --- wait for the workers to register
@@ -422,7 +261,7 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
             if proc.poll() is not None:
                 entry = next(w for w in record["workers"] if w["id"] == worker_id)
                 raise StackError(f"worker {worker_id} exited with code {proc.returncode} before registering; "
-                                 f"its log {entry['log']}:\n{_tail(entry['log'])}")
+                                 f"its log {entry['log']}:\n{log_tail(entry['log'])}")
         if time.monotonic() > deadline:
             raise StackError(f"worker(s) {', '.join(sorted(pending))} did not register in Redis within "
                              f"{timeout:.0f} s; see the logs in {logs}")
@@ -431,8 +270,8 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
 
     record["complete"] = True
     record["env_file"] = str(env_path(state_dir))
-    _save(state_dir, record)
-    _write_env(state_dir, env_values)
+    save_record(state_dir, record)
+    write_env(state_dir, env_values)
 
 
 def _start_redis(url: str, state_dir: Path, logs: Path, say: Log) -> dict[str, Any]:
@@ -459,7 +298,7 @@ def _start_redis(url: str, state_dir: Path, logs: Path, say: Log) -> dict[str, A
     if password:
         cmd += ["--requirepass", password]
     log_path = logs / "redis.log"
-    proc = _spawn(cmd, log_path)
+    proc = spawn(cmd, log_path)
     auth = ""
     if parsed.password is not None:
         auth = f"{quote(unquote(parsed.username or ''), safe='')}:{quote(password or '', safe='')}@"
@@ -488,18 +327,18 @@ def _start_ray(cpus: int, state_dir: Path, logs: Path, auth_mode: str, record: d
     env = {**os.environ, **ray_node_env(), "RAY_AUTH_MODE": auth_mode}
     env.pop("RAY_ADDRESS", None)
     log_path = logs / "ray-start.log"
-    proc = _spawn(cmd, log_path, env)
+    proc = spawn(cmd, log_path, env)
     address = f"127.0.0.1:{port}"
     info = {"address": address, "started": True, "session": proc.pid, "num_cpus": cpus, "port": port,
             "temp_dir": str(temp_dir), "log": str(log_path)}
     record["ray"] = info  # recorded before waiting, so a failed start can be taken down
-    _save(state_dir, record)
+    save_record(state_dir, record)
     try:
         code = proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
         raise StackError(f"`ray start --head` did not finish within 120 s; see {log_path}") from None
     if code != 0:
-        raise StackError(f"`ray start --head` failed with code {code}; its log {log_path}:\n{_tail(log_path)}")
+        raise StackError(f"`ray start --head` failed with code {code}; its log {log_path}:\n{log_tail(log_path)}")
     info["pids"] = session_pids(proc.pid)
     if not info["pids"]:
         raise StackError(f"`ray start --head` exited but left no Ray processes running; see {log_path}")
@@ -510,35 +349,11 @@ def _start_ray(cpus: int, state_dir: Path, logs: Path, auth_mode: str, record: d
 # ----------------------------------------------------------------------------- down
 
 
-def _stop_ray_session(sid: int, grace: float) -> list[int]:
-    """Stop the Ray processes of one session in ``ray stop``'s order: the raylet first (its
-    agents fate-share with it), then the rest, the GCS last; a third of the grace period each."""
-
-    def name(proc: psutil.Process) -> str:
-        try:
-            return proc.name()
-        except psutil.Error:
-            return ""
-
-    buckets: list[Callable[[str], bool]] = [lambda c: c == "raylet",
-                                            lambda c: c not in ("raylet", "gcs_server"),
-                                            lambda c: c == "gcs_server"]
-    stopped: list[int] = []
-    for pick in buckets:
-        procs = [p for p in _session_procs(sid) if pick(name(p))]
-        if procs:
-            stopped += _terminate(procs, grace / len(buckets))
-    late = _session_procs(sid)  # anything spawned while the others were stopping
-    if late:
-        stopped += _terminate(late, 1.0)
-    return stopped
-
-
 def down(settings: Settings, *, grace: float = 20.0, log: Log | None = None) -> dict[str, Any] | None:
     """Stop what ``up`` recorded and remove the record; returns the record (None: nothing was up)."""
     say: Log = log or (lambda _msg: None)
     state_dir = Path(settings.state_dir).expanduser()
-    with _lock(state_dir):
+    with state_lock(state_dir):
         return _down_locked(state_dir, grace=grace, say=say)
 
 
@@ -551,14 +366,14 @@ def _down_locked(state_dir: Path, *, grace: float, say: Log) -> dict[str, Any] |
     stopped: dict[str, Any] = {"workers": [], "ray": [], "redis": []}
 
     workers = [w for w in record.get("workers") or [] if isinstance(w, dict)]
-    procs = [p for p in (_process(w.get("pid"), w.get("id")) for w in workers) if p is not None]
+    procs = [p for p in (find_process(w.get("pid"), w.get("id")) for w in workers) if p is not None]
     if procs:
         say(f"stopping {len(procs)} worker(s) (SIGTERM; their jobs go back to the queue)")
-        stopped["workers"] = _terminate(procs, grace)
+        stopped["workers"] = terminate(procs, grace)
     for proc in procs:  # anything our (verified) workers left behind in their sessions
-        leftovers = _session_procs(proc.pid)
+        leftovers = session_procs(proc.pid)
         if leftovers:
-            _terminate(leftovers, 5.0)
+            terminate(leftovers, 5.0)
 
     ray = record.get("ray") or {}
     if ray.get("started") and ray.get("session"):
@@ -566,14 +381,14 @@ def _down_locked(state_dir: Path, *, grace: float, say: Log) -> dict[str, Any] |
         pids = session_pids(sid)
         if pids:
             say(f"stopping the Ray head at {ray.get('address')} ({len(pids)} processes)")
-            stopped["ray"] = _stop_ray_session(sid, min(grace, 15.0))
+            stopped["ray"] = stop_ray_session(sid, min(grace, 15.0))
 
     r = record.get("redis") or {}
     if r.get("started") and r.get("pid"):
-        proc = _process(int(r["pid"]), str(r.get("port", "")) or None)
+        proc = find_process(int(r["pid"]), str(r.get("port", "")) or None)
         if proc is not None:
             say(f"stopping redis-server on port {r.get('port')} (its data stays in {r.get('dir')})")
-            stopped["redis"] = _terminate([proc], grace)
+            stopped["redis"] = terminate([proc], grace)
 
     for path in (stack_path(state_dir), env_path(state_dir)):
         with contextlib.suppress(FileNotFoundError):
