@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,23 @@ def autocast_context(device: torch.device, amp: bool = True):
     """bf16 autocast on CUDA (no loss scaling needed); a no-op elsewhere."""
     enabled = amp and device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@contextmanager
+def cpu_threads(threads: int, device: torch.device) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (0: unchanged; no effect off the CPU).
+
+    Under DDP only rank 0 evaluates while the other ranks wait at the next barrier, so rank 0 may
+    use the cores they hold on its machine instead of one."""
+    before = torch.get_num_threads()
+    change = threads > 0 and torch.device(device).type == "cpu" and threads != before
+    if change:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if change:
+            torch.set_num_threads(before)
 
 
 def configure_backends(device: torch.device) -> None:

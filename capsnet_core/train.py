@@ -26,7 +26,7 @@ from torch import nn
 from .augment import AugmentSpec, augment_batch, parse_preset
 from .checkpoint import resume_training, save_checkpoint
 from .data import Dataset
-from .evaluate import autocast_context, configure_backends, evaluate, evaluate_suites
+from .evaluate import autocast_context, configure_backends, cpu_threads, evaluate, evaluate_suites
 from .models.base import unwrap
 from .suites import angle_key
 
@@ -51,6 +51,7 @@ class TrainConfig:
     eval_every: int = 1  # upright test accuracy after every n epochs (0 = only at the end)
     eval_batch_size: int = 500
     log_every: int = 20  # a step event every n steps
+    eval_threads: int = 0  # torch CPU threads while rank 0 evaluates (others wait idle); 0 = as training
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -208,12 +209,14 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
                                   "images_per_second": stats["images_per_second"]}
         last = epoch + 1 == config.epochs
         if rank == 0 and test is not None and config.eval_every and ((epoch + 1) % config.eval_every == 0 or last):
-            upright = evaluate(model, test.images, test.labels, batch_size=config.eval_batch_size, amp=config.amp)
+            with cpu_threads(config.eval_threads, device):
+                upright = evaluate(model, test.images, test.labels, batch_size=config.eval_batch_size, amp=config.amp)
             record.update(test_accuracy=upright.accuracy, test_loss=upright.loss)
         if last and rank == 0 and test is not None:
             # The robustness evaluation belongs to the final checkpoint: do it before saving, so
             # the last checkpoint (and its report) carries the result.
-            evaluate_angles()
+            with cpu_threads(config.eval_threads, device):
+                evaluate_angles()
             record.update(rotation_accuracy=dict(rotation), per_class=dict(per_class))
             if suites:
                 record.update(suite_accuracy=dict(suites))
@@ -231,7 +234,8 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
             on_epoch_end(history, saved)
     train_seconds = time.perf_counter() - began
     if not rotation and rank == 0 and test is not None:
-        evaluate_angles()  # nothing left to train (resumed after the last epoch): still evaluate
+        with cpu_threads(config.eval_threads, device):
+            evaluate_angles()  # nothing left to train (resumed after the last epoch): still evaluate
     return FitResult(history=history, rotation_accuracy=rotation, per_class=per_class,
                      start_epoch=start_epoch, epochs=config.epochs, train_seconds=train_seconds,
                      suite_accuracy=suites)

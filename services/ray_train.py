@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from capsnet_core import TrainConfig, build_model, fit, load_dataset
+from capsnet_core.evaluate import cpu_threads
 from capsnet_core.train import ddp_options, shard_indices
 
 from .jobspec import TrainSpec
@@ -38,10 +39,19 @@ from .losses import infrastructure_loss, node_loss, rank_nodes
 from .runtime import CHECKPOINT_FILE, JobChannel, JobContext, check_job_limits, fit_or_stop
 
 
-def _train_config(spec: TrainSpec) -> TrainConfig:
+def _train_config(spec: TrainSpec, eval_threads: int = 0) -> TrainConfig:
     return TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, lr_decay=spec.lr_decay,
                        augment=spec.augment, seed=spec.seed, eval_angles=tuple(spec.eval_angles),
-                       eval_suites=tuple(spec.eval_suites))
+                       eval_suites=tuple(spec.eval_suites), eval_threads=eval_threads)
+
+
+def _eval_threads(train_ctx: Any, device: torch.device) -> int:
+    """CPU threads for rank 0's evaluation: those of every rank on its node, which wait idle
+    meanwhile (a CapsNet evaluation on one thread took longer than its training epoch)."""
+    if device.type != "cpu":
+        return 0
+    local_ranks = getattr(train_ctx, "get_local_world_size", lambda: 1)()
+    return max(1, int(local_ranks)) * torch.get_num_threads()
 
 
 def _checkpoint_epoch(path: str) -> int:
@@ -143,13 +153,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             channel.set_checkpoint(uri)
 
     try:
-        result = fit(model, train, test, _train_config(spec), rank=rank, world_size=world_size,
+        eval_threads = _eval_threads(train_ctx, device)
+        result = fit(model, train, test, _train_config(spec, eval_threads), rank=rank, world_size=world_size,
                      checkpoint_path=workdir / "epoch" / CHECKPOINT_FILE if rank == 0 else None,
                      resume_from=resume_file, on_progress=channel.progress if rank == 0 else None,
                      on_epoch_end=on_epoch_end, should_stop=channel.should_stop)
         _report_resume(result, spec, rank, world_size, device, resume_file, workdir, channel)
         if rank == 0 and test is not None:
-            _write_plots(model, test, result.rotation_accuracy, spec, ctx, channel)
+            with cpu_threads(eval_threads, device):
+                _write_plots(model, test, result.rotation_accuracy, spec, ctx, channel)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # Ray has copied every checkpoint to storage
 

@@ -118,3 +118,22 @@ def test_checkpoint_roundtrip_and_plots(mnist, tmp_path: Path) -> None:
     ]
     for path in outputs:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_rank_zero_evaluates_with_the_idle_ranks_threads(mnist) -> None:
+    # Under DDP the other ranks wait while rank 0 evaluates: fit gives the evaluation the threads
+    # they hold (eval_threads) and gives them back to training afterwards.
+    train, test = mnist
+    seen: list[int] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_model("lenet5")
+        config = TrainConfig(epochs=1, batch_size=100, eval_angles=(0.0, 30.0), eval_threads=2, log_every=10**9)
+        fit(model, train.subset(300), test.subset(200), config,
+            on_progress=lambda event: seen.append(torch.get_num_threads()) if event["type"] == "eval" else None)
+        assert seen == [2]  # during the rotated evaluation
+        assert torch.get_num_threads() == 1  # restored
+    finally:
+        torch.set_num_threads(threads)
