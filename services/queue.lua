@@ -301,32 +301,44 @@ local function release(id)
   redis.call('HDEL', k_job(id), 'lease_expires_at')
 end
 
--- Retrying jobs whose backoff is over go back to their queue.
-local function promote_due(limit)
-  ensure_delayed()
-  local ids = redis.call('ZRANGEBYSCORE', k_delayed(), '-inf', NOW, 'LIMIT', 0, limit)
+-- The members of a time-ordered set (k_delayed or k_leases) that are due by NOW, at most limit.
+-- For each: check(id, j) validates every key the move will write when the job is in `state`
+-- (before the first write, see ensure_type), the member leaves the set, and move(id, j, why)
+-- makes the move (j is nil, with why, for a record that is gone or broken); ids it moved are returned.
+local function move_due(set_key, state, limit, check, move)
+  local ids = redis.call('ZRANGEBYSCORE', set_key, '-inf', NOW, 'LIMIT', 0, limit)
   local out = {}
   for _, id in ipairs(ids) do
     local j, why = job_fields(id, LIGHT)
-    if j and j.state == 'retrying' and queueable(j) then
+    if j and j.state == state then check(id, j) end
+    redis.call('ZREM', set_key, id)
+    if move(id, j, why) then table.insert(out, id) end
+  end
+  return out
+end
+
+-- Retrying jobs whose backoff is over go back to their queue.
+local function promote_due(limit)
+  ensure_delayed()
+  return move_due(k_delayed(), 'retrying', limit, function(id, j)
+    if queueable(j) then
       ensure_enqueue(id, j)
       ensure_transition(id, j.priority, 'retrying', 'queued')
     end
-    redis.call('ZREM', k_delayed(), id)
+  end, function(id, j, why)
     if j and j.state == 'retrying' then
       if queueable(j) then
         redis.call('HDEL', k_job(id), 'not_before')
         enqueue(id, j)
         transition(id, 'retrying', 'queued', j.priority, j.attempt, {reason = 'backoff elapsed'})
-        table.insert(out, id)
-      else
-        dead_letter(id, 'retrying job lacks priority/gpus/cpus/seq', 'delayed')
+        return true
       end
+      dead_letter(id, 'retrying job lacks priority/gpus/cpus/seq', 'delayed')
     elseif not j then
       dead_letter(id, why, 'delayed')
     end
-  end
-  return out
+    return false
+  end)
 end
 
 -- Running jobs whose lease expired (worker died, hung or was partitioned away).
@@ -339,41 +351,34 @@ end
 -- out even if it comes back.
 local function requeue_expired(limit)
   ensure_leases()
-  local ids = redis.call('ZRANGEBYSCORE', k_leases(), '-inf', NOW, 'LIMIT', 0, limit)
-  local out = {}
-  for _, id in ipairs(ids) do
-    local j = job_fields(id, LIGHT)
-    if j and j.state == 'running' then
-      sinks_ready()
-      ensure_transition(id, j.priority, 'running', 'queued', 'failed', 'cancelled')
-      if queueable(j) then ensure_enqueue(id, j) end
+  return move_due(k_leases(), 'running', limit, function(id, j)
+    sinks_ready()
+    ensure_transition(id, j.priority, 'running', 'queued', 'failed', 'cancelled')
+    if queueable(j) then ensure_enqueue(id, j) end
+  end, function(id, j)
+    if not (j and j.state == 'running') then return false end
+    local jk = k_job(id)
+    local attempt = tonumber(j.attempt) or 0
+    local info = {reason = 'lease expired', worker = j.worker or ''}
+    release(id)
+    local lost = incr_field(jk, 'lease_expiries', 1) -
+                 (tonumber(redis.call('HGET', jk, 'lost_base')) or 0)
+    local max_lost = tonumber(redis.call('HGET', jk, 'max_lost')) or DEFAULT_MAX_LOST
+    count('lease_expiries')
+    if j.cancel_requested == '1' then
+      finish(id, j, 'running', 'cancelled', 'cancelled', info)
+    elseif lost > max_lost or not queueable(j) then
+      local msg = 'lost its worker ' .. lost .. ' times (lease expired on attempt ' .. attempt ..
+                  ', last worker ' .. (j.worker or '?') .. '; max_lost ' .. max_lost .. ')'
+      redis.call('HSET', jk, 'error', msg)
+      info.error = msg
+      finish(id, j, 'running', 'failed', 'failed', info)
+    else
+      enqueue(id, j)
+      transition(id, 'running', 'queued', j.priority, attempt, info)
     end
-    redis.call('ZREM', k_leases(), id)
-    if j and j.state == 'running' then
-      local jk = k_job(id)
-      local attempt = tonumber(j.attempt) or 0
-      local info = {reason = 'lease expired', worker = j.worker or ''}
-      release(id)
-      local lost = incr_field(jk, 'lease_expiries', 1) -
-                   (tonumber(redis.call('HGET', jk, 'lost_base')) or 0)
-      local max_lost = tonumber(redis.call('HGET', jk, 'max_lost')) or DEFAULT_MAX_LOST
-      count('lease_expiries')
-      if j.cancel_requested == '1' then
-        finish(id, j, 'running', 'cancelled', 'cancelled', info)
-      elseif lost > max_lost or not queueable(j) then
-        local msg = 'lost its worker ' .. lost .. ' times (lease expired on attempt ' .. attempt ..
-                    ', last worker ' .. (j.worker or '?') .. '; max_lost ' .. max_lost .. ')'
-        redis.call('HSET', jk, 'error', msg)
-        info.error = msg
-        finish(id, j, 'running', 'failed', 'failed', info)
-      else
-        enqueue(id, j)
-        transition(id, 'running', 'queued', j.priority, attempt, info)
-      end
-      table.insert(out, id)
-    end
-  end
-  return out
+    return true
+  end)
 end
 
 --!script submit

@@ -140,43 +140,47 @@ class RedisRetry:
         backoff = Backoff(self.base, self.cap)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            try:
-                result = fn(*args, **kwargs)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                self._failed(exc, what)
-                delay = backoff.next_delay()
-                if deadline is not None:
-                    delay = min(delay, deadline - time.monotonic())
-                    if delay <= 0:
-                        raise RedisUnavailable(f"Redis unavailable while {what}: {describe(exc)}") from exc
-                if stop is not None:
-                    if stop.wait(delay):
-                        raise RedisUnavailable(f"gave up {what}: stop requested while Redis was "
-                                               f"unavailable ({describe(exc)})") from exc
-                else:
-                    time.sleep(delay)
-                continue
-            self._succeeded(what)
-            return result
+            answered, result, exc = self._once(fn, args, kwargs, what)
+            if answered:
+                return result
+            # A transient failure, recorded by _once: back off, then try again.
+            delay = backoff.next_delay()
+            if deadline is not None:
+                delay = min(delay, deadline - time.monotonic())
+                if delay <= 0:
+                    raise RedisUnavailable(f"Redis unavailable while {what}: {describe(exc)}") from exc
+            if stop is not None:
+                if stop.wait(delay):
+                    raise RedisUnavailable(f"gave up {what}: stop requested while Redis was "
+                                           f"unavailable ({describe(exc)})") from exc
+            else:
+                time.sleep(delay)
 
     def attempt(self, fn: Callable[..., T], *args: Any, what: str, default: Any = None, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` once; ``default`` on a transient error or, without calling
         ``fn``, while Redis is down and the next probe is not due yet. Never blocks on back-off."""
         if self._down_since is not None and time.monotonic() < self._next_probe:
             return default
+        answered, result, _ = self._once(fn, args, kwargs, what)
+        if not answered:
+            with self._lock:
+                self._next_probe = time.monotonic() + self._probe.next_delay()
+            return default
+        return result
+
+    def _once(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
+              what: str) -> tuple[bool, T | None, Exception | None]:
+        """One call: ``(True, result, None)``, or ``(False, None, error)`` after a transient error
+        (recorded); any other error propagates."""
         try:
             result = fn(*args, **kwargs)
         except Exception as exc:
             if not is_transient(exc):
                 raise
             self._failed(exc, what)
-            with self._lock:
-                self._next_probe = time.monotonic() + self._probe.next_delay()
-            return default
+            return False, None, exc
         self._succeeded(what)
-        return result
+        return True, result, None
 
 
 __all__ = ["BACKOFF_BASE_S", "BACKOFF_CAP_S", "TRANSIENT_REPLY_CODES", "Backoff", "RedisRetry", "RedisUnavailable",

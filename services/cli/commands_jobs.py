@@ -25,6 +25,7 @@ from .options import (
     deprecated_alias,
     given,
     parse_model_config,
+    training_job_options,
 )
 from .render import print_results, table, write_plots
 
@@ -82,10 +83,7 @@ def submit_spec(app: App, spec: dict[str, Any], idempotency_key: str | None, fol
               help=f"Test rotations in degrees ({default_of(TrainSpec, 'eval_angles')}).")
 @click.option("--eval-suite", "eval_suites", type=WordList(), metavar="S1,S2", help=SUITES_HELP)
 @click.option("--seed", type=int, help=f"Random seed ({default_of(TrainSpec, 'seed')}).")
-@data_options(train=True)
-@click.option("--model-config", multiple=True, metavar="KEY=VALUE",
-              help="Model config override (repeatable), e.g. routing_iters=2; values are JSON when they parse.")
-@common_job_options
+@training_job_options("Model config override (repeatable), e.g. routing_iters=2; values are JSON when they parse.")
 @pass_app
 def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, workers: int | None, epochs: int | None,
            batch_size: int | None, lr: float | None, lr_decay: float | None, augment: str | None,
@@ -166,10 +164,7 @@ def check_eval_source(app: App, source: str) -> None:
 @click.option("--gpus-per-trial", type=int, help=f"GPUs per trial ({default_of(TuneSpec, 'gpus_per_trial')}).")
 @click.option("--max-concurrent", type=int, help=f"Trials at once ({default_of(TuneSpec, 'max_concurrent')}).")
 @click.option("--asha/--no-asha", default=None, help=f"Early-stop weak trials with ASHA ({default_of(TuneSpec, 'asha')}).")
-@data_options(train=True)
-@click.option("--model-config", multiple=True, metavar="KEY=VALUE",
-              help="Model config override (repeatable; capsnet.KEY=VALUE for one model).")
-@common_job_options
+@training_job_options("Model config override (repeatable; capsnet.KEY=VALUE for one model).")
 @pass_app
 def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_angles: list[float] | None,
          eval_suites: list[str] | None,

@@ -159,3 +159,13 @@ class Duration(click.ParamType):
             self.fail(f"{value!r}: expected an age such as 7d, 12h, 30m or 90s", param, ctx)
         return amount * (unit or 86400.0)
 
+
+def training_job_options(model_config_help: str) -> Decorator:
+    """What submit and tune share after their own options: the data options, --model-config and
+    ``common_job_options``."""
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = common_job_options(f)
+        f = click.option("--model-config", multiple=True, metavar="KEY=VALUE", help=model_config_help)(f)
+        return data_options(train=True)(f)
+    return decorate
+
