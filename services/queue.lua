@@ -301,6 +301,19 @@ local function release(id)
   redis.call('HDEL', k_job(id), 'lease_expires_at')
 end
 
+-- How every script that ends an attempt starts: the job's fields when `token` holds its lease
+-- (nil when fenced out), with every key the ending may write checked (`...`: the states it may
+-- move to) and the lease released.
+local function end_attempt(id, token, ...)
+  local j = fenced(id, token)
+  if not j then return nil end
+  sinks_ready()
+  ensure_leases()
+  ensure_transition(id, j.priority, 'running', ...)
+  release(id)
+  return j
+end
+
 -- The members of a time-ordered set (k_delayed or k_leases) that are due by NOW, at most limit.
 -- For each: check(id, j) validates every key the move will write when the job is in `state`
 -- (before the first write, see ensure_type), the member leaves the set, and move(id, j, why)
@@ -571,12 +584,8 @@ return 1
 -- dropped: the work is done and its result kept (succeeded), as cancelling a job that already
 -- finished does nothing; the transition and a warning event record that the cancel came late.
 local id = arg(1)
-local j = fenced(id, arg(2))
+local j = end_attempt(id, arg(2), 'succeeded')
 if not j then return 0 end
-sinks_ready()
-ensure_leases()
-ensure_transition(id, j.priority, 'running', 'succeeded')
-release(id)
 redis.call('HSET', k_job(id), 'result', arg(3))
 redis.call('HDEL', k_job(id), 'error', 'traceback')
 emit(id, 'result', arg(3))
@@ -663,12 +672,8 @@ return 'is:' .. tostring(j.state)
 --!script mark_cancelled
 -- arg: 1 job id, 2 token. The running worker acknowledges a cancel. returns 1, or 0 fenced out
 local id = arg(1)
-local j = fenced(id, arg(2))
+local j = end_attempt(id, arg(2), 'cancelled')
 if not j then return 0 end
-sinks_ready()
-ensure_leases()
-ensure_transition(id, j.priority, 'running', 'cancelled')
-release(id)
 finish(id, j, 'running', 'cancelled', 'cancelled', {reason = 'cancelled by user', worker = j.worker or ''})
 return 1
 
@@ -699,12 +704,8 @@ return 'requeued'
 -- arg: 1 job id, 2 token, 3 reason. The worker found the claimed spec invalid (pydantic
 -- validation, which Lua cannot do): dead-letter it and fail the job. returns 1 / 0 fenced out
 local id = arg(1)
-local j = fenced(id, arg(2))
+local j = end_attempt(id, arg(2), 'failed')
 if not j then return 0 end
-sinks_ready()
-ensure_leases()
-ensure_transition(id, j.priority, 'running', 'failed')
-release(id)
 redis.call('HSET', k_job(id), 'error', 'dead-lettered: ' .. arg(3))
 dead_letter(id, arg(3), 'claim')
 finish(id, j, 'running', 'failed', 'dead_lettered', {reason = 'dead-lettered: ' .. arg(3)})
