@@ -72,10 +72,6 @@ class Admission:
     started: float  # time.monotonic() of the claim
 
 
-def _g(value: float) -> str:
-    return f"{value:g}"
-
-
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -261,7 +257,7 @@ class Worker:
         self.metrics.observe_admission(outcome, seconds)
         if outcome == "reserved":
             self._log_event(job, f"resources reserved in Ray {seconds:.1f} s after the claim "
-                            f"({_g(need['gpus'])} GPU(s), {_g(need['cpus'])} CPU(s))", admission_seconds=round(seconds, 3))
+                            f"({need['gpus']:g} GPU(s), {need['cpus']:g} CPU(s))", admission_seconds=round(seconds, 3))
         elif outcome == "timeout":
             self._log_event(job, f"resources not seen reserved in Ray within {self.admission_timeout_s:g} s; "
                             f"other jobs may be admitted meanwhile", level="warning")
