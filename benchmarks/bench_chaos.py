@@ -1,6 +1,8 @@
-"""Chaos: real short jobs while workers are SIGKILLed and an AOF redis-server is killed and restarted.
+"""Chaos: real short jobs while workers are SIGKILLed, checkpoints are damaged, the artifact disk
+fills up, Redis runs out of memory and an AOF redis-server is killed and restarted.
 
     python benchmarks/bench_chaos.py [--jobs 12] [--worker-kills 20] [--redis-restarts 3]
+                                     [--checkpoint-damage 4] [--disk-fills 2] [--oom-windows 2]
                                      [--workers 2] [--epochs 4] [--train-subset 12000] [--kill-after 20] [--seed 0]
 
 Starts a private redis-server (``appendonly yes``, ``appendfsync always``) and a local Ray in this
@@ -9,7 +11,17 @@ process, ``--workers`` real ``capsctl worker`` subprocesses, and submits ``--job
 jobs run, it SIGKILLs a random worker whose attempt has run ``--kill-after`` seconds (and starts
 a fresh one) ``--worker-kills`` times, and
 SIGKILLs redis-server and restarts it on the same directory and port ``--redis-restarts`` times,
-spread over the run. At the end it prints:
+spread over the run. Storage faults, also spread over the run:
+
+* ``--checkpoint-damage``: a running job's newest ``epoch-NNNN/checkpoint.pt`` is truncated to half,
+  has bytes flipped in the middle, or its folder is deleted, or Ray's
+  ``checkpoint_manager_snapshot.json`` is emptied (in turn), then its worker is SIGKILLed;
+* ``--disk-fills``: the artifact store (a private tmpfs of ``--artifacts-mb``, so root is needed)
+  is filled to the last byte for ``--fill-seconds``, then freed;
+* ``--oom-windows``: redis-server's ``maxmemory`` is set below its used memory (``noeviction``)
+  for ``--oom-seconds``, then lifted.
+
+At the end it prints:
 
     submitted / succeeded / failed / lost (not finished by the deadline)
     completed twice      jobs with more than one ``succeeded`` transition
@@ -119,6 +131,55 @@ class WorkerProc:
         self.log.close()
 
 
+DAMAGE_KINDS = ("truncate", "flip", "delete-folder", "empty-snapshot")
+
+
+def damage_newest_checkpoint(job_dir: Path, kind: str) -> str | None:
+    """Damage a job's newest epoch checkpoint on disk as a crash or a full disk would; says what it did."""
+    epochs = sorted(p for p in job_dir.glob("epoch-*") if (p / "checkpoint.pt").is_file())
+    if not epochs:
+        return None
+    newest = epochs[-1] / "checkpoint.pt"
+    if kind == "truncate":
+        size = newest.stat().st_size
+        os.truncate(newest, size // 2)
+    elif kind == "flip":
+        with open(newest, "r+b") as handle:
+            handle.seek(newest.stat().st_size // 2)
+            chunk = handle.read(64)
+            handle.seek(-len(chunk), os.SEEK_CUR)
+            handle.write(bytes(b ^ 0xFF for b in chunk))
+    elif kind == "delete-folder":
+        shutil.rmtree(epochs[-1])
+    else:
+        snapshot = job_dir / "checkpoint_manager_snapshot.json"
+        if not snapshot.is_file():
+            return None
+        snapshot.write_bytes(b"")
+        return f"emptied {snapshot.relative_to(job_dir.parent)}"
+    return f"{kind} {newest.relative_to(job_dir.parent)}"
+
+
+def fill_disk(root: Path) -> Path:
+    """Write one file until the file system under `root` has no byte left (ENOSPC)."""
+    filler = root / "chaos-filler.bin"
+    block = b"\0" * (1 << 20)
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(block)
+                handle.flush()
+        except OSError:
+            pass
+        try:  # the last partial megabyte
+            while True:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
 def job_figures(queue: JobQueue, job_id: str, epochs: int) -> dict:
     """Attempts, succeeded transitions, resumes and epochs trained, from the record and its events."""
     record = queue.get(job_id)
@@ -151,6 +212,13 @@ def main() -> None:
     parser.add_argument("--worker-kills", type=int, default=20)
     parser.add_argument("--redis-restarts", type=int, default=3)
     parser.add_argument("--redis-down-seconds", type=float, default=5.0)
+    parser.add_argument("--checkpoint-damage", type=int, default=0,
+                        help="damage a running job's newest checkpoint, then SIGKILL its worker, this many times")
+    parser.add_argument("--disk-fills", type=int, default=0, help="fill the artifact tmpfs this many times")
+    parser.add_argument("--fill-seconds", type=float, default=15.0)
+    parser.add_argument("--artifacts-mb", type=int, default=512, help="size of the artifact tmpfs (disk fills)")
+    parser.add_argument("--oom-windows", type=int, default=0, help="put Redis out of memory this many times")
+    parser.add_argument("--oom-seconds", type=float, default=10.0)
     parser.add_argument("--kill-after", type=float, default=20.0,
                         help="only kill a worker whose current attempt has run this long (s)")
     parser.add_argument("--epochs", type=int, default=4)
@@ -166,11 +234,17 @@ def main() -> None:
     (tmp / "redis").mkdir()
     server = RedisServer(tmp / "redis")
     server.start()
+    artifacts = tmp / "artifacts"
+    artifacts.mkdir()
+    if args.disk_fills:
+        # A real file system that fills up: a private tmpfs (root only).
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={args.artifacts_mb}m", "tmpfs", str(artifacts)],
+                       check=True)
     ray_info = ray.init(num_cpus=2 * args.workers, include_dashboard=False, logging_level="WARNING",
                         configure_logging=False, log_to_driver=False)
     env = dict(os.environ)
     env.update({"CAPSNET_REDIS_URL": server.url, "RAY_ADDRESS": ray_info.address_info["gcs_address"],
-                "CAPSNET_ARTIFACTS": str(tmp / "artifacts"), "CAPSNET_METRICS_PORT": "0",
+                "CAPSNET_ARTIFACTS": str(artifacts), "CAPSNET_METRICS_PORT": "0",
                 "CAPSNET_LEASE_SECONDS": "6", "CAPSNET_HEARTBEAT_SECONDS": "1", "RAY_USAGE_STATS_ENABLED": "0",
                 "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
     queue = JobQueue(redis_client(server.url), Keys("capsnet:"), lease_seconds=6)
@@ -178,9 +252,10 @@ def main() -> None:
     # a job that absorbs every kill must still resume (the budget itself is tested elsewhere).
     spec = {"kind": "train", "model": "lenet5", "epochs": args.epochs, "train_subset": args.train_subset,
             "test_subset": 1000, "eval_angles": [0, 35], "max_retries": 0,
-            "max_lost": min(100, args.worker_kills + 5)}
+            "max_lost": min(100, args.worker_kills + args.checkpoint_damage + args.disk_fills + 5)}
     job_ids = [queue.submit({**spec, "seed": i}).id for i in range(args.jobs)]
     print(f"submitted {len(job_ids)} jobs; workers {args.workers}; plan: {args.worker_kills} worker kills, "
+          f"{args.checkpoint_damage} checkpoint damages, {args.disk_fills} disk fills, {args.oom_windows} OOM windows, "
           f"{args.redis_restarts} redis restarts; logs in {tmp}", flush=True)
 
     serial = 0
@@ -201,45 +276,87 @@ def main() -> None:
             except Exception:  # Redis is down right now: ask again shortly
                 time.sleep(0.5)
 
-    kills = restarts = 0
+    # Every fault once, shuffled: spread over the run, one every few seconds.
+    faults = (["kill"] * args.worker_kills + ["redis"] * args.redis_restarts + ["damage"] * args.checkpoint_damage
+              + ["fill"] * args.disk_fills + ["oom"] * args.oom_windows)
+    rng.shuffle(faults)
+    done: dict[str, int] = {name: 0 for name in ("kill", "redis", "damage", "fill", "oom")}
+    exited_alone = 0
     started = time.monotonic()
-    # Spread the faults: one every few seconds while jobs run; Redis restarts at even intervals.
-    redis_every = max(1, args.worker_kills // max(1, args.redis_restarts))
+
+    def stamp() -> str:
+        return f"[{time.monotonic() - started:6.1f}s]"
+
+    def busy_workers() -> list[tuple[WorkerProc, str]]:
+        """Workers training a job whose attempt has run ``--kill-after`` seconds, with that job."""
+        busy = []
+        for w in workers:
+            if not w.alive():
+                continue
+            try:
+                info = json.loads(queue.client.get(queue.keys.worker(w.worker_id)) or "{}")
+                record = queue.get(info["current_job"]) if info.get("current_job") else None
+            except Exception:  # Redis is down or out of memory right now
+                record = None
+            if record is not None and record.started_at and time.time() - record.started_at > args.kill_after:
+                busy.append((w, record.id))
+        return busy
+
+    def kill_worker(victim: WorkerProc) -> None:
+        victim.kill()
+        workers.remove(victim)
+        spawn()
+
     while (left := unfinished()) and time.monotonic() - started < args.deadline:
         time.sleep(rng.uniform(4.0, 9.0))
-        if kills < args.worker_kills:
-            busy = []
-            for w in workers:
-                if not w.alive():
-                    continue
-                try:
-                    info = json.loads(queue.client.get(queue.keys.worker(w.worker_id)) or "{}")
-                    record = queue.get(info["current_job"]) if info.get("current_job") else None
-                except Exception:  # Redis is down right now
-                    record = None
-                # Mid-training: the attempt has run long enough to start its ranks and checkpoint.
-                if record is not None and record.started_at and time.time() - record.started_at > args.kill_after:
-                    busy.append(w)
-            if not busy:  # kill only workers that train a job: an idle kill tests nothing
-                continue
-            victim = rng.choice(busy)
-            victim.kill()
-            workers.remove(victim)
-            kills += 1
-            spawn()
-            print(f"[{time.monotonic() - started:6.1f}s] SIGKILL worker {victim.worker_id} "
-                  f"({kills}/{args.worker_kills}); {len(left)} jobs unfinished", flush=True)
-        if restarts < args.redis_restarts and (kills % redis_every == 0 or kills >= args.worker_kills):
-            server.kill()
-            restarts += 1
-            print(f"[{time.monotonic() - started:6.1f}s] SIGKILL redis-server ({restarts}/{args.redis_restarts}),"
-                  f" down {args.redis_down_seconds:.0f} s", flush=True)
-            time.sleep(args.redis_down_seconds)
-            server.start()
+        if faults:
+            fault = faults[0]
+            if fault in ("kill", "damage"):
+                busy = busy_workers()
+                if fault == "damage":  # only jobs that have a checkpoint to damage
+                    busy = [(w, j) for w, j in busy if any((artifacts / j).glob("epoch-*/checkpoint.pt"))]
+                if busy:  # an idle kill tests nothing: wait for a busy worker
+                    victim, job_id = rng.choice(busy)
+                    what = ""
+                    if fault == "damage":
+                        kind = DAMAGE_KINDS[done["damage"] % len(DAMAGE_KINDS)]
+                        what = (damage_newest_checkpoint(artifacts / job_id, kind) or "nothing to damage") + ", then "
+                    kill_worker(victim)
+                    faults.pop(0)
+                    done[fault] += 1
+                    print(f"{stamp()} {what}SIGKILL worker {victim.worker_id} (job {job_id}); "
+                          f"{len(left)} jobs unfinished", flush=True)
+            elif fault == "redis":
+                faults.pop(0)
+                server.kill()
+                done["redis"] += 1
+                print(f"{stamp()} SIGKILL redis-server, down {args.redis_down_seconds:.0f} s", flush=True)
+                time.sleep(args.redis_down_seconds)
+                server.start()
+            elif fault == "fill":
+                faults.pop(0)
+                done["fill"] += 1
+                filler = fill_disk(artifacts)
+                print(f"{stamp()} artifact store full ({filler.stat().st_size >> 20} MiB filler) for "
+                      f"{args.fill_seconds:.0f} s", flush=True)
+                time.sleep(args.fill_seconds)
+                filler.unlink()
+            elif fault == "oom":
+                faults.pop(0)
+                done["oom"] += 1
+                control = redis_client(server.url)
+                used = int(control.info("memory")["used_memory"])
+                control.config_set("maxmemory-policy", "noeviction")
+                control.config_set("maxmemory", str(max(1 << 20, used // 2)))
+                print(f"{stamp()} Redis out of memory (maxmemory {max(1 << 20, used // 2)} B < used {used} B) for "
+                      f"{args.oom_seconds:.0f} s", flush=True)
+                time.sleep(args.oom_seconds)
+                control.config_set("maxmemory", "0")
         # a worker that died on its own (it should not) is replaced, and counted
         for w in list(workers):
             if not w.alive():
                 print(f"worker {w.worker_id} exited by itself (rc {w.proc.returncode})", flush=True)
+                exited_alone += 1
                 workers.remove(w)
                 spawn()
     elapsed = time.monotonic() - started
@@ -255,7 +372,10 @@ def main() -> None:
         ("failed", states.count("failed")),
         ("lost (unfinished after the deadline)", sum(1 for s in states if s not in ("succeeded", "failed", "cancelled"))),
         ("completed twice", sum(1 for f in figures.values() if f["succeeded_transitions"] > 1)),
-        ("worker SIGKILLs / redis restarts", f"{kills} / {restarts}"),
+        ("worker SIGKILLs / redis restarts", f"{done['kill']} / {done['redis']}"),
+        ("checkpoints damaged (+ SIGKILL)", done["damage"]),
+        ("disk fills / Redis OOM windows", f"{done['fill']} / {done['oom']}"),
+        ("workers that exited on their own", exited_alone),
         ("attempts beyond the first", sum(max(0, f["attempts"] - 1) for f in figures.values())),
         ("resumed from a checkpoint", sum(f["resumes"] for f in figures.values())),
         ("wasted epochs (lower bound)", sum(f["wasted_epochs"] for f in figures.values())),
@@ -270,6 +390,8 @@ def main() -> None:
         print(f"| {name.ljust(width)} | {value} |")
     ray.shutdown()
     server.stop()
+    if args.disk_fills:
+        subprocess.run(["umount", str(artifacts)], check=False)
     failed = [j for j, f in figures.items() if f["state"] != "succeeded" or f["succeeded_transitions"] != 1]
     if failed:
         print(f"not clean: {', '.join(failed)} (logs in {tmp})")
