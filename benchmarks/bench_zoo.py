@@ -1,6 +1,7 @@
 """The leaderboard: every model, the tutorial's protocol, several seeds, one equal training budget.
 
-    python benchmarks/bench_zoo.py --quick                    # minutes on a CPU: tiny budget, 2 seeds
+    python benchmarks/bench_zoo.py --quick                    # smoke test, minutes on a CPU: near-chance models, no ordering
+    python benchmarks/bench_zoo.py --device cuda --epochs 3 --train-subset 0   # the README leaderboard (one GPU)
     python benchmarks/bench_zoo.py                            # CPU, background: hours
     python benchmarks/bench_zoo.py --device cuda --epochs 5   # one GPU: minutes
 
@@ -34,6 +35,7 @@ from capsnet_core import TrainConfig, build_model, count_parameters, fit, load_d
 from capsnet_core.evaluate import predict  # noqa: E402
 from capsnet_core.models import MODEL_NAMES  # noqa: E402
 from capsnet_core.plots import plot_accuracy_curves  # noqa: E402
+from capsnet_core.stats import paired_difference  # noqa: E402
 from capsnet_core.suites import ROTATION_SUITE_ANGLES  # noqa: E402
 
 TABLE_ANGLES = ("0", "15", "30", "45", "90", "180")
@@ -95,6 +97,40 @@ def table(runs: list[dict[str, Any]], augment: str, models: Sequence[str]) -> li
                      pct([r["rotation_auc"] for r in mine]), pct([r[affine_key] for r in mine]),
                      f"{statistics.fmean(r['train_images_per_second'] for r in mine):,.0f}",
                      f"{statistics.fmean(r['eval_images_per_second'] for r in mine):,.0f}", str(len(mine))])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|")
+    return lines
+
+
+PAIRED_COLUMNS = ("0", "45", "90", "auc", "affine")
+
+
+def _metric(run: dict[str, Any], column: str) -> float:
+    if column == "auc":
+        return run["rotation_auc"]
+    if column == "affine":
+        return run["affnist"] if "affnist" in run else run["affine-mnist"]
+    return run["rotation"][column]
+
+
+def paired_table(runs: list[dict[str, Any]], augment: str, models: Sequence[str]) -> list[str]:
+    """Every pair of models: mean difference A - B in points over the seeds both ran, with its
+    95 % paired-t interval; ``*`` where the interval excludes zero. This backs every
+    "A beats B" the README states."""
+    by_model = {name: {r["seed"]: r for r in runs if r["model"] == name and r["augment"] == augment}
+                for name in models}
+    header = ["A - B (points)", *(f"{c}°" if c.isdigit() else c for c in PAIRED_COLUMNS), "seeds"]
+    rows = [header]
+    for i, first in enumerate(models):
+        for second in models[i + 1:]:
+            seeds = sorted(set(by_model[first]) & set(by_model[second]))
+            if not seeds:
+                continue
+            cells = [paired_difference([_metric(by_model[first][s], c) for s in seeds],
+                                       [_metric(by_model[second][s], c) for s in seeds]).describe()
+                     for c in PAIRED_COLUMNS]
+            rows.append([f"{first} - {second}", *cells, str(len(seeds))])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|")
@@ -172,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     for augment in augments:
         print(f"\ntrained with {augment}; accuracy % mean ± std over seeds; {budget}")
         print("\n".join(table(runs, augment, models)))
+        print(f"\npaired differences over seeds, trained with {augment}: mean [95 % t interval], "
+              "* = the interval excludes 0")
+        print("\n".join(paired_table(runs, augment, models)))
         plot = plot_accuracy_curves(curves(runs, augment, models), out / f"zoo_{augment.replace('+', '_')}.png",
                                     title=f"Trained with {augment}: accuracy on the rotated test set")
         print(f"plot: {plot}")

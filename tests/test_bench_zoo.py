@@ -74,3 +74,22 @@ def test_bench_zoo_runs_resumes_and_refuses_another_budget(data_dir: Path, tmp_p
     assert refused.value.code == 2
     assert "holds runs of another budget" in capsys.readouterr().err
     assert store.read_bytes() == before
+
+
+def test_paired_table_pairs_runs_by_seed_and_marks_what_the_interval_separates() -> None:
+    zoo = bench_zoo()
+
+    def run(model: str, seed: int, upright: float, at_45: float) -> dict:
+        rotation = {"0": upright, "45": at_45, "90": 0.2}
+        return {"model": model, "augment": "shift2", "seed": seed, "rotation": rotation,
+                "rotation_auc": 0.5, "affine-mnist": 0.8}
+
+    # B is 2-3 points better at 0° for every seed; at 45° the sign flips with the seed.
+    runs = [run("a", 0, 0.95, 0.50), run("a", 1, 0.96, 0.60), run("a", 2, 0.94, 0.40),
+            run("b", 0, 0.97, 0.55), run("b", 1, 0.99, 0.50), run("b", 2, 0.965, 0.45),
+            run("b", 3, 0.10, 0.10)]  # seed 3 has no partner: left out of the pairing
+    lines = zoo.paired_table(runs, "shift2", ["a", "b"])
+    row = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert row[0] == "a - b" and row[-1] == "3"
+    assert row[1].startswith("-2.5 [") and row[1].endswith("]*")      # 0°: consistent, significant
+    assert row[2][1:].startswith("0.0 [") and not row[2].endswith("*")  # 45°: noise
