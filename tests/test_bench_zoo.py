@@ -57,7 +57,7 @@ def test_bench_zoo_runs_resumes_and_refuses_another_budget(data_dir: Path, tmp_p
     assert len([c for c in cells if re.fullmatch(r"\d+\.\d ± \d+\.\d", c)]) == 8   # 6 angles, AUC, affine
     assert cells[-1] == "2"                                                         # seeds
     auc_mean = 100 * sum(r["rotation_auc"] for r in runs.values()) / 2
-    assert cells[8].startswith(f"{auc_mean:.1f} ± ")
+    assert cells[9].startswith(f"{auc_mean:.1f} ± ")
     plot = out / "zoo_shift2.png"
     assert plot.is_file() and plot.stat().st_size > 1000 and f"plot: {plot}" in printed
 
@@ -93,3 +93,14 @@ def test_paired_table_pairs_runs_by_seed_and_marks_what_the_interval_separates()
     assert row[0] == "a - b" and row[-1] == "3"
     assert row[1].startswith("-2.5 [") and row[1].endswith("]*")      # 0°: consistent, significant
     assert row[2][1:].startswith("0.0 [") and not row[2].endswith("*")  # 45°: noise
+
+
+def test_decoder_variants_are_their_own_rows_with_both_parameter_counts() -> None:
+    zoo = bench_zoo()
+    effcaps = zoo.build_row_model("effcaps+decoder")
+    capsnet = zoo.build_row_model("capsnet-decoder")
+    assert effcaps.decoder is not None and capsnet.decoder is None
+    # Like for like without decoders: 6,804,224 / 161,824 = 42x (51x against CapsNet with its decoder).
+    assert zoo.classifier_parameters(effcaps) == 161_824
+    assert zoo.classifier_parameters(capsnet) == zoo.classifier_parameters(zoo.build_row_model("capsnet")) == 6_804_224
+    assert sum(p.numel() for p in zoo.build_row_model("capsnet").parameters()) == 8_215_568

@@ -7,6 +7,11 @@ channels) -> primary capsules from one 9x9 depthwise convolution over the 9x9 ma
 no iterations, one softmax per input capsule over the classes. Class score = capsule length.
 
 Their squash is sharper than Sabour et al.'s near zero: squash(s) = (1 - e^(-|s|)) s / |s|.
+
+Initialisation and normalisation follow the official Keras graph: the four convolutions
+he_normal (a normal truncated at 2 std whose std is sqrt(2 / fan_in)), the depthwise primary
+convolution and the routing weights as there (glorot_uniform, he_normal), zero biases, and
+BatchNorm with Keras's defaults (momentum 0.99 = torch's 0.01, eps 1e-3).
 """
 
 from __future__ import annotations
@@ -30,7 +35,22 @@ def efficient_squash(s: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch
 def _norm(kind: str, channels: int) -> nn.Module:
     # GroupNorm with one channel per group has BatchNorm's 2 x channels parameters, so the
     # parameter count is the same either way.
-    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(channels, channels)
+    # Keras's BatchNormalization defaults (the official model's): moving average 0.99, eps 1e-3.
+    return (nn.BatchNorm2d(channels, momentum=0.01, eps=1e-3) if kind == "batch"
+            else nn.GroupNorm(channels, channels, eps=1e-3))
+
+
+def _keras_init(module: nn.Module) -> None:
+    """he_normal (truncated at 2 std) for the dense convolutions, glorot_uniform for the depthwise one."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups == 1:
+            # Keras widens the untruncated std by 1/0.8796 so the truncated draw has std sqrt(2 / fan_in).
+            std = math.sqrt(2.0 / (module.in_channels * module.kernel_size[0] * module.kernel_size[1])) / 0.87962566103423978
+            nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+        else:
+            nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class SelfAttentionRouting(nn.Module):
@@ -85,6 +105,8 @@ class EfficientCapsNet(ClassifierModel):
         self.num_primary = primary_channels // c.primary_dim
         self.routing = SelfAttentionRouting(self.num_primary, c.primary_dim, c.num_classes, c.digit_dim)
         self.decoder = reconstruction_decoder(c.num_classes * c.digit_dim, c.decoder_hidden) if c.decoder else None
+        self.features.apply(_keras_init)
+        self.primary.apply(_keras_init)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
                 return_coupling: bool = False) -> ModelOutput:
