@@ -22,7 +22,8 @@ _EXPORTS = {
     "presets": ["AugmentSpec", "parse_preset", "preset_for"],
     "checkpoint": ["load_checkpoint", "load_model", "save_checkpoint"],
     "data": ["DATASET_NAMES", "Dataset", "DatasetMissingError", "load_dataset"],
-    "evaluate": ["EvalResult", "evaluate", "evaluate_rotations", "per_class_accuracy", "predict"],
+    "evaluate": ["Confusion", "EvalResult", "evaluate", "evaluate_rotations", "per_class_accuracy", "predict",
+                 "top_confusions"],
     "models": ["MODEL_NAMES", "ModelOutput", "build_model", "count_parameters", "unwrap"],
     "train": ["FitResult", "TrainConfig", "TrainingStopped", "angle_key", "fit", "train_one_epoch"],
 }

@@ -1,4 +1,4 @@
-"""Evaluation: accuracy, per-class accuracy and the rotation-robustness curve."""
+"""Evaluation: accuracy, per-class accuracy, the confusion matrix and the rotation-robustness curve."""
 
 from __future__ import annotations
 
@@ -22,10 +22,36 @@ class EvalResult:
     loss: float
     per_class: list[float] = field(default_factory=list)  # accuracy per class index
     count: int = 0
+    confusion: list[list[int]] = field(default_factory=list)  # [true class][predicted class] image counts
 
     def to_dict(self) -> dict:
         return {"angle": self.angle, "accuracy": self.accuracy, "loss": self.loss,
-                "per_class": self.per_class, "count": self.count}
+                "per_class": self.per_class, "count": self.count, "confusion": self.confusion}
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """One off-diagonal cell: ``share`` of the images of class ``true`` were predicted ``predicted``."""
+
+    true: int
+    predicted: int
+    count: int
+    share: float
+
+    def describe(self, angle: str | None = None) -> str:
+        where = f" at {float(angle):g}°" if angle is not None else ""
+        return f"{self.true}→{self.predicted}{where}: {100 * self.share:.0f} % of {self.true}s ({self.count} images)"
+
+
+def top_confusions(confusion: list[list[int]], k: int = 3) -> list[Confusion]:
+    """The k largest mistakes, by the share of their true class they take (ties: more images first)."""
+    cells = []
+    for true, row in enumerate(confusion):
+        images = sum(row)
+        for predicted, count in enumerate(row):
+            if predicted != true and count > 0:
+                cells.append(Confusion(true, predicted, int(count), count / images))
+    return sorted(cells, key=lambda c: (-c.share, -c.count, c.true, c.predicted))[:k]
 
 
 def autocast_context(device: torch.device, amp: bool = True):
@@ -79,7 +105,16 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500, angle
 def evaluation_totals(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
                       angle: float = 0.0, num_classes: int = 10,
                       amp: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hits per class, images per class and the summed fp32 loss, as tensors on the model's device.
+    """Hits per class, images per class and the summed fp32 loss, as tensors on the model's device."""
+    confusion, loss_sum = confusion_totals(model, images, labels, batch_size, angle, num_classes, amp)
+    return confusion.diagonal().clone(), confusion.sum(dim=1), loss_sum
+
+
+@torch.no_grad()
+def confusion_totals(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
+                     angle: float = 0.0, num_classes: int = 10,
+                     amp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (true x predicted) count matrix and the summed fp32 loss, as tensors on the model's device.
 
     Nothing here reads a value back to the host, so a GPU never waits for the CPU between
     batches; ``evaluate`` synchronises once at the end.
@@ -88,8 +123,7 @@ def evaluation_totals(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     device = next(bare.parameters()).device
     was_training = bare.training
     bare.eval()
-    correct = torch.zeros(num_classes, device=device)
-    total = torch.zeros(num_classes, device=device)
+    confusion = torch.zeros(num_classes * num_classes, device=device)
     loss_sum = torch.zeros((), device=device)
     for start in range(0, images.shape[0], batch_size):
         y = labels[start:start + batch_size].to(device, non_blocking=True)
@@ -97,21 +131,22 @@ def evaluation_totals(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         with autocast_context(device, amp):
             out = bare(x)
             loss_sum += bare.loss(out, x, y).float() * y.shape[0]
-        hit = (out.scores.argmax(dim=1) == y).float()
-        correct.index_add_(0, y, hit)
-        total.index_add_(0, y, torch.ones_like(hit))
+        cell = y * num_classes + out.scores.argmax(dim=1)  # row = true class, column = prediction
+        confusion.index_add_(0, cell, torch.ones_like(cell, dtype=confusion.dtype))
     bare.train(was_training)
-    return correct, total, loss_sum
+    return confusion.view(num_classes, num_classes), loss_sum
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
              angle: float = 0.0, num_classes: int = 10, amp: bool = True) -> EvalResult:
-    """Accuracy, mean loss and per-class accuracy on the test set rotated by `angle` degrees."""
-    correct, total, loss_sum = evaluation_totals(model, images, labels, batch_size, angle, num_classes, amp)
+    """Accuracy, mean loss, per-class accuracy and the confusion matrix on the images rotated by `angle` degrees."""
+    confusion, loss_sum = confusion_totals(model, images, labels, batch_size, angle, num_classes, amp)
+    correct, total = confusion.diagonal(), confusion.sum(dim=1)
     n = int(total.sum().item())
     per_class = (correct / total.clamp(min=1)).tolist()
     return EvalResult(angle=float(angle), accuracy=float(correct.sum().item() / max(n, 1)),
-                      loss=float(loss_sum.item()) / max(n, 1), per_class=per_class, count=n)
+                      loss=float(loss_sum.item()) / max(n, 1), per_class=per_class, count=n,
+                      confusion=confusion.long().tolist())
 
 
 def per_class_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, angle: float = 0.0,

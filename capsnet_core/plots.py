@@ -115,6 +115,27 @@ def plot_robustness_heatmap(matrix: Sequence[Sequence[float]], row_labels: Seque
     return _save(fig, path)
 
 
+def plot_confusion_matrix(confusion: Sequence[Sequence[int]], path: str | Path, title: str = "") -> Path:
+    """Rows = true class, columns = predicted class; each row as % of its class (the diagonal is its accuracy)."""
+    counts = torch.tensor([[float(v) for v in row] for row in confusion])
+    shares = 100 * counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    n = shares.shape[0]
+    fig, ax = plt.subplots(figsize=(0.6 * n + 2.5, 0.6 * n + 1.5))
+    im = ax.imshow(shares.numpy(), cmap="magma_r", vmin=0, vmax=100)
+    ax.set_xticks(range(n), [str(i) for i in range(n)])
+    ax.set_yticks(range(n), [str(i) for i in range(n)])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    for i in range(n):
+        for j in range(n):
+            if shares[i, j] >= 0.5:
+                ax.text(j, i, f"{float(shares[i, j]):.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if shares[i, j] > 50 else "black")
+    fig.colorbar(im, ax=ax, label="% of the true class")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
 def plot_accuracy_curves(curves: Mapping[str, Mapping[str | float, tuple[float, float | None]]], path: str | Path,
                          title: str = "Accuracy on the rotated test set") -> Path:
     """Several runs overlaid: accuracy (%) against test rotation, with a ± std band where a run has one.

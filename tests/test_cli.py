@@ -443,3 +443,28 @@ def test_submit_size_bounds_and_max_lost(queue: JobQueue) -> None:
     assert json.loads(run("tune", "--max-lost", "5", "--json").output)["spec"]["max_lost"] == 5
     assert json.loads(run("eval", job["id"], "--max-lost", "0", "--json").output)["spec"]["max_lost"] == 0
     assert "0/3 lost workers" in run("status", job["id"]).output
+
+
+def test_results_show_top_confusions_and_plot_a_confusion_matrix(queue: JobQueue, tmp_path: Path) -> None:
+    upright = [[100 if t == p else 0 for p in range(10)] for t in range(10)]
+    flipped = [row[:] for row in upright]
+    flipped[6][6], flipped[6][9] = 29, 71   # upside down, most sixes read as nines
+    flipped[9][9], flipped[9][6] = 40, 60
+    broken = [[1, 2], "junk"]                # a malformed matrix in a stored result: skipped, no crash
+    result = {**RESULT, "confusion": {"0": upright, "180": flipped, "35": broken}}
+    job_id = run("submit", "lenet5").output.strip()
+    drive(queue, job_id, result=result)
+
+    text = run("results", job_id).output
+    section = text.split("Top confusions")[1]
+    assert "0°: no mistakes" in section
+    assert "6→9 at 180°: 71 % of 6s (71 images); 9→6 at 180°: 60 % of 9s (60 images)" in section
+
+    png = tmp_path / "acc.png"
+    shown = json.loads(run("results", job_id, "--json", "--plot", str(png), "--confusion-angle", "180").output)
+    figure = tmp_path / "acc-confusion-180.png"
+    assert shown["plots"] == [str(png), str(figure)] and figure.read_bytes()[:4] == b"\x89PNG"
+    missing = CliRunner().invoke(main, ["results", job_id, "--plot", str(png), "--confusion-angle", "45"])
+    assert missing.exit_code == 1 and "no confusion matrix at 45° (it has: 0°, 35°, 180°)" in missing.output
+    alone = CliRunner().invoke(main, ["results", job_id, "--confusion-angle", "180"])
+    assert alone.exit_code == 2 and "--confusion-angle needs --plot" in alone.output

@@ -207,15 +207,19 @@ def models_cmd(as_json: bool) -> None:
 @click.argument("job_id")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.png",
               help="Also write accuracy vs angle (tune: a heatmap per model) as a PNG.")
+@click.option("--confusion-angle", metavar="DEGREES", default=None,
+              help="With --plot: also draw the confusion matrix at this test angle (OUT-confusion-DEG.png).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_app
-def results(app: App, job_id: str, plot: Path | None, as_json: bool) -> None:
+def results(app: App, job_id: str, plot: Path | None, confusion_angle: str | None, as_json: bool) -> None:
     """Accuracy per test angle, per class, the training curve and the checkpoint of a finished job."""
     record = app.job(job_id)
     if record.result is None:
         raise UserError(f"job {job_id} has no results yet (state {record.state})"
                         + (f": {record.error}" if record.error else ""))
-    written = write_plots(record, plot) if plot else []
+    if confusion_angle is not None and plot is None:
+        raise click.UsageError("--confusion-angle needs --plot OUT.png (the figure is written beside it)")
+    written = write_plots(record, plot, confusion_angle) if plot else []
     if as_json:
         result = record.result if isinstance(record.result, dict) else {}
         emit_json({"id": record.id, "kind": record.kind, "model": record.model, "state": record.state,

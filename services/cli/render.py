@@ -214,6 +214,23 @@ def _per_class_table(per_class: Mapping[str, Any]) -> str:
     return table(["class", *(fmt_angle(a) for a in angles)], rows, right=range(len(angles) + 1))
 
 
+def confusion_lines(confusion: Mapping[str, Any], k: int = 3) -> list[str]:
+    """The k largest mistakes at each test angle, e.g. ``6→9 at 180°: 71 % of 6s (701 images)``;
+    a malformed matrix (a broken record) is skipped, never a crash."""
+    from capsnet_core.evaluate import top_confusions
+
+    lines = []
+    for angle in angle_sorted(confusion):
+        matrix = confusion[angle]
+        if not (isinstance(matrix, list) and matrix and all(isinstance(row, list) and len(row) == len(matrix)
+                                                            and all(isinstance(v, int) for v in row)
+                                                            for row in matrix)):
+            continue
+        worst = top_confusions(matrix, k)
+        lines.append("; ".join(c.describe(angle) for c in worst) if worst else f"{fmt_angle(angle)}: no mistakes")
+    return lines
+
+
 def print_results(record: JobRecord) -> None:
     result = record.result if isinstance(record.result, dict) else {}
     echo(f"{record.id}  {record.kind} {record.model or ''}  {record.state}".rstrip())
@@ -230,6 +247,12 @@ def print_results(record: JobRecord) -> None:
     if isinstance(per_class, dict) and per_class:
         echo("\nPer-class accuracy (%), rows = classes, columns = test rotation")
         echo(indent(_per_class_table(per_class)))
+    confusion = result.get("confusion")
+    if isinstance(confusion, dict) and confusion:
+        lines = confusion_lines(confusion)
+        if lines:
+            echo("\nTop confusions (true→predicted, share of the true class) by test rotation")
+            echo(indent("\n".join(lines)))
     history = result.get("history")
     if isinstance(history, list) and history:
         echo("\nTraining curve")
@@ -311,11 +334,38 @@ def grid_cell(grid: Any, i: int, j: int) -> float | None:
         return None
 
 
-def write_plots(record: JobRecord, path: Path) -> list[Path]:
-    """accuracy-vs-angle for train/eval jobs; one heatmap per model for tune jobs."""
+def write_confusion_plot(record: JobRecord, path: Path, angle: str) -> Path:
+    """The confusion matrix of a train/eval job at one test angle, as a PNG beside ``path``."""
     from capsnet_core import plots
 
     result = record.result if isinstance(record.result, dict) else {}
+    confusion = result.get("confusion") if isinstance(result.get("confusion"), dict) else {}
+    key = next((a for a in confusion if _same_angle(a, angle)), None)
+    if key is None:
+        have = ", ".join(fmt_angle(a) for a in angle_sorted(confusion)) or "none"
+        raise UserError(f"job {record.id} has no confusion matrix at {angle}° (it has: {have})")
+    target = path.with_name(f"{path.stem}-confusion-{float(key):g}{path.suffix or '.png'}")
+    return plots.plot_confusion_matrix(confusion[key], target,
+                                       title=f"{record.model or record.kind} at {float(key):g}°: true vs predicted")
+
+
+def _same_angle(key: str, angle: str) -> bool:
+    try:
+        return float(key) == float(angle)
+    except ValueError:
+        return False
+
+
+def write_plots(record: JobRecord, path: Path, confusion_angle: str | None = None) -> list[Path]:
+    """accuracy-vs-angle for train/eval jobs (and the confusion matrix at ``confusion_angle``);
+    one heatmap per model for tune jobs."""
+    from capsnet_core import plots
+
+    result = record.result if isinstance(record.result, dict) else {}
+    if confusion_angle is not None and not tune_models(result):
+        confusion_plot = [write_confusion_plot(record, path, confusion_angle)]
+    else:
+        confusion_plot = []
     matrix = tune_models(result)
     if isinstance(matrix, dict) and matrix:
         out = []
@@ -336,5 +386,6 @@ def write_plots(record: JobRecord, path: Path) -> list[Path]:
     if isinstance(auc, int | float):
         label += f", AUC {auc:.3f}"
     return [plots.plot_accuracy_vs_angle({label: rot}, path,
-                                         title=f"{record.model or record.kind}: accuracy on rotated test images")]
+                                         title=f"{record.model or record.kind}: accuracy on rotated test images"),
+            *confusion_plot]
 
