@@ -25,6 +25,10 @@ from .queue import JobRecord
 ACCURACY_NOTE = "accuracy (%) on the test set rotated by each angle; tune rows: mean ± std over seeds"
 
 
+def class_note(class_index: int) -> str:
+    return f"accuracy (%) on the test images of class {class_index} only, rotated by each angle"
+
+
 class CompareError(ValueError):
     """A job that cannot be compared (no results yet, nothing measured by angle)."""
 
@@ -118,9 +122,21 @@ def _spec(record: JobRecord) -> Any:
         return None
 
 
+def _class_accuracy(record: JobRecord, result: Mapping[str, Any], class_index: int) -> dict[str, Any]:
+    """One class's accuracy by angle, from the result's per-class lists."""
+    per_class = result.get("per_class")
+    if not isinstance(per_class, Mapping) or not per_class:
+        raise CompareError(f"job {record.id} has no per-class accuracy to compare")
+    out = {a: v[class_index] for a, v in per_class.items() if isinstance(v, list) and class_index < len(v)}
+    if not out:
+        raise CompareError(f"job {record.id} has no class {class_index} (its results have "
+                           f"{max((len(v) for v in per_class.values() if isinstance(v, list)), default=0)} classes)")
+    return out
+
+
 def _train_run(record: JobRecord, result: Mapping[str, Any], kind: str,
-               source: JobRecord | None = None) -> Run:
-    rot = result.get("rotation_accuracy")
+               source: JobRecord | None = None, class_index: int | None = None) -> Run:
+    rot = result.get("rotation_accuracy") if class_index is None else _class_accuracy(record, result, class_index)
     if not isinstance(rot, Mapping) or not rot:
         raise CompareError(f"job {record.id} has no accuracy by test angle to compare")
     trained = source if source is not None else record
@@ -169,23 +185,29 @@ def _grid_row(grid: Any, i: int) -> list[Any]:
     return []
 
 
-def runs_of(record: JobRecord, lookup: Callable[[str], JobRecord | None]) -> list[Run]:
-    """The comparison rows of one finished job; ``lookup`` finds the job an eval job evaluated."""
+def runs_of(record: JobRecord, lookup: Callable[[str], JobRecord | None],
+            class_index: int | None = None) -> list[Run]:
+    """The comparison rows of one finished job; ``lookup`` finds the job an eval job evaluated.
+    With ``class_index``, the rows hold that class's accuracy instead of the overall one."""
     result = record.result if isinstance(record.result, dict) else None
     if result is None:
         raise CompareError(f"job {record.id} has no results yet (state {record.state})")
     if record.kind == "tune" or result.get("kind") == "tune":
+        if class_index is not None:
+            raise CompareError(f"job {record.id} is a tune job: its matrix holds no per-class figures; "
+                               "compare --class takes train and eval jobs")
         return _tune_runs(record, result)
     if record.kind == "eval":
         spec = _spec(record)
         source_id = getattr(spec, "source_job", None)
         source = lookup(source_id) if source_id else None
-        return [_train_run(record, result, "eval", source=source)]
-    return [_train_run(record, result, record.kind or "train")]
+        return [_train_run(record, result, "eval", source=source, class_index=class_index)]
+    return [_train_run(record, result, record.kind or "train", class_index=class_index)]
 
 
-def compare(records: Sequence[JobRecord], lookup: Callable[[str], JobRecord | None]) -> Comparison:
-    runs = [run for record in records for run in runs_of(record, lookup)]
+def compare(records: Sequence[JobRecord], lookup: Callable[[str], JobRecord | None],
+            class_index: int | None = None) -> Comparison:
+    runs = [run for record in records for run in runs_of(record, lookup, class_index)]
     angles = sorted({a for r in runs for a, v in r.accuracy.items() if v is not None}, key=_angle_order)
     return Comparison(angles=angles, runs=runs)
 
@@ -249,5 +271,5 @@ def plot(comparison: Comparison, path: Path) -> Path:
     return plot_accuracy_curves(curves, path, title="Accuracy on rotated test images")
 
 
-__all__ = ["ACCURACY_NOTE", "CompareError", "Comparison", "Run", "compare", "fmt_parameters", "plot", "runs_of",
+__all__ = ["ACCURACY_NOTE", "CompareError", "class_note", "Comparison", "Run", "compare", "fmt_parameters", "plot", "runs_of",
            "table_rows", "to_csv"]

@@ -133,3 +133,18 @@ def test_compare_json_csv_and_plot(stack: dict, jobs: dict) -> None:
     bad = cli(stack, "compare", ids[0], "j-nope0000-00000000", code=1).output
     assert bad.strip().splitlines() == ["Error: no job j-nope0000-00000000 (see `capsctl list`)"]
     assert "mutually exclusive" in cli(stack, "compare", ids[0], "--json", "--csv", code=2).output
+
+
+@pytest.mark.slow
+def test_compare_one_class_across_runs(stack: dict, jobs: dict) -> None:
+    ids = [jobs[k]["id"] for k in ("train", "eval")]
+    doc = json.loads(cli(stack, "compare", *ids, "--class", "6", "--json").output)
+    train_row, eval_row = doc["runs"]
+    assert train_row["accuracy"]["30"] == jobs["train"]["result"]["per_class"]["30"][6]
+    assert eval_row["accuracy"]["45"] == jobs["eval"]["result"]["per_class"]["45"][6]
+    assert train_row["accuracy"]["30"] != jobs["train"]["result"]["rotation_accuracy"]["30"]  # not the overall one
+    text = cli(stack, "compare", *ids, "--class", "6").output
+    assert "class 6 only" in text
+    refused = cli(stack, "compare", jobs["tune"]["id"], "--class", "6", code=1).output
+    assert "is a tune job: its matrix holds no per-class figures" in refused
+    assert "has no class 12" in cli(stack, "compare", ids[0], "--class", "12", code=1).output

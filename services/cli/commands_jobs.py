@@ -237,15 +237,18 @@ def results(app: App, job_id: str, plot: Path | None, confusion_angle: str | Non
               help="Also draw every run's accuracy against test angle on one plot (± std bands for seeds).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (accuracies as fractions).")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: one row per run, acc_<angle> and std_<angle> columns.")
+@click.option("--class", "class_index", type=click.IntRange(0, 999), default=None, metavar="N",
+              help="Compare the accuracy on the test images of class N only (train and eval jobs).")
 @pass_app
-def compare(app: App, job_ids: tuple[str, ...], plot: Path | None, as_json: bool, as_csv: bool) -> None:
+def compare(app: App, job_ids: tuple[str, ...], plot: Path | None, as_json: bool, as_csv: bool,
+            class_index: int | None) -> None:
     """Finished train, eval and tune jobs side by side: accuracy per test angle (tune: one row per
     model × augmentation, mean ± std over seeds), parameters, epochs; angles are the union of the jobs'."""
     if as_json and as_csv:
         raise click.UsageError("--json and --csv are mutually exclusive")
     records = [app.job(job_id) for job_id in dict.fromkeys(job_ids)]
     try:
-        comparison = compare_mod.compare(records, app.queue.get)
+        comparison = compare_mod.compare(records, app.queue.get, class_index)
         written = compare_mod.plot(comparison, plot) if plot else None
     except compare_mod.CompareError as err:
         raise UserError(str(err)) from None
@@ -257,7 +260,7 @@ def compare(app: App, job_ids: tuple[str, ...], plot: Path | None, as_json: bool
         return
     headers, rows, right = compare_mod.table_rows(comparison)
     echo(table(headers, rows, right=right))
-    echo(f"\n{compare_mod.ACCURACY_NOTE}")
+    echo(f"\n{compare_mod.ACCURACY_NOTE if class_index is None else compare_mod.class_note(class_index)}")
     if written:
         echo(f"Plot: {written}")
 
