@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from capsnet_core import TrainConfig, build_model, count_parameters, fit, load_dataset  # noqa: E402
 from capsnet_core.evaluate import predict  # noqa: E402
+from capsnet_core.flops import training_flops_per_image  # noqa: E402
 from capsnet_core.models import MODEL_NAMES  # noqa: E402
-from capsnet_core.plots import plot_accuracy_curves  # noqa: E402
+from capsnet_core.plots import plot_accuracy_curves, plot_pareto  # noqa: E402
 from capsnet_core.stats import paired_difference  # noqa: E402
 from capsnet_core.suites import ROTATION_SUITE_ANGLES  # noqa: E402
 
@@ -76,7 +77,9 @@ def train_and_test(model_name: str, augment: str, seed: int, train: Any, test: A
     config = TrainConfig(epochs=epochs, batch_size=128, lr=1e-3, lr_decay=0.96, augment=augment, seed=seed,
                          eval_angles=ROTATION_SUITE_ANGLES, eval_suites=("rotation", "affine"), eval_every=0,
                          log_every=10**9)
+    flops_per_image = training_flops_per_image(model)
     result = fit(model, train, test, config)
+    images_trained = len(result.history) * len(train)  # one pass over the training images per epoch
     train_ips = statistics.fmean(e["images_per_second"] for e in result.history)
     model.eval()
     images = test.images.to(device)
@@ -92,7 +95,8 @@ def train_and_test(model_name: str, augment: str, seed: int, train: Any, test: A
             "classifier_parameters": classifier_parameters(model),
             "rotation": result.rotation_accuracy, **result.suite_accuracy,
             "train_images_per_second": train_ips, "eval_images_per_second": eval_ips,
-            "train_seconds": result.train_seconds}
+            "train_seconds": result.train_seconds, "train_flops_per_image": flops_per_image,
+            "train_images": images_trained, "train_flops": flops_per_image * images_trained}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -112,7 +116,7 @@ def _classifier_count(run: dict[str, Any]) -> int:
 
 def table(runs: list[dict[str, Any]], augment: str, models: Sequence[str]) -> list[str]:
     header = ["model", "params", "w/o decoder", *(f"{a}°" for a in TABLE_ANGLES), "rot. AUC", "affine", "train img/s",
-              "eval img/s", "seeds"]
+              "eval img/s", "MFLOP/img", "train s", "seeds"]
     rows = [header]
     for name in models:
         mine = [r for r in runs if r["model"] == name and r["augment"] == augment]
@@ -123,7 +127,9 @@ def table(runs: list[dict[str, Any]], augment: str, models: Sequence[str]) -> li
                      *(pct([r["rotation"][a] for r in mine]) for a in TABLE_ANGLES),
                      pct([r["rotation_auc"] for r in mine]), pct([r[affine_key] for r in mine]),
                      f"{statistics.fmean(r['train_images_per_second'] for r in mine):,.0f}",
-                     f"{statistics.fmean(r['eval_images_per_second'] for r in mine):,.0f}", str(len(mine))])
+                     f"{statistics.fmean(r['eval_images_per_second'] for r in mine):,.0f}",
+                     f"{mine[0]['train_flops_per_image'] / 1e6:,.1f}" if "train_flops_per_image" in mine[0] else "-",
+                     f"{statistics.fmean(r['train_seconds'] for r in mine):,.0f}", str(len(mine))])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|")
@@ -241,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         plot = plot_accuracy_curves(curves(runs, augment, models), out / f"zoo_{augment.replace('+', '_')}.png",
                                     title=f"Trained with {augment}: accuracy on the rotated test set")
         print(f"plot: {plot}")
+        points = [(r["model"], r["train_flops"], r["rotation_auc"], r["rotation"]["0"]) for r in runs
+                  if r["augment"] == augment and "train_flops" in r and r["model"] in models]
+        if points:
+            pareto = plot_pareto(points, out / f"pareto_{augment.replace('+', '_')}.png",
+                                 title=f"Trained with {augment}: accuracy against training compute")
+            print(f"plot: {pareto}")
     return 0
 
 

@@ -136,6 +136,40 @@ def plot_confusion_matrix(confusion: Sequence[Sequence[int]], path: str | Path, 
     return _save(fig, path)
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (less cost, more accuracy), by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(points: Sequence[tuple[str, float, float, float]], path: str | Path, title: str = "") -> Path:
+    """(model, training FLOPs, rotation AUC, upright accuracy) per run: two panels against log FLOPs,
+    one colour per model, the Pareto front of each panel drawn as a step line."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    models = list(dict.fromkeys(p[0] for p in points))
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(models)}
+    for ax, column, label in ((axes[0], 2, "rotation AUC (%)"), (axes[1], 3, "upright accuracy (%)")):
+        for model in models:
+            mine = [p for p in points if p[0] == model]
+            ax.scatter([p[1] for p in mine], [100 * p[column] for p in mine], color=colours[model], label=model, s=36)
+        xy = [(p[1], 100 * p[column]) for p in points]
+        front = [xy[i] for i in pareto_front(xy)]
+        ax.step([f[0] for f in front], [f[1] for f in front], where="post", color="grey", linestyle="--",
+                linewidth=1, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (FlopCounterMode, per run)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_accuracy_curves(curves: Mapping[str, Mapping[str | float, tuple[float, float | None]]], path: str | Path,
                          title: str = "Accuracy on the rotated test set") -> Path:
     """Several runs overlaid: accuracy (%) against test rotation, with a ± std band where a run has one.

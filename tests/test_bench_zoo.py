@@ -48,6 +48,7 @@ def test_bench_zoo_runs_resumes_and_refuses_another_budget(data_dir: Path, tmp_p
         assert all(0 <= v <= 1 for v in run["rotation"].values())
         assert 0 < run["rotation_auc"] <= 1 and 0 <= run["affine-mnist"] <= 1
         assert run["parameters"] > 0 and run["train_images_per_second"] > 0 and run["eval_images_per_second"] > 0
+        assert run["train_images"] == 300 and run["train_flops"] == run["train_flops_per_image"] * 300 > 1e6
     runs = saved["runs"]
     assert runs["lenet5|shift2|0"]["rotation"] != runs["lenet5|shift2|1"]["rotation"]  # the seeds differ
     # Both runs were trained (one progress line each) and the table shows mean ± std over the 2 seeds.
@@ -60,6 +61,8 @@ def test_bench_zoo_runs_resumes_and_refuses_another_budget(data_dir: Path, tmp_p
     assert cells[9].startswith(f"{auc_mean:.1f} ± ")
     plot = out / "zoo_shift2.png"
     assert plot.is_file() and plot.stat().st_size > 1000 and f"plot: {plot}" in printed
+    pareto = out / "pareto_shift2.png"
+    assert pareto.is_file() and pareto.stat().st_size > 1000 and f"plot: {pareto}" in printed
 
     # Again with the same budget: nothing retrained, zoo.json unchanged, the same table.
     before = store.read_bytes()
@@ -104,3 +107,10 @@ def test_decoder_variants_are_their_own_rows_with_both_parameter_counts() -> Non
     assert zoo.classifier_parameters(effcaps) == 161_824
     assert zoo.classifier_parameters(capsnet) == zoo.classifier_parameters(zoo.build_row_model("capsnet")) == 6_804_224
     assert sum(p.numel() for p in zoo.build_row_model("capsnet").parameters()) == 8_215_568
+
+
+def test_pareto_front_keeps_only_runs_nothing_beats_on_both_cost_and_accuracy() -> None:
+    from capsnet_core.plots import pareto_front
+
+    points = [(1e9, 90.0), (1e8, 80.0), (5e8, 79.0), (2e9, 95.0), (3e9, 94.0), (1e8, 70.0)]
+    assert pareto_front(points) == [1, 0, 3]  # (5e8, 79) is beaten by (1e8, 80); (3e9, 94) by (2e9, 95)
