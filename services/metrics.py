@@ -9,13 +9,14 @@ Naming, counters and the worker's wiring: docs/architecture.md.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from .metric_labels import angle_label, label_value
+from .metrics_gpu import GpuCollector, GpuSample
 from .metrics_http import DEFAULT_METRICS_PORT, start_metrics_server, stop_metrics_server
 from .metrics_queue import FINISH_OUTCOMES, QueueCollector, QueueReader, known_job_labels
 from .metrics_training import TrainingMetrics
@@ -50,7 +51,8 @@ class WorkerMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry | None = REGISTRY, max_jobs: int = 32,
-                 kinds: Iterable[str] = JOB_KINDS, result_linger_seconds: float = 0.0) -> None:
+                 kinds: Iterable[str] = JOB_KINDS, result_linger_seconds: float = 0.0,
+                 gpu_reader: Callable[[], list[GpuSample]] | None = None) -> None:
         self.queue_wait = Histogram(
             "capsnet_job_queue_wait_seconds", "Time from submit (or re-queue) to a worker claiming the job.",
             ["kind"], buckets=QUEUE_WAIT_BUCKETS, registry=registry)
@@ -77,6 +79,9 @@ class WorkerMetrics:
             "is never dropped, it waits for Redis.", registry=registry)
         self.training = TrainingMetrics(registry=registry, max_jobs=max_jobs,
                                         result_linger_seconds=result_linger_seconds)
+        self.gpus = GpuCollector(gpu_reader)  # per-device utilisation and memory, read at scrape time
+        if registry is not None:
+            registry.register(self.gpus)
         for outcome in ADMISSION_OUTCOMES:
             self.admission.labels(outcome)
         for kind in kinds:
@@ -86,7 +91,7 @@ class WorkerMetrics:
 
     def collectors(self) -> list[Collector]:
         return [self.queue_wait, self.run_duration, self.startup, self.admission, self.cluster_gpus, self.cluster_cpus,
-                self.events_dropped, *self.training.gauges()]
+                self.events_dropped, *self.training.gauges(), self.gpus]
 
     def observe_queue_wait(self, kind: str, seconds: float) -> None:
         self.queue_wait.labels(label_value(kind)).observe(max(0.0, float(seconds)))
@@ -161,7 +166,8 @@ class _NoQueue:
 
 __all__ = [
     "ADMISSION_OUTCOMES", "DEFAULT_METRICS_PORT", "FINISH_OUTCOMES", "JOB_KINDS", "PREFIX", "QUEUE_WAIT_BUCKETS",
-    "RESULT_LINGER_SECONDS", "RUN_DURATION_BUCKETS", "RUN_OUTCOMES", "STARTUP_BUCKETS", "QueueCollector",
+    "RESULT_LINGER_SECONDS", "RUN_DURATION_BUCKETS", "RUN_OUTCOMES", "STARTUP_BUCKETS", "GpuCollector", "GpuSample",
+    "QueueCollector",
     "QueueReader", "TrainingMetrics", "WorkerMetrics", "angle_label", "default_worker_metrics",
     "exposed_metric_names", "known_job_labels", "label_value", "start_metrics_server", "stop_metrics_server",
 ]
