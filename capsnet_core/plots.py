@@ -24,6 +24,38 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
+CHANCE = 10.0  # % correct by guessing one of MNIST's ten classes
+
+
+def readable_ticks(angles: Sequence[float], max_labels: int = 13) -> list[float]:
+    """A subset of the angles to label so that no two labels collide: labelled ticks at least
+    1/``max_labels`` of the range apart (the first and the last angle always kept)."""
+    ordered = sorted(set(angles))
+    if len(ordered) <= 2:
+        return ordered
+    gap = (ordered[-1] - ordered[0]) / max_labels
+    kept = [ordered[0]]
+    for angle in ordered[1:-1]:
+        if angle - kept[-1] >= gap and ordered[-1] - angle >= gap:
+            kept.append(angle)
+    return [*kept, ordered[-1]]
+
+
+def _accuracy_axes(ax: plt.Axes, angles: Sequence[float], title: str) -> None:
+    """The one style of every accuracy-against-angle figure: 0-100 %, a dashed chance line,
+    ticks that never overlap."""
+    ax.set_ylim(0, 101)
+    ax.axhline(CHANCE, color="grey", linestyle="--", linewidth=1, label="chance (10 %)")
+    ticks = readable_ticks(angles)
+    if ticks:
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{a:g}°" for a in ticks])
+    ax.set_xlabel("test rotation")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize="medium")
+    ax.grid(alpha=0.3)
+
+
 def plot_accuracy_vs_angle(runs: Mapping[str, Mapping[str | float, float]], path: str | Path,
                            title: str = "Accuracy on the rotated test set",
                            reference: Mapping[str, Mapping[float, float]] | None = None) -> Path:
@@ -31,19 +63,8 @@ def plot_accuracy_vs_angle(runs: Mapping[str, Mapping[str | float, float]], path
 
     reference: optional published points drawn as markers, e.g. {"tutorial LeNet5": {0: .9868, 35: .7605}}.
     """
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, curve in runs.items():
-        points = sorted((float(a), 100 * float(acc)) for a, acc in curve.items())
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    for label, curve in (reference or {}).items():
-        points = sorted((float(a), 100 * float(acc)) for a, acc in curve.items())
-        ax.scatter([p[0] for p in points], [p[1] for p in points], marker="x", s=60, label=label)
-    ax.set_xlabel("test rotation (degrees)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
+    return plot_accuracy_curves({label: {a: (acc, None) for a, acc in curve.items()} for label, curve in runs.items()},
+                                path, title=title, reference=reference)
 
 
 @torch.no_grad()
@@ -171,10 +192,13 @@ def plot_pareto(points: Sequence[tuple[str, float, float, float]], path: str | P
 
 
 def plot_accuracy_curves(curves: Mapping[str, Mapping[str | float, tuple[float, float | None]]], path: str | Path,
-                         title: str = "Accuracy on the rotated test set") -> Path:
+                         title: str = "Accuracy on the rotated test set",
+                         reference: Mapping[str, Mapping[float, float]] | None = None) -> Path:
     """Several runs overlaid: accuracy (%) against test rotation, with a ± std band where a run has one.
 
     curves: {label: {angle: (mean accuracy 0..1, std 0..1 or None)}}; a run draws only the angles it has.
+    Each run has its own marker, and later runs draw smaller hollow markers over earlier ones, so a
+    curve lying exactly on another stays visible.
     """
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     markers = "osD^v<>ph*"
@@ -186,20 +210,19 @@ def plot_accuracy_curves(curves: Mapping[str, Mapping[str | float, tuple[float, 
             continue
         all_angles.update(p[0] for p in points)
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        line, = ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.8, markersize=5, label=label)
+        line, = ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.8, markersize=max(3.0, 7.0 - 1.2 * i),
+                        markerfacecolor="none" if i % 2 else None, label=label, zorder=2 + i)
         if any(p[2] for p in points):
             sd = [p[2] or 0.0 for p in points]
             ax.fill_between(xs, [y - s for y, s in zip(ys, sd, strict=True)],
                             [y + s for y, s in zip(ys, sd, strict=True)], color=line.get_color(), alpha=0.18,
                             linewidth=0)
-    if all_angles:
-        ax.set_xticks(sorted(all_angles))
-        ax.set_xticklabels([f"{a:g}°" for a in sorted(all_angles)])
-    ax.set_xlabel("test rotation")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if curves:
+    for label, curve in (reference or {}).items():
+        points = sorted((float(a), 100 * float(acc)) for a, acc in curve.items())
+        all_angles.update(p[0] for p in points)
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker="x", s=60, label=label, zorder=20)
+    _accuracy_axes(ax, sorted(all_angles), title)
+    if curves or reference:
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False,
                   ncol=1 if len(curves) < 5 else 2)  # below the axes: never over a curve
     return _save(fig, path)

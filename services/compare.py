@@ -47,13 +47,15 @@ class Run:
     seeds: int
     accuracy: dict[str, float | None] = field(default_factory=dict)
     std: dict[str, float | None] = field(default_factory=dict)
+    rotation_auc: float | None = None
 
     @property
     def label(self) -> str:
-        """The run in a legend: ``lenet5 shift2+rot15 (tune-a)``."""
+        """The run in a legend: ``lenet5 shift2+rot15, tune tune-a, mean ± std of 3 seeds, AUC 51.5 %``."""
         what = " ".join(p for p in (self.model, self.augment) if p)
         seeds = f", mean ± std of {self.seeds} seeds" if self.seeds > 1 else ""
-        return f"{what or self.kind} ({self.name or self.job}{seeds})"
+        auc = f", AUC {100 * self.rotation_auc:.1f} %" if self.rotation_auc is not None else ""
+        return f"{what or '?'}, {self.kind} {self.name or self.job}{seeds}{auc}"
 
 
 @dataclass
@@ -152,7 +154,9 @@ def _train_run(record: JobRecord, result: Mapping[str, Any], kind: str,
                parameters=count_parameters(model, train_spec.model_kwargs()) if train_spec else None,
                epochs=epochs, seeds=1,
                accuracy={_angle_key(a): finite(v) for a, v in rot.items()},
-               std={_angle_key(a): None for a in rot})
+               std={_angle_key(a): None for a in rot},
+               rotation_auc=finite((result.get("suite_accuracy") or {}).get("rotation_auc"))
+               if isinstance(result.get("suite_accuracy"), Mapping) and class_index is None else None)
 
 
 def _tune_runs(record: JobRecord, result: Mapping[str, Any]) -> list[Run]:

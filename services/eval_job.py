@@ -57,6 +57,7 @@ def evaluate_checkpoint(checkpoint_uri: str, dataset: str, angles: list[float], 
     rotation = {k: r.accuracy for k, r in results.items()}
     return {"checkpoint": checkpoint_uri, "model": model.name, "device": device, "history": list(payload["history"]),
             "rotation_accuracy": rotation, "per_class": {k: r.per_class for k, r in results.items()},
+            "confusion": {k: r.confusion for k, r in results.items()},
             "suite_accuracy": evaluate_suites(model, test, suites or [], rotation, data_root=data_dir)}
 
 

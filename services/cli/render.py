@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..parsing import finite, first, printable
+from ..plot_labels import curve_label, plot_title
 from ..queue import JobRecord
 from .helpers import UserError, echo
 
@@ -380,12 +381,11 @@ def write_plots(record: JobRecord, path: Path, confusion_angle: str | None = Non
     rot = result.get("rotation_accuracy")
     if not isinstance(rot, dict) or not rot:
         raise UserError(f"job {record.id} has no accuracy by angle to plot")
-    label = f"{record.model or result.get('model') or record.kind} ({record.id})"
-    auc = (result.get("suite_accuracy") or {}).get("rotation_auc") if isinstance(result.get("suite_accuracy"), dict) \
-        else None
-    if isinstance(auc, int | float):
-        label += f", AUC {auc:.3f}"
-    return [plots.plot_accuracy_vs_angle({label: rot}, path,
-                                         title=f"{record.model or record.kind}: accuracy on rotated test images"),
+    model = record.model or result.get("model")
+    spec = record.spec if isinstance(record.spec, dict) else {}
+    job = record.name or record.id
+    suites = result.get("suite_accuracy") if isinstance(result.get("suite_accuracy"), dict) else {}
+    label = curve_label(job, record.kind or "train", model, spec, suites.get("rotation_auc"))
+    return [plots.plot_accuracy_vs_angle({label: rot}, path, title=plot_title(job, record.kind or "train", model, spec)),
             *confusion_plot]
 
