@@ -1,7 +1,8 @@
 """Checkpoints: model, optimizer, scheduler, epoch, RNG state, configs and history in one file.
 
-Writes are atomic (temporary file + rename), so a crash mid-write leaves the previous
-checkpoint intact: a resumed job never reads half a file.
+Writes are atomic (temporary file, fsync, rename), so a crash mid-write leaves the previous
+checkpoint intact. That holds for this file only: a copy made afterwards (Ray Train's upload to
+storage) is checked by the service against the size and SHA-256 recorded at write time.
 
 Loading never runs code from the file: ``torch.load(weights_only=True)`` unpickles only
 tensors and plain containers (our files need nothing else), so a crafted pickle handed to
@@ -70,9 +71,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         "extra": extra or {},
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut never leaves an empty file named as done
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -47,6 +47,10 @@ def new_job_id() -> str:
 _UNREADABLE = object()
 
 
+def _checkpoints(parsed: Any) -> list[dict[str, Any]]:
+    return [c for c in parsed if isinstance(c, dict)] if isinstance(parsed, list) else []
+
+
 def _transitions(raw: Any) -> list[dict[str, Any]]:
     """The stored ``transitions`` JSON list; whatever is not a JSON object (or a list of them)
     is kept as ``{"invalid": <what was there>}`` so readers can show that it is unreadable."""
@@ -100,6 +104,8 @@ class JobRecord:
     result: Any = None
     progress: dict[str, Any] | None = None
     checkpoint: str | None = None
+    # The last verified checkpoints, oldest first: [{epoch, uri, size, sha256}] (services.checkpoints)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
     cancel_requested: bool = False
     idempotency_key: str | None = None
     seq: int = 0
@@ -145,6 +151,7 @@ class JobRecord:
             result=_json(d.get("result"), None),
             progress=progress if isinstance(progress, dict) else None,
             checkpoint=_s(d.get("checkpoint")) or None,
+            checkpoints=_checkpoints(_json(d.get("checkpoints"), [])),
             cancel_requested=_s(d.get("cancel_requested")) == "1",
             idempotency_key=_s(d.get("idempotency_key")) or None,
             seq=_i(d.get("seq")),

@@ -570,11 +570,30 @@ if arg(4) ~= '0' then emit(id, 'progress', arg(3)) end
 return 1
 
 --!script checkpoint
--- arg: 1 job id, 2 token, 3 checkpoint URI. returns 1, or 0 when fenced out
+-- arg: 1 job id, 2 token, 3 checkpoint URI, 4 optional entry JSON {epoch, uri, size, sha256},
+-- 5 how many entries to keep. returns 1, or 0 when fenced out
+-- 'checkpoints' keeps the last arg(5) entries, oldest first, one per URI (services/checkpoints).
 local id = arg(1)
 if not fenced(id, arg(2)) then return 0 end
 ensure_type(k_events(id), 'stream', id)
 redis.call('HSET', k_job(id), 'checkpoint', arg(3), 'checkpoint_at', NOWS, 'updated_at', NOWS)
+if arg(4) and arg(4) ~= '' then
+  local ok, entry = pcall(cjson.decode, arg(4))
+  if ok and type(entry) == 'table' then
+    local kept = {}
+    local okl, old = pcall(cjson.decode, redis.call('HGET', k_job(id), 'checkpoints') or '[]')
+    if okl and type(old) == 'table' then
+      for _, e in ipairs(old) do
+        if type(e) == 'table' and e.uri ~= entry.uri then kept[#kept + 1] = e end
+      end
+    end
+    kept[#kept + 1] = entry
+    local keep = math.max(1, tonumber(arg(5)) or 1)
+    local trimmed = {}
+    for i = math.max(1, #kept - keep + 1), #kept do trimmed[#trimmed + 1] = kept[i] end
+    redis.call('HSET', k_job(id), 'checkpoints', cjson.encode(trimmed))
+  end
+end
 emit(id, 'log', cjson.encode({level = 'info', message = 'checkpoint saved', checkpoint = arg(3)}))
 return 1
 

@@ -280,9 +280,13 @@ class JobQueue:
         (fenced). Pass ``publish=False`` when the event was already published via EventLog."""
         return bool(self._run("progress", [job_id, token, _dumps(dict(progress)), "1" if publish else "0"]))
 
-    def set_checkpoint(self, job_id: str, token: str, uri: str) -> bool:
-        """Record the URI of the newest checkpoint; the next attempt resumes from it (fenced)."""
-        return bool(self._run("checkpoint", [job_id, token, str(uri)]))
+    def set_checkpoint(self, job_id: str, token: str, uri: str, entry: Mapping[str, Any] | None = None,
+                       keep: int = 3) -> bool:
+        """Record the URI of the newest checkpoint; the next attempt resumes from it (fenced).
+        ``entry`` ({epoch, uri, size, sha256}, see ``services.checkpoints``) is added to the
+        record's ``checkpoints``, which keeps the last ``keep``."""
+        return bool(self._run("checkpoint", [job_id, token, str(uri), _dumps(dict(entry)) if entry else "",
+                                             str(keep)]))
 
     def complete(self, job_id: str, token: str, result: Any = None) -> bool:
         """running -> succeeded with a JSON result (fenced)."""

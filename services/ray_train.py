@@ -7,9 +7,10 @@ Rank 0 evaluates, writes checkpoints, and publishes progress and log events to R
 
 Checkpoints go through ``ray.train.report`` into ``RunConfig(storage_path=<artifacts>,
 name=<job id>)``: a local folder or any URI Ray accepts (``s3://``...). Because the run name
-is the job id, a later attempt of the same job (after its worker died) finds Ray Train's
-checkpoint snapshot in that folder and ``ray.train.get_checkpoint()`` hands back the last
-epoch's checkpoint: the job resumes there instead of at epoch 0.
+is the job id, a later attempt of the same job (after its worker died) resumes in that folder:
+rank 0 records each checkpoint's size and SHA-256 in the job record, and ``choose_resume`` walks
+back from the newest to the newest intact one (``services.checkpoints``), which every rank loads
+instead of starting at epoch 0. Ray's own ``get_checkpoint()`` is not used: it is not verified.
 
 The job runtime (``JobContext``, ``JobChannel``, how a run ends) is ``runtime``; which failures
 are infrastructure losses is ``losses``; eval jobs are ``eval_job``.
@@ -17,9 +18,9 @@ are infrastructure losses is ``losses``; eval jobs are ``eval_job``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -31,9 +32,22 @@ from typing import Any
 import torch
 
 from capsnet_core import TrainConfig, build_model, fit, load_dataset
+from capsnet_core.checkpoint import load_checkpoint
 from capsnet_core.evaluate import cpu_threads
 from capsnet_core.train import ddp_options, shard_indices
 
+from .checkpoints import (
+    KEEP_CHECKPOINTS,
+    RAY_SNAPSHOT_FILE,
+    entry_for,
+    fetch_to,
+    iter_warnings,
+    parse_entries,
+    quarantine,
+    ray_snapshot_problem,
+    resume_candidates,
+    walk_back,
+)
 from .jobspec import TrainSpec
 from .losses import infrastructure_loss, node_loss, rank_nodes
 from .runtime import CHECKPOINT_FILE, JobChannel, JobContext, check_job_limits, fit_or_stop
@@ -52,24 +66,6 @@ def _eval_threads(train_ctx: Any, device: torch.device) -> int:
         return 0
     local_ranks = getattr(train_ctx, "get_local_world_size", lambda: 1)()
     return max(1, int(local_ranks)) * torch.get_num_threads()
-
-
-def _checkpoint_epoch(path: str) -> int:
-    match = re.search(r"epoch-(\d+)", path.rstrip("/").rsplit("/", 1)[-1])
-    return int(match.group(1)) if match else -1
-
-
-def _latest_checkpoint(from_ray: Any, from_record: str | None) -> Any:
-    """The later of Ray Train's own snapshot and the checkpoint recorded in the job record.
-
-    Ray writes its run snapshot asynchronously after ``report`` returns, so a worker killed
-    right after an epoch can leave Redis one checkpoint ahead of the snapshot (or the other
-    way round): take whichever names the later epoch.
-    """
-    import ray.train
-
-    candidates = [c for c in (from_ray, ray.train.Checkpoint(from_record) if from_record else None) if c is not None]
-    return max(candidates, key=lambda c: _checkpoint_epoch(c.path), default=None)
 
 
 def set_process_niceness(niceness: int) -> int:
@@ -135,7 +131,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix=f"capsctl-{ctx.job_id}-r{rank}-"))
     resume_file: Path | None = None
-    checkpoint = _latest_checkpoint(ray.train.get_checkpoint(), ctx.resume_checkpoint)
+    # The driver chose (and verified) the checkpoint to resume from, out of the job record; Ray's
+    # own ``get_checkpoint()`` is ignored: it names the newest checkpoint whether intact or not.
+    checkpoint = ray.train.Checkpoint(config["resume"]) if config.get("resume") else None
     if checkpoint is not None:
         resume_file = workdir / "resume.pt"
         checkpoint.to_directory(str(workdir / "resume"))
@@ -147,10 +145,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epoch = history[-1]["epoch"]
         ray_checkpoint = ray.train.Checkpoint.from_directory(str(saved.parent)) if saved is not None else None
         metrics = {**history[-1], "history": history, "world_size": world_size, "device": str(device)}
+        # Size and digest of the file as written, before Ray copies it to storage: a resume
+        # checks the stored copy against them (services.checkpoints).
+        written = entry_for(saved, epoch, "") if rank == 0 and saved is not None else None
         ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
         if rank == 0:
             uri = f"{ctx.artifacts.rstrip('/')}/{ctx.job_id}/epoch-{epoch:04d}"
-            channel.set_checkpoint(uri)
+            entry = dataclasses.replace(written, uri=uri).to_dict() if written is not None else None
+            channel.set_checkpoint(uri, entry)
 
     try:
         eval_threads = _eval_threads(train_ctx, device)
@@ -208,6 +210,46 @@ def _report_resume(result: Any, spec: TrainSpec, rank: int, world_size: int, dev
         ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=f"epoch-{spec.epochs:04d}-final")
 
 
+def choose_resume(ctx: JobContext, channel: JobChannel) -> str | None:
+    """The URI of the newest intact checkpoint the job record lists (None: start at epoch 0),
+    and a run folder Ray Train can restore. Runs in the driver, before the ``TorchTrainer``.
+
+    Each recorded checkpoint is checked against its size and SHA-256 and loaded once; one that
+    fails is skipped with a warning event naming the file and why. Then Ray's run snapshot is
+    checked: one Ray could not load (empty, half-written, naming a deleted checkpoint) would
+    fail every attempt in ``TrainController.__init__``, so it is moved aside
+    (``*.corrupt-<ms>``) and Ray starts a fresh snapshot while capsctl supplies the checkpoint.
+    """
+    import ray
+
+    record = channel.redis.attempt(channel.queue.get, ctx.job_id, what="reading the job record")
+    entries = parse_entries(record.checkpoints) if record is not None else []
+    legacy = (record.checkpoint if record is not None else None) or ctx.resume_checkpoint
+    candidates = resume_candidates(entries, legacy)
+    chosen = None
+    if candidates:
+        with tempfile.TemporaryDirectory(prefix=f"capsctl-{ctx.job_id}-verify-") as scratch:
+            chosen, _, skipped = walk_back(candidates, fetch_to(Path(scratch), CHECKPOINT_FILE),
+                                           check_loads=lambda path: load_checkpoint(path))
+        for message, fields in iter_warnings(skipped):
+            channel.log(message, **fields)
+        if chosen is None:
+            channel.log(f"no intact checkpoint left of {len(candidates)} recorded: starting from epoch 0",
+                        level="warning", resumed_from_epoch=0)
+        elif skipped:
+            channel.log(f"resuming from the checkpoint of epoch {chosen.epoch} ({chosen.uri}), "
+                        f"the newest intact one", level="warning", resume_checkpoint=chosen.uri)
+    run_dir = Path(ctx.artifacts) / ctx.job_id
+    if "://" not in ctx.artifacts and run_dir.is_dir():
+        problem = ray_snapshot_problem(run_dir, ray.__version__)
+        if problem is not None:
+            moved = quarantine(run_dir / RAY_SNAPSHOT_FILE)
+            channel.log(f"Ray Train's run snapshot {run_dir / RAY_SNAPSHOT_FILE} is {problem}: moved aside to "
+                        f"{moved.name}; resuming from capsctl's own record instead", level="warning",
+                        ray_snapshot=str(moved), reason=problem)
+    return chosen.uri if chosen is not None else None
+
+
 def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     """Run one train job to the end on the connected Ray cluster; returns the job's result document."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -215,19 +257,21 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
 
     check_job_limits(spec)
     use_gpu = spec.gpus > 0
+    channel = JobChannel(ctx, check_interval_s=0.0)
+    resume = choose_resume(ctx, channel)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "ctx": asdict(ctx)},
+        train_loop_config={"spec": spec.to_dict(), "ctx": asdict(ctx), "resume": resume},
         scaling_config=ScalingConfig(num_workers=spec.ranks, use_gpu=use_gpu,
                                      resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
         run_config=RunConfig(
             name=ctx.job_id, storage_path=ctx.artifacts,
             # The queue owns retries (with backoff, across workers); Ray Train must not retry on its own.
             failure_config=FailureConfig(max_failures=0),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray deletes older checkpoints as the record forgets them: the fallbacks stay on disk.
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
     )
-    channel = JobChannel(ctx, check_interval_s=0.0)
     # The next few seconds are Ray Train starting a controller and one process per rank, each
     # importing torch; say so, or `logs -f` looks stuck.
     channel.log(f"starting Ray Train: a controller and {spec.ranks} rank process(es) "

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .checkpoints import KEEP_CHECKPOINTS
 from .config import Settings, redis_client
 from .events import EventLog
 from .jobspec import SpecError, TrainSpec, TuneSpec, check_model_size
@@ -99,7 +100,7 @@ class JobChannel:
         self._last_check = 0.0
         self._stop_reason: str | None = None
         self.events_dropped = 0  # not yet reported
-        self._pending_checkpoint: str | None = None
+        self._pending_checkpoint: tuple[str, dict[str, Any] | None] | None = None  # (uri, entry)
         self._flushing = False
 
     def _send(self, fn: Any, *args: Any, what: str, **kwargs: Any) -> Any:
@@ -114,9 +115,9 @@ class JobChannel:
         self._flushing = True
         try:
             if self._pending_checkpoint is not None:
-                uri = self._pending_checkpoint
-                if self._send(self.queue.set_checkpoint, self.ctx.job_id, self.ctx.lease_token, uri,
-                              what="recording a checkpoint") is not _DROPPED:
+                uri, entry = self._pending_checkpoint
+                if self._send(self.queue.set_checkpoint, self.ctx.job_id, self.ctx.lease_token, uri, entry,
+                              keep=KEEP_CHECKPOINTS, what="recording a checkpoint") is not _DROPPED:
                     self._pending_checkpoint = None
             n = self.events_dropped
             if n and self._send(self.events.log, self.ctx.job_id,
@@ -161,9 +162,10 @@ class JobChannel:
                       what="logging", **extra) is _DROPPED:
             self.events_dropped += 1
 
-    def set_checkpoint(self, uri: str) -> None:
-        """Record the newest checkpoint in the job record (fenced); kept for later while Redis is away."""
-        self._pending_checkpoint = uri
+    def set_checkpoint(self, uri: str, entry: dict[str, Any] | None = None) -> None:
+        """Record the newest checkpoint (and its {epoch, uri, size, sha256} ``entry``) in the job
+        record (fenced); kept for later while Redis is away."""
+        self._pending_checkpoint = (uri, entry)
         self._flush()
 
 
