@@ -4,6 +4,11 @@ The data root (``CAPSNET_DATA_DIR``, default ``~/.cache/capsnet/data``) holds
 ``<root>/MNIST/raw/*-ubyte.gz`` and ``<root>/FashionMNIST/raw/*-ubyte.gz``.  The files are read
 directly (the root may be read-only) and their MD5 checked.  A missing file is downloaded
 from torchvision's mirrors when online, into the root if writable, else into the user cache.
+
+A derived data root (a copy with, say, relabelled test files for an experiment or a test) may
+carry its own checksums: ``<root>/<folder>/raw/MD5SUMS``, in ``md5sum``'s format
+(``<md5>  <file name>`` per line). Its entries replace the published MD5s for the files in that
+folder only; the user cache and downloads are always checked against the published ones.
 """
 
 from __future__ import annotations
@@ -135,15 +140,37 @@ def _download(info: DatasetInfo, filename: str, target_dir: Path) -> Path:
     raise DatasetMissingError("; ".join(errors))
 
 
+CHECKSUM_FILE = "MD5SUMS"
+
+
+def _local_checksums(folder: Path) -> dict[str, str]:
+    """A derived root's own checksums (``MD5SUMS`` in ``md5sum`` format), {} when it has none."""
+    path = folder / CHECKSUM_FILE
+    if not path.is_file():
+        return {}
+    sums = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, _, name = line.strip().partition(" ")
+        name = name.strip().lstrip("*")  # md5sum marks binary mode with "*"
+        if len(digest) != 32 or not name:
+            raise ChecksumError(f"{path}, line {number}: expected '<md5>  <file name>' as md5sum writes it")
+        sums[name] = digest.lower()
+    return sums
+
+
 def locate_file(name: str, filename: str, root: Path | None = None, download: bool | None = None) -> Path:
     """Path of a verified dataset file, downloading it when missing and allowed."""
     info = DATASETS[name]
     root = Path(root) if root is not None else default_data_root()
-    candidates = [root / info.folder / "raw" / filename, _user_cache() / info.folder / "raw" / filename]
-    for path in candidates:
+    own = _local_checksums(root / info.folder / "raw").get(filename)
+    candidates = [(root / info.folder / "raw" / filename, own or info.md5[filename]),
+                  (_user_cache() / info.folder / "raw" / filename, info.md5[filename])]
+    for path, expected_md5 in candidates:
         if path.is_file():
-            if _md5(path) != info.md5[filename]:
-                raise ChecksumError(f"{path} has MD5 {_md5(path)}, expected {info.md5[filename]}: "
+            if _md5(path) != expected_md5:
+                raise ChecksumError(f"{path} has MD5 {_md5(path)}, expected {expected_md5}: "
                                     "delete it and let capsctl download it again")
             return path
     if download is None:

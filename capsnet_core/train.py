@@ -48,7 +48,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     eval_angles: tuple[float, ...] = (0.0, 15.0, 35.0)  # final robustness evaluation
     eval_suites: tuple[str, ...] = ()  # named test suites (capsnet_core.suites), after eval_angles
-    eval_every: int = 1  # upright test accuracy after every n epochs (0 = only at the end)
+    eval_every: int = 1  # upright validation accuracy after every n epochs (0 = never)
     eval_batch_size: int = 500
     log_every: int = 20  # a step event every n steps
     eval_threads: int = 0  # torch CPU threads while rank 0 evaluates (others wait idle); 0 = as training
@@ -154,7 +154,7 @@ def _gpu_memory(device: torch.device) -> int | None:
 
 
 def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainConfig, *,
-        rank: int = 0, world_size: int = 1, checkpoint_path: str | Path | None = None,
+        val: Dataset | None = None, rank: int = 0, world_size: int = 1, checkpoint_path: str | Path | None = None,
         resume_from: str | Path | None = None, on_progress: ProgressCallback | None = None,
         on_checkpoint: Callable[[Path, int], None] | None = None,
         on_epoch_end: Callable[[list[dict[str, Any]], Path | None], None] | None = None,
@@ -162,7 +162,9 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
     """Train for config.epochs epochs (continuing from `resume_from` if given), then evaluate.
 
     Only rank 0 evaluates, writes `checkpoint_path` after every epoch, calls `on_checkpoint`
-    and `on_progress`.  The returned rotation accuracies are empty on other ranks.
+    and `on_progress`.  Per epoch it measures the validation split `val` (``val_accuracy``,
+    ``val_loss``; a hold-out of the training set, ``capsnet_core.validation``), never the test
+    set: `test` is evaluated once, after the last epoch, for the reported figures only.  The returned rotation accuracies are empty on other ranks.
     `on_epoch_end(history, checkpoint)` runs on every rank after every epoch (history[-1] is
     the epoch just done; checkpoint is None except on rank 0), for frameworks whose reporting
     is a collective barrier.
@@ -180,6 +182,7 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
         start_epoch, history = int(state["epoch"]), list(state["history"])
     train = train.to(device)
     test = test.to(device) if test is not None else None
+    val = val.to(device) if val is not None and rank == 0 else None
     emit = on_progress if rank == 0 else None
     began = time.perf_counter()
     rotation: dict[str, float] = {}
@@ -208,10 +211,10 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
                                   "epoch_seconds": stats["seconds"],
                                   "images_per_second": stats["images_per_second"]}
         last = epoch + 1 == config.epochs
-        if rank == 0 and test is not None and config.eval_every and ((epoch + 1) % config.eval_every == 0 or last):
+        if val is not None and config.eval_every and ((epoch + 1) % config.eval_every == 0 or last):
             with cpu_threads(config.eval_threads, device):
-                upright = evaluate(model, test.images, test.labels, batch_size=config.eval_batch_size, amp=config.amp)
-            record.update(test_accuracy=upright.accuracy, test_loss=upright.loss)
+                upright = evaluate(model, val.images, val.labels, batch_size=config.eval_batch_size, amp=config.amp)
+            record.update(val_accuracy=upright.accuracy, val_loss=upright.loss)
         if last and rank == 0 and test is not None:
             # The robustness evaluation belongs to the final checkpoint: do it before saving, so
             # the last checkpoint (and its report) carries the result.

@@ -43,6 +43,7 @@ from .spec_types import (
     DATASETS,
     DEFAULT_ANGLES,
     DEFAULT_TUNE_MODELS,
+    DEFAULT_VAL_SPLIT,
     JOB_ID_RE,
     KINDS,
     MAX_ANGLES,
@@ -63,6 +64,7 @@ from .spec_types import (
     check_model_config,
     check_name,
     check_preset,
+    check_val_split,
     kwargs_for,
     model_config_fields,
 )
@@ -118,6 +120,9 @@ class TrainSpec(_SpecBase):
     model_overrides: dict[str, Any] = Field(default_factory=dict, alias="model_config")
     train_subset: bounded_int(1, TRAIN_IMAGES) | None = None  # type: ignore[valid-type]
     test_subset: bounded_int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
+    # Training images held out (class-stratified, a fixed split seed) to measure each epoch on;
+    # carved before train_subset is taken. 0: no per-epoch accuracy.
+    val_split: bounded_int(0, TRAIN_IMAGES - 1) = DEFAULT_VAL_SPLIT  # type: ignore[valid-type]
     # Named test suites (capsnet_core.suites): "rotation" adds 0..180 in 15-degree steps to
     # eval_angles and reports their AUC; "affine" adds the affine-MNIST (or affNIST) accuracy.
     eval_suites: SuiteList = Field(default_factory=list)
@@ -136,6 +141,7 @@ class TrainSpec(_SpecBase):
             raise ValueError(f"batch_size: must be at least the number of ranks ({self.ranks}), "
                              f"got {self.batch_size}")
         check_batch_divides(self.batch_size, self.ranks, "--gpus" if self.gpus > 0 else "--cpu-ranks")
+        check_val_split(self.val_split, self.train_subset)
         object.__setattr__(self, "model_overrides", check_model_config([self.model], self.model_overrides))
         object.__setattr__(self, "eval_angles", check_angles(with_suite_angles(self.eval_angles, self.eval_suites)))
         return self
@@ -208,6 +214,9 @@ class TuneSpec(_SpecBase):
     dataset: Dataset = "mnist"
     train_subset: bounded_int(1, TRAIN_IMAGES) | None = None  # type: ignore[valid-type]
     test_subset: bounded_int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
+    # Every selection (ASHA, each row's config, the best trial) is made on this hold-out of the
+    # training set, never on the test set; 0 only where nothing is selected.
+    val_split: bounded_int(0, TRAIN_IMAGES - 1) = DEFAULT_VAL_SPLIT  # type: ignore[valid-type]
     model_overrides: dict[str, Any] = Field(default_factory=dict, alias="model_config")
     eval_suites: SuiteList = Field(default_factory=list)
 
@@ -261,6 +270,10 @@ class TuneSpec(_SpecBase):
                              f"got {len(self.augment)} presets)")
         if self.gpus_per_trial > 1:
             check_batch_divides(self.batch_size, self.gpus_per_trial, "--gpus-per-trial")
+        check_val_split(self.val_split, self.train_subset)
+        if self.val_split == 0 and self.selects:
+            raise ValueError("val_split: this search picks among lr / routing_iters / samples on the validation "
+                             "split; give it at least 1 image (default 5000), 0 only for a plain grid")
         if self.routing_iters is not None and "capsnet" not in self.models:
             raise ValueError("routing_iters: only applies to capsnet, which is not in models")
         object.__setattr__(self, "model_overrides", check_model_config(list(self.models), self.model_overrides))
@@ -269,6 +282,12 @@ class TuneSpec(_SpecBase):
             raise ValueError(f"samples: the search has {n} trials, more than the {MAX_TRIALS} allowed; "
                              f"use fewer models, angles, lr, routing_iters, seeds or samples")
         return self
+
+    @property
+    def selects(self) -> bool:
+        """Does the search pick among hyperparameters (several lr / routing_iters values, or samples)?"""
+        return bool((self.lr and len(self.lr) > 1) or (self.routing_iters and len(self.routing_iters) > 1)
+                    or self.samples > 1)
 
     def conditions(self) -> list[tuple[float, str]]:
         """(training angle, augmentation preset) pairs."""

@@ -35,6 +35,7 @@ from capsnet_core import TrainConfig, build_model, fit, load_dataset
 from capsnet_core.checkpoint import load_checkpoint
 from capsnet_core.evaluate import cpu_threads
 from capsnet_core.train import ddp_options, shard_indices
+from capsnet_core.validation import describe_split, split_training_pool
 
 from .checkpoints import (
     KEEP_CHECKPOINTS,
@@ -111,7 +112,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(spec.model, **spec.model_kwargs())
     # Moves to this rank's device (CapsNet lays out its weights for it); DDP when world_size > 1.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options(model))
-    train = load_dataset(spec.dataset, "train", root=ctx.data_dir).subset(spec.train_subset)
+    # Per-epoch accuracy is measured on a hold-out of the training set, never on the test set.
+    train, val, _ = split_training_pool(load_dataset(spec.dataset, "train", root=ctx.data_dir), spec.val_split,
+                                        spec.train_subset)
     test = load_dataset(spec.dataset, "test", root=ctx.data_dir).subset(spec.test_subset) if rank == 0 else None
 
     # Which images this rank trains on in its first epoch: the test suite checks ranks differ.
@@ -156,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     try:
         eval_threads = _eval_threads(train_ctx, device)
-        result = fit(model, train, test, _train_config(spec, eval_threads), rank=rank, world_size=world_size,
+        result = fit(model, train, test, _train_config(spec, eval_threads), val=val, rank=rank, world_size=world_size,
                      checkpoint_path=workdir / "epoch" / CHECKPOINT_FILE if rank == 0 else None,
                      resume_from=resume_file, on_progress=channel.progress if rank == 0 else None,
                      on_epoch_end=on_epoch_end, should_stop=channel.should_stop)
@@ -289,5 +292,6 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
         "world_size": metrics.get("world_size", spec.ranks),
         "device": metrics.get("device"),
         "checkpoint": outcome.checkpoint.path if outcome.checkpoint is not None else None,
+        "validation": describe_split(load_dataset(spec.dataset, "train", root=ctx.data_dir), spec.val_split).to_dict(),
     }
     return result

@@ -2,9 +2,11 @@
 
 One Tune trial per combination, expanded up front by ``expand_trials`` (a deterministic list,
 so every attempt of a job names the same trials the same way). A trial is a function
-trainable (``_trial``) that trains with ``capsnet_core.fit``, reports the upright test
-accuracy after every epoch (``val_accuracy``, the ASHA metric) through ``ray.tune.report``,
-and at the end evaluates the test set rotated by every eval angle. With
+trainable (``_trial``) that trains with ``capsnet_core.fit``, reports the upright accuracy on
+the validation split after every epoch (``val_accuracy``, the ASHA metric: a fixed hold-out of
+the training set, ``capsnet_core.validation``) through ``ray.tune.report``, and only at the end
+evaluates the test set rotated by every eval angle. No decision (ASHA, a row's configuration,
+the best trial) ever sees a test figure. With
 ``gpus_per_trial > 1`` the trial drives a Ray Train ``TorchTrainer`` (one GPU rank each)
 instead of training in its own process.
 
@@ -27,7 +29,7 @@ charged to ``max_lost``) and the next one resumes them; a trial's own error fail
 The search space is ``tune_space``, the result matrix and its files ``tune_matrix``: both pure,
 importable without Ray.
 
-Early stopping (``asha``): ASHA on ``val_accuracy`` over epochs, used only when the search
+Early stopping (``asha``): ASHA on ``val_accuracy`` (the validation split) over epochs, used only when the search
 has hyperparameter alternatives (several lr values, routing_iters values or samples); with a
 plain grid of conditions every trial is a cell of the matrix and none is stopped. Trials that
 ASHA stopped are still evaluated at every eval angle from their last checkpoint (a Ray task
@@ -48,6 +50,7 @@ import torch
 
 from capsnet_core import TrainConfig, build_model, fit, load_dataset
 from capsnet_core.train import angle_key, ddp_options
+from capsnet_core.validation import describe_split, split_training_pool
 
 from .eval_job import evaluate_checkpoint
 from .jobspec import TuneSpec
@@ -89,7 +92,7 @@ def _trial_name(trial: Any) -> str:
 
 
 def _epoch_metrics(record: dict[str, Any], epochs: int) -> dict[str, Any]:
-    return {"epoch": record["epoch"], "epochs": epochs, "val_accuracy": record.get("test_accuracy"),
+    return {"epoch": record["epoch"], "epochs": epochs, "val_accuracy": record.get("val_accuracy"),
             "train_loss": record.get("train_loss"), "train_accuracy": record.get("train_accuracy"),
             "epoch_seconds": record.get("epoch_seconds"), "images_per_second": record.get("images_per_second")}
 
@@ -136,7 +139,8 @@ def _trial(config: dict[str, Any], spec: dict[str, Any] | None = None, ctx: dict
             _publish_resumed(channel, job, trial, resume, tune_spec.epochs)
         torch.manual_seed(trial["seed"])
         model = build_model(trial["model"], **trial_model_kwargs(tune_spec, trial)).to(device)
-        train = load_dataset(tune_spec.dataset, "train", root=job.data_dir).subset(tune_spec.train_subset)
+        train, val, _ = split_training_pool(load_dataset(tune_spec.dataset, "train", root=job.data_dir),
+                                            tune_spec.val_split, tune_spec.train_subset)
         test = load_dataset(tune_spec.dataset, "test", root=job.data_dir).subset(tune_spec.test_subset)
         local_ckpt = workdir / "epoch" / CHECKPOINT_FILE
 
@@ -148,7 +152,7 @@ def _trial(config: dict[str, Any], spec: dict[str, Any] | None = None, ctx: dict
                 return  # the last epoch is reported below, with its rotation accuracies
             ray.tune.report(_epoch_metrics(record, tune_spec.epochs))
 
-        result = fit(model, train, test, _train_config(tune_spec, trial), checkpoint_path=local_ckpt,
+        result = fit(model, train, test, _train_config(tune_spec, trial), val=val, checkpoint_path=local_ckpt,
                      resume_from=resume, on_epoch_end=on_epoch_end, should_stop=channel.should_stop)
         document = final_document(trial, tune_spec, result.history, result.rotation_accuracy, result.per_class,
                                    "finished", str(device), suites=result.suite_accuracy)
@@ -184,7 +188,8 @@ def _distributed_worker_loop(config: dict[str, Any]) -> None:
         torch.manual_seed(trial["seed"])
         model = build_model(trial["model"], **trial_model_kwargs(spec, trial))
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options(model))
-        train = load_dataset(spec.dataset, "train", root=job.data_dir).subset(spec.train_subset)
+        train, val, _ = split_training_pool(load_dataset(spec.dataset, "train", root=job.data_dir), spec.val_split,
+                                            spec.train_subset)
         test = load_dataset(spec.dataset, "test", root=job.data_dir).subset(spec.test_subset) if rank == 0 else None
 
         def on_epoch_end(history: list[dict[str, Any]], saved: Path | None) -> None:
@@ -193,7 +198,7 @@ def _distributed_worker_loop(config: dict[str, Any]) -> None:
             if history[-1]["epoch"] < spec.epochs:
                 ray.train.report(_epoch_metrics(history[-1], spec.epochs))  # a barrier on every rank
 
-        result = fit(model, train, test, _train_config(spec, trial), rank=rank, world_size=world_size,
+        result = fit(model, train, test, _train_config(spec, trial), val=val, rank=rank, world_size=world_size,
                      checkpoint_path=workdir / "epoch" / CHECKPOINT_FILE if rank == 0 else None,
                      resume_from=resume, on_epoch_end=on_epoch_end, should_stop=channel.should_stop)
         metrics: dict[str, Any] = {}
@@ -405,10 +410,11 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
         document["checkpoint"] = stores[key].checkpoint_uri
         finals.append(document)
     models = build_matrix(spec, finals)
+    validation = describe_split(load_dataset(spec.dataset, "train", root=ctx.data_dir), spec.val_split)
     result: dict[str, Any] = {
         "kind": "tune", "eval_angles": [angle_key(a) for a in spec.eval_angles or spec.angles],
         "experiment": experiment, "asha": bool(spec.asha and has_alternatives(spec) and spec.epochs > 1),
-        "models": models,
+        "validation": validation.to_dict(), "models": models,
         "trials": [{k: f.get(k) for k in ("key", "model", "augment", "train_angle", "lr", "routing_iters", "seed",
                                           "status", "epochs_trained", "val_accuracy", "rotation_accuracy",
                                           "train_seconds", "checkpoint", "device", "world_size")}

@@ -28,6 +28,9 @@ MAX_ANGLES = 32
 MAX_TRIALS = 5000
 JOB_ID_RE = re.compile(r"^j-[0-9a-z]{6,12}-[0-9a-z]{4,12}$")
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
+# The validation split carved from the training set (capsnet_core.validation.DEFAULT_VAL_SPLIT;
+# repeated here because that module imports torch and a spec must validate without it).
+DEFAULT_VAL_SPLIT = 5_000
 
 Priority = Literal["high", "normal", "low"]
 Dataset = Literal["mnist", "fashion-mnist"]
@@ -114,6 +117,13 @@ def check_batch_divides(batch_size: int, ranks: int, option: str) -> None:
     nearest = [n for n in (lower, lower + ranks) if n >= ranks]
     raise ValueError(f"batch_size: {batch_size} does not divide over {ranks} ranks ({option} {ranks}); "
                      f"nearest valid batch sizes: {', '.join(map(str, nearest))}")
+
+
+def check_val_split(val_split: int, train_subset: int | None) -> None:
+    """The validation images are carved from the training pool before any subset: both must fit."""
+    if train_subset is not None and train_subset + val_split > TRAIN_IMAGES:
+        raise ValueError(f"val_split: {val_split:,} validation images plus train_subset {train_subset:,} exceed the "
+                         f"{TRAIN_IMAGES:,} training images; lower --val-split or --train-subset")
 
 
 def _check_config_value(model: str, key: str, value: Any, default: Any) -> Any:

@@ -101,7 +101,8 @@ def final_document(trial: dict[str, Any], spec: TuneSpec, history: list[dict[str
                    device: str, world_size: int = 1, suites: dict[str, float] | None = None) -> dict[str, Any]:
     last = history[-1] if history else {}
     return {**trial, "status": status, "epochs": spec.epochs, "epochs_trained": int(last.get("epoch", 0)),
-            "val_accuracy": last.get("test_accuracy"), "rotation_accuracy": rotation, "per_class": per_class,
+            # the validation split's, never the test set's: every selection is made on it
+            "val_accuracy": last.get("val_accuracy"), "rotation_accuracy": rotation, "per_class": per_class,
             "suite_accuracy": dict(suites or {}),
             "history": [{k: v for k, v in h.items() if k not in ("per_class", "rotation_accuracy", "suite_accuracy")}
                         for h in history],

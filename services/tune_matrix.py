@@ -27,8 +27,10 @@ def build_matrix(spec: TuneSpec, finals: list[dict[str, Any]]) -> dict[str, Any]
     """Per model: rows = training augmentation, columns = test angle, cells = mean/std/n over seeds.
 
     With several hyperparameter configs (lr, routing_iters) for a row, the row shows the config
-    with the best mean final upright val accuracy over its seeds (``selected``), so the cells
-    are not picked by the very numbers they report.
+    with the best mean final ``val_accuracy`` over its seeds (``selected``): accuracy on the
+    validation split, a hold-out of the training set, so the cells (test accuracies) are not
+    picked by the very numbers they report. The best trial is likewise the one with the highest
+    ``val_accuracy`` (None when the job had no validation split); its test figures are reported.
     """
     angle_cols = [angle_key(a) for a in spec.eval_angles or spec.angles]
     # The suites' one-number summaries (rotation AUC, affine accuracy) as extra columns after the angles.
@@ -74,8 +76,8 @@ def build_matrix(spec: TuneSpec, finals: list[dict[str, Any]]) -> dict[str, Any]
             cands = [(mean[i][j], rows[i]) for i in range(len(rows)) if mean[i][j] is not None]
             if cands:
                 best_by_col[col] = max(cands)[1]
-        scored = [f for f in mine if f.get("rotation_accuracy")]
-        best = max(scored, key=lambda f: statistics.fmean(f["rotation_accuracy"].values()), default=None)
+        scored = [f for f in mine if f.get("rotation_accuracy") and f.get("val_accuracy") is not None]
+        best = max(scored, key=lambda f: f["val_accuracy"], default=None)  # ties: the first trial
         models[model] = {
             "rows": rows, "cols": cols, "mean": mean, "std": std, "n": n, "early_stopped": early,
             "selected": selected, "best_by_col": best_by_col,
@@ -83,7 +85,7 @@ def build_matrix(spec: TuneSpec, finals: list[dict[str, Any]]) -> dict[str, Any]
             "best_trial": None if best is None else {
                 "trial": best["key"], "augment": best["augment"], "lr": best["lr"],
                 "routing_iters": best["routing_iters"], "seed": best["seed"], "epochs_trained": best["epochs_trained"],
-                "rotation_accuracy": best["rotation_accuracy"],
+                "val_accuracy": best["val_accuracy"], "rotation_accuracy": best["rotation_accuracy"],
                 "accuracy": statistics.fmean(best["rotation_accuracy"].values()),
             },
         }

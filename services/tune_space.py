@@ -59,5 +59,4 @@ def trial_model_kwargs(spec: TuneSpec, trial: dict[str, Any]) -> dict[str, Any]:
 
 def has_alternatives(spec: TuneSpec) -> bool:
     """Does the search pick among hyperparameters (so early stopping has something to drop)?"""
-    return bool((spec.lr and len(spec.lr) > 1) or (spec.routing_iters and len(spec.routing_iters) > 1)
-                or spec.samples > 1)
+    return spec.selects

@@ -19,7 +19,7 @@ from .service_helpers import wait_until
 
 TINY = {"capsnet": {"conv_channels": 16, "primary_maps": 4, "decoder_hidden": [32, 64]}}
 SWEEP = {"kind": "tune", "models": ["lenet5", "capsnet"], "angles": [0, 45], "eval_angles": [0, 45],
-         "epochs": 2, "train_subset": 3000, "test_subset": 500, "batch_size": 64, "lr": [2e-3], "asha": False,
+         "epochs": 2, "train_subset": 3000, "val_split": 500, "test_subset": 500, "batch_size": 64, "lr": [2e-3], "asha": False,
          "max_concurrent": 2, "model_config": TINY}
 
 
@@ -59,21 +59,24 @@ def test_expand_trials_grid_seeds_and_sampled_lr() -> None:
     assert expand_trials(parse_spec({"kind": "tune", "models": ["lenet5"], "angles": [0], "samples": 3})) == sampled
 
 
-def test_matrix_selects_config_by_val_accuracy_not_by_the_cells() -> None:
+def test_matrix_selects_config_and_best_trial_by_val_accuracy_not_by_the_cells() -> None:
     spec = parse_spec({"kind": "tune", "models": ["lenet5"], "angles": [0], "eval_angles": [0, 30],
                        "lr": [1e-3, 1e-2], "seeds": 2})
     finals = []
     for t in expand_trials(spec):
         good = t["lr"] == 1e-3
-        acc = {"0": 0.9 + 0.01 * t["seed"] if good else 0.5, "30": 0.6 if good else 0.7}
-        finals.append({**t, "status": "finished", "val_accuracy": acc["0"], "rotation_accuracy": acc,
-                       "epochs_trained": 10, "checkpoint": f"/ckpt/{t['key']}"})
+        # The test figures alone would pick lr 1e-2 for the 30° column and seed 0 as the best
+        # trial; the validation split says lr 1e-3, seed 1.
+        acc = {"0": 0.92 - 0.01 * t["seed"] if good else 0.5, "30": 0.6 if good else 0.7}
+        finals.append({**t, "status": "finished", "val_accuracy": 0.8 + 0.01 * t["seed"] if good else 0.7,
+                       "rotation_accuracy": acc, "epochs_trained": 10, "checkpoint": f"/ckpt/{t['key']}"})
     m = build_matrix(spec, finals)["lenet5"]
     assert m["selected"][0]["lr"] == 1e-3 and m["n"] == [[2, 2]]
-    assert m["mean"][0][0] == pytest.approx(0.905) and m["std"][0][0] == pytest.approx(0.00707, abs=1e-4)
+    assert m["mean"][0][0] == pytest.approx(0.915) and m["std"][0][0] == pytest.approx(0.00707, abs=1e-4)
     assert m["mean"][0][1] == pytest.approx(0.6)  # not the 0.7 of the worse config
-    # The best trial: highest mean accuracy over the test angles ((0.91 + 0.6) / 2 for lr 1e-3, seed 1).
+    # The best trial: the highest val accuracy (lr 1e-3, seed 1), reported with its test figures.
     assert (m["best_trial"]["lr"], m["best_trial"]["seed"]) == (1e-3, 1)
+    assert m["best_trial"]["val_accuracy"] == pytest.approx(0.81)
     assert m["best_trial"]["accuracy"] == pytest.approx(0.755)
     assert m["best_checkpoint"] == f"/ckpt/{m['best_trial']['trial']}"
     assert m["best_by_col"] == {"0": "shift2", "30": "shift2"}
@@ -101,6 +104,7 @@ def test_sweep_through_a_worker_gives_a_plausible_complete_matrix(queue: JobQueu
     assert lenet["mean"][rot][1] > lenet["mean"][shift][1]  # training with rotations helps at 45°
     assert lenet["best_by_col"]["45"] == "shift2+rot45"
     assert len(result["trials"]) == 4 and all(t["status"] == "finished" for t in result["trials"])
+    assert result["validation"]["size"] == 500 and sum(result["validation"]["class_counts"]) == 500
     # Artifacts: CSV (a row per cell), JSON and a heatmap per model.
     rows = list(csv.DictReader(open(result["artifacts"]["csv"])))
     assert len(rows) == 8 and {r["model"] for r in rows} == {"lenet5", "capsnet"}

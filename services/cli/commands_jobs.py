@@ -88,8 +88,8 @@ def submit_spec(app: App, spec: dict[str, Any], idempotency_key: str | None, fol
 def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, workers: int | None, epochs: int | None,
            batch_size: int | None, lr: float | None, lr_decay: float | None, augment: str | None,
            eval_angles: list[float] | None, eval_suites: list[str] | None, dataset: str | None, seed: int | None,
-           train_subset: int | None, test_subset: int | None, model_config: tuple[str, ...], priority: str | None,
-           name: str | None, max_retries: int | None, max_lost: int | None, idempotency_key: str | None,
+           train_subset: int | None, val_split: int | None, test_subset: int | None, model_config: tuple[str, ...],
+           priority: str | None, name: str | None, max_retries: int | None, max_lost: int | None, idempotency_key: str | None,
            follow: bool, as_json: bool) -> None:
     """Submit a training job for MODEL (capsctl models lists them); prints its id."""
     if workers is not None:  # the old spelling of --cpu-ranks, kept for one release
@@ -101,7 +101,7 @@ def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, worker
     spec = given({"kind": "train", "model": model}, gpus=gpus, workers=cpu_ranks, epochs=epochs,
                  batch_size=batch_size, lr=lr, lr_decay=lr_decay, augment=augment, eval_angles=eval_angles,
                  eval_suites=eval_suites, dataset=dataset, seed=seed, train_subset=train_subset,
-                 test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
+                 val_split=val_split, test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
     submit_spec(app, spec, idempotency_key, follow, as_json)
@@ -171,15 +171,15 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
          augment: list[str] | None, lr: list[float] | None, routing_iters: list[int] | None,
          samples: int | None, seeds: int | None, seed: int | None, epochs: int | None,
          batch_size: int | None, gpus_per_trial: int | None, max_concurrent: int | None,
-         asha: bool | None, dataset: str | None, train_subset: int | None, test_subset: int | None,
-         model_config: tuple[str, ...], priority: str | None, name: str | None, max_retries: int | None,
+         asha: bool | None, dataset: str | None, train_subset: int | None, val_split: int | None,
+         test_subset: int | None, model_config: tuple[str, ...], priority: str | None, name: str | None, max_retries: int | None,
          max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
     """Submit a robustness study: models × training rotations (× lr × routing × seeds) on Ray Tune."""
     spec = given({"kind": "tune"}, models=models, angles=angles, eval_angles=eval_angles, eval_suites=eval_suites,
                  augment=augment, lr=lr, routing_iters=routing_iters, samples=samples, seeds=seeds, seed=seed,
                  epochs=epochs, batch_size=batch_size, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
-                 asha=asha, dataset=dataset, train_subset=train_subset, test_subset=test_subset,
-                 priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
+                 asha=asha, dataset=dataset, train_subset=train_subset, val_split=val_split,
+                 test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
     submit_spec(app, spec, idempotency_key, follow, as_json)

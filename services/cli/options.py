@@ -110,11 +110,16 @@ def deprecated_alias(new: str) -> Callable[[click.Context, click.Parameter, Any]
 
 
 def data_options(train: bool) -> Decorator:
-    """--dataset, [--train-subset,] --test-subset: shared by submit, eval and tune."""
+    """--dataset, [--train-subset, --val-split,] --test-subset: shared by submit, eval and tune."""
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         f = click.option("--test-subset", type=int, help="Test on the first N images only.")(f)
         if train:
-            f = click.option("--train-subset", type=int, help="Train on the first N images only.")(f)
+            f = click.option("--val-split", type=int,
+                             help=f"Hold out N training images (class-stratified, fixed seed) to measure every "
+                                  f"epoch and make every selection on ({default_of(TrainSpec, 'val_split')}); "
+                                  "carved before --train-subset; 0 = none.")(f)
+            f = click.option("--train-subset", type=int,
+                             help="Train on the first N images left after the validation split.")(f)
         return click.option("--dataset", type=click.Choice(DATASETS),
                             help=f"Dataset ({default_of(TrainSpec, 'dataset')}).")(f)
     return decorate

@@ -181,7 +181,9 @@ def epoch_line(data: Mapping[str, Any]) -> str:
     parts = [f"{data.get('epoch', '?')}/{data.get('epochs', '?')}",
              f"loss {fmt_num(first(data, 'loss', 'train_loss'))}",
              f"train acc {fmt_pct(first(data, 'accuracy', 'train_accuracy'))}"]
-    test = data.get("test_accuracy")
+    if data.get("val_accuracy") is not None:  # the validation split (a hold-out of the training set)
+        parts.append(f"val acc {fmt_pct(data['val_accuracy'])}")
+    test = data.get("test_accuracy")  # per-epoch test accuracy: only in results from before the val split
     if isinstance(test, dict):
         parts.append("test " + " ".join(f"{fmt_angle(a)} {fmt_pct(test[a])}" for a in angle_sorted(test)))
     elif test is not None:
@@ -262,11 +264,10 @@ def print_results(record: JobRecord) -> None:
             if not isinstance(h, dict):
                 continue
             rows.append((fmt_value(h.get("epoch", "-")), fmt_num(h.get("train_loss")), fmt_pct(h.get("train_accuracy")),
-                         fmt_pct(h.get("test_accuracy")) if not isinstance(h.get("test_accuracy"), dict)
-                         else " ".join(fmt_pct(v) for v in h["test_accuracy"].values()),
+                         fmt_pct(h.get("val_accuracy")),
                          fmt_num(h.get("images_per_second"), ".0f"), fmt_num(h.get("lr"), ".3g"),
                          fmt_num(h.get("epoch_seconds"), ".1f")))
-        echo(indent(table(("epoch", "loss", "train acc", "test acc", "img/s", "lr", "seconds"), rows,
+        echo(indent(table(("epoch", "loss", "train acc", "val acc", "img/s", "lr", "seconds"), rows,
                                  right=range(7))))
     matrix = tune_models(result)
     if isinstance(matrix, dict):
