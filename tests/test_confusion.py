@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from capsnet_core import build_model, evaluate, load_dataset, top_confusions
+from capsnet_core import build_model, load_dataset
+from capsnet_core.evaluate import evaluate, top_confusions
 from capsnet_core.plots import plot_confusion_matrix
 
 
