@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -70,16 +71,30 @@ def run_key(model: str, augment: str, seed: int) -> str:
     return f"{model}|{augment}|{seed}"
 
 
+BATCH = 128
+
+
+def budget_steps(budget_flops: float, flops_per_image: float, batch: int = BATCH) -> int:
+    """Optimizer steps a model may take for ``budget_flops`` of training (at least one)."""
+    return max(1, math.floor(budget_flops / (flops_per_image * batch)))
+
+
 def train_and_test(model_name: str, augment: str, seed: int, train: Any, test: Any, epochs: int,
-                   device: torch.device) -> dict[str, Any]:
+                   device: torch.device, budget_flops: float | None = None) -> dict[str, Any]:
+    """Train one row's model and test it; with ``budget_flops``, train until that many training
+    FLOPs are spent (``epochs`` is then the cap), else for exactly ``epochs``."""
     torch.manual_seed(seed)
     model = build_row_model(model_name).to(device)
-    config = TrainConfig(epochs=epochs, batch_size=128, lr=1e-3, lr_decay=0.96, augment=augment, seed=seed,
-                         eval_angles=ROTATION_SUITE_ANGLES, eval_suites=("rotation", "affine"), eval_every=0,
-                         log_every=10**9)
     flops_per_image = training_flops_per_image(model)
+    max_steps = None
+    if budget_flops is not None:
+        max_steps = budget_steps(budget_flops, flops_per_image)
+        epochs = min(epochs, math.ceil(max_steps / math.ceil(len(train) / BATCH)))
+    config = TrainConfig(epochs=epochs, batch_size=BATCH, lr=1e-3, lr_decay=0.96, augment=augment, seed=seed,
+                         eval_angles=ROTATION_SUITE_ANGLES, eval_suites=("rotation", "affine"), eval_every=0,
+                         log_every=10**9, max_steps=max_steps)
     result = fit(model, train, test, config)
-    images_trained = len(result.history) * len(train)  # one pass over the training images per epoch
+    images_trained = sum(int(h["images"]) for h in result.history)
     train_ips = statistics.fmean(e["images_per_second"] for e in result.history)
     model.eval()
     images = test.images.to(device)
@@ -93,7 +108,8 @@ def train_and_test(model_name: str, augment: str, seed: int, train: Any, test: A
     eval_ips = len(images) / (time.perf_counter() - began)
     return {"model": model_name, "augment": augment, "seed": seed, "parameters": count_parameters(model),
             "classifier_parameters": classifier_parameters(model),
-            "rotation": result.rotation_accuracy, **result.suite_accuracy,
+            "rotation": result.rotation_accuracy, **result.suite_accuracy, "confusion": result.confusion,
+            "per_class": result.per_class, "epochs_trained": len(result.history),
             "train_images_per_second": train_ips, "eval_images_per_second": eval_ips,
             "train_seconds": result.train_seconds, "train_flops_per_image": flops_per_image,
             "train_images": images_trained, "train_flops": flops_per_image * images_trained}
@@ -196,9 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results/zoo")
     parser.add_argument("--report-only", action="store_true", help="print the table and plot from zoo.json")
+    parser.add_argument("--budget-flops", type=float, default=None,
+                        help="equal-compute mode: every model trains until it has spent this many training FLOPs "
+                             "(FlopCounterMode's count per image x images), --epochs is then the cap")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
-    epochs = args.epochs if args.epochs is not None else base["epochs"]
+    # In equal-compute mode --epochs is only a cap: high enough that small models spend the budget.
+    epochs = args.epochs if args.epochs is not None else (50 if args.budget_flops else base["epochs"])
     train_subset = args.train_subset if args.train_subset is not None else base["train_subset"]
     test_subset = args.test_subset if args.test_subset is not None else base["test_subset"]
     seeds = [int(s) for s in (args.seeds or base["seeds"]).split(",")]
@@ -216,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     test = load_dataset("mnist", "test", root=args.data_dir)
     train = train.subset(train_subset) if train_subset else train
     test = test.subset(test_subset) if test_subset else test
-    budget = (f"budget: {epochs} epoch(s) over {len(train):,} MNIST training images (batch 128, Adam 1e-3, "
+    spend = (f"{args.budget_flops:.3g} training FLOPs per run (at most {epochs} epochs)" if args.budget_flops
+             else f"{epochs} epoch(s)")
+    budget = (f"budget: {spend} over {len(train):,} MNIST training images (batch 128, Adam 1e-3, "
               f"decay 0.96/epoch), tested on {len(test):,} test images, seeds {','.join(map(str, seeds))}, "
               f"{device.type}")
     if saved.get("budget") not in (None, budget):
@@ -232,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                     if key in saved["runs"]:
                         continue
                     began = time.perf_counter()
-                    saved["runs"][key] = train_and_test(name, augment, seed, train, test, epochs, device)
+                    saved["runs"][key] = train_and_test(name, augment, seed, train, test, epochs, device,
+                                                        args.budget_flops)
                     store.write_text(json.dumps(saved, indent=1))
                     r = saved["runs"][key]
                     print(f"  {key}: upright {100 * r['rotation']['0']:.1f} %, 45° {100 * r['rotation']['45']:.1f} %, "

@@ -52,6 +52,9 @@ class TrainConfig:
     eval_batch_size: int = 500
     log_every: int = 20  # a step event every n steps
     eval_threads: int = 0  # torch CPU threads while rank 0 evaluates (others wait idle); 0 = as training
+    # A compute budget: stop after this many optimizer steps in all (the last epoch is then
+    # partial), for equal-compute comparisons; None = train all `epochs`.
+    max_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -66,6 +69,8 @@ class FitResult:
     epochs: int
     train_seconds: float
     suite_accuracy: dict[str, float] = dataclasses.field(default_factory=dict)  # {"rotation_auc": .6, ...}
+    # [true][predicted] test-image counts at each evaluation angle
+    confusion: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,8 +107,9 @@ def shard_indices(n: int, epoch: int, seed: int, rank: int, world_size: int) -> 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Dataset, *, batch_size: int,
                     augment: AugmentSpec, epoch: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                     amp: bool = True, log_every: int = 20, on_progress: ProgressCallback | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
-    """One pass over this rank's shard. data must already be on the model's device."""
+                    should_stop: Callable[[], bool] | None = None, max_steps: int | None = None) -> dict[str, float]:
+    """One pass over this rank's shard (its first ``max_steps`` batches, if given). data must
+    already be on the model's device."""
     if batch_size % world_size:
         raise ValueError(f"batch size {batch_size} is not divisible by {world_size} ranks")
     bare = unwrap(model)
@@ -112,6 +118,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Da
     indices = shard_indices(len(data), epoch, seed, rank, world_size).to(device)
     generator = _generator(device, seed, epoch, rank, 1)
     steps = (indices.numel() + local_batch - 1) // local_batch
+    if max_steps is not None:
+        steps = max(0, min(steps, max_steps))
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -146,7 +154,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Da
     total_loss, total_correct = float(loss_sum.item()), float(correct.item())
     seconds = time.perf_counter() - start
     return {"loss": total_loss / max(seen, 1), "accuracy": total_correct / max(seen, 1), "images": seen,
-            "seconds": seconds, "images_per_second": seen * world_size / max(seconds, 1e-9)}
+            "steps": steps, "seconds": seconds, "images_per_second": seen * world_size / max(seconds, 1e-9)}
 
 
 def _gpu_memory(device: torch.device) -> int | None:
@@ -187,7 +195,9 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
     began = time.perf_counter()
     rotation: dict[str, float] = {}
     per_class: dict[str, list[float]] = {}
+    confusion: dict[str, list[list[int]]] = {}
     suites: dict[str, float] = {}
+    steps_done = sum(int(h.get("steps", 0)) for h in history)
 
     def evaluate_angles() -> None:
         for angle in config.eval_angles:
@@ -195,22 +205,28 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
                               angle=angle, amp=config.amp)
             rotation[angle_key(angle)] = result.accuracy
             per_class[angle_key(angle)] = result.per_class
+            confusion[angle_key(angle)] = result.confusion
         suites.update(evaluate_suites(model, test, config.eval_suites, rotation, config.eval_batch_size, config.amp))
         if emit is not None:
             emit({"type": "eval", "test_accuracy": dict(rotation), **({"suite_accuracy": dict(suites)} if suites else {})})
 
     for epoch in range(start_epoch, config.epochs):
+        steps_left = None if config.max_steps is None else config.max_steps - steps_done
+        if steps_left is not None and steps_left <= 0:
+            break  # the compute budget was spent before this epoch (a resume)
         stats = train_one_epoch(model, optimizer, train, batch_size=config.batch_size, augment=augment,
                                 epoch=epoch, seed=config.seed, rank=rank, world_size=world_size,
                                 amp=config.amp, log_every=config.log_every, on_progress=emit,
-                                should_stop=should_stop)
+                                should_stop=should_stop, max_steps=steps_left)
+        steps_done += stats["steps"]
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": stats["loss"],
                                   "train_accuracy": stats["accuracy"], "lr": lr,
-                                  "epoch_seconds": stats["seconds"],
+                                  "epoch_seconds": stats["seconds"], "steps": stats["steps"],
+                                  "images": stats["images"] * world_size,
                                   "images_per_second": stats["images_per_second"]}
-        last = epoch + 1 == config.epochs
+        last = epoch + 1 == config.epochs or (config.max_steps is not None and steps_done >= config.max_steps)
         if val is not None and config.eval_every and ((epoch + 1) % config.eval_every == 0 or last):
             with cpu_threads(config.eval_threads, device):
                 upright = evaluate(model, val.images, val.labels, batch_size=config.eval_batch_size, amp=config.amp)
@@ -220,7 +236,7 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
             # the last checkpoint (and its report) carries the result.
             with cpu_threads(config.eval_threads, device):
                 evaluate_angles()
-            record.update(rotation_accuracy=dict(rotation), per_class=dict(per_class))
+            record.update(rotation_accuracy=dict(rotation), per_class=dict(per_class), confusion=dict(confusion))
             if suites:
                 record.update(suite_accuracy=dict(suites))
         history.append(record)
@@ -231,14 +247,16 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
             if on_checkpoint is not None:
                 on_checkpoint(saved, epoch + 1)
         if emit is not None:
-            emit({"type": "epoch", **{k: v for k, v in record.items() if k != "per_class"},
+            emit({"type": "epoch", **{k: v for k, v in record.items() if k not in ("per_class", "confusion")},
                   "epochs": config.epochs, "gpu_memory_bytes": _gpu_memory(device)})
         if on_epoch_end is not None:
             on_epoch_end(history, saved)
+        if last:
+            break
     train_seconds = time.perf_counter() - began
     if not rotation and rank == 0 and test is not None:
         with cpu_threads(config.eval_threads, device):
             evaluate_angles()  # nothing left to train (resumed after the last epoch): still evaluate
     return FitResult(history=history, rotation_accuracy=rotation, per_class=per_class,
                      start_epoch=start_epoch, epochs=config.epochs, train_seconds=train_seconds,
-                     suite_accuracy=suites)
+                     suite_accuracy=suites, confusion=confusion)

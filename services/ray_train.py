@@ -203,7 +203,8 @@ def _report_resume(result: Any, spec: TrainSpec, rank: int, world_size: int, dev
         # Killed after its last checkpoint but before completing: nothing was trained in this
         # attempt, so report the evaluation with the same weights once more.
         metrics = {**result.history[-1], "rotation_accuracy": result.rotation_accuracy,
-                   "per_class": result.per_class, "history": result.history, "world_size": world_size,
+                   "per_class": result.per_class, "confusion": result.confusion, "history": result.history,
+                   "world_size": world_size,
                    "device": str(device)}
         ray_checkpoint = None
         if rank == 0:
@@ -287,8 +288,11 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     result = {
         "rotation_accuracy": metrics.get("rotation_accuracy", {}),
         "per_class": metrics.get("per_class", {}),
+        "confusion": metrics.get("confusion", {}),
         "suite_accuracy": metrics.get("suite_accuracy", {}),
-        "history": metrics.get("history", []),
+        # the final figures are above; the history keeps the per-epoch curve
+        "history": [{k: v for k, v in h.items() if k != "confusion"} for h in metrics.get("history", [])
+                    if isinstance(h, dict)],
         "world_size": metrics.get("world_size", spec.ranks),
         "device": metrics.get("device"),
         "checkpoint": outcome.checkpoint.path if outcome.checkpoint is not None else None,

@@ -155,7 +155,8 @@ def _trial(config: dict[str, Any], spec: dict[str, Any] | None = None, ctx: dict
         result = fit(model, train, test, _train_config(tune_spec, trial), val=val, checkpoint_path=local_ckpt,
                      resume_from=resume, on_epoch_end=on_epoch_end, should_stop=channel.should_stop)
         document = final_document(trial, tune_spec, result.history, result.rotation_accuracy, result.per_class,
-                                   "finished", str(device), suites=result.suite_accuracy)
+                                   "finished", str(device), suites=result.suite_accuracy,
+                                   confusion=result.confusion)
         store.put_final(document)
         _report_final(document, restored=False, checkpoint=store.checkpoint_uri)
     finally:
@@ -204,7 +205,8 @@ def _distributed_worker_loop(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {}
         if rank == 0:
             document = final_document(trial, spec, result.history, result.rotation_accuracy, result.per_class,
-                                       "finished", str(device), world_size, suites=result.suite_accuracy)
+                                       "finished", str(device), world_size, suites=result.suite_accuracy,
+                                       confusion=result.confusion)
             store.put_final(document)
             last = document["history"][-1]
             metrics = {**_epoch_metrics(last, spec.epochs), "final": True, "restored": False,
@@ -324,7 +326,8 @@ def _evaluate_unfinished(spec: TuneSpec, ctx: JobContext, experiment: str, pendi
             trial, store = refs[ref]
             measured = ray.get(ref)
             document = final_document(trial, spec, measured["history"], measured["rotation_accuracy"], measured["per_class"],
-                                       "early_stopped", measured["device"], suites=measured.get("suite_accuracy"))
+                                       "early_stopped", measured["device"], suites=measured.get("suite_accuracy"),
+                                       confusion=measured.get("confusion"))
             store.put_final(document)
 
 

@@ -98,13 +98,15 @@ class TrialStore:
 
 def final_document(trial: dict[str, Any], spec: TuneSpec, history: list[dict[str, Any]],
                    rotation: dict[str, float], per_class: dict[str, list[float]], status: str,
-                   device: str, world_size: int = 1, suites: dict[str, float] | None = None) -> dict[str, Any]:
+                   device: str, world_size: int = 1, suites: dict[str, float] | None = None,
+                   confusion: dict[str, list[list[int]]] | None = None) -> dict[str, Any]:
     last = history[-1] if history else {}
     return {**trial, "status": status, "epochs": spec.epochs, "epochs_trained": int(last.get("epoch", 0)),
             # the validation split's, never the test set's: every selection is made on it
             "val_accuracy": last.get("val_accuracy"), "rotation_accuracy": rotation, "per_class": per_class,
-            "suite_accuracy": dict(suites or {}),
-            "history": [{k: v for k, v in h.items() if k not in ("per_class", "rotation_accuracy", "suite_accuracy")}
+            "suite_accuracy": dict(suites or {}), "confusion": dict(confusion or {}),
+            "history": [{k: v for k, v in h.items()
+                         if k not in ("per_class", "rotation_accuracy", "suite_accuracy", "confusion")}
                         for h in history],
             "train_seconds": sum(h.get("epoch_seconds") or 0.0 for h in history),
             "device": device, "world_size": world_size, "finished_at": time.time()}

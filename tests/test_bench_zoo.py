@@ -114,3 +114,12 @@ def test_pareto_front_keeps_only_runs_nothing_beats_on_both_cost_and_accuracy() 
 
     points = [(1e9, 90.0), (1e8, 80.0), (5e8, 79.0), (2e9, 95.0), (3e9, 94.0), (1e8, 70.0)]
     assert pareto_front(points) == [1, 0, 3]  # (5e8, 79) is beaten by (1e8, 80); (3e9, 94) by (2e9, 95)
+
+
+def test_equal_compute_budget_gives_cheap_models_more_steps() -> None:
+    zoo = bench_zoo()
+    # 1e12 FLOPs: LeNet5 (1.5 MFLOP per training image) gets ~5,000 steps of 128, CapsNet (420 MFLOP) 18.
+    lenet = zoo.budget_steps(1e12, 1.517e6)
+    capsnet = zoo.budget_steps(1e12, 4.215e8)
+    assert lenet == 1e12 // (1.517e6 * 128) and capsnet == 18 and lenet > 250 * capsnet
+    assert zoo.budget_steps(1.0, 4.215e8) == 1  # never zero steps

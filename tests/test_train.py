@@ -137,3 +137,18 @@ def test_rank_zero_evaluates_with_the_idle_ranks_threads(mnist) -> None:
         assert torch.get_num_threads() == 1  # restored
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_step_budget_ends_training_mid_epoch_and_still_evaluates(mnist) -> None:
+    train, test = mnist[0].subset(640), mnist[1].subset(200)  # 10 steps of 64 per epoch
+    torch.manual_seed(0)
+    result = fit(build_model("lenet5"), train, test,
+                 TrainConfig(epochs=5, batch_size=64, eval_angles=(0, 35), max_steps=15))
+    assert [h["steps"] for h in result.history] == [10, 5]           # budget spent in the 2nd epoch
+    assert sum(h["images"] for h in result.history) == 15 * 64
+    assert set(result.rotation_accuracy) == {"0", "35"}               # the final evaluation still ran
+    assert len(result.confusion["35"]) == 10 and sum(map(sum, result.confusion["35"])) == 200
+    assert "confusion" in result.history[-1] and "confusion" not in result.history[0]
+    # Without a budget the same config trains every epoch.
+    unbounded = fit(build_model("lenet5"), train, None, TrainConfig(epochs=2, batch_size=64))
+    assert [h["steps"] for h in unbounded.history] == [10, 10]
