@@ -132,7 +132,7 @@ def _classifier_count(run: dict[str, Any]) -> int:
 
 def table(runs: list[dict[str, Any]], augment: str, models: Sequence[str]) -> list[str]:
     header = ["model", "params", "w/o decoder", *(f"{a}°" for a in TABLE_ANGLES), "rot. AUC", "affine", "train img/s",
-              "eval img/s", "MFLOP/img", "train s", "seeds"]
+              "eval img/s", "MFLOP/img", "train TFLOP", "epochs", "train s", "seeds"]
     rows = [header]
     for name in models:
         mine = [r for r in runs if r["model"] == name and r["augment"] == augment]
@@ -145,6 +145,8 @@ def table(runs: list[dict[str, Any]], augment: str, models: Sequence[str]) -> li
                      f"{statistics.fmean(r['train_images_per_second'] for r in mine):,.0f}",
                      f"{statistics.fmean(r['eval_images_per_second'] for r in mine):,.0f}",
                      f"{mine[0]['train_flops_per_image'] / 1e6:,.1f}" if "train_flops_per_image" in mine[0] else "-",
+                     f"{statistics.fmean(r['train_flops'] for r in mine) / 1e12:,.2f}" if "train_flops" in mine[0] else "-",
+                     f"{statistics.fmean(r.get('epochs_trained', 0) for r in mine):g}" if "epochs_trained" in mine[0] else "-",
                      f"{statistics.fmean(r['train_seconds'] for r in mine):,.0f}", str(len(mine))])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |" for row in rows]

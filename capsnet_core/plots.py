@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: no display on workers or CI
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -183,6 +184,7 @@ def plot_pareto(points: Sequence[tuple[str, float, float, float]], path: str | P
         ax.step([f[0] for f in front], [f[1] for f in front], where="post", color="grey", linestyle="--",
                 linewidth=1, label="Pareto front")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: no colliding labels
         ax.set_xlabel("training FLOPs (FlopCounterMode, per run)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
