@@ -12,6 +12,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # trains two models
 def test_training_stops_once_the_validation_target_is_reached(data_dir: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     spec = importlib.util.spec_from_file_location("bench_tta", REPO_ROOT / "benchmarks" / "bench_tta.py")
