@@ -8,10 +8,13 @@ no iterations, one softmax per input capsule over the classes. Class score = cap
 
 Their squash is sharper than Sabour et al.'s near zero: squash(s) = (1 - e^(-|s|)) s / |s|.
 
-Initialisation and normalisation follow the official Keras graph: the four convolutions
-he_normal (a normal truncated at 2 std whose std is sqrt(2 / fan_in)), the depthwise primary
-convolution and the routing weights as there (glorot_uniform, he_normal), zero biases, and
-BatchNorm with Keras's defaults (momentum 0.99 = torch's 0.01, eps 1e-3).
+Initialisation follows the official Keras graph: the four convolutions he_normal (a normal
+truncated at 2 std whose std is sqrt(2 / fan_in)), the depthwise primary convolution and the
+routing weights as there (glorot_uniform, he_normal), zero biases. BatchNorm takes Keras's eps
+(1e-3) but keeps torch's momentum 0.1 (Keras 0.9) instead of Keras's 0.99: at the few epochs of
+our benchmarks, 0.99 leaves the running statistics far from the data's (after 156 steps 20 % of
+them is still the initial 0 / 1), and evaluation collapses (2 epochs on 10,000 images, seeds 0/1:
+80.2 / 87.8 % upright with 0.99 against 96.8 / 97.3 % with 0.1, the same init).
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ def efficient_squash(s: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch
 def _norm(kind: str, channels: int) -> nn.Module:
     # GroupNorm with one channel per group has BatchNorm's 2 x channels parameters, so the
     # parameter count is the same either way.
-    # Keras's BatchNormalization defaults (the official model's): moving average 0.99, eps 1e-3.
-    return (nn.BatchNorm2d(channels, momentum=0.01, eps=1e-3) if kind == "batch"
+    # Keras's eps; torch's momentum (see the module docstring for why not Keras's 0.99).
+    return (nn.BatchNorm2d(channels, momentum=0.1, eps=1e-3) if kind == "batch"
             else nn.GroupNorm(channels, channels, eps=1e-3))
 
 
