@@ -21,11 +21,11 @@ trap '$capsctl down' EXIT
 
 job_id() { .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["id"])'; }
 echo "== LeNet5, 2-rank DDP on CPU, MNIST shifted by up to 2 px =="
-lenet=$($capsctl submit lenet5 --cpu-ranks 2 --epochs 4 --batch-size 128 --lr 2e-3 --train-subset 20000 \
+lenet=$($capsctl submit lenet5 --cpu-ranks 2 --epochs 4 --batch-size 128 --lr 2e-3 --train-subset 20000 --val-split 2000 \
         --test-subset 2000 --eval-angles 0,15,35,45 --name demo-lenet5 --json | job_id)
 $capsctl logs -f "$lenet"
 echo "== CapsNet, full size (8.2 M parameters), 2-rank DDP on CPU, only 4,000 images: a smoke test, not a comparison (README: Results) =="
-caps=$($capsctl submit capsnet --cpu-ranks 2 --epochs 2 --batch-size 128 --lr 2e-3 --train-subset 4000 \
+caps=$($capsctl submit capsnet --cpu-ranks 2 --epochs 2 --batch-size 128 --lr 2e-3 --train-subset 4000 --val-split 1000 \
        --test-subset 1000 --eval-angles 0,15,35,45 --name demo-capsnet --json | job_id)
 $capsctl logs -f "$caps"
 

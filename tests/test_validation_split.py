@@ -183,3 +183,41 @@ def test_no_selection_changes_when_the_test_labels_are_permuted(queue: JobQueue,
     assert all(r != p for r, p in zip(real_test, permuted_test, strict=True))
     assert real["models"]["lenet5"]["mean"] != permuted["models"]["lenet5"]["mean"]
     assert max(t["rotation_accuracy"]["0"] for t in permuted["trials"]) < 0.3  # labels permuted: near chance
+
+
+@pytest.mark.slow
+def test_a_train_job_reports_val_accuracy_per_epoch_and_records_its_split(queue: JobQueue, workers) -> None:
+    job = queue.submit({"kind": "train", "model": "lenet5", "epochs": 2, "batch_size": 100, "train_subset": 600,
+                        "val_split": 200, "test_subset": 200, "eval_angles": [0, 30]})
+    worker = workers("w-train-val")
+    record = wait_until(lambda: (r := queue.get(job.id)) and r.is_terminal and r, 150,
+                        what=f"the train job; worker log:\n{worker.output()[-3000:]}")
+    assert record.state == "succeeded", (record.error, record.traceback)
+    epochs = [e["data"] for _, e in queue.events.read(job.id, count=10_000)
+              if e["type"] == "progress" and e["data"].get("type") == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(0.0 <= e["val_accuracy"] <= 1.0 and "test_accuracy" not in e for e in epochs)
+    assert all("test_accuracy" not in h and h["val_accuracy"] is not None for h in record.result["history"])
+    assert record.result["validation"]["size"] == 200 and record.result["validation"]["seed"] == VAL_SPLIT_SEED
+    assert set(record.result["rotation_accuracy"]) == {"0", "30"}  # the test set, measured once at the end
+
+
+def test_capsctl_val_split_flag_reaches_the_spec_or_says_what_is_wrong(redis_url: str, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from services.cli import main
+
+    monkeypatch.setenv("CAPSNET_REDIS_URL", redis_url)
+    monkeypatch.setenv("CAPSNET_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CAPSNET_ARTIFACTS", str(tmp_path / "artifacts"))
+    ok = CliRunner().invoke(main, ["submit", "lenet5", "--train-subset", "1000", "--val-split", "800", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["spec"]["val_split"] == 800
+    tune = CliRunner().invoke(main, ["tune", "--models", "lenet5", "--val-split", "300", "--json"])
+    assert tune.exit_code == 0 and json.loads(tune.output)["spec"]["val_split"] == 300, tune.output
+    bad = CliRunner().invoke(main, ["tune", "--models", "lenet5", "--lr", "0.001,0.003", "--val-split", "0"])
+    errors = [line for line in bad.output.splitlines() if line.startswith("Error")]
+    assert bad.exit_code == 2 and len(errors) == 1 and "val_split: this search picks among lr" in errors[0], bad.output
