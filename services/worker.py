@@ -219,8 +219,8 @@ class Worker:
         job = None
         try:
             groups_before = self._placement_groups()
-            _, available = self._resources()
-            free = free_of(available)
+            total, available = self._resources()
+            free = free_of(available, total, groups_before.values())
             job = self.redis.call(self.queue.claim, self.worker_id, free, what="claiming a job", stop=self._stop)
         finally:
             if job is None:
@@ -239,12 +239,13 @@ class Worker:
             while not done.wait(ADMISSION_POLL_S):
                 try:
                     groups = self._placement_groups()
-                    _, available = self._resources()
+                    total, available = self._resources()
                 except Exception:  # Ray busy or going away: the deadline still bounds the wait
                     log.exception("admission of %s: reading Ray's resources failed", job.job_id)
-                    groups, available = {}, {}
+                    groups, total, available = {}, {}, {}
                 new_groups = [g for pg_id, g in groups.items() if pg_id not in admission.groups_before]
-                if available and reserved(need, admission.free, free_of(available), new_groups):
+                if available and reserved(need, admission.free, free_of(available, total, groups.values()),
+                                          new_groups):
                     outcome = "reserved"
                     break
                 if time.monotonic() >= deadline:

@@ -96,10 +96,16 @@ class FakeCluster:
         self.free = dict(self.total)
         self.groups: dict[str, dict[str, Any]] = {}
 
-    def place(self, group_id: str, gpus: int, cpus: int) -> None:
-        """Ray creates a job's placement group: one bundle per rank."""
+    def place(self, group_id: str, gpus: int, cpus: int, free_lags: bool = False) -> None:
+        """Ray creates a job's placement group: one bundle per rank. ``free_lags``: the free
+        counts do not show it yet (``ray.available_resources()`` is the GCS's copy of the
+        raylets' reports, which trails the placement-group table; under load by seconds)."""
         self.groups[group_id] = {"state": "CREATED", "bundles": {
             i: {"GPU": 1.0, "CPU": 1.0} for i in range(gpus)} if gpus else {i: {"CPU": 1.0} for i in range(cpus)}}
+        if not free_lags:
+            self.catch_up(gpus, cpus)
+
+    def catch_up(self, gpus: int, cpus: int) -> None:
         self.free = {"GPU": self.free["GPU"] - gpus, "CPU": self.free["CPU"] - cpus}
 
     def remove(self, group_id: str, gpus: int, cpus: int) -> None:
@@ -180,6 +186,30 @@ def test_gpu_jobs_are_admitted_one_at_a_time_by_priority(redis_url: str, tmp_pat
     nxt = w2._admit()
     assert isinstance(nxt, Admission) and nxt.job.job_id == high.id
     assert queue.get(b.id).state == "queued"
+
+
+def test_free_counts_that_lag_behind_the_placement_groups_do_not_overcommit(
+        redis_url: str, tmp_path: Path, queue: JobQueue) -> None:
+    """What the three-worker test met under load (issue 20 section 6): Ray reports a job's
+    placement group CREATED before its free CPUs drop. The holder rightly lets go on the group;
+    the next worker must not read the stale free count and claim a third 2-rank job on 4 CPUs."""
+    cluster = FakeCluster(gpus=0, cpus=4)
+    w0, w1, w2 = _workers(redis_url, tmp_path, cluster, 3)
+    a, b, c = (queue.submit({**_spec(0), "workers": 2}, check_capacity=False) for _ in range(3))
+    for worker, job, group in ((w0, a, "pg-a"), (w1, b, "pg-b")):
+        admission = worker._admit()
+        assert isinstance(admission, Admission) and admission.job.job_id == job.id
+        cluster.place(group, gpus=0, cpus=2, free_lags=True)
+        _hold(worker, admission).join(timeout=5)
+    assert cluster.free["CPU"] == 4  # Ray's free count has not caught up with either group
+    assert w2._admit() is None
+    assert [queue.get(j.id).state for j in (a, b, c)] == ["running", "running", "queued"]
+    # a finishes and its group goes; the free count still shows its CPUs taken: the lower view wins
+    cluster.catch_up(0, 4)
+    del cluster.groups["pg-a"]
+    assert w2._admit() is None
+    cluster.free["CPU"] = 2  # the report arrives
+    assert isinstance(w2._admit(), Admission)
 
 
 def test_holder_releases_after_the_timeout_when_no_reservation_shows(redis_url: str, tmp_path: Path,
