@@ -25,6 +25,7 @@ as soon as Redis answers (a worker restarted meanwhile records the files it find
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -130,8 +131,11 @@ class Worker:
             except ValueError:
                 pass  # already registered in this process (a second Worker in tests)
             self._collector_registered = True
-        port = svc_metrics.start_metrics_server(self.metrics_port)
-        self.metrics_url = f"http://{socket.gethostname()}:{port}/metrics"
+        addr = self.settings.metrics_addr
+        port = svc_metrics.start_metrics_server(self.metrics_port, addr=addr)
+        # a wildcard bind is reached by the host's name; otherwise by the address it is bound to
+        host = socket.gethostname() if ipaddress.ip_address(addr).is_unspecified else addr
+        self.metrics_url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/metrics"
         self.metrics_port = port
         if not self.settings.artifacts.as_posix().startswith(("s3:", "gs:", "abfs:", "hdfs:")):
             os.makedirs(self.settings.artifacts, exist_ok=True)
