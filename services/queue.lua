@@ -461,7 +461,7 @@ return {id, 1, NOWS}
 -- caller calls again and the scan goes on where it stopped. A page ends the script rather
 -- than falling through to a lower priority, so a higher-priority job stays first however much
 -- junk precedes it, and no single run blocks Redis for long.
-local SCAN_PAGE = 1000
+local SCAN_PAGE = 250
 local worker, token = arg(1), arg(2)
 local avail_gpus, avail_cpus = tonumber(arg(3)), tonumber(arg(4))
 local lease = tonumber(arg(5))

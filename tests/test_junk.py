@@ -392,7 +392,7 @@ def _coerce(kind: str, value: object) -> object:
 # ----------------------------------------------------------------------------- junk ahead of a priority
 
 def test_priority_holds_however_much_junk_precedes_it(queue, raw) -> None:
-    """1,500 junk entries (more than one claim page) ahead of a valid high job: the first claim
+    """1,500 junk entries (six claim pages) ahead of a valid high job: the first claim
     still returns the high job, not the valid normal one, and every junk entry it passed is gone
     to the dead-letter list."""
     normal = queue.submit(lenet(priority="normal"), check_capacity=False)
