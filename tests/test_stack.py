@@ -139,3 +139,10 @@ def test_down_skips_stale_and_reused_pids(tmp_path: Path) -> None:
     finally:
         other.kill()
         other.wait()
+
+
+def test_up_refuses_a_node_ip_address_that_is_not_an_ip(tmp_path: Path) -> None:
+    settings = Settings.from_env({"CAPSNET_STATE_DIR": str(tmp_path / "state")})
+    with pytest.raises(stack.StackError, match="--node-ip-address: must be an IP address"):
+        stack.up(settings, node_ip_address="everywhere")
+    assert not (tmp_path / "state" / "stack.json").exists()  # nothing was started
