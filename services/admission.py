@@ -79,9 +79,37 @@ class AdmissionLock:
         return bool(self._release(keys=[self.key], args=[token]))
 
 
-def free_of(available: Mapping[str, float]) -> dict[str, float]:
-    """``{"gpus", "cpus"}`` free, from a ``ray.available_resources()`` mapping."""
-    return {"gpus": float(available.get("GPU", 0) or 0), "cpus": float(available.get("CPU", 0) or 0)}
+# Placement-group states whose bundles hold (or, rescheduling after a node loss, are about to
+# hold again) their resources.
+_HOLDING = ("CREATED", "RESCHEDULING")
+
+
+def _group_held(group: Mapping[str, Any]) -> dict[str, float]:
+    bundles = group.get("bundles") or {}
+    return {"gpus": sum(float(b.get("GPU", 0) or 0) for b in bundles.values()),
+            "cpus": sum(float(b.get("CPU", 0) or 0) for b in bundles.values())}
+
+
+def free_of(available: Mapping[str, float], total: Mapping[str, float] | None = None,
+            groups: Iterable[Mapping[str, Any]] = ()) -> dict[str, float]:
+    """``{"gpus", "cpus"}`` free, from a ``ray.available_resources()`` mapping.
+
+    With ``total`` (``ray.cluster_resources()``) and ``groups`` (the placement-group table),
+    the lower of two views: Ray's free counts, and the total less what every created placement
+    group holds. ``ray.available_resources()`` is the GCS's copy of the raylets' reports, which
+    lags behind the placement-group table (the GCS marks a group CREATED itself, the node's
+    report of the reservation comes later; under load seconds later): read alone, the free
+    count right after a job's group is created still includes that job's CPUs, and the next
+    worker claims a job that then waits inside Ray while Redis says ``running``."""
+    free = {"gpus": float(available.get("GPU", 0) or 0), "cpus": float(available.get("CPU", 0) or 0)}
+    if total is None:
+        return free
+    left = {"gpus": float(total.get("GPU", 0) or 0), "cpus": float(total.get("CPU", 0) or 0)}
+    for group in groups:
+        if group.get("state") in _HOLDING:
+            held = _group_held(group)
+            left = {r: left[r] - held[r] for r in left}
+    return {r: max(0.0, min(free[r], left[r])) for r in free}
 
 
 def reserved(need: Mapping[str, float], free_before: Mapping[str, float], free_now: Mapping[str, float],
@@ -97,9 +125,7 @@ def reserved(need: Mapping[str, float], free_before: Mapping[str, float], free_n
     for group in new_groups:
         if group.get("state") != "CREATED":
             continue
-        bundles = group.get("bundles") or {}
-        held = {"gpus": sum(float(b.get("GPU", 0)) for b in bundles.values()),
-                "cpus": sum(float(b.get("CPU", 0)) for b in bundles.values())}
+        held = _group_held(group)
         if all(held[r] + _EPSILON >= float(need.get(r, 0)) for r in ("gpus", "cpus")):
             return True
     return all(float(free_now.get(r, 0)) <= float(free_before.get(r, 0)) - float(need.get(r, 0)) + _EPSILON

@@ -12,6 +12,7 @@ ray_address                RAY_ADDRESS                  None (start/attach a loc
 state_dir                  CAPSNET_STATE_DIR            ~/.local/state/capsctl
 artifacts                  CAPSNET_ARTIFACTS            ~/.local/share/capsctl/artifacts
 metrics_port               CAPSNET_METRICS_PORT         9310
+metrics_addr               CAPSNET_METRICS_ADDR         127.0.0.1 (0.0.0.0: scraped from other hosts)
 lease_seconds              CAPSNET_LEASE_SECONDS        30
 heartbeat_seconds          CAPSNET_HEARTBEAT_SECONDS    5
 data_dir                   CAPSNET_DATA_DIR             None (capsnet_core's own default)
@@ -31,6 +32,7 @@ a submitted model config (12x the full-size CapsNet by default).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -58,6 +60,15 @@ def ray_node_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
 
 class SettingsError(ValueError):
     """An environment variable holds a value that cannot be used (one-line message)."""
+
+
+def _address(env: Mapping[str, str], name: str, default: str) -> str:
+    """An IP address to bind to; a wrong one fails here in one line, not as a bind traceback."""
+    raw = (env.get(name) or "").strip() or default
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise SettingsError(f"{name}: must be an IP address such as 127.0.0.1 or 0.0.0.0 (got {raw!r})") from None
 
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
@@ -88,6 +99,7 @@ class Settings:
     artifacts: Path = Path("~/.local/share/capsctl/artifacts").expanduser()
     state_dir: Path = Path("~/.local/state/capsctl").expanduser()
     metrics_port: int = 9310
+    metrics_addr: str = "127.0.0.1"
     lease_seconds: int = 30
     heartbeat_seconds: int = 5
     data_dir: Path | None = None
@@ -114,6 +126,7 @@ class Settings:
             artifacts=artifacts,  # type: ignore[arg-type]
             state_dir=state_dir,  # type: ignore[arg-type]
             metrics_port=_int(env, "CAPSNET_METRICS_PORT", 9310, 0, 65535),
+            metrics_addr=_address(env, "CAPSNET_METRICS_ADDR", "127.0.0.1"),
             lease_seconds=lease,
             heartbeat_seconds=heartbeat,
             data_dir=_path(env, "CAPSNET_DATA_DIR", None),

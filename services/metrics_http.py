@@ -13,10 +13,12 @@ _servers: dict[int, Any] = {}
 
 
 def start_metrics_server(port: int = DEFAULT_METRICS_PORT, registry: CollectorRegistry = REGISTRY,
-                         addr: str = "0.0.0.0") -> int:
+                         addr: str = "127.0.0.1") -> int:
     """Serve ``registry`` at ``http://addr:port/metrics`` from a daemon thread; returns the bound port.
 
-    ``port=0`` lets the OS pick a free port.
+    ``port=0`` lets the OS pick a free port. ``addr`` defaults to loopback (the workers pass
+    ``CAPSNET_METRICS_ADDR``): on one machine nothing else needs to reach it; a cluster's
+    Prometheus scrapes ``0.0.0.0``, which deploy/ sets.
     """
     from prometheus_client import start_http_server
 

@@ -456,7 +456,12 @@ return {id, 1, NOWS}
 -- do not fit are waiting (they stay queued and visible). Junk met on the way (missing or
 -- non-hash job key, no/invalid spec JSON, stale entry of a job in another state, a queue key
 -- of the wrong type) goes to the dead-letter list with a reason and the search continues.
--- returns {job id, the claimed job's hash as a flat [field, value, ...] list}, or nil.
+-- returns {job id, the claimed job's hash as a flat [field, value, ...] list}, nil, or 1 when
+-- SCAN_PAGE entries were looked at without a claim: junk that was removed meanwhile, so the
+-- caller calls again and the scan goes on where it stopped. A page ends the script rather
+-- than falling through to a lower priority, so a higher-priority job stays first however much
+-- junk precedes it, and no single run blocks Redis for long.
+local SCAN_PAGE = 250
 local worker, token = arg(1), arg(2)
 local avail_gpus, avail_cpus = tonumber(arg(3)), tonumber(arg(4))
 local lease = tonumber(arg(5))
@@ -465,8 +470,11 @@ if housekeeping > 0 then
   promote_due(housekeeping)
   requeue_expired(housekeeping)
 end
+local scanned = 0
 for _, p in ipairs(PRIORITIES) do
-  for _ = 1, 1000 do
+  while true do
+    if scanned >= SCAN_PAGE then return 1 end
+    scanned = scanned + 1
     local best_id, best_score, best_key
     local shapes = redis.pcall('SMEMBERS', k_shapes(p))
     if type(shapes) == 'table' and shapes.err then

@@ -226,12 +226,15 @@ class JobQueue:
         cpus = avail.get("cpus", math.inf)
         gpus_arg = "1e18" if gpus is None or gpus == math.inf else repr(float(gpus))
         cpus_arg = "1e18" if cpus is None or cpus == math.inf else repr(float(cpus))
-        for _ in range(100):
+        invalid_specs = 0
+        while invalid_specs < 100:
             token = secrets.token_hex(12)
             reply = self._run("claim", [worker_id, token, gpus_arg, cpus_arg, self.lease_seconds,
                                         self.housekeeping_limit])
             if not reply:
                 return None
+            if isinstance(reply, int):  # one page of junk removed, nothing claimed yet: next page
+                continue
             job_id, flat = _s(reply[0]), reply[1]
             h = dict(zip(flat[::2], flat[1::2], strict=True))
             record = JobRecord.from_hash(h)
@@ -246,6 +249,7 @@ class JobQueue:
                                     "resources")
             except SpecError as err:
                 self._run("dead_letter_claimed", [record.id, token, f"invalid spec: {err}"])
+                invalid_specs += 1
                 continue
             return ClaimedJob(record.id, token, record.attempt, spec, record)
         return None

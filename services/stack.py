@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import os
 import secrets
 import shutil
@@ -149,12 +150,20 @@ def status(settings: Settings) -> dict[str, Any] | None:
 
 
 def up(settings: Settings, *, num_cpus: int | None = None, metrics_port: int | None = None,
-       workers: int = 1, timeout: float = 180.0, log: Log | None = None) -> dict[str, Any]:
+       workers: int = 1, timeout: float = 180.0, log: Log | None = None,
+       node_ip_address: str = "127.0.0.1") -> dict[str, Any]:
     """Start what is missing (see docs/architecture.md); returns the stack record with
-    ``already_up`` True when a healthy stack was already running (then nothing is started)."""
+    ``already_up`` True when a healthy stack was already running (then nothing is started).
+
+    ``node_ip_address``: the address the Ray head listens on; loopback by default (Ray then binds
+    its GCS and raylet to 127.0.0.1 only), this machine's cluster address to let other nodes join."""
     say: Log = log or (lambda _msg: None)
     if workers < 1:
         raise StackError("workers: must be at least 1")
+    try:
+        ipaddress.ip_address(node_ip_address)
+    except ValueError:
+        raise StackError(f"--node-ip-address: must be an IP address of this machine (got {node_ip_address!r})") from None
     state_dir = Path(settings.state_dir).expanduser()
     with state_lock(state_dir):
         current = status(settings)
@@ -165,7 +174,7 @@ def up(settings: Settings, *, num_cpus: int | None = None, metrics_port: int | N
             say("found a stack record with stopped parts: taking it down and starting afresh")
             _down_locked(state_dir, grace=10.0, say=say)
         if metrics_port:
-            taken = [metrics_port + i for i in range(workers) if not port_free(metrics_port + i, "0.0.0.0")]
+            taken = [metrics_port + i for i in range(workers) if not port_free(metrics_port + i, settings.metrics_addr)]
             if taken:
                 raise StackError(f"metrics port(s) {', '.join(map(str, taken))} already in use: pick another "
                                  f"--metrics-port or leave it out (a free port is then chosen)")
@@ -173,6 +182,7 @@ def up(settings: Settings, *, num_cpus: int | None = None, metrics_port: int | N
                                   "complete": False, "redis": {}, "ray": {}, "workers": []}
         try:
             _up_locked(settings, state_dir, record, num_cpus=num_cpus, metrics_port=metrics_port,
+                       node_ip_address=node_ip_address,
                        workers=workers, timeout=timeout, say=say)
         except BaseException:
             say("start-up failed: stopping what was started")
@@ -183,7 +193,8 @@ def up(settings: Settings, *, num_cpus: int | None = None, metrics_port: int | N
 
 
 def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, num_cpus: int | None,
-               metrics_port: int | None, workers: int, timeout: float, say: Log) -> None:
+               metrics_port: int | None, workers: int, timeout: float, say: Log,
+               node_ip_address: str = "127.0.0.1") -> None:
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     save_record(state_dir, record)
@@ -207,13 +218,14 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
         cpus = int(num_cpus or os.cpu_count() or 1)
         record["ray"] = {"started": False, "num_cpus": cpus}
         save_record(state_dir, record)
-        record["ray"] = _start_ray(cpus, state_dir, logs, auth_mode, record, say)
+        record["ray"] = _start_ray(cpus, state_dir, logs, auth_mode, record, say, node_ip_address)
     record["ray"]["auth_mode"] = auth_mode
     save_record(state_dir, record)
 
     # --- workers
     env_values = {"CAPSNET_REDIS_URL": url, "CAPSNET_REDIS_PREFIX": settings.redis_prefix,
-                  "RAY_ADDRESS": record["ray"]["address"], "RAY_AUTH_MODE": auth_mode}
+                  "RAY_ADDRESS": record["ray"]["address"], "RAY_AUTH_MODE": auth_mode,
+                  "CAPSNET_METRICS_ADDR": settings.metrics_addr}
     host = socket.gethostname().split(".")[0] or "host"
     tag = secrets.token_hex(2)
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -221,7 +233,7 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
         worker_id = f"{host}-stack{i}-{tag}"
         if metrics_port:
             port = metrics_port + i
-        elif port_free(settings.metrics_port + i, "0.0.0.0"):
+        elif port_free(settings.metrics_port + i, settings.metrics_addr):
             port = settings.metrics_port + i
         else:
             port = free_port()
@@ -311,7 +323,7 @@ def _start_redis(url: str, state_dir: Path, logs: Path, say: Log) -> dict[str, A
 
 
 def _start_ray(cpus: int, state_dir: Path, logs: Path, auth_mode: str, record: dict[str, Any],
-               say: Log) -> dict[str, Any]:
+               say: Log, node_ip_address: str = "127.0.0.1") -> dict[str, Any]:
     ray_bin = _executable("ray")
     if ray_bin is None:
         raise StackError("the `ray` executable is not installed next to this Python; install ray[tune] "
@@ -319,7 +331,7 @@ def _start_ray(cpus: int, state_dir: Path, logs: Path, auth_mode: str, record: d
     port = free_port()
     temp_dir = _ray_temp_dir(state_dir)
     temp_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+    cmd = [ray_bin, "start", "--head", f"--port={port}", f"--node-ip-address={node_ip_address}",
            f"--num-cpus={cpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
            "--include-dashboard=true", f"--dashboard-port={free_port()}",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
@@ -328,7 +340,7 @@ def _start_ray(cpus: int, state_dir: Path, logs: Path, auth_mode: str, record: d
     env.pop("RAY_ADDRESS", None)
     log_path = logs / "ray-start.log"
     proc = spawn(cmd, log_path, env)
-    address = f"127.0.0.1:{port}"
+    address = f"{node_ip_address}:{port}"
     info = {"address": address, "started": True, "session": proc.pid, "num_cpus": cpus, "port": port,
             "temp_dir": str(temp_dir), "log": str(log_path)}
     record["ray"] = info  # recorded before waiting, so a failed start can be taken down

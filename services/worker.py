@@ -25,6 +25,7 @@ as soon as Redis answers (a worker restarted meanwhile records the files it find
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -130,8 +131,11 @@ class Worker:
             except ValueError:
                 pass  # already registered in this process (a second Worker in tests)
             self._collector_registered = True
-        port = svc_metrics.start_metrics_server(self.metrics_port)
-        self.metrics_url = f"http://{socket.gethostname()}:{port}/metrics"
+        addr = self.settings.metrics_addr
+        port = svc_metrics.start_metrics_server(self.metrics_port, addr=addr)
+        # a wildcard bind is reached by the host's name; otherwise by the address it is bound to
+        host = socket.gethostname() if ipaddress.ip_address(addr).is_unspecified else addr
+        self.metrics_url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/metrics"
         self.metrics_port = port
         if not self.settings.artifacts.as_posix().startswith(("s3:", "gs:", "abfs:", "hdfs:")):
             os.makedirs(self.settings.artifacts, exist_ok=True)
@@ -219,8 +223,8 @@ class Worker:
         job = None
         try:
             groups_before = self._placement_groups()
-            _, available = self._resources()
-            free = free_of(available)
+            total, available = self._resources()
+            free = free_of(available, total, groups_before.values())
             job = self.redis.call(self.queue.claim, self.worker_id, free, what="claiming a job", stop=self._stop)
         finally:
             if job is None:
@@ -239,12 +243,13 @@ class Worker:
             while not done.wait(ADMISSION_POLL_S):
                 try:
                     groups = self._placement_groups()
-                    _, available = self._resources()
+                    total, available = self._resources()
                 except Exception:  # Ray busy or going away: the deadline still bounds the wait
                     log.exception("admission of %s: reading Ray's resources failed", job.job_id)
-                    groups, available = {}, {}
+                    groups, total, available = {}, {}, {}
                 new_groups = [g for pg_id, g in groups.items() if pg_id not in admission.groups_before]
-                if available and reserved(need, admission.free, free_of(available), new_groups):
+                if available and reserved(need, admission.free, free_of(available, total, groups.values()),
+                                          new_groups):
                     outcome = "reserved"
                     break
                 if time.monotonic() >= deadline:

@@ -387,3 +387,29 @@ def _coerce(kind: str, value: object) -> object:
     if kind in ("set", "list"):
         return members
     return [{b"data": m} for m in members]  # stream
+
+
+# ----------------------------------------------------------------------------- junk ahead of a priority
+
+def test_priority_holds_however_much_junk_precedes_it(queue, raw) -> None:
+    """1,500 junk entries (six claim pages) ahead of a valid high job: the first claim
+    still returns the high job, not the valid normal one, and every junk entry it passed is gone
+    to the dead-letter list."""
+    normal = queue.submit(lenet(priority="normal"), check_capacity=False)
+    high = queue.submit(lenet(priority="high"), check_capacity=False)
+    record = queue.get(high.id)
+    high_queue = KEYS.queue("high", record.gpus, record.cpus)
+    assert raw.zscore(high_queue, high.id) is not None
+    for i in range(1500):  # three kinds of junk, all scored ahead of the job
+        junk_id = f"junk-{i}"
+        if i % 3 == 1:
+            raw.set(KEYS.job(junk_id), "not a hash")
+        elif i % 3 == 2:
+            raw.hset(KEYS.job(junk_id), mapping={"state": "queued", "priority": "high", "gpus": "0",
+                                                 "cpus": "1", "seq": "0", "spec": "not json"})
+        raw.zadd(high_queue, {junk_id: -1500 + i})
+    claimed = queue.claim("w", CPU)
+    assert claimed is not None and claimed.job_id == high.id
+    assert raw.zcard(high_queue) == 0
+    assert int(raw.hget(KEYS.counters, "dead_lettered")) == 1500
+    assert queue.claim("w", CPU).job_id == normal.id

@@ -50,6 +50,12 @@ def test_up_status_down(tmp_path: Path) -> None:
         ray_pids = stack.session_pids(ray_sid)
         assert stack.pid_alive(redis_pid, str(redis_port)) and stack.pid_alive(worker["pid"], worker["id"])
         assert len(ray_pids) >= 2  # gcs_server, raylet, ...
+        # One machine: the metrics endpoint and Redis listen on loopback only (issue 20 section 6).
+        # Ray's GCS is started with --node-ip-address 127.0.0.1 and advertises it, but Ray 2.60's
+        # gRPC server still binds the wildcard ("::"): no ray start flag narrows it (see README).
+        listening = _listening({redis_port, metrics_port})
+        assert listening == {redis_port: {"127.0.0.1"}, metrics_port: {"127.0.0.1"}}, listening
+        assert record["ray"]["address"].startswith("127.0.0.1:")
         assert (state / "env").read_text().count(f"CAPSNET_REDIS_URL=redis://127.0.0.1:{redis_port}/0") == 1
 
         # Later invocations without CAPSNET_REDIS_URL find the stack's Redis through <state>/env.
@@ -71,6 +77,41 @@ def test_up_status_down(tmp_path: Path) -> None:
         temp = stack._ray_temp_dir(state)
         if temp != state / "ray":
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _listening(ports: set[int]) -> dict[int, set[str]]:
+    """The addresses listening on ``ports`` on this machine (TCP, IPv4 and IPv6)."""
+    import psutil
+
+    found: dict[int, set[str]] = {}
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports:
+            found.setdefault(conn.laddr.port, set()).add(conn.laddr.ip)
+    return found
+
+
+def test_metrics_server_binds_to_capsnet_metrics_addr() -> None:
+    """The worker's exporter binds to ``CAPSNET_METRICS_ADDR`` (default loopback)."""
+    from prometheus_client import CollectorRegistry
+
+    from services.config import SettingsError
+    from services.metrics_http import start_metrics_server, stop_metrics_server
+
+    assert Settings.from_env({}).metrics_addr == "127.0.0.1"
+    assert Settings.from_env({"CAPSNET_METRICS_ADDR": "0.0.0.0"}).metrics_addr == "0.0.0.0"
+    with pytest.raises(SettingsError, match="CAPSNET_METRICS_ADDR: must be an IP address"):
+        Settings.from_env({"CAPSNET_METRICS_ADDR": "everywhere"})
+    for addr in ("127.0.0.1", "0.0.0.0"):
+        port = start_metrics_server(0, registry=CollectorRegistry(), addr=addr)
+        try:
+            assert _listening({port}) == {port: {addr}}
+        finally:
+            stop_metrics_server(port)
+    port = start_metrics_server(0, registry=CollectorRegistry())
+    try:
+        assert _listening({port}) == {port: {"127.0.0.1"}}
+    finally:
+        stop_metrics_server(port)
 
 
 def test_down_skips_stale_and_reused_pids(tmp_path: Path) -> None:
@@ -98,3 +139,10 @@ def test_down_skips_stale_and_reused_pids(tmp_path: Path) -> None:
     finally:
         other.kill()
         other.wait()
+
+
+def test_up_refuses_a_node_ip_address_that_is_not_an_ip(tmp_path: Path) -> None:
+    settings = Settings.from_env({"CAPSNET_STATE_DIR": str(tmp_path / "state")})
+    with pytest.raises(stack.StackError, match="--node-ip-address: must be an IP address"):
+        stack.up(settings, node_ip_address="everywhere")
+    assert not (tmp_path / "state" / "stack.json").exists()  # nothing was started

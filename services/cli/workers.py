@@ -82,16 +82,19 @@ def _print_stack(record: Mapping[str, Any]) -> None:
               help="Worker processes to start.")
 @click.option("--timeout", type=click.FloatRange(1), default=180, show_default=True,
               help="Seconds to wait for the workers to register.")
+@click.option("--node-ip-address", default="127.0.0.1", show_default=True,
+              help="Address the Ray head listens on: this machine's cluster address lets other nodes "
+                   "join (the default binds Ray to loopback only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the stack record as JSON.")
 @pass_app
 def up(app: App, num_cpus: int | None, metrics_port: int | None, num_workers: int, timeout: float,
-       as_json: bool) -> None:
+       node_ip_address: str, as_json: bool) -> None:
     """Start a one-machine stack: Redis (unless one answers), a Ray head (unless RAY_ADDRESS),
     and worker(s), in the background; `capsctl down` stops them."""
     settings = app.settings
     say = (lambda _m: None) if as_json else (lambda m: echo(f"... {m}", err=True))
     record = stack_mod.up(settings, num_cpus=num_cpus, metrics_port=metrics_port, workers=num_workers,
-                          timeout=timeout, log=say)
+                          timeout=timeout, log=say, node_ip_address=node_ip_address)
     if as_json:
         emit_json(record)
         return
