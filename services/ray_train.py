@@ -37,6 +37,7 @@ from capsnet_core.train import ddp_options, shard_indices
 from .jobspec import TrainSpec
 from .losses import infrastructure_loss, node_loss, rank_nodes
 from .runtime import CHECKPOINT_FILE, JobChannel, JobContext, check_job_limits, fit_or_stop
+from .storage_health import set_aside_torn_run_state
 
 
 def _train_config(spec: TrainSpec, eval_threads: int = 0) -> TrainConfig:
@@ -214,6 +215,7 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     check_job_limits(spec)
+    torn = set_aside_torn_run_state(ctx.artifacts, ctx.job_id)  # left by a disk that filled (storage_health)
     use_gpu = spec.gpus > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -228,6 +230,9 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
         ),
     )
     channel = JobChannel(ctx, check_interval_s=0.0)
+    if torn is not None:
+        channel.log(f"Ray Train's run snapshot was torn (a full disk?): set aside as {torn.name}; resuming from "
+                    f"the job record's checkpoint {ctx.resume_checkpoint or '-'}", level="warning")
     # The next few seconds are Ray Train starting a controller and one process per rank, each
     # importing torch; say so, or `logs -f` looks stuck.
     channel.log(f"starting Ray Train: a controller and {spec.ranks} rank process(es) "

@@ -14,6 +14,7 @@ instead of failing it (``max_retries``).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -148,5 +149,34 @@ def storage_fault(cause: RootCause, monitor: StoreMonitor | None = None) -> str 
     return None
 
 
-__all__ = ["PROBE_BYTES", "StoreHealth", "StoreMonitor", "fmt_bytes", "is_remote", "probe_artifacts",
-           "storage_fault"]
+
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def set_aside_torn_run_state(artifacts: str | Path, run_name: str) -> Path | None:
+    """Move a Ray Train run snapshot that a full disk left torn (empty or cut JSON) out of the way.
+
+    Ray Train's controller rewrites ``<run>/checkpoint_manager_snapshot.json`` after every
+    checkpoint; when the disk fills meanwhile, the file is left empty, and every later attempt's
+    controller dies on it (``CheckpointManagerInitializationError: Expecting value``). Without it
+    the next attempt starts a fresh snapshot and resumes from the checkpoint in the job record.
+    Returns where the torn file went, or None (no file, a sound one, or a remote store)."""
+    if is_remote(artifacts):
+        return None
+    snapshot = Path(artifacts) / run_name / RAY_TRAIN_SNAPSHOT
+    try:
+        json.loads(snapshot.read_text())
+        return None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        aside = snapshot.with_name(f"{RAY_TRAIN_SNAPSHOT}.torn-{int(time.time())}")
+        try:
+            snapshot.replace(aside)
+        except OSError:
+            return None
+        return aside
+
+
+__all__ = ["PROBE_BYTES", "RAY_TRAIN_SNAPSHOT", "StoreHealth", "StoreMonitor", "fmt_bytes", "is_remote",
+           "probe_artifacts", "set_aside_torn_run_state", "storage_fault"]

@@ -11,7 +11,8 @@
   read-only store it claims nothing, says ``unhealthy: artifacts read-only`` in ``capsctl
   workers`` and ``capsnet_artifacts_writable 0``, and once the store is remounted read-write it
   runs the job (``max_retries`` 0) to ``succeeded``; (b) a store that fills up mid-run hands the
-  job back (one loss, no retry spent), and once space is freed the job resumes and succeeds.
+  job back (one loss, no retry spent), and once space is freed the job resumes and succeeds
+  (past the Ray Train run snapshot the full disk left torn, which is set aside).
 
 The mounts need root (``mount -t tmpfs``); without it these tests skip, saying so.
 """
@@ -36,7 +37,13 @@ from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from services.error_text import cause_from_text, full_traceback, root_cause, strip_ansi
 from services.queue import JobQueue
-from services.storage_health import StoreMonitor, probe_artifacts, storage_fault
+from services.storage_health import (
+    RAY_TRAIN_SNAPSHOT,
+    StoreMonitor,
+    probe_artifacts,
+    set_aside_torn_run_state,
+    storage_fault,
+)
 
 from .service_helpers import WorkerProcess, service_env, wait_until
 
@@ -202,6 +209,20 @@ def test_monitor_reports_each_change_once(tmpfs) -> None:
     _remount(store, "rw")
     monitor.check()
     assert seen == ["healthy", "unhealthy: artifacts read-only", "healthy"]
+
+
+def test_a_torn_ray_train_snapshot_is_set_aside(tmp_path: Path) -> None:
+    # What a disk that filled while Ray Train rewrote its snapshot left: an empty file, on which
+    # every later controller died (CheckpointManagerInitializationError: Expecting value).
+    run = tmp_path / "j-1"
+    run.mkdir()
+    assert set_aside_torn_run_state(tmp_path, "j-1") is None  # no snapshot yet
+    (run / RAY_TRAIN_SNAPSHOT).write_text('{"checkpoints": []}')
+    assert set_aside_torn_run_state(tmp_path, "j-1") is None and (run / RAY_TRAIN_SNAPSHOT).exists()
+    (run / RAY_TRAIN_SNAPSHOT).write_text("")
+    aside = set_aside_torn_run_state(tmp_path, "j-1")
+    assert aside is not None and aside.exists() and not (run / RAY_TRAIN_SNAPSHOT).exists()
+    assert set_aside_torn_run_state("s3://bucket/artifacts", "j-1") is None
 
 
 # ---------------------------------------------------------------------------- end to end
