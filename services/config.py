@@ -20,6 +20,8 @@ retention_days             CAPSNET_RETENTION_DAYS       30 (finished jobs older 
                                                         pruned by idle workers; 0 = keep forever)
 eval_roots                 CAPSNET_EVAL_ROOTS           () (eval reads artifacts and job ids only)
 max_params                 CAPSNET_MAX_PARAMS           100000000
+artifacts_min_free_bytes   CAPSNET_ARTIFACTS_MIN_FREE_  268435456 (256 MiB: a worker claims
+                           BYTES                        nothing while its store has less free)
 =========================  ===========================  ====================================
 
 ``CAPSNET_EVAL_ROOTS`` is a comma-separated list of folders or URI prefixes that ``eval`` may
@@ -44,6 +46,8 @@ import redis
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "capsnet:"
 DEFAULT_MAX_PARAMS = 100_000_000  # 12x the full-size CapsNet (8.2 M parameters)
+# Room for a few full-size CapsNet checkpoints (model + Adam state, ~100 MB each) and Ray's files.
+DEFAULT_ARTIFACTS_MIN_FREE_BYTES = 256 * 1024 * 1024
 
 # Environment for every Ray node capsctl starts (``capsctl up``'s ``ray start``, a worker's local
 # ``ray.init``). Ray renices its worker processes, and so every training rank, to 15 by default:
@@ -106,6 +110,7 @@ class Settings:
     retention_days: int = 30
     eval_roots: tuple[str, ...] = ()
     max_params: int = DEFAULT_MAX_PARAMS
+    artifacts_min_free_bytes: int = DEFAULT_ARTIFACTS_MIN_FREE_BYTES
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -133,6 +138,8 @@ class Settings:
             retention_days=_int(env, "CAPSNET_RETENTION_DAYS", 30, 0, 36500),
             eval_roots=tuple(r.strip() for r in env.get("CAPSNET_EVAL_ROOTS", "").split(",") if r.strip()),
             max_params=_int(env, "CAPSNET_MAX_PARAMS", DEFAULT_MAX_PARAMS, 1, 10**12),
+            artifacts_min_free_bytes=_int(env, "CAPSNET_ARTIFACTS_MIN_FREE_BYTES", DEFAULT_ARTIFACTS_MIN_FREE_BYTES,
+                                          0, 2**62),
         )
         if overrides:
             settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -77,6 +77,13 @@ class WorkerMetrics:
             "capsnet_events_dropped",
             "Job events (progress, logs) not written because Redis was unavailable; the job's outcome "
             "is never dropped, it waits for Redis.", registry=registry)
+        self.artifacts_writable = Gauge(
+            "capsnet_artifacts_writable",
+            "1 while this worker's artifact store passes its probe (a small write and delete, free space at "
+            "least CAPSNET_ARTIFACTS_MIN_FREE_BYTES), 0 while it does not: the worker then claims no job.",
+            registry=registry)
+        self.artifacts_free = Gauge("capsnet_artifacts_free_bytes", "Free space of this worker's artifact store.",
+                                    registry=registry)
         self.training = TrainingMetrics(registry=registry, max_jobs=max_jobs,
                                         result_linger_seconds=result_linger_seconds)
         self.gpus = GpuCollector(gpu_reader)  # per-device utilisation and memory, read at scrape time
@@ -91,7 +98,7 @@ class WorkerMetrics:
 
     def collectors(self) -> list[Collector]:
         return [self.queue_wait, self.run_duration, self.startup, self.admission, self.cluster_gpus, self.cluster_cpus,
-                self.events_dropped, *self.training.gauges(), self.gpus]
+                self.events_dropped, self.artifacts_writable, self.artifacts_free, *self.training.gauges(), self.gpus]
 
     def observe_queue_wait(self, kind: str, seconds: float) -> None:
         self.queue_wait.labels(label_value(kind)).observe(max(0.0, float(seconds)))
@@ -108,6 +115,12 @@ class WorkerMetrics:
 
     def observe_startup(self, seconds: float) -> None:
         self.startup.observe(max(0.0, float(seconds)))
+
+    def set_artifacts_health(self, writable: bool, free_bytes: int | None) -> None:
+        """Record the latest probe of the artifact store (``services.storage_health``)."""
+        self.artifacts_writable.set(1.0 if writable else 0.0)
+        if free_bytes is not None:
+            self.artifacts_free.set(float(free_bytes))
 
     def set_cluster_resources(self, total: Mapping[str, float], available: Mapping[str, float]) -> None:
         """Record ``ray.cluster_resources()`` / ``ray.available_resources()`` (missing keys count as 0)."""

@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from .metric_labels import label_value
 from .parsing import finite
+from .registry import is_unhealthy
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ class QueueReader(Protocol):
     def counters(self) -> Mapping[str, float]: ...
 
 
+_UNHEALTHY_DOC = ("Live capsctl workers that claim no job because they report themselves unhealthy, e.g. a "
+                  "read-only or full artifact store (from Redis).")
+
+
 class QueueCollector(Collector):
     """Scrape-time metrics computed from Redis via the queue's read interface.
 
@@ -73,6 +78,7 @@ class QueueCollector(Collector):
         yield GaugeMetricFamily("capsnet_jobs", "Jobs in the queue by state and priority (from Redis).",
                                 labels=["state", "priority"])
         yield GaugeMetricFamily("capsnet_workers_alive", "capsctl workers with a live heartbeat (from Redis).")
+        yield GaugeMetricFamily("capsnet_workers_unhealthy", _UNHEALTHY_DOC)
         for name, labels, doc in _LABELLED_COUNTERS.values():
             yield CounterMetricFamily(name, doc + " (from Redis)", labels=list(labels))
         for name, doc in _PLAIN_COUNTERS.values():
@@ -104,6 +110,8 @@ class QueueCollector(Collector):
         alive = sum(1 for w in workers if not isinstance(w, Mapping) or w.get("alive", True))
         yield GaugeMetricFamily("capsnet_workers_alive",
                                 "capsctl workers with a live heartbeat (from Redis).", value=alive)
+        unhealthy = sum(1 for w in workers if isinstance(w, Mapping) and is_unhealthy(w))
+        yield GaugeMetricFamily("capsnet_workers_unhealthy", _UNHEALTHY_DOC, value=unhealthy)
 
         yield from _counter_families(counters, self.zero_fill)
         yield GaugeMetricFamily("capsnet_redis_up", "1 if this scrape could read the queue state from Redis.",

@@ -43,7 +43,8 @@ class WorkerRegistry:
 
         ``info`` is free-form JSON; the queue reads ``resources`` = ``{"gpus", "cpus"}`` (what the
         worker can ever offer, for submit's capacity check). Conventional keys: ``hostname``,
-        ``pid``, ``available``, ``current_job``, ``started_at``.
+        ``pid``, ``available``, ``current_job``, ``started_at``, ``health`` (``"healthy"``, or
+        ``"unhealthy: <why>"`` while the worker claims nothing, e.g. its artifact store is read-only).
         """
         ttl = float(ttl)
         now = server_time(self.client)
@@ -101,6 +102,18 @@ class WorkerRegistry:
         }
 
 
+def worker_health(info: Mapping[str, Any]) -> str:
+    """A registration's health as one printable line: ``healthy``, ``unhealthy: artifacts
+    read-only``, or ``-`` for a worker that does not report one (an older version)."""
+    health = info.get("health")
+    return parsing.printable(health)[:120] if isinstance(health, str) and health else "-"
+
+
+def is_unhealthy(info: Mapping[str, Any]) -> bool:
+    health = info.get("health")
+    return isinstance(health, str) and health.startswith("unhealthy")
+
+
 def resource_shape(res: Any) -> tuple[float, float] | None:
     """``(gpus, cpus)`` of a ``{"gpus", "cpus"}`` mapping (missing or empty = 0), or None when
     it is not a mapping or either value is not a finite number >= 0 (``"nan"``, ``-1``, junk)."""
@@ -125,4 +138,4 @@ def worker_resources(info: Mapping[str, Any]) -> tuple[float, float] | None:
     return resource_shape(res if isinstance(res, Mapping) else info)
 
 
-__all__ = ["WorkerRegistry", "resource_shape", "server_time", "worker_resources"]
+__all__ = ["WorkerRegistry", "is_unhealthy", "resource_shape", "server_time", "worker_health", "worker_resources"]

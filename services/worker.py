@@ -33,7 +33,6 @@ import signal
 import socket
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from typing import Any
 from . import metrics as svc_metrics
 from .admission import AdmissionLock, free_of, reserved
 from .config import Settings, ray_node_env, ray_worker_env, redis_client
+from .error_text import full_traceback, root_cause
 from .eval_job import run_eval_job
 from .keys import Keys
 from .queue import ClaimedJob, JobQueue
@@ -48,6 +48,7 @@ from .ray_train import run_train_job
 from .redis_retry import RedisRetry, RedisUnavailable, no_retry_client_kwargs
 from .retention import Pruner
 from .runtime import AttemptLost, JobCancelled, JobContext, JobRejected
+from .storage_health import StoreHealth, StoreMonitor, storage_fault
 
 log = logging.getLogger("capsctl.worker")
 
@@ -100,6 +101,8 @@ class Worker:
         self._current: ClaimedJob | None = None
         self._started = time.time()
         self._collector_registered = False
+        # Probed at start and before each claim: a read-only or full store would fail every job.
+        self.store = StoreMonitor(settings.artifacts, settings.artifacts_min_free_bytes, on_change=self._store_changed)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -137,8 +140,7 @@ class Worker:
         host = socket.gethostname() if ipaddress.ip_address(addr).is_unspecified else addr
         self.metrics_url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/metrics"
         self.metrics_port = port
-        if not self.settings.artifacts.as_posix().startswith(("s3:", "gs:", "abfs:", "hdfs:")):
-            os.makedirs(self.settings.artifacts, exist_ok=True)
+        self.store.check(fresh=True)  # creates a missing local store folder; a bad store is reported, not fatal
         # A worker started while Redis is down waits for it (SIGTERM still stops it).
         self.redis.call(self._publish, what="registering the worker", stop=self._stop)
         self.record_pending_results()
@@ -159,7 +161,7 @@ class Worker:
             "resources": {"gpus": total.get("GPU", 0), "cpus": total.get("CPU", 0)},
             "available": {"gpus": available.get("GPU", 0), "cpus": available.get("CPU", 0)},
             "current_job": current.job_id if current else None, "metrics_url": self.metrics_url,
-            "ray_address": self.settings.ray_address or "local",
+            "ray_address": self.settings.ray_address or "local", "health": self.store.status,
         }, ttl=max(3 * self.settings.heartbeat_seconds, 10))
 
     def run(self, max_jobs: int | None = None, idle_exit_s: float | None = None) -> None:
@@ -174,13 +176,15 @@ class Worker:
         except RedisUnavailable:
             log.info("stopped before Redis answered")
             return
-        done, idle_since, last_publish = 0, time.monotonic(), 0.0
+        done, idle_since, last_publish, published_status = 0, time.monotonic(), 0.0, ""
         try:
             while not self._stop.is_set() and (max_jobs is None or done < max_jobs):
-                if time.monotonic() - last_publish >= self.settings.heartbeat_seconds:
+                store_ok = self.store.check().ok  # no claim while the store is unfit: its jobs would all fail
+                if (time.monotonic() - last_publish >= self.settings.heartbeat_seconds
+                        or published_status != self.store.status):
                     self.redis.call(self._publish, what="refreshing the worker registration", stop=self._stop)
-                    last_publish = time.monotonic()
-                admitted = self._admit()
+                    last_publish, published_status = time.monotonic(), self.store.status
+                admitted = self._admit() if store_ok else None
                 if admitted is ADMISSION_BUSY:  # another worker is admitting a job: our turn soon
                     self._stop.wait(ADMISSION_RETRY_S)
                     continue
@@ -189,6 +193,9 @@ class Worker:
                     if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                         log.info("idle for %.0f s: exiting", idle_exit_s)
                         break
+                    if not store_ok:  # retry later; take no wake-up token a healthy worker could use
+                        self._stop.wait(self.poll_seconds)
+                        continue
                     self.redis.call(lambda: self.queue.wait_for_work(timeout=self.poll_seconds),
                                     what="waiting for work", stop=self._stop)
                     continue
@@ -203,6 +210,15 @@ class Worker:
                                 timeout=5)
             except RedisUnavailable as exc:
                 log.warning("could not unregister (%s); the registration expires by itself", exc)
+
+    def _store_changed(self, health: StoreHealth) -> None:
+        """One log line per change of the store's verdict (not per retry), and the metric."""
+        self.metrics.set_artifacts_health(health.ok, health.free_bytes)
+        if health.ok:
+            log.info("artifact store %s is writable; claiming jobs", self.settings.artifacts)
+        else:
+            log.warning("artifact store %s: %s; claiming no job until it is fixed (probing every %g s)",
+                        self.settings.artifacts, health.problem, self.poll_seconds)
 
     # ------------------------------------------------------------------ admission
 
@@ -385,7 +401,10 @@ class Worker:
                 continue
             if self._record_result(job_id, attempt, token, kept.get("result")):
                 log.info("job %s attempt %d: kept result recorded from %s", job_id, attempt, path)
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # a read-only store: recording twice is fenced, so it is harmless
+                log.warning("could not remove the kept result %s: %s", path, exc)
 
     # ------------------------------------------------------------------ run one job
 
@@ -456,17 +475,20 @@ class Worker:
             # a newer attempt owns the job: record nothing of ours
             self._log_event(job, f"attempt {job.attempt} stopped: {exc}", level="warning")
             return "lost"
-        if isinstance(exc, AttemptLost):
-            # not the job's fault: back to the queue now (max_lost), not after the lease expires
-            self._log_event(job, f"attempt {job.attempt} lost its infrastructure: {exc}", level="warning",
-                            infrastructure_lost=str(exc))
-            state = self.redis.call(self.queue.hand_back, job.job_id, job.token, str(exc),
+        cause = root_cause(exc)  # the rank's or controller's own error, not Ray's wrapper
+        lost_why = str(exc) if isinstance(exc, AttemptLost) else storage_fault(cause, self.store)
+        if lost_why is not None:
+            # not the job's fault (a lost node, a full or read-only store): back to the queue now
+            # (max_lost), not after the lease expires
+            self._log_event(job, f"attempt {job.attempt} lost its infrastructure: {lost_why}", level="warning",
+                            infrastructure_lost=lost_why)
+            state = self.redis.call(self.queue.hand_back, job.job_id, job.token, lost_why,
                                     what=f"handing back {job.job_id}", stop=self._stop)
-            log.warning("job %s attempt %d lost its infrastructure (%s): %s", job.job_id, job.attempt, exc,
+            log.warning("job %s attempt %d lost its infrastructure (%s): %s", job.job_id, job.attempt, lost_why,
                         "requeued" if state == "queued" else state)
             return "lost"
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        self.redis.call(self.queue.fail, job.job_id, job.token, message, traceback.format_exc(),
+        message = cause.line()
+        self.redis.call(self.queue.fail, job.job_id, job.token, message, full_traceback(exc),
                         retry=not isinstance(exc, JobRejected),  # a refused input stays refused
                         what=f"recording the failure of {job.job_id}", stop=self._stop)
         log.warning("job %s attempt %d failed: %s", job.job_id, job.attempt, message)

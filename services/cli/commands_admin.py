@@ -16,6 +16,7 @@ from ..admission import shortfall
 from ..jobspec import PRIORITIES
 from ..parsing import finite, json_ready
 from ..queue import STATES, JobRecord, resource_shape, worker_resources
+from ..registry import is_unhealthy, worker_health
 from .follow import follow_events, job_view, read_events
 from .helpers import App, command, echo, emit_json, pass_app
 from .options import Duration
@@ -71,6 +72,9 @@ def waiting_reason(record: JobRecord, workers: Sequence[Mapping[str, Any]]) -> s
         return None
     if not workers:
         return "no live worker: start one with `capsctl worker` or `capsctl up`"
+    if all(is_unhealthy(w) for w in workers):
+        why = "; ".join(f"{fmt_value(w.get('id'))} {worker_health(w)}" for w in workers[:3])
+        return f"every live worker is unhealthy and claims nothing ({why}): fix it or start a healthy worker"
     free = cluster_free(workers)
     if free is None:
         return "no worker has published the cluster's free resources yet"
@@ -156,9 +160,9 @@ def print_workers(workers: Sequence[Mapping[str, Any]]) -> None:
                      "invalid" if shape is None else fmt_amount(shape[0]), "invalid" if shape is None else fmt_amount(shape[1]),
                      "-" if not free else "invalid" if free_shape is None else
                      f"{fmt_amount(free_shape[0])}/{fmt_amount(free_shape[1])}",
-                     fmt_value(w.get("current_job") or "-"), fmt_value(w.get("metrics_url") or "-"),
+                     fmt_value(w.get("current_job") or "-"), worker_health(w), fmt_value(w.get("metrics_url") or "-"),
                      fmt_age(w.get("seen_at"))))
-    echo(indent(table(("ID", "HOST", "GPUS", "CPUS", "FREE G/C", "JOB", "METRICS", "SEEN"), rows,
+    echo(indent(table(("ID", "HOST", "GPUS", "CPUS", "FREE G/C", "JOB", "HEALTH", "METRICS", "SEEN"), rows,
                              right=(2, 3))))
 
 
