@@ -19,6 +19,8 @@ retention_days             CAPSNET_RETENTION_DAYS       30 (finished jobs older 
                                                         pruned by idle workers; 0 = keep forever)
 eval_roots                 CAPSNET_EVAL_ROOTS           () (eval reads artifacts and job ids only)
 max_params                 CAPSNET_MAX_PARAMS           100000000
+require_noeviction         CAPSNET_REQUIRE_NOEVICTION   False (1 = a worker refuses to start on
+                                                        an evicting Redis, see redis_health)
 =========================  ===========================  ====================================
 
 ``CAPSNET_EVAL_ROOTS`` is a comma-separated list of folders or URI prefixes that ``eval`` may
@@ -94,6 +96,7 @@ class Settings:
     retention_days: int = 30
     eval_roots: tuple[str, ...] = ()
     max_params: int = DEFAULT_MAX_PARAMS
+    require_noeviction: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -120,6 +123,7 @@ class Settings:
             retention_days=_int(env, "CAPSNET_RETENTION_DAYS", 30, 0, 36500),
             eval_roots=tuple(r.strip() for r in env.get("CAPSNET_EVAL_ROOTS", "").split(",") if r.strip()),
             max_params=_int(env, "CAPSNET_MAX_PARAMS", DEFAULT_MAX_PARAMS, 1, 10**12),
+            require_noeviction=bool(_int(env, "CAPSNET_REQUIRE_NOEVICTION", 0, 0, 1)),
         )
         if overrides:
             settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -44,6 +44,7 @@ from .eval_job import run_eval_job
 from .keys import Keys
 from .queue import ClaimedJob, JobQueue
 from .ray_train import run_train_job
+from .redis_health import PolicyWatch, check_policy
 from .redis_retry import RedisRetry, RedisUnavailable, no_retry_client_kwargs
 from .retention import Pruner
 from .runtime import AttemptLost, JobCancelled, JobContext, JobRejected
@@ -99,6 +100,7 @@ class Worker:
         self._current: ClaimedJob | None = None
         self._started = time.time()
         self._collector_registered = False
+        self.policy_watch = PolicyWatch(self.queue.client, log)  # an evicting Redis: loud, every few minutes
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -112,6 +114,11 @@ class Worker:
     def start(self) -> None:
         import ray
 
+        # Before Ray: an evicting Redis under CAPSNET_REQUIRE_NOEVICTION=1 refuses at once
+        # (EvictionPolicyRefused); otherwise it is a warning, repeated every few minutes.
+        self.policy_watch.health = self.redis.call(
+            check_policy, self.queue.client, log, require_noeviction=self.settings.require_noeviction,
+            what="reading the Redis eviction policy", stop=self._stop)
         if not ray.is_initialized():
             env_vars = ray_worker_env(os.environ)  # CAPSNET_*, NCCL_*, TORCH_NCCL_*
             if self.settings.data_dir is not None:
@@ -127,6 +134,7 @@ class Worker:
 
             try:
                 REGISTRY.register(svc_metrics.QueueCollector(self.queue, zero_fill=svc_metrics.known_job_labels()))
+                REGISTRY.register(svc_metrics.RedisHealthCollector(self.queue.client))
             except ValueError:
                 pass  # already registered in this process (a second Worker in tests)
             self._collector_registered = True
@@ -176,6 +184,7 @@ class Worker:
                 if time.monotonic() - last_publish >= self.settings.heartbeat_seconds:
                     self.redis.call(self._publish, what="refreshing the worker registration", stop=self._stop)
                     last_publish = time.monotonic()
+                    self.policy_watch.maybe_check()
                 admitted = self._admit()
                 if admitted is ADMISSION_BUSY:  # another worker is admitting a job: our turn soon
                     self._stop.wait(ADMISSION_RETRY_S)
