@@ -345,6 +345,7 @@ def test_every_panel_returns_data_from_a_real_prometheus(redis_url: str, tmp_pat
     registry = CollectorRegistry()
     queue = RedisQueueReadDouble(redis_url)
     registry.register(m.QueueCollector(queue))
+    registry.register(m.RedisHealthCollector(queue.queue.client))  # the real Redis' memory and policy
     worker = m.WorkerMetrics(registry)
     port = m.start_metrics_server(0, registry=registry, addr="127.0.0.1")
     job = "job-e2e"
