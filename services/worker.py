@@ -293,6 +293,7 @@ class Worker:
                     lost.set()
                     return
                 self.redis.attempt(self._publish, what="refreshing the worker registration")
+                self.policy_watch.maybe_check()  # long jobs too: the policy may change under us
             except RedisUnavailable:
                 return  # the job ended while Redis was away
             except Exception:  # not an outage (junk in Redis, a bug): keep trying until the lease expires

@@ -25,7 +25,7 @@ from services.config import redis_client
 from services.keys import Keys
 from services.metrics import RedisHealthCollector
 from services.queue import JobQueue
-from services.redis_health import EvictionPolicyRefused, check_policy, read_health
+from services.redis_health import EvictionPolicyRefused, PolicyWatch, check_policy, read_health
 from services.redis_retry import RedisRetry, is_out_of_memory, is_transient
 
 from .service_helpers import WorkerProcess, service_env, wait_until
@@ -43,15 +43,15 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 def _fill_until_oom(client: redis.Redis) -> int:
     """maxmemory just above used_memory, then junk keys until Redis refuses a write; then
-    maxmemory a little below what is used, so that freed buffers (AOF, client output) do not let
-    a small write slip through now and then: Redis stays full until the test raises it."""
+    maxmemory at half of what is used, so that freed buffers (AOF, client output) never let a
+    write slip through: Redis stays full until the test raises maxmemory."""
     client.config_set("maxmemory-policy", "noeviction")
     client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 256 * 1024)
     for i in range(100_000):
         try:
             client.set(f"junk:{i}", "x" * 4096)
         except redis.exceptions.OutOfMemoryError:
-            client.config_set("maxmemory", int(int(client.info("memory")["used_memory"]) * 0.9))
+            client.config_set("maxmemory", int(client.info("memory")["used_memory"]) // 2)
             return i
     raise AssertionError("Redis never refused a write")
 
@@ -155,6 +155,24 @@ def test_evicting_policy_is_a_loud_warning_everywhere(server: RedisServer, tmp_p
     assert "WARNING  Redis memory is at" in result.output and "of maxmemory" in result.output, result.output
 
 
+def test_policy_watch_warns_when_the_policy_changes_later(server: RedisServer,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    client = redis.Redis(port=server.port)
+    watch = PolicyWatch(client, logging.getLogger("test.watch"), interval=0.2)
+    with caplog.at_level(logging.WARNING, logger="test.watch"):
+        watch.maybe_check()
+        time.sleep(0.25)
+        watch.maybe_check()
+        assert not caplog.records and watch.health.policy_ok
+        client.config_set("maxmemory-policy", "volatile-lru")
+        watch.maybe_check()  # not due yet
+        assert not caplog.records
+        time.sleep(0.25)
+        watch.maybe_check()
+    assert watch.health.policy == "volatile-lru"
+    assert [r.getMessage() for r in caplog.records if "volatile-lru, not noeviction" in r.getMessage()]
+
+
 def test_require_noeviction_refuses_to_start_the_worker(server: RedisServer, tmp_path: Path) -> None:
     redis.Redis(port=server.port).config_set("maxmemory-policy", "volatile-lru")
     env = {**service_env(server.url, "", tmp_path / "artifacts"), "CAPSNET_REQUIRE_NOEVICTION": "1",
@@ -219,6 +237,8 @@ def test_full_redis_mid_job_neither_kills_the_worker_nor_loses_the_result(
         wait_until(lambda: (r := queue.get(job.id)) and r.state == "running" and r.progress, 240, interval=0.1,
                    what="the job to train")
         _fill_until_oom(admin)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            admin.set("probe", "1")
         # The job trains to its end while every write is refused: the result is kept on disk.
         pending = tmp_path / "artifacts" / job.id / "pending-result-1.json"
         wait_until(pending.exists, 240, interval=0.2, what=f"the kept result {pending}")
