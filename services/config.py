@@ -22,6 +22,8 @@ eval_roots                 CAPSNET_EVAL_ROOTS           () (eval reads artifacts
 max_params                 CAPSNET_MAX_PARAMS           100000000
 artifacts_min_free_bytes   CAPSNET_ARTIFACTS_MIN_FREE_  268435456 (256 MiB: a worker claims
                            BYTES                        nothing while its store has less free)
+require_noeviction         CAPSNET_REQUIRE_NOEVICTION   False (1 = a worker refuses to start on
+                                                        an evicting Redis, see redis_health)
 =========================  ===========================  ====================================
 
 ``CAPSNET_EVAL_ROOTS`` is a comma-separated list of folders or URI prefixes that ``eval`` may
@@ -111,6 +113,7 @@ class Settings:
     eval_roots: tuple[str, ...] = ()
     max_params: int = DEFAULT_MAX_PARAMS
     artifacts_min_free_bytes: int = DEFAULT_ARTIFACTS_MIN_FREE_BYTES
+    require_noeviction: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -140,6 +143,7 @@ class Settings:
             max_params=_int(env, "CAPSNET_MAX_PARAMS", DEFAULT_MAX_PARAMS, 1, 10**12),
             artifacts_min_free_bytes=_int(env, "CAPSNET_ARTIFACTS_MIN_FREE_BYTES", DEFAULT_ARTIFACTS_MIN_FREE_BYTES,
                                           0, 2**62),
+            require_noeviction=bool(_int(env, "CAPSNET_REQUIRE_NOEVICTION", 0, 0, 1)),
         )
         if overrides:
             settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})

@@ -19,6 +19,7 @@ from .metric_labels import angle_label, label_value
 from .metrics_gpu import GpuCollector, GpuSample
 from .metrics_http import DEFAULT_METRICS_PORT, start_metrics_server, stop_metrics_server
 from .metrics_queue import FINISH_OUTCOMES, QueueCollector, QueueReader, known_job_labels
+from .metrics_redis import RedisHealthCollector
 from .metrics_training import TrainingMetrics
 
 PREFIX = "capsnet_"
@@ -153,6 +154,7 @@ def exposed_metric_names() -> set[str]:
     """
     worker = WorkerMetrics(CollectorRegistry())
     families: list[Metric] = list(QueueCollector(_NoQueue()).describe())
+    families.extend(RedisHealthCollector(None).describe())
     for collector in worker.collectors():
         families.extend(collector.describe())
     names: set[str] = set()
@@ -180,7 +182,7 @@ class _NoQueue:
 __all__ = [
     "ADMISSION_OUTCOMES", "DEFAULT_METRICS_PORT", "FINISH_OUTCOMES", "JOB_KINDS", "PREFIX", "QUEUE_WAIT_BUCKETS",
     "RESULT_LINGER_SECONDS", "RUN_DURATION_BUCKETS", "RUN_OUTCOMES", "STARTUP_BUCKETS", "GpuCollector", "GpuSample",
-    "QueueCollector",
-    "QueueReader", "TrainingMetrics", "WorkerMetrics", "angle_label", "default_worker_metrics",
+    "QueueCollector", "QueueReader", "RedisHealthCollector", "TrainingMetrics", "WorkerMetrics", "angle_label",
+    "default_worker_metrics",
     "exposed_metric_names", "known_job_labels", "label_value", "start_metrics_server", "stop_metrics_server",
 ]

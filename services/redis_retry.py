@@ -12,11 +12,17 @@ Redis call of the worker side goes through one :class:`RedisRetry`:
 
 Transient = the connection failed or timed out, or the server said ``LOADING`` (replaying its
 AOF), ``READONLY`` (we reached a replica during a failover), ``BUSY`` (a script runs too long),
-``MASTERDOWN`` or ``TRYAGAIN``. Wrong credentials and every other reply error are not: retrying
-cannot fix them. redis-py reconnects by itself on the next command after a dropped connection.
+``MASTERDOWN``, ``TRYAGAIN`` or ``OOM`` (``maxmemory`` reached under ``noeviction``: writes are
+refused until memory is raised or freed; nothing was written, so trying again later is safe,
+and a script is refused before its first write, so none half-applies). Wrong credentials and
+every other reply error are not: retrying cannot fix them. redis-py reconnects by itself on the
+next command after a dropped connection.
 
 One outage logs one line when it starts and one when Redis answers again, per ``RedisRetry``
-(one per process is the intent), however many threads and calls meet it.
+(one per process is the intent), however many threads and calls meet it. Out of memory is its
+own episode: Redis still answers reads then, so a read that succeeds does not end it; it ends
+(one line each way) when a call that was refused for memory goes through. ``attempt`` does not
+skip calls while Redis is out of memory (an OOM reply is immediate, unlike a dead connection).
 """
 
 from __future__ import annotations
@@ -37,9 +43,9 @@ T = TypeVar("T")
 
 # Reply codes redis-py leaves in a plain ResponseError's message (it maps LOADING, READONLY,
 # MASTERDOWN and TRYAGAIN to classes of their own, checked below).
-TRANSIENT_REPLY_CODES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN")
+TRANSIENT_REPLY_CODES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "OOM")
 _TRANSIENT_REPLY_CLASSES = (redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError,
-                            redis.exceptions.MasterDownError)
+                            redis.exceptions.MasterDownError, redis.exceptions.OutOfMemoryError)
 
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 10.0
@@ -63,6 +69,14 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, redis.ResponseError):
         return str(exc).split(" ", 1)[0].upper() in TRANSIENT_REPLY_CODES
     return False
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for Redis' ``OOM command not allowed when used memory > 'maxmemory'`` reply (also when
+    a script's write met it)."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).split(" ", 1)[0].upper() == "OOM"
 
 
 def describe(exc: BaseException) -> str:
@@ -107,6 +121,13 @@ class RedisRetry:
         self._down_since: float | None = None
         self._probe = Backoff(base, cap)  # attempt()'s schedule while Redis is down
         self._next_probe = 0.0
+        self._oom_since: float | None = None
+        self._oom_refused: set[str] = set()  # the ``what`` of calls refused in this OOM episode
+
+    @property
+    def out_of_memory(self) -> bool:
+        """Whether Redis refused a write for memory and no refused call went through since."""
+        return self._oom_since is not None
 
     @property
     def down(self) -> bool:
@@ -114,13 +135,32 @@ class RedisRetry:
         return self._down_since is not None
 
     def _failed(self, exc: BaseException, what: str) -> None:
+        if is_out_of_memory(exc):
+            self._out_of_memory(exc, what)
+            return
         with self._lock:
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 self.log.warning("Redis unavailable (%s) while %s: backing off %.1f-%.0f s between tries",
                                  describe(exc), what, self.base, self.cap)
 
+    def _out_of_memory(self, exc: BaseException, what: str) -> None:
+        with self._lock:
+            self._oom_refused.add(what)
+            if self._oom_since is None:
+                self._oom_since = time.monotonic()
+                self.log.warning("Redis is out of memory (%s) while %s: writes wait and retry (backing off "
+                                 "%.1f-%.0f s), progress and log events are dropped; raise maxmemory or free "
+                                 "memory in Redis", describe(exc), what, self.base, self.cap)
+
     def _succeeded(self, what: str) -> None:
+        if self._oom_since is not None and what in self._oom_refused:
+            with self._lock:
+                if self._oom_since is not None:
+                    self.log.warning("Redis accepts writes again after %.1f s out of memory (%s)",
+                                     time.monotonic() - self._oom_since, what)
+                    self._oom_since = None
+                    self._oom_refused.clear()
         if self._down_since is None:  # the common case: no lock, no log
             return
         with self._lock:
@@ -161,12 +201,12 @@ class RedisRetry:
         ``fn``, while Redis is down and the next probe is not due yet. Never blocks on back-off."""
         if self._down_since is not None and time.monotonic() < self._next_probe:
             return default
-        answered, result, _ = self._once(fn, args, kwargs, what)
-        if not answered:
+        answered, result, exc = self._once(fn, args, kwargs, what)
+        if not answered and not is_out_of_memory(exc):
             with self._lock:
                 self._next_probe = time.monotonic() + self._probe.next_delay()
             return default
-        return result
+        return default if not answered else result
 
     def _once(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
               what: str) -> tuple[bool, T | None, Exception | None]:
@@ -184,4 +224,4 @@ class RedisRetry:
 
 
 __all__ = ["BACKOFF_BASE_S", "BACKOFF_CAP_S", "TRANSIENT_REPLY_CODES", "Backoff", "RedisRetry", "RedisUnavailable",
-           "describe", "is_transient", "no_retry_client_kwargs"]
+           "describe", "is_out_of_memory", "is_transient", "no_retry_client_kwargs"]

@@ -38,6 +38,7 @@ from .processes import (
     terminate,
 )
 from .queue import JobQueue
+from .redis_health import read_health
 from .stack_record import (
     ENV_FILE,
     STACK_FILE,
@@ -207,6 +208,7 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
     else:
         record["redis"] = _start_redis(url, state_dir, logs, say)
         url = record["redis"]["url"]
+    record["redis"].update(_redis_policy(url, say))
     save_record(state_dir, record)
 
     # --- Ray
@@ -286,6 +288,20 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
     write_env(state_dir, env_values)
 
 
+def _redis_policy(url: str, say: Log) -> dict[str, Any]:
+    """The Redis' eviction policy and warnings (an evicting Redis loses jobs: say so loudly)."""
+    client = redis_client(url, socket_connect_timeout=5)
+    try:
+        health = read_health(client)
+    except redis.RedisError as exc:
+        return {"maxmemory_policy": "unknown", "warnings": [f"could not read the Redis health: {exc}"]}
+    finally:
+        client.close()
+    for warning in health.warnings():
+        say(f"WARNING: {warning}")
+    return {"maxmemory_policy": health.policy or "unknown", "warnings": health.warnings()}
+
+
 def _start_redis(url: str, state_dir: Path, logs: Path, say: Log) -> dict[str, Any]:
     parsed = urlparse(url)
     if parsed.scheme not in ("redis", "rediss") or (parsed.hostname or "") not in LOCAL_HOSTS:
@@ -305,7 +321,9 @@ def _start_redis(url: str, state_dir: Path, logs: Path, say: Log) -> dict[str, A
     data_dir = state_dir / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--daemonize", "no",
-           "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", "", "--protected-mode", "yes"]
+           "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", "", "--protected-mode", "yes",
+           # the queue needs every key it wrote: a full Redis must refuse writes, never evict
+           "--maxmemory-policy", "noeviction"]
     password = unquote(parsed.password) if parsed.password else None
     if password:
         cmd += ["--requirepass", password]

@@ -45,6 +45,7 @@ from .eval_job import run_eval_job
 from .keys import Keys
 from .queue import ClaimedJob, JobQueue
 from .ray_train import run_train_job
+from .redis_health import PolicyWatch, check_policy
 from .redis_retry import RedisRetry, RedisUnavailable, no_retry_client_kwargs
 from .retention import Pruner
 from .runtime import AttemptLost, JobCancelled, JobContext, JobRejected
@@ -103,6 +104,7 @@ class Worker:
         self._collector_registered = False
         # Probed at start and before each claim: a read-only or full store would fail every job.
         self.store = StoreMonitor(settings.artifacts, settings.artifacts_min_free_bytes, on_change=self._store_changed)
+        self.policy_watch = PolicyWatch(self.queue.client, log)  # an evicting Redis: loud, every few minutes
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -116,6 +118,11 @@ class Worker:
     def start(self) -> None:
         import ray
 
+        # Before Ray: an evicting Redis under CAPSNET_REQUIRE_NOEVICTION=1 refuses at once
+        # (EvictionPolicyRefused); otherwise it is a warning, repeated every few minutes.
+        self.policy_watch.health = self.redis.call(
+            check_policy, self.queue.client, log, require_noeviction=self.settings.require_noeviction,
+            what="reading the Redis eviction policy", stop=self._stop)
         if not ray.is_initialized():
             env_vars = ray_worker_env(os.environ)  # CAPSNET_*, NCCL_*, TORCH_NCCL_*
             if self.settings.data_dir is not None:
@@ -131,6 +138,7 @@ class Worker:
 
             try:
                 REGISTRY.register(svc_metrics.QueueCollector(self.queue, zero_fill=svc_metrics.known_job_labels()))
+                REGISTRY.register(svc_metrics.RedisHealthCollector(self.queue.client))
             except ValueError:
                 pass  # already registered in this process (a second Worker in tests)
             self._collector_registered = True
@@ -184,6 +192,7 @@ class Worker:
                         or published_status != self.store.status):
                     self.redis.call(self._publish, what="refreshing the worker registration", stop=self._stop)
                     last_publish, published_status = time.monotonic(), self.store.status
+                    self.policy_watch.maybe_check()
                 admitted = self._admit() if store_ok else None
                 if admitted is ADMISSION_BUSY:  # another worker is admitting a job: our turn soon
                     self._stop.wait(ADMISSION_RETRY_S)
@@ -305,6 +314,7 @@ class Worker:
                     lost.set()
                     return
                 self.redis.attempt(self._publish, what="refreshing the worker registration")
+                self.policy_watch.maybe_check()  # long jobs too: the policy may change under us
             except RedisUnavailable:
                 return  # the job ended while Redis was away
             except Exception:  # not an outage (junk in Redis, a bug): keep trying until the lease expires

@@ -347,6 +347,7 @@ def test_every_panel_returns_data_from_a_real_prometheus(redis_url: str, tmp_pat
     registry = CollectorRegistry()
     queue = RedisQueueReadDouble(redis_url)
     registry.register(m.QueueCollector(queue))
+    registry.register(m.RedisHealthCollector(queue.queue.client))  # the real Redis' memory and policy
     # This machine has no GPU: the NVML reader is the one part played here (the collector, the
     # exposition, Prometheus and the panels' queries are real).
     busy = iter(range(10**6))

@@ -16,6 +16,7 @@ from ..admission import shortfall
 from ..jobspec import PRIORITIES
 from ..parsing import finite, json_ready
 from ..queue import STATES, JobRecord, resource_shape, worker_resources
+from ..redis_health import read_health
 from ..registry import is_unhealthy, worker_health
 from .follow import follow_events, job_view, read_events
 from .helpers import App, command, echo, emit_json, pass_app
@@ -147,7 +148,17 @@ def cluster_info(app: App) -> dict[str, Any]:
         "jobs_by_priority": by_priority,
         "queue_depth": queue.queue_depth(),
         "dead_letters": queue.dead_letter_count(),
+        "redis": read_health(queue.client).to_dict(),
     }
+
+
+def print_redis_health(app: App, details: bool = True) -> None:
+    """Redis memory against maxmemory and the eviction policy (``details``), then every warning."""
+    health = read_health(app.queue.client)
+    if details:
+        echo(f"         memory {health.memory_text()}; {health.policy_text()}")
+    for warning in health.warnings():
+        echo(f"WARNING  {warning}")
 
 
 def print_workers(workers: Sequence[Mapping[str, Any]]) -> None:
@@ -186,6 +197,7 @@ def status(app: App, job_id: str | None, as_json: bool) -> None:
         return
     c = info["cluster"]
     echo(f"Redis    {info['redis_url']}")
+    print_redis_health(app)
     echo(f"Cluster  {c['workers']} worker(s), {fmt_amount(c['gpus'])} GPU(s), {fmt_amount(c['cpus'])} CPU(s)")
     if info["workers"]:
         print_workers(info["workers"])
@@ -206,14 +218,17 @@ def workers(app: App, as_json: bool) -> None:
     capacity = queue.cluster_capacity()
     if as_json:
         emit_json({"workers": found, "cluster": {k: capacity[k] for k in
-                                                  ("workers", "gpus", "cpus", "max_gpus", "max_cpus")}})
+                                                  ("workers", "gpus", "cpus", "max_gpus", "max_cpus")},
+                   "redis": read_health(queue.client).to_dict()})
         return
     if not found:
         echo("no live workers: start one with `capsctl worker` or `capsctl up`")
+        print_redis_health(app, details=False)
         return
     print_workers(found)
     echo(f"total: {capacity['workers']} worker(s), {fmt_amount(capacity['gpus'])} GPU(s), "
                f"{fmt_amount(capacity['cpus'])} CPU(s)")
+    print_redis_health(app, details=False)
 
 
 @command("list")

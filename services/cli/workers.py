@@ -13,6 +13,7 @@ import redis
 
 from .. import stack as stack_mod
 from ..config import redis_client
+from ..redis_health import EvictionPolicyRefused
 from .helpers import App, UserError, command, echo, emit_json, pass_app, redis_failure_message
 
 
@@ -48,6 +49,8 @@ def worker(app: App, worker_id: str | None, metrics_port: int | None, num_cpus: 
     try:
         Worker(app.settings, worker_id=worker_id, metrics_port=metrics_port, num_cpus=num_cpus).run(
             max_jobs=max_jobs, idle_exit_s=idle_exit)
+    except EvictionPolicyRefused as err:
+        raise UserError(str(err)) from None
     except OSError as err:
         if err.errno != errno.EADDRINUSE:
             raise
@@ -61,7 +64,10 @@ def _print_stack(record: Mapping[str, Any]) -> None:
     started = "started by up" if r.get("started") else "already running, used as is"
     echo(f"Redis    {stack_mod.redact_url(r.get('url', '?'))}  ({started}"
                + (f", pid {r.get('pid')}, data {r.get('dir')}, log {r.get('log')}" if r.get("started") else "")
+               + (f", maxmemory-policy {r['maxmemory_policy']}" if r.get("maxmemory_policy") else "")
                + ")")
+    for warning in r.get("warnings") or []:
+        echo(f"WARNING  {warning}", err=True)
     if ray.get("started"):
         echo(f"Ray      {ray.get('address')}  (head started by up, {ray.get('num_cpus')} CPUs, "
                    f"temp dir {ray.get('temp_dir')}, log {ray.get('log')})")
