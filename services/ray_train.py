@@ -179,10 +179,14 @@ def _write_plots(model: Any, test: Any, rotation: dict[str, float], spec: TrainS
         return
     from capsnet_core.plots import plot_accuracy_vs_angle, plot_reconstructions, plot_rotated_grid
 
+    from .plot_labels import curve_label, plot_title
+
     folder = Path(ctx.artifacts) / ctx.job_id / "plots"
     try:
-        paths = [plot_accuracy_vs_angle({spec.model: rotation}, folder / "accuracy_vs_angle.png",
-                                        title=f"{spec.model} trained with {spec.augment}"),
+        spec_dict, job = spec.to_dict(), getattr(spec, "name", None) or ctx.job_id
+        paths = [plot_accuracy_vs_angle({curve_label(job, "train", spec.model, spec_dict): rotation},
+                                        folder / "accuracy_vs_angle.png",
+                                        title=plot_title(job, "train", spec.model, spec_dict)),
                  plot_rotated_grid(model, test.images, test.labels, max(spec.eval_angles, key=abs),
                                    folder / "rotated_digits.png", classes=test.classes)]
         if spec.model == "capsnet" and spec.model_kwargs().get("decoder", True):
