@@ -468,3 +468,11 @@ def test_results_show_top_confusions_and_plot_a_confusion_matrix(queue: JobQueue
     assert missing.exit_code == 1 and "no confusion matrix at 45° (it has: 0°, 35°, 180°)" in missing.output
     alone = CliRunner().invoke(main, ["results", job_id, "--confusion-angle", "180"])
     assert alone.exit_code == 2 and "--confusion-angle needs --plot" in alone.output
+
+
+def test_models_lists_full_size_parameter_counts_without_building_them() -> None:
+    from capsnet_core.models import MODEL_NAMES, build_model, count_parameters
+
+    rows = json.loads(run("models", "--json").output)
+    assert [r["name"] for r in rows] == list(MODEL_NAMES)
+    assert {r["name"]: r["parameters"] for r in rows} == {n: count_parameters(build_model(n)) for n in MODEL_NAMES}

@@ -189,9 +189,10 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def models_cmd(as_json: bool) -> None:
     """The models submit, eval and tune accept: parameters (full size) and what each is."""
-    from capsnet_core.models import build_model, count_parameters  # torch: only for this command
+    # The size check's formulas (the meta device where a model has none): no full-size model is built.
+    from capsnet_core.models import estimate_model_size
 
-    rows = [{"name": name, "parameters": count_parameters(build_model(name)),
+    rows = [{"name": name, "parameters": estimate_model_size(name)[0],
              "description": MODEL_DESCRIPTIONS[name]} for name in MODEL_NAMES]
     if as_json:
         emit_json(rows)
