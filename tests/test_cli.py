@@ -476,3 +476,14 @@ def test_models_lists_full_size_parameter_counts_without_building_them() -> None
     rows = json.loads(run("models", "--json").output)
     assert [r["name"] for r in rows] == list(MODEL_NAMES)
     assert {r["name"]: r["parameters"] for r in rows} == {n: count_parameters(build_model(n)) for n in MODEL_NAMES}
+
+
+def test_logs_follow_exits_with_the_jobs_outcome(queue: JobQueue) -> None:
+    failed = run("submit", "lenet5").output.strip()
+    drive(queue, failed, fail="RuntimeError: out of memory")
+    followed = CliRunner().invoke(main, ["logs", failed, "-f"])
+    assert followed.exit_code == 1 and "running -> failed" in followed.output
+    assert CliRunner().invoke(main, ["logs", failed]).exit_code == 0  # without -f: just the events
+    succeeded = run("submit", "lenet5").output.strip()
+    drive(queue, succeeded)
+    assert CliRunner().invoke(main, ["logs", succeeded, "-f"]).exit_code == 0

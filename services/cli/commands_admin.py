@@ -259,7 +259,8 @@ def list_cmd(app: App, state: str | None, limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event and line.")
 @pass_app
 def logs(app: App, job_id: str, follow: bool, steps: bool, as_json: bool) -> None:
-    """A job's events: state changes, log lines, epoch summaries."""
+    """A job's events: state changes, log lines, epoch summaries. With -f, follows until the job
+    ends and exits like ``submit --follow``: 0 if it succeeded, 1 otherwise."""
     record = app.job(job_id)  # unknown id -> one-line error
     if record.kind == "tune" and not as_json:
         _tune_logs(app, record, follow)
@@ -281,12 +282,18 @@ def logs(app: App, job_id: str, follow: bool, steps: bool, as_json: bool) -> Non
 
     if follow:
         try:
-            follow_events(app.queue, job_id, show)
+            final = follow_events(app.queue, job_id, show)
         except KeyboardInterrupt:
             sys.exit(130)
+        _exit_with_outcome(final)
         return
     for entry_id, event in read_events(app.queue, job_id):
         show({"id": entry_id, **event})
+
+
+def _exit_with_outcome(final: JobRecord) -> None:
+    if final.state != "succeeded":
+        sys.exit(1)
 
 
 def _tune_logs(app: App, record: JobRecord, follow: bool) -> None:
@@ -294,7 +301,7 @@ def _tune_logs(app: App, record: JobRecord, follow: bool) -> None:
     view = job_view(record, tty=follow and sys.stdout.isatty(), stamp=lambda at: f"{fmt_time(at)}  ")
     try:
         if follow:
-            follow_events(app.queue, record.id, view.handle)
+            _exit_with_outcome(follow_events(app.queue, record.id, view.handle))  # the view closes below
             return
         for entry_id, event in read_events(app.queue, record.id):
             view.handle({"id": entry_id, **event})
