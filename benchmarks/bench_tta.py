@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from capsnet_core import build_model, load_dataset  # noqa: E402
+from capsnet_core.compiled import maybe_compile  # noqa: E402
 from capsnet_core.evaluate import configure_backends, evaluate  # noqa: E402
 from capsnet_core.presets import parse_preset  # noqa: E402
 from capsnet_core.train import train_one_epoch  # noqa: E402
@@ -100,8 +101,7 @@ def time_to_accuracy(name: str, train: Any, val: Any, test: Any, *, target: floa
                      compile_mode: str, seed: int, config: dict[str, Any]) -> TtaResult:
     torch.manual_seed(seed)
     model = build_model(name, **config).to(device)
-    trained = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) \
-        if compile_mode != "none" else model
+    trained = maybe_compile(model, compile_mode)  # eager again, logged, if compiling fails
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=lr_decay)
     spec = parse_preset(augment)

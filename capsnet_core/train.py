@@ -25,6 +25,7 @@ from torch import nn
 
 from .augment import AugmentSpec, augment_batch, parse_preset
 from .checkpoint import resume_training, save_checkpoint
+from .compiled import maybe_compile
 from .data import Dataset
 from .evaluate import autocast_context, configure_backends, cpu_threads, evaluate, evaluate_suites
 from .models.base import unwrap
@@ -55,6 +56,9 @@ class TrainConfig:
     # A compute budget: stop after this many optimizer steps in all (the last epoch is then
     # partial), for equal-compute comparisons; None = train all `epochs`.
     max_steps: int | None = None
+    # torch.compile the training forward ("reduce-overhead" = CUDA graphs; capsnet_core.compiled):
+    # "none" (default, and what the CPU wants), "default", "reduce-overhead", "max-autotune".
+    compile: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,11 +214,12 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
         if emit is not None:
             emit({"type": "eval", "test_accuracy": dict(rotation), **({"suite_accuracy": dict(suites)} if suites else {})})
 
+    stepped = maybe_compile(model, config.compile)  # evaluation stays eager: one pass, no warm-up to pay back
     for epoch in range(start_epoch, config.epochs):
         steps_left = None if config.max_steps is None else config.max_steps - steps_done
         if steps_left is not None and steps_left <= 0:
             break  # the compute budget was spent before this epoch (a resume)
-        stats = train_one_epoch(model, optimizer, train, batch_size=config.batch_size, augment=augment,
+        stats = train_one_epoch(stepped, optimizer, train, batch_size=config.batch_size, augment=augment,
                                 epoch=epoch, seed=config.seed, rank=rank, world_size=world_size,
                                 amp=config.amp, log_every=config.log_every, on_progress=emit,
                                 should_stop=should_stop, max_steps=steps_left)
