@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--quick", action="store_true", help="small models and a 512-image epoch")
     parser.add_argument("--data-dir", default=os.environ.get("CAPSNET_DATA_DIR"))
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="a short time-to-accuracy row per model (bench_tta, at most 3 epochs; default: on CUDA)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -208,7 +210,25 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
     print(f"resume through the device path: {resume}; DDP step without buffer broadcast: {ddp}; "
           f"cudnn.benchmark after fit: {cudnn}; total {time.perf_counter() - began:.0f} s")
+    if args.tta if args.tta is not None else device.type == "cuda":
+        print("\n".join(tta_rows(device, args.quick, args.data_dir)))
     return 0
+
+
+def tta_rows(device: torch.device, quick: bool, data_dir: str | None) -> list[str]:
+    """Seconds of training to 98 % validation accuracy (at most 3 epochs), per model: the
+    short form of bench_tta.py."""
+    from benchmarks.bench_tta import QUICK, split_training_pool, table, time_to_accuracy
+
+    pool = load_dataset("mnist", "train", root=data_dir)
+    train, val, _ = split_training_pool(pool, QUICK["val_split"] if quick else 5000,
+                                        QUICK["train_subset"] if quick else None)
+    test = load_dataset("mnist", "test", root=data_dir).subset(QUICK["test_subset"] if quick else None)
+    results = [time_to_accuracy(name, train, val, test, target=0.98, max_epochs=1 if quick else 3, batch_size=128,
+                                lr=1e-3, lr_decay=0.96, augment="shift2", device=device, compile_mode="none", seed=0,
+                                config=QUICK["configs"].get(name, {}) if quick else {})
+               for name in MODEL_NAMES]
+    return ["time to 98 % validation accuracy (at most 3 epochs, batch 128):", *table(results)]
 
 
 if __name__ == "__main__":
