@@ -239,12 +239,18 @@ def test_full_redis_mid_job_neither_kills_the_worker_nor_loses_the_result(
         _fill_until_oom(admin)
         with pytest.raises(redis.exceptions.OutOfMemoryError):
             admin.set("probe", "1")
-        # The job trains to its end while every write is refused: the result is kept on disk.
+        # The worker meets the full Redis (a refused heartbeat); the job trains on. Its result is
+        # kept on disk first; `complete` may even get through while Redis is full (Redis lets a
+        # script go on once its first write, a ZREM that frees memory, ran), else it waits.
+        wait_until(lambda: "Redis is out of memory" in worker.output(), 120, interval=0.2,
+                   what="the worker to meet the full Redis")
         pending = tmp_path / "artifacts" / job.id / "pending-result-1.json"
-        wait_until(pending.exists, 240, interval=0.2, what=f"the kept result {pending}")
-        time.sleep(3)  # several refused heartbeats and registration refreshes
+        wait_until(lambda: pending.exists() or queue.get(job.id).is_terminal, 240, interval=0.2,
+                   what="the job's result")
+        time.sleep(3)  # several refused heartbeats / registration refreshes
         assert worker.proc.poll() is None, worker.output()[-3000:]
-        assert queue.get(job.id).state == "running"
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            admin.set("probe", "1")  # still full
         admin.config_set("maxmemory", 0)
         record = wait_until(lambda: (r := queue.get(job.id)) and r.is_terminal and r, 120, interval=0.2,
                             what="the job to finish")
@@ -252,7 +258,9 @@ def test_full_redis_mid_job_neither_kills_the_worker_nor_loses_the_result(
         assert [t["state"] for t in record.transitions].count("succeeded") == 1
         assert not pending.exists()
         output = worker.output()
-        assert "Redis is out of memory" in output and "accepts writes again" in output, output[-3000:]
+        # (the "accepts writes again" line comes only when a call that was refused goes through
+        # later: here the refused heartbeat ended with the job, see test_oom_is_transient...)
+        assert output.count("Redis is out of memory") == 1, output[-3000:]
         assert "Traceback" not in output, output[-3000:]
         assert worker.proc.poll() is None
         assert any(w.get("id") == "w-oom" for w in queue.workers())
