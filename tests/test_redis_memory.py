@@ -215,13 +215,6 @@ def test_config_disabled_falls_back_to_info_then_unknown(tmp_path: Path, monkeyp
         managed.stop()
 
 
-def test_up_starts_redis_with_noeviction_and_aof() -> None:
-    from services import stack
-
-    source = Path(stack.__file__).read_text()
-    assert '"--maxmemory-policy", "noeviction"' in source and '"--appendonly", "yes"' in source
-
-
 # ----------------------------------------------------------------------------- a full Redis mid-job
 
 

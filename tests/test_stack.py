@@ -42,6 +42,12 @@ def test_up_status_down(tmp_path: Path) -> None:
         record = json.loads((state / "stack.json").read_text())
         assert record["complete"] and record["redis"]["started"] and record["ray"]["started"]
         assert record["redis"]["port"] == redis_port and f"redis://127.0.0.1:{redis_port}/0" in out
+        # Its own redis-server never evicts (job records, idempotency keys) and keeps an AOF.
+        import redis as redis_py
+
+        own = redis_py.Redis(port=redis_port)
+        assert own.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert own.config_get("appendonly") == {"appendonly": "yes"}
         [worker] = record["workers"]
         assert worker["metrics_port"] == metrics_port
         assert f":{metrics_port}/metrics" in worker["metrics_url"] and worker["metrics_url"] in out
@@ -50,7 +56,7 @@ def test_up_status_down(tmp_path: Path) -> None:
         ray_pids = stack.session_pids(ray_sid)
         assert stack.pid_alive(redis_pid, str(redis_port)) and stack.pid_alive(worker["pid"], worker["id"])
         assert len(ray_pids) >= 2  # gcs_server, raylet, ...
-        # One machine: the metrics endpoint and Redis listen on loopback only (issue 20 section 6).
+        # One machine: the metrics endpoint and Redis listen on loopback only.
         # Ray's GCS is started with --node-ip-address 127.0.0.1 and advertises it, but Ray 2.60's
         # gRPC server still binds the wildcard ("::"): no ray start flag narrows it (see README).
         listening = _listening({redis_port, metrics_port})
