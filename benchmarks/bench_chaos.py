@@ -38,6 +38,7 @@ land mid-epoch.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
@@ -163,20 +164,16 @@ def damage_newest_checkpoint(job_dir: Path, kind: str) -> str | None:
 def fill_disk(root: Path) -> Path:
     """Write one file until the file system under `root` has no byte left (ENOSPC)."""
     filler = root / "chaos-filler.bin"
-    block = b"\0" * (1 << 20)
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(block)
-                handle.flush()
-        except OSError:
-            pass
-        try:  # the last partial megabyte
-            while True:
-                handle.write(b"\0" * 4096)
-                handle.flush()
-        except OSError:
-            pass
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for block in (1 << 20, 4096, 1):  # megabytes, then the last pages, then the last bytes
+            try:
+                while os.write(fd, b"\0" * block):
+                    pass
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
     return filler
 
 
@@ -260,6 +257,16 @@ def main() -> None:
 
     serial = 0
     workers: list[WorkerProc] = []
+
+    def leave_nothing_behind() -> None:  # also when this script dies: no orphan workers, no mount left
+        for w in workers:
+            if w.alive():
+                os.killpg(w.proc.pid, signal.SIGKILL)
+        server.kill()
+        if args.disk_fills:
+            subprocess.run(["umount", "-l", str(artifacts)], check=False, stderr=subprocess.DEVNULL)
+
+    atexit.register(leave_nothing_behind)
 
     def spawn() -> None:
         nonlocal serial
