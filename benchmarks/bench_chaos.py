@@ -243,6 +243,8 @@ def main() -> None:
     env.update({"CAPSNET_REDIS_URL": server.url, "RAY_ADDRESS": ray_info.address_info["gcs_address"],
                 "CAPSNET_ARTIFACTS": str(artifacts), "CAPSNET_METRICS_PORT": "0",
                 "CAPSNET_LEASE_SECONDS": "6", "CAPSNET_HEARTBEAT_SECONDS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                # the store counts as full below 16 MiB free: fits the small tmpfs of --disk-fills
+                "CAPSNET_ARTIFACTS_MIN_FREE_BYTES": str(16 << 20),
                 "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
     queue = JobQueue(redis_client(server.url), Keys("capsnet:"), lease_seconds=6)
     # max_retries 0: a job failing for a lost worker would show. max_lost above the number of kills:
