@@ -55,6 +55,9 @@ def check_source_allowed(source: str, artifacts: str, extra_roots: Iterable[str]
         raise SourceRefused(f"source: {source} is outside the allowed eval sources ({allowed}); "
                             f"an operator can add roots with CAPSNET_EVAL_ROOTS")
     path = _local(source)
+    if not path.exists() and "/" not in source and not source.startswith((".", "~")):
+        # A bare word that is neither a job id nor a file: most likely a mistyped id.
+        raise SourceRefused(f"source: no job {source} and no file or folder {source} (see `capsctl list`)")
     for root in roots:
         if not _is_uri(root) and _within(path, _local(root)):
             return source

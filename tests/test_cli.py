@@ -135,23 +135,23 @@ def test_submit_prints_id_and_enqueues_the_spec(queue: JobQueue) -> None:
 
 
 INVALID_SUBMITS = [
-    (["--epochs", "0"], "epochs: must be an integer in 1..1000"),
-    (["--lr", "2"], "lr: must be a number in (0, 1]"),
-    (["--batch-size", "0"], "batch_size: must be an integer"),
-    (["--eval-angles", "0,200"], "eval_angles: angle 200 is outside [-180, 180]"),
-    (["--eval-angles", "0,15,15"], "eval_angles: duplicate angle 15"),
+    (["--epochs", "0"], "--epochs: must be an integer in 1..1000"),
+    (["--lr", "2"], "--lr: must be a number in (0, 1]"),
+    (["--batch-size", "0"], "--batch-size: must be an integer"),
+    (["--eval-angles", "0,200"], "--eval-angles: angle 200 is outside [-180, 180]"),
+    (["--eval-angles", "0,15,15"], "--eval-angles: duplicate angle 15"),
     (["--eval-angles", "0,x"], "'--eval-angles'"),
-    (["--augment", "spin3"], "augment: unknown augmentation 'spin3'"),
+    (["--augment", "spin3"], "--augment: unknown augmentation 'spin3'"),
     (["--gpus", "1", "--cpu-ranks", "2"], "--gpus and --cpu-ranks are mutually exclusive"),
     (["--model-config", "nonsense=1"], "model_config.nonsense: unknown"),
     (["--model-config", "conv_channels=-3"], "model_config.conv_channels"),
     (["--model-config", "novalue"], "expected key=value"),
-    (["--train-subset", "0"], "train_subset: must be an integer in 1..60000"),
-    (["--max-retries", "99"], "max_retries: must be an integer in 0..20"),
-    (["--name", " "], "name: must not be blank"),
+    (["--train-subset", "0"], "--train-subset: must be an integer in 1..60000"),
+    (["--max-retries", "99"], "--max-retries: must be an integer in 0..20"),
+    (["--name", " "], "--name: must not be blank"),
     (["--priority", "urgent"], "'--priority'"),
-    (["--cpu-ranks", "4", "--batch-size", "2"], "batch_size: must be at least the number of ranks"),
-    (["--seed", "-1"], "seed: must be an integer in 0..4294967295"),
+    (["--cpu-ranks", "4", "--batch-size", "2"], "--batch-size: must be at least the number of ranks"),
+    (["--seed", "-1"], "--seed: must be an integer in 0..4294967295"),
     (["--epochs", "many"], "'--epochs'"),
 ]
 
@@ -173,7 +173,7 @@ def test_invalid_submits_exit_2_with_their_own_one_line_error(queue: JobQueue) -
     assert "Invalid value for 'MODEL'" in bad_model.output and "'capsnet'" in bad_model.output
     bad_tune = CliRunner().invoke(main, ["tune", "--angles", "0,15", "--augment", "shift2"])
     assert bad_tune.exit_code == 2
-    assert error_lines(bad_tune.output) == ["Error: augment: must list one preset per training angle "
+    assert error_lines(bad_tune.output) == ["Error: --augment: must list one preset per training angle "
                                             "(2 angles, got 1 presets)"]
     assert queue.list() == []
 
@@ -394,7 +394,7 @@ def test_capsctl_subprocesses(queue: JobQueue, env: dict[str, str]) -> None:
     job = json.loads(capsctl("submit", "lenet5", "--epochs", "1", "--eval-angles", "0,35", "--json").stdout)
     out, err = bad.communicate(timeout=60)
     assert bad.returncode == 2 and out == ""
-    assert err.strip() == "Error: epochs: must be an integer in 1..1000 (got 0)"
+    assert err.strip() == "Error: --epochs: must be an integer in 1..1000 (got 0)"
     assert queue.get(job["id"]).spec["eval_angles"] == [0.0, 35.0]
     listed = json.loads(capsctl("list", "--json").stdout)
     assert [(j["id"], j["state"]) for j in listed] == [(job["id"], "queued")]
@@ -431,9 +431,9 @@ def test_submit_refuses_what_can_only_fail_later(queue: JobQueue, tmp_path: Path
 
 
 def test_submit_size_bounds_and_max_lost(queue: JobQueue) -> None:
-    for args, expected in [(["--idempotency-key", "k" * 201], "idempotency_key: at most 200 characters allowed"),
+    for args, expected in [(["--idempotency-key", "k" * 201], "--idempotency-key: at most 200 characters allowed"),
                            (["--name", "n" * 101], "name: at most 100 characters allowed (got 101)"),
-                           (["--max-lost", "101"], "max_lost: must be an integer in 0..100 (got 101)")]:
+                           (["--max-lost", "101"], "--max-lost: must be an integer in 0..100 (got 101)")]:
         res = CliRunner().invoke(main, ["submit", "capsnet", *args])
         assert res.exit_code == 2 and len(error_lines(res.output)) == 1, (args, res.output)
         assert expected in error_lines(res.output)[0], res.output
@@ -487,3 +487,15 @@ def test_logs_follow_exits_with_the_jobs_outcome(queue: JobQueue) -> None:
     succeeded = run("submit", "lenet5").output.strip()
     drive(queue, succeeded)
     assert CliRunner().invoke(main, ["logs", succeeded, "-f"]).exit_code == 0
+
+
+def test_errors_name_what_the_user_typed(queue: JobQueue) -> None:
+    typo = CliRunner().invoke(main, ["eval", "nosuchjob"])
+    assert typo.exit_code == 2
+    assert error_lines(typo.output) == ["Error: source: no job nosuchjob and no file or folder nosuchjob "
+                                        "(see `capsctl list`)"]
+    for command in (["cancel", "j-nope0000-0000"], ["retry", "j-nope0000-0000"]):
+        missing = CliRunner().invoke(main, command)
+        assert missing.exit_code == 1 and "(see `capsctl list`)" in missing.output, missing.output
+    ranks = CliRunner().invoke(main, ["submit", "lenet5", "--cpu-ranks", "3", "--batch-size", "100"])
+    assert error_lines(ranks.output)[0].startswith("Error: --batch-size: 100 does not divide over 3 ranks")

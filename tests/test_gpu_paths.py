@@ -283,7 +283,7 @@ def test_submit_gpus_3_exits_2_with_one_line(tmp_path: Path, monkeypatch: pytest
     result = CliRunner().invoke(main, ["submit", "capsnet", "--gpus", "3"])
     assert result.exit_code == 2
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert errors == ["Error: batch_size: 128 does not divide over 3 ranks (--gpus 3); "
+    assert errors == ["Error: --batch-size: 128 does not divide over 3 ranks (--gpus 3); "
                       "nearest valid batch sizes: 126, 129"]
 
 

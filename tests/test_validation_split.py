@@ -220,4 +220,4 @@ def test_capsctl_val_split_flag_reaches_the_spec_or_says_what_is_wrong(redis_url
     assert tune.exit_code == 0 and json.loads(tune.output)["spec"]["val_split"] == 300, tune.output
     bad = CliRunner().invoke(main, ["tune", "--models", "lenet5", "--lr", "0.001,0.003", "--val-split", "0"])
     errors = [line for line in bad.output.splitlines() if line.startswith("Error")]
-    assert bad.exit_code == 2 and len(errors) == 1 and "val_split: this search picks among lr" in errors[0], bad.output
+    assert bad.exit_code == 2 and len(errors) == 1 and "--val-split: this search picks among lr" in errors[0], bad.output

@@ -105,12 +105,14 @@ class CapsGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SpecError as err:
-            raise SpecUsageError(str(err)) from None
+            raise SpecUsageError(in_flag_terms(str(err), ctx)) from None
         except (CapacityError, IdempotencyConflict) as err:
             raise SpecUsageError(str(err)) from None
         except SettingsError as err:
             raise UserError(str(err), exit_code=2) from None
-        except (JobNotFound, JobStateError, QueueError) as err:
+        except JobNotFound as err:
+            raise UserError(f"{err} (see `capsctl list`)" if "capsctl list" not in str(err) else str(err)) from None
+        except (JobStateError, QueueError) as err:
             raise UserError(str(err)) from None
         except stack_mod.StackError as err:
             first, *rest = str(err).splitlines() or [""]
@@ -121,6 +123,29 @@ class CapsGroup(click.Group):
             app = ctx.find_object(App)
             url = app.settings.redis_url if app is not None and app.has_settings else "?"
             raise UserError(redis_failure_message(url, err)) from None
+
+# Spec fields whose flag is not simply --field-name.
+FIELD_PARAMS = {"workers": "cpu_ranks", "model_overrides": "model_config"}
+
+
+def in_flag_terms(message: str, ctx: click.Context) -> str:
+    """``batch_size: must be ...`` as ``--batch-size: must be ...`` when the command has that flag:
+    the user sees what they typed, not the spec's field name."""
+    field, sep, rest = message.partition(": ")
+    if not sep or not field.replace("_", "").isalpha():
+        return message
+    wanted = FIELD_PARAMS.get(field, field)
+    leaf = ctx
+    while leaf.invoked_subcommand is not None and leaf.command is not None:  # the group: find the subcommand
+        command = getattr(leaf.command, "commands", {}).get(leaf.invoked_subcommand)
+        if command is None:
+            break
+        leaf = click.Context(command, parent=leaf, info_name=leaf.invoked_subcommand)
+    for param in leaf.command.params:
+        if param.name == wanted and isinstance(param, click.Option) and param.opts:
+            return f"{max(param.opts, key=len)}: {rest}"
+    return message
+
 
 class App:
     """Per-invocation state: the settings (built lazily, so ``--help`` never needs Redis) and
