@@ -24,6 +24,9 @@ artifacts_min_free_bytes   CAPSNET_ARTIFACTS_MIN_FREE_  268435456 (256 MiB: a wo
                            BYTES                        nothing while its store has less free)
 require_noeviction         CAPSNET_REQUIRE_NOEVICTION   False (1 = a worker refuses to start on
                                                         an evicting Redis, see redis_health)
+redis_wait                 CAPSNET_REDIS_WAIT           0 (N: submit and every outcome wait for
+                                                        N replicas, WAIT; 1 with a replica)
+redis_wait_timeout_ms      CAPSNET_REDIS_WAIT_TIMEOUT   1000 (ms WAIT waits for the replicas)
 =========================  ===========================  ====================================
 
 ``CAPSNET_EVAL_ROOTS`` is a comma-separated list of folders or URI prefixes that ``eval`` may
@@ -32,6 +35,8 @@ a submitted model config (12x the full-size CapsNet by default).
 
 ``redis_url`` may be ``rediss://`` (TLS) and carry a user/password
 (``redis://:secret@host:6379/0``); ``redis_client`` hands it to ``redis.Redis.from_url``.
+``redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]`` names Sentinels
+instead, which give the current primary (``services.replication``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+
+from .replication import SentinelUrlError, is_sentinel_url, parse_sentinel_url, sentinel_client
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "capsnet:"
@@ -114,6 +121,8 @@ class Settings:
     max_params: int = DEFAULT_MAX_PARAMS
     artifacts_min_free_bytes: int = DEFAULT_ARTIFACTS_MIN_FREE_BYTES
     require_noeviction: bool = False
+    redis_wait: int = 0
+    redis_wait_timeout_ms: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -144,7 +153,14 @@ class Settings:
             artifacts_min_free_bytes=_int(env, "CAPSNET_ARTIFACTS_MIN_FREE_BYTES", DEFAULT_ARTIFACTS_MIN_FREE_BYTES,
                                           0, 2**62),
             require_noeviction=bool(_int(env, "CAPSNET_REQUIRE_NOEVICTION", 0, 0, 1)),
+            redis_wait=_int(env, "CAPSNET_REDIS_WAIT", 0, 0, 16),
+            redis_wait_timeout_ms=_int(env, "CAPSNET_REDIS_WAIT_TIMEOUT", 1000, 1, 600_000),
         )
+        if is_sentinel_url(settings.redis_url):
+            try:
+                parse_sentinel_url(settings.redis_url)
+            except SentinelUrlError as err:
+                raise SettingsError(f"CAPSNET_REDIS_URL: {err}") from None
         if overrides:
             settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
         if settings.heartbeat_seconds >= settings.lease_seconds:
@@ -181,7 +197,8 @@ def redis_client(settings: Settings | str, **kwargs: Any) -> redis.Redis:
     ``encoding_errors="surrogateescape"``.
 
     TLS (``rediss://``), passwords and ``?ssl_cert_reqs=...`` query options are handled by
-    ``redis.Redis.from_url``; extra keyword arguments are passed through.
+    ``redis.Redis.from_url``; ``redis+sentinel://h1:p1,h2:p2/service[/db]`` asks the Sentinels for
+    the primary (``services.replication``); extra keyword arguments are passed through.
     """
     url = settings if isinstance(settings, str) else settings.redis_url
     kwargs.setdefault("decode_responses", True)
@@ -192,6 +209,8 @@ def redis_client(settings: Settings | str, **kwargs: Any) -> redis.Redis:
     if HiredisRespSerializer is not None:  # hiredis packs commands itself, ignoring encoding_errors
         kwargs.setdefault("command_packer", _SurrogateEscapingPacker())
     kwargs.setdefault("health_check_interval", 30)
+    if is_sentinel_url(url):
+        return sentinel_client(url, **kwargs)
     return redis.Redis.from_url(url, **kwargs)
 
 

@@ -285,6 +285,26 @@ local function enqueue(id, j)
   end
 end
 
+-- Outcome replay: an outcome script remembers the token whose attempt it ended and its reply,
+-- so the same outcome recorded again under that token (a WAIT that timed out, a reply lost on
+-- the wire) answers as the first time did and changes nothing. nil: not that attempt's
+-- outcome, or another outcome (a `fail` after a `complete` stays fenced out).
+local function replayed(id, token, outcome)
+  if token == nil or token == '' then return nil end
+  if redis.call('TYPE', k_job(id)).ok ~= 'hash' then return nil end
+  local got = redis.call('HMGET', k_job(id), 'ended_token', 'ended_reply')
+  local prefix = outcome .. ':'
+  if got[1] == token and type(got[2]) == 'string' and got[2]:sub(1, #prefix) == prefix then
+    return got[2]:sub(#prefix + 1)
+  end
+  return nil
+end
+
+local function ended(id, token, outcome, reply)
+  redis.call('HSET', k_job(id), 'ended_token', token, 'ended_reply', outcome .. ':' .. tostring(reply))
+  return reply
+end
+
 -- The job as seen by the holder of `token`, or nil when the token is stale (fencing).
 local function fenced(id, token, names)
   if token == nil or token == '' then return nil end
@@ -612,7 +632,7 @@ return 1
 -- finished does nothing; the transition and a warning event record that the cancel came late.
 local id = arg(1)
 local j = end_attempt(id, arg(2), 'succeeded')
-if not j then return 0 end
+if not j then return tonumber(replayed(id, arg(2), 'complete') or 0) end
 redis.call('HSET', k_job(id), 'result', arg(3))
 redis.call('HDEL', k_job(id), 'error', 'traceback')
 emit(id, 'result', arg(3))
@@ -624,7 +644,7 @@ if j.cancel_requested == '1' then
   extra = {reason = why, cancel_dropped = true}
 end
 finish(id, j, 'running', 'succeeded', 'succeeded', extra)
-return 1
+return ended(id, arg(2), 'complete', 1)
 
 --!script fail
 -- arg: 1 job id, 2 token, 3 error, 4 traceback, 5 retry allowed (1/0), 6 backoff base (s),
@@ -636,7 +656,7 @@ return 1
 -- min(cap, base * 2^(used-1)) seconds in the delayed zset, then claim promotes it to queued.
 local id = arg(1)
 local j = fenced(id, arg(2))
-if not j then return 0 end
+if not j then return tonumber(replayed(id, arg(2), 'fail') or 0) end
 local attempt = tonumber(j.attempt) or 0
 local losses = redis.call('HMGET', k_job(id), 'lease_expiries', 'lost_base')
 local used = attempt - (tonumber(j.retry_base) or 0) - ((tonumber(losses[1]) or 0) - (tonumber(losses[2]) or 0))
@@ -649,7 +669,7 @@ release(id)
 redis.call('HSET', k_job(id), 'error', arg(3), 'traceback', arg(4))
 if j.cancel_requested == '1' then
   finish(id, j, 'running', 'cancelled', 'cancelled', {error = short, reason = 'cancel requested'})
-  return 4
+  return ended(id, arg(2), 'fail', 4)
 end
 if arg(5) == '1' and used <= (tonumber(j.max_retries) or 0) and queueable(j) then
   local delay = math.min(tonumber(arg(7)), tonumber(arg(6)) * 2 ^ (used - 1))
@@ -659,10 +679,10 @@ if arg(5) == '1' and used <= (tonumber(j.max_retries) or 0) and queueable(j) the
   count('retries')
   transition(id, 'running', 'retrying', j.priority, attempt,
              {error = short, delay = delay, not_before = not_before})
-  return 2
+  return ended(id, arg(2), 'fail', 2)
 end
 finish(id, j, 'running', 'failed', 'failed', {error = short})
-return 3
+return ended(id, arg(2), 'fail', 3)
 
 --!script cancel
 -- arg: 1 job id. returns 'cancelled', 'cancel_requested', 'missing', or 'is:<state>' when the
@@ -700,9 +720,9 @@ return 'is:' .. tostring(j.state)
 -- arg: 1 job id, 2 token. The running worker acknowledges a cancel. returns 1, or 0 fenced out
 local id = arg(1)
 local j = end_attempt(id, arg(2), 'cancelled')
-if not j then return 0 end
+if not j then return tonumber(replayed(id, arg(2), 'mark_cancelled') or 0) end
 finish(id, j, 'running', 'cancelled', 'cancelled', {reason = 'cancelled by user', worker = j.worker or ''})
-return 1
+return ended(id, arg(2), 'mark_cancelled', 1)
 
 --!script retry
 -- arg: 1 job id. failed/cancelled -> queued with a fresh retry budget (retry_base = attempt);
@@ -804,7 +824,7 @@ return out
 -- returns 'queued', 'failed', 'cancelled', or 'fenced' (stale token: nothing changed)
 local id = arg(1)
 local j = fenced(id, arg(2))
-if not j then return 'fenced' end
+if not j then return replayed(id, arg(2), 'hand_back') or 'fenced' end
 local jk = k_job(id)
 local attempt = tonumber(j.attempt) or 0
 local info = {reason = 'infrastructure lost: ' .. arg(3), worker = j.worker or ''}
@@ -819,15 +839,15 @@ count('infrastructure_losses')
 release(id)
 if j.cancel_requested == '1' then
   finish(id, j, 'running', 'cancelled', 'cancelled', info)
-  return 'cancelled'
+  return ended(id, arg(2), 'hand_back', 'cancelled')
 elseif lost > max_lost or not queueable(j) then
   local msg = 'lost its infrastructure ' .. lost .. ' times (last: ' .. arg(3) .. ' on attempt ' .. attempt ..
               ', worker ' .. (j.worker or '?') .. '; max_lost ' .. max_lost .. ')'
   redis.call('HSET', jk, 'error', msg)
   info.error = msg
   finish(id, j, 'running', 'failed', 'failed', info)
-  return 'failed'
+  return ended(id, arg(2), 'hand_back', 'failed')
 end
 enqueue(id, j)
 transition(id, 'running', 'queued', j.priority, attempt, info)
-return 'queued'
+return ended(id, arg(2), 'hand_back', 'queued')

@@ -33,6 +33,7 @@ from .queue_errors import (
 )
 from .queue_stats import QueueStats
 from .registry import WorkerRegistry, resource_shape, server_time, worker_resources
+from .replication import NotReplicated, run_replicated
 
 LeaseStatus = Literal["ok", "lost", "cancel_requested"]
 
@@ -64,7 +65,7 @@ class JobQueue:
                  backoff_base: float = 5.0, backoff_max: float = 600.0, events_maxlen: int = 5000,
                  dead_letter_max: int = 10_000, notify_max: int = 1000, events_ttl: int = 14 * 86400,
                  idempotency_ttl: int = 7 * 86400, housekeeping_limit: int = 20,
-                 max_spec_bytes: int = MAX_SPEC_BYTES) -> None:
+                 max_spec_bytes: int = MAX_SPEC_BYTES, wait_replicas: int = 0, wait_timeout_ms: int = 1000) -> None:
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be > 0")
         self.client = client
@@ -78,6 +79,9 @@ class JobQueue:
         self.events_ttl = int(events_ttl)
         self.housekeeping_limit = int(housekeeping_limit)
         self.max_spec_bytes = int(max_spec_bytes)
+        # WAIT for this many replicas before a submit or an outcome counts as done (0: off).
+        self.wait_replicas = int(wait_replicas)
+        self.wait_timeout_ms = int(wait_timeout_ms)
         self.events = EventLog(client, self.keys, maxlen=events_maxlen)
         self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
         self.registry = WorkerRegistry(client, self.keys)
@@ -87,6 +91,8 @@ class JobQueue:
     def from_settings(cls, settings: Any, client: redis.Redis | None = None, **kwargs: Any) -> JobQueue:
         from .config import redis_client
 
+        kwargs.setdefault("wait_replicas", getattr(settings, "redis_wait", 0))
+        kwargs.setdefault("wait_timeout_ms", getattr(settings, "redis_wait_timeout_ms", 1000))
         return cls(client or redis_client(settings), Keys(settings.redis_prefix),
                    lease_seconds=settings.lease_seconds, **kwargs)
 
@@ -96,6 +102,15 @@ class JobQueue:
         argv = [self.keys.prefix, "" if now is None else repr(float(now)), self.events.maxlen,
                 self.dead_letter_max, self.notify_max, self.events_ttl, *args]
         return self._scripts[name](keys=[], args=argv, client=client)
+
+    def _run_outcome(self, name: str, args: Sequence[Any]) -> Any:
+        """An attempt's outcome; with ``wait_replicas``, acknowledged only once that many replicas
+        have it (``NotReplicated`` otherwise: the caller records it again, which the script
+        answers from its first run, so nothing happens twice)."""
+        if not self.wait_replicas:
+            return self._run(name, args)
+        return run_replicated(self.client, self.wait_replicas, self.wait_timeout_ms,
+                              lambda pipe: self._run(name, args, client=pipe))
 
     def _header(self) -> tuple[bytes, ...]:
         """The common ARGV head (see queue.lua), pre-encoded for the submit hot path."""
@@ -163,15 +178,25 @@ class JobQueue:
                     str(spec.max_retries), spec.name or b"", key or b"", str(spec.max_lost),
                 ])
                 rows.append((spec, res, key))
+            if self.wait_replicas:
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             pipes.append(pipe)
+        acks: list[int] = []
+
+        def execute(pipe: Any) -> list[Any]:
+            replies = pipe.execute()
+            if self.wait_replicas:
+                acks.append(int(replies.pop()))
+            return replies
+
         if len(pipes) == 1:
-            replies = pipes[0].execute()
+            replies = execute(pipes[0])
         else:
             # Several chunks: a helper thread runs them in order (so FIFO follows the input order)
             # while this thread turns earlier replies into records; Redis works meanwhile.
             replies = []
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="submit") as pool:
-                futures = [pool.submit(p.execute) for p in pipes]
+                futures = [pool.submit(execute, p) for p in pipes]
                 for future in futures:
                     replies.extend(future.result())
         out = []
@@ -197,6 +222,8 @@ class JobQueue:
                 idempotency_key=key))
         if conflict is not None:
             raise conflict
+        if acks and min(acks) < self.wait_replicas:
+            raise NotReplicated(min(acks), self.wait_replicas, self.wait_timeout_ms, reply=out)
         return out
 
     def _check_capacity(self, spec: AnySpec, capacity: Mapping[str, Any]) -> None:
@@ -294,7 +321,7 @@ class JobQueue:
 
     def complete(self, job_id: str, token: str, result: Any = None) -> bool:
         """running -> succeeded with a JSON result (fenced)."""
-        return bool(self._run("complete", [job_id, token, _dumps(result)]))
+        return bool(self._run_outcome("complete", [job_id, token, _dumps(result)]))
 
     def fail(self, job_id: str, token: str, error: str, traceback: str = "", *, retry: bool = True) -> bool:
         """running -> retrying (backoff) while retries are left, else failed (fenced).
@@ -302,7 +329,7 @@ class JobQueue:
         ``MAX_ERROR_CHARS`` (its head) and the traceback to ``MAX_TRACEBACK_CHARS`` (its tail)."""
         error = truncate_head(str(error), MAX_ERROR_CHARS)
         short = error if len(error) <= 500 else error[:497] + "..."
-        code = self._run("fail", [job_id, token, error, truncate_tail(str(traceback or ""), MAX_TRACEBACK_CHARS),
+        code = self._run_outcome("fail", [job_id, token, error, truncate_tail(str(traceback or ""), MAX_TRACEBACK_CHARS),
                                   "1" if retry else "0", self.backoff_base, self.backoff_max, short])
         return int(code) != 0
 
@@ -312,11 +339,11 @@ class JobQueue:
         never ``max_retries``, and keeps the checkpoint to resume from. Returns ``"queued"``,
         ``"failed"`` (``max_lost`` used up), ``"cancelled"`` (a cancel was pending) or
         ``"fenced"`` (the token is stale: nothing changed)."""
-        return _s(self._run("hand_back", [job_id, token, truncate_head(str(reason), 500)])) or ""
+        return _s(self._run_outcome("hand_back", [job_id, token, truncate_head(str(reason), 500)])) or ""
 
     def mark_cancelled(self, job_id: str, token: str) -> bool:
         """The running worker stopped after a cancel request: running -> cancelled (fenced)."""
-        return bool(self._run("mark_cancelled", [job_id, token]))
+        return bool(self._run_outcome("mark_cancelled", [job_id, token]))
 
     def requeue_expired(self, now: float | None = None, limit: int = 100) -> list[str]:
         """Handle running jobs whose lease expired before ``now`` (default: Redis time): back to

@@ -39,13 +39,16 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .replication import NotReplicated
+
 T = TypeVar("T")
 
 # Reply codes redis-py leaves in a plain ResponseError's message (it maps LOADING, READONLY,
 # MASTERDOWN and TRYAGAIN to classes of their own, checked below).
 TRANSIENT_REPLY_CODES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "OOM")
 _TRANSIENT_REPLY_CLASSES = (redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError,
-                            redis.exceptions.MasterDownError, redis.exceptions.OutOfMemoryError)
+                            redis.exceptions.MasterDownError, redis.exceptions.OutOfMemoryError,
+                            NotReplicated)  # the write stands; recorded again until replicas have it
 
 BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 10.0

@@ -89,7 +89,8 @@ class Worker:
         self.num_cpus = num_cpus
         self.poll_seconds = poll_seconds
         self.queue = JobQueue(redis_client(settings, **no_retry_client_kwargs()), Keys(settings.redis_prefix),
-                              lease_seconds=settings.lease_seconds)
+                              lease_seconds=settings.lease_seconds, wait_replicas=settings.redis_wait,
+                              wait_timeout_ms=settings.redis_wait_timeout_ms)
         self.pruner = Pruner(self.queue, settings.retention_days)
         # Held from reading the free resources until the claimed job's resources are reserved
         # (at most admission_timeout_s); its TTL frees it should this worker die meanwhile.

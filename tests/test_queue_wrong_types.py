@@ -210,7 +210,7 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 # Fields that differ between two runs of the same scenario whatever happens.
-_VOLATILE = {"id", "lease_token", "lease_expires_at", "not_before", "created_at", "updated_at", "queued_at",
+_VOLATILE = {"id", "lease_token", "ended_token", "lease_expires_at", "not_before", "created_at", "updated_at", "queued_at",
              "started_at", "retrying_at", "finished_at", "heartbeat_at", "checkpoint_at", "cancel_requested_at"}
 
 

@@ -27,6 +27,7 @@ from ..queue import (
     JobStateError,
     QueueError,
 )
+from ..replication import NotReplicated
 
 CONTEXT_SETTINGS = {"auto_envvar_prefix": "CAPSCTL", "help_option_names": ["-h", "--help"],
                     "max_content_width": 110}
@@ -110,6 +111,11 @@ class CapsGroup(click.Group):
             raise SpecUsageError(str(err)) from None
         except SettingsError as err:
             raise UserError(str(err), exit_code=2) from None
+        except NotReplicated as err:
+            records = err.reply if isinstance(err.reply, list) else []
+            ids = ", ".join(r.id for r in records if hasattr(r, "id"))
+            raise UserError(f"submitted {ids or 'the job'}, not yet replicated ({err}); it may be lost if the primary "
+                            f"fails now: check with `capsctl status`") from None
         except JobNotFound as err:
             raise UserError(f"{err} (see `capsctl list`)" if "capsctl list" not in str(err) else str(err)) from None
         except (JobStateError, QueueError) as err:
@@ -187,7 +193,8 @@ class App:
                 raise UserError(redis_failure_message(settings.redis_url, err)) from None
             except ValueError as err:  # a malformed URL
                 raise UserError(f"CAPSNET_REDIS_URL: {err}", exit_code=2) from None
-            self._queue = JobQueue(client, Keys(settings.redis_prefix), lease_seconds=settings.lease_seconds)
+            self._queue = JobQueue(client, Keys(settings.redis_prefix), lease_seconds=settings.lease_seconds,
+                                   wait_replicas=settings.redis_wait, wait_timeout_ms=settings.redis_wait_timeout_ms)
         return self._queue
 
     def job(self, job_id: str) -> JobRecord:
