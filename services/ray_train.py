@@ -258,6 +258,21 @@ def choose_resume(ctx: JobContext, channel: JobChannel) -> str | None:
     return chosen.uri if chosen is not None else None
 
 
+def run_state_vanished(exc: BaseException, ctx: JobContext) -> str | None:
+    """An infrastructure loss when Ray Train's controller could not find a folder of this job's
+    own run (a checkpoint removed under it: a lost attempt still running beside a newer one, a
+    deleted epoch folder), never the job's error: the next attempt moves the snapshot aside and
+    resumes from the newest intact checkpoint."""
+    from .error_text import root_cause
+
+    cause = root_cause(exc)
+    run_dir = str(Path(ctx.artifacts) / ctx.job_id)
+    text = f"{cause.type_name}: {cause.message}"
+    if ("FileNotFoundError" in text or "Path not found" in text) and run_dir in text:
+        return f"run state vanished under the attempt ({cause.line()})"
+    return None
+
+
 def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     """Run one train job to the end on the connected Ray cluster; returns the job's result document."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -287,7 +302,8 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     # Each rank logs the Ray node it runs on; this attempt's are the ones after this event.
     since = channel.redis.attempt(channel.events.last_id, ctx.job_id, what="reading the event stream")
     outcome = fit_or_stop(trainer.fit, channel,
-                          lost=lambda exc: infrastructure_loss(exc) or node_loss(exc, rank_nodes(channel, since)))
+                          lost=lambda exc: infrastructure_loss(exc) or run_state_vanished(exc, ctx)
+                          or node_loss(exc, rank_nodes(channel, since)))
     metrics = dict(outcome.metrics or {})
     result = {
         "rotation_accuracy": metrics.get("rotation_accuracy", {}),

@@ -43,7 +43,9 @@ DASHBOARDS_DIR = REPO_ROOT / "deploy" / "grafana" / "dashboards"
 PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
 RULES_DIR = REPO_ROOT / "deploy" / "prometheus" / "rules"
 # Metrics that only exist when training on CUDA; panels over them are empty on CPU.
-CUDA_ONLY_METRICS = frozenset({"capsnet_gpu_memory_used_bytes"})
+# Series only a GPU node has: per-job CUDA memory, and NVML's per-device gauges.
+CUDA_ONLY_METRICS = frozenset({"capsnet_gpu_memory_used_bytes", "capsnet_gpu_utilization_ratio",
+                               "capsnet_gpu_device_memory_used_bytes", "capsnet_gpu_device_memory_total_bytes"})
 INSTALL_HINT = "run `apt-get install -y prometheus` (Debian's package ships prometheus and promtool)"
 
 

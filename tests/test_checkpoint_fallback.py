@@ -245,3 +245,17 @@ def test_damaged_checkpoint_after_sigkill_never_loses_the_job(queue: JobQueue, w
     assert done.lease_expiries == 1 and done.attempt == 2  # the loss used max_lost, not max_retries (0)
     assert os.path.exists(run_dir / f"epoch-{EPOCHS:04d}" / FILE)
     assert torch.load(run_dir / f"epoch-{EPOCHS:04d}" / FILE, weights_only=True)["epoch"] == EPOCHS
+
+
+def test_a_checkpoint_folder_removed_under_the_controller_is_an_infrastructure_loss(tmp_path: Path) -> None:
+    from services.ray_train import run_state_vanished
+    from services.runtime import JobContext
+
+    ctx = JobContext(job_id="j-1", lease_token="t", attempt=2, redis_url="redis://x", redis_prefix="p:",
+                     artifacts=str(tmp_path), data_dir=None, resume_checkpoint=None, started_at=0.0)
+    gone = FileNotFoundError(f"Path not found: (<pyarrow._fs.LocalFileSystem>, {tmp_path}/j-1/epoch-0003)")
+    from ray.train.v2.api.exceptions import ControllerError  # what trainer.fit() raises for it
+
+    why = run_state_vanished(ControllerError(gone), ctx)
+    assert why is not None and why.startswith("run state vanished under the attempt"), why
+    assert run_state_vanished(FileNotFoundError("/home/me/data.csv"), ctx) is None  # the job's own file
