@@ -137,7 +137,10 @@ def test_hand_back_requeues_on_max_lost_not_max_retries(queue: JobQueue) -> None
         assert r.checkpoint == f"/ckpt/{rec.id}/epoch-000{attempt}"  # the next attempt resumes there
         assert r.transitions[-1]["reason"] == "infrastructure lost: rank(s) 0, 1 lost their Ray process or node"
         assert r.transitions[-1]["worker"] == "w"
-        assert queue.hand_back(job.id, job.token, "again") == "fenced"  # the token is spent
+        # The same hand-back again under the spent token (a reply lost, a WAIT timed out): the
+        # same answer, nothing counted twice; any other outcome with it stays fenced out.
+        assert queue.hand_back(job.id, job.token, "again") == "queued"
+        assert queue.get(rec.id).losses == attempt and not queue.complete(job.id, job.token, {})
     job = queue.claim("w", CPU)
     assert queue.hand_back(job.id, job.token, "node died") == "failed"  # the third loss: over max_lost 2
     r = queue.get(rec.id)
