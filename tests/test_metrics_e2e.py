@@ -347,7 +347,8 @@ def test_every_dashboard_panel_has_data(scenario: Scenario) -> None:
         if not finite(result):
             empty.append(f"{q}  ->  {len(result)} series, no finite value")
     assert not empty, "panels without data:\n" + "\n".join(empty)
-    assert [q.panel for q in queries if q.cuda_only] == ["GPU memory (peak allocated)"]
+    assert [q.panel for q in queries if q.cuda_only] == [
+        "GPU memory (peak allocated)", "GPU utilisation (NVML, per device)", "GPU device memory used / total (NVML)"]
 
     def by(panel: str, label: str, ref: str = "A") -> dict[str, list[float]]:
         return {r["metric"].get(label, ""): finite([r]) for r in results[(panel, ref)]}
