@@ -54,14 +54,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services.config import redis_client  # noqa: E402
-from services.keys import Keys  # noqa: E402
-from services.queue import JobQueue  # noqa: E402
-from services.stack import free_port  # noqa: E402
+from services.queue.connection import redis_client  # noqa: E402
+from services.queue.jobqueue import JobQueue  # noqa: E402
+from services.queue.keys import Keys  # noqa: E402
+from services.stack.processes import free_port  # noqa: E402
 
 WORKER_CODE = (
     "import logging, sys; logging.basicConfig(level=logging.INFO);"
-    "from services.config import Settings; from services.worker import Worker;"
+    "from services.config import Settings; from services.worker.worker import Worker;"
     "Worker(Settings.from_env(), worker_id=sys.argv[1]).run()"
 )
 ATTEMPT_RE = re.compile(r"attempt (\d+) started")

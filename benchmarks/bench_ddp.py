@@ -64,7 +64,7 @@ def train_rank(case: dict[str, Any], rank: int, world_size: int, device: torch.d
     from capsnet_core import TrainConfig, build_model, fit, load_dataset
 
     if case.get("nice"):
-        from services.ray_train import set_process_niceness
+        from services.runs.train import set_process_niceness
 
         set_process_niceness(case["nice"])  # raising one's own nice level is always allowed
     torch.manual_seed(case["seed"])
@@ -101,7 +101,7 @@ def _spawned_rank(case: dict[str, Any]) -> None:
 
 def run_spawned(case: dict[str, Any], ranks: int) -> dict[str, Any]:
     """Paths (a) and (b): ``ranks`` fresh interpreters (one for (a)), no Ray anywhere."""
-    from services.stack import free_port
+    from services.stack.processes import free_port
 
     world = 1 if case["path"] == "one" else ranks
     port = free_port()
@@ -170,8 +170,8 @@ class Service:
         import ray
 
         from services.config import Settings, ray_node_env
-        from services.stack import free_port
-        from services.worker import Worker
+        from services.stack.processes import free_port
+        from services.worker.worker import Worker
 
         self.tmp = Path(tempfile.mkdtemp(prefix="capsctl-bench-ddp-"))
         port = free_port()

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.config import redis_client  # noqa: E402
-from services.keys import Keys  # noqa: E402
-from services.queue import JobQueue  # noqa: E402
+from services.queue.connection import redis_client  # noqa: E402
+from services.queue.jobqueue import JobQueue  # noqa: E402
+from services.queue.keys import Keys  # noqa: E402
 
 SPEC = {"kind": "train", "model": "capsnet", "epochs": 1, "train_subset": 64, "test_subset": 64,
         "model_config": {"conv_channels": 16, "primary_maps": 4}}

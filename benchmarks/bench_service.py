@@ -25,8 +25,8 @@ from pathlib import Path
 from statistics import median
 
 from services.config import Settings
-from services.stack import free_port
-from services.worker import Worker
+from services.stack.processes import free_port
+from services.worker.worker import Worker
 
 
 def _mark_start(config: dict) -> None:

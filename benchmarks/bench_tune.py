@@ -5,8 +5,8 @@
     python benchmarks/bench_tune.py --train-subset 10000 --redis-url redis://host:6379/0 --ray-address auto
 
 Same code path as the service: the spec is validated and queued in Redis (a private
-``redis-server`` on a free port unless ``--redis-url``), and a ``services.worker.Worker`` in
-this process claims it and runs ``services.ray_tune.run_tune_job`` on Ray (a local Ray unless
+``redis-server`` on a free port unless ``--redis-url``), and a ``services.worker.worker.Worker`` in
+this process claims it and runs ``services.runs.tune.run_tune_job`` on Ray (a local Ray unless
 ``--ray-address``). Prints, per model, accuracy (%) with rows = training augmentation and
 columns = test rotation (mean ± std over seeds, * = best in its column), next to the numbers
 the tutorial reports for LeNet5 and CapsNet trained with 2-pixel shifts.
@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from services.stack import free_port  # noqa: E402
+from services.stack.processes import free_port  # noqa: E402
 
 # The tutorial's numbers (trained with random shifts up to 2 px): {model: {test angle: accuracy %}}.
 TUTORIAL = {
@@ -126,11 +126,12 @@ def main() -> None:
         if value:
             spec[key] = value
 
-    from services.config import Settings, redis_client
-    from services.jobspec import parse_spec
-    from services.keys import Keys
-    from services.queue import JobQueue
-    from services.worker import Worker
+    from services.config import Settings
+    from services.queue.connection import redis_client
+    from services.queue.jobqueue import JobQueue
+    from services.queue.keys import Keys
+    from services.spec.jobspec import parse_spec
+    from services.worker.worker import Worker
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-tune-"))
     redis_proc, redis_url = (None, args.redis_url) if args.redis_url else start_redis(workdir)

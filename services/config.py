@@ -34,9 +34,9 @@ read checkpoints from besides ``artifacts``; ``CAPSNET_MAX_PARAMS`` caps the par
 a submitted model config (12x the full-size CapsNet by default).
 
 ``redis_url`` may be ``rediss://`` (TLS) and carry a user/password
-(``redis://:secret@host:6379/0``); ``redis_client`` hands it to ``redis.Redis.from_url``.
+(``redis://:secret@host:6379/0``); ``services.queue.connection.redis_client`` hands it to ``redis.Redis.from_url``.
 ``redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]`` names Sentinels
-instead, which give the current primary (``services.replication``).
+instead, which give the current primary (``services.queue.connection``).
 """
 
 from __future__ import annotations
@@ -44,13 +44,14 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
-import redis
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_URL_FORM = "redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]"
 
-from .replication import SentinelUrlError, is_sentinel_url, parse_sentinel_url, sentinel_client
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "capsnet:"
@@ -170,48 +171,49 @@ class Settings:
         return settings
 
 
-try:
-    from redis.connection import HiredisRespSerializer
-    from redis.utils import HIREDIS_AVAILABLE
-except ImportError:  # pragma: no cover - another redis-py layout: its own packer uses the encoder
-    HiredisRespSerializer = None
-else:
-    if not HIREDIS_AVAILABLE:
-        HiredisRespSerializer = None
-
-if HiredisRespSerializer is not None:
-    class _SurrogateEscapingPacker(HiredisRespSerializer):  # type: ignore[misc,valid-type]
-        """hiredis's command packer, but text that came from undecodable bytes (surrogates) is
-        sent as those bytes, as redis-py's own packer does with ``encoding_errors``."""
-
-        def pack(self, *args: Any) -> list[bytes]:
-            try:
-                return super().pack(*args)
-            except UnicodeEncodeError:
-                return super().pack(*(a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a
-                                      for a in args))
+class SentinelUrlError(ValueError):
+    """A redis+sentinel:// URL that cannot be used; the message is one line."""
 
 
-def redis_client(settings: Settings | str, **kwargs: Any) -> redis.Redis:
-    """A ``redis.Redis`` for the settings' URL (or a URL), with ``decode_responses=True`` and
-    ``encoding_errors="surrogateescape"``.
+@dataclass(frozen=True)
+class SentinelUrl:
+    sentinels: list[tuple[str, int]]
+    service_name: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
 
-    TLS (``rediss://``), passwords and ``?ssl_cert_reqs=...`` query options are handled by
-    ``redis.Redis.from_url``; ``redis+sentinel://h1:p1,h2:p2/service[/db]`` asks the Sentinels for
-    the primary (``services.replication``); extra keyword arguments are passed through.
-    """
-    url = settings if isinstance(settings, str) else settings.redis_url
-    kwargs.setdefault("decode_responses", True)
-    # Bytes that are not UTF-8 decode to surrogates instead of raising, and encode back to the
-    # same bytes: junk in Redis never crashes a read, and an id read from an index still names
-    # its key. services.parsing.printable makes such text fit for output.
-    kwargs.setdefault("encoding_errors", "surrogateescape")
-    if HiredisRespSerializer is not None:  # hiredis packs commands itself, ignoring encoding_errors
-        kwargs.setdefault("command_packer", _SurrogateEscapingPacker())
-    kwargs.setdefault("health_check_interval", 30)
-    if is_sentinel_url(url):
-        return sentinel_client(url, **kwargs)
-    return redis.Redis.from_url(url, **kwargs)
+
+def is_sentinel_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() == SENTINEL_SCHEME
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """Parse ``redis+sentinel://[user:password@]h1:p1,h2:p2/service[/db][?sentinel_password=...]``."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != SENTINEL_SCHEME:
+        raise SentinelUrlError(f"not a sentinel URL: {url!r}; expected {SENTINEL_URL_FORM}")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    sentinels = []
+    for item in filter(None, hostlist.split(",")):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SentinelUrlError(f"sentinel address {item!r} is not host:port; expected {SENTINEL_URL_FORM}")
+        sentinels.append((host.strip("[]"), int(port)))
+    if not sentinels:
+        raise SentinelUrlError(f"no sentinel addresses in the URL; expected {SENTINEL_URL_FORM}")
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise SentinelUrlError(f"the URL must name the monitored service (and optionally a db): {SENTINEL_URL_FORM}")
+    if len(path) == 2 and not path[1].isdigit():
+        raise SentinelUrlError(f"db {path[1]!r} is not a number; expected {SENTINEL_URL_FORM}")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    return SentinelUrl(sentinels, unquote(path[0]), int(path[1]) if len(path) == 2 else 0,
+                       unquote(username) or None, unquote(password) or None,
+                       query.pop("sentinel_password", None), query)
 
 
 # Environment variables a worker hands to its Ray processes: our own settings, and NCCL's
@@ -224,5 +226,4 @@ def ray_worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k.startswith(RAY_FORWARDED_PREFIXES) and k != "CAPSNET_METRICS_PORT"}
 
 
-__all__ = ["DEFAULT_MAX_PARAMS", "DEFAULT_PREFIX", "DEFAULT_REDIS_URL", "Settings", "SettingsError", "ray_node_env", "ray_worker_env",
-           "redis_client"]
+__all__ = ["DEFAULT_MAX_PARAMS", "DEFAULT_PREFIX", "DEFAULT_REDIS_URL", "Settings", "SettingsError", "ray_node_env", "ray_worker_env"]

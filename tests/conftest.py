@@ -38,7 +38,7 @@ if _shared is not None and "CAPSNET_DATA_DIR" not in os.environ:
     os.environ["CAPSNET_DATA_DIR"] = str(_shared)
 os.environ.setdefault("CAPSNET_OFFLINE", "1")
 
-from services.stack import free_port  # noqa: E402  (the one free_port; tests import it from here)
+from services.stack.processes import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -95,8 +95,8 @@ def redis_url(redis_server: str) -> Iterator[str]:
 
 @pytest.fixture
 def client(redis_url: str) -> Iterator[Any]:
-    """A capsctl Redis client (``services.config.redis_client``) on the test's clean database."""
-    from services.config import redis_client
+    """A capsctl Redis client (``services.queue.connection.redis_client``) on the test's clean database."""
+    from services.queue.connection import redis_client
 
     c = redis_client(redis_url)
     yield c

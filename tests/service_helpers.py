@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 
-from services.config import ray_node_env, redis_client
-from services.keys import Keys
-from services.queue import JobQueue
+from services.config import ray_node_env
+from services.queue.connection import redis_client
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
 
 WORKER_CODE = (
     "import logging, sys; logging.basicConfig(level=logging.INFO);"
-    "from services.config import Settings; from services.worker import Worker;"
+    "from services.config import Settings; from services.worker.worker import Worker;"
     "Worker(Settings.from_env(), worker_id=sys.argv[1]).run()"
 )
 

@@ -1,4 +1,4 @@
-"""Admission with many workers on one Ray cluster (services.admission, Worker._admit).
+"""Admission with many workers on one Ray cluster (services.worker.admission, Worker._admit).
 
 The fast tests drive the real workers' admission (the Redis lock, the claim script, the
 reservation check and the release) against a real Redis, with the Ray cluster's view replaced by
@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from services.admission import AdmissionLock, reserved, shortfall
-from services.cli import main, waiting_reason
-from services.config import Settings, redis_client
-from services.keys import Keys
-from services.queue import JobQueue
-from services.worker import ADMISSION_BUSY, Admission, Worker
+from services.cli import main
+from services.cli.commands_admin import waiting_reason
+from services.config import Settings
+from services.queue.connection import redis_client
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
+from services.worker.admission import AdmissionLock, reserved, shortfall
+from services.worker.worker import ADMISSION_BUSY, Admission, Worker
 
 from .service_helpers import wait_until
 

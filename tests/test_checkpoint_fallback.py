@@ -20,7 +20,9 @@ import torch
 
 from capsnet_core import build_model, save_checkpoint
 from capsnet_core.checkpoint import load_checkpoint
-from services.checkpoints import (
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
+from services.runs.checkpoints import (
     KEEP_CHECKPOINTS,
     RAY_SNAPSHOT_FILE,
     CheckpointEntry,
@@ -33,8 +35,6 @@ from services.checkpoints import (
     verify_file,
     walk_back,
 )
-from services.keys import Keys
-from services.queue import JobQueue
 
 from .queue_helpers import train
 from .service_helpers import wait_until
@@ -248,8 +248,8 @@ def test_damaged_checkpoint_after_sigkill_never_loses_the_job(queue: JobQueue, w
 
 
 def test_a_checkpoint_folder_removed_under_the_controller_is_an_infrastructure_loss(tmp_path: Path) -> None:
-    from services.ray_train import run_state_vanished
-    from services.runtime import JobContext
+    from services.runs.runtime import JobContext
+    from services.runs.train import run_state_vanished
 
     ctx = JobContext(job_id="j-1", lease_token="t", attempt=2, redis_url="redis://x", redis_prefix="p:",
                      artifacts=str(tmp_path), data_dir=None, resume_checkpoint=None, started_at=0.0)

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from services.cli import main
 from services.config import Settings
-from services.queue import JobQueue
+from services.queue.jobqueue import JobQueue
 
 from .conftest import REPO_ROOT, free_port
 

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from services.cli import main
-from services.compare import CompareError, runs_of
-from services.queue import JobRecord
+from services.queue.job import JobRecord
+from services.results.compare import CompareError, runs_of
 
 from .service_helpers import WorkerProcess, service_env
 

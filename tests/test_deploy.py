@@ -15,7 +15,11 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from services import metrics as m
+from services.metrics import gpu as mg
+from services.metrics import http as mh
+from services.metrics import queue as mq
+from services.metrics import redis_state as mr
+from services.metrics import worker as m
 from tests.conftest import REPO_ROOT
 from tests.prometheus_helpers import (
     INSTALL_HINT,
@@ -223,7 +227,7 @@ def test_env_var_names_match_services_config() -> None:
 
 
 def test_metrics_port_agrees_everywhere() -> None:
-    port = m.DEFAULT_METRICS_PORT
+    port = mh.DEFAULT_METRICS_PORT
     assert port == 9310
     assert compose()["services"]["capsctl-worker"]["environment"]["CAPSNET_METRICS_PORT"] == str(port)
     assert k8s_doc("ConfigMap", "capsctl-config")["data"]["CAPSNET_METRICS_PORT"] == str(port)
@@ -296,7 +300,7 @@ def test_rules_and_dashboards_only_use_defined_metrics() -> None:
                 for name in metric_names_in(rule["expr"]):
                     used.setdefault(name, set()).add(f"{path.name}: {rule.get('alert') or rule.get('record')}")
     undefined = {n: sorted(w) for n, w in used.items() if n not in defined}
-    assert not undefined, f"metric names not defined in services/metrics.py: {undefined}"
+    assert not undefined, f"metric names not defined in services/metrics/worker.py: {undefined}"
     assert {n.removesuffix("_bucket") for n in used if n.endswith("_bucket")} == {
         "capsnet_job_queue_wait_seconds", "capsnet_job_run_duration_seconds", "capsnet_job_startup_seconds"}
 
@@ -346,14 +350,14 @@ def test_every_panel_returns_data_from_a_real_prometheus(redis_url: str, tmp_pat
     """Feed every metric, scrape with a real Prometheus, run every panel's query as Grafana would."""
     registry = CollectorRegistry()
     queue = RedisQueueReadDouble(redis_url)
-    registry.register(m.QueueCollector(queue))
-    registry.register(m.RedisHealthCollector(queue.queue.client))  # the real Redis' memory and policy
+    registry.register(mq.QueueCollector(queue))
+    registry.register(mr.RedisHealthCollector(queue.queue.client))  # the real Redis' memory and policy
     # This machine has no GPU: the NVML reader is the one part played here (the collector, the
     # exposition, Prometheus and the panels' queries are real).
     busy = iter(range(10**6))
     worker = m.WorkerMetrics(registry, gpu_reader=lambda: [
-        m.GpuSample(0, "NVIDIA H100 80GB HBM3", (next(busy) % 10) / 10, 2**33, 80 * 2**30)])
-    port = m.start_metrics_server(0, registry=registry, addr="127.0.0.1")
+        mg.GpuSample(0, "NVIDIA H100 80GB HBM3", (next(busy) % 10) / 10, 2**33, 80 * 2**30)])
+    port = mh.start_metrics_server(0, registry=registry, addr="127.0.0.1")
     job = "job-e2e"
 
     def activity(i: int) -> None:
@@ -416,4 +420,4 @@ def test_every_panel_returns_data_from_a_real_prometheus(redis_url: str, tmp_pat
             assert final.keys() == {"rotation_auc", "affine-mnist"} and final["rotation_auc"] == 0.6
             assert 0.9 - (i - 1) / 100 - 1e-9 <= final["affine-mnist"] <= 0.9  # the last scraped value
     finally:
-        m.stop_metrics_server(port)
+        mh.stop_metrics_server(port)

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from services.config import redis_client
-from services.events import EventLog
-from services.keys import Keys
+from services.queue.connection import redis_client
+from services.queue.events import EventLog
+from services.queue.keys import Keys
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from services.keys import Keys
-from services.queue import JobQueue
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
 
 from .queue_helpers import CPU, train
 
@@ -69,7 +69,7 @@ def test_fenced_append_refuses_instead_of_raising_on_junk_keys(q, client, keys):
 
 
 def test_job_channel_of_a_stale_attempt_writes_no_events(q, redis_url, keys, tmp_path):
-    from services.runtime import JobChannel, JobContext
+    from services.runs.runtime import JobChannel, JobContext
 
     old, new = _stale_and_new(q)
     before = q.events.length(new.id)

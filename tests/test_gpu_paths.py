@@ -30,7 +30,8 @@ from capsnet_core.models import MODEL_NAMES
 from capsnet_core.train import ddp_options
 from services.cli import main
 from services.config import ray_worker_env
-from services.jobspec import SpecError, parse_spec
+from services.spec.errors import SpecError
+from services.spec.jobspec import parse_spec
 
 from .conftest import REPO_ROOT
 
@@ -182,11 +183,20 @@ def test_ddp_options_broadcast_only_stateful_buffers() -> None:
     assert ddp_options(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))) == {"broadcast_buffers": True}
 
 
-def test_services_pass_ddp_options_to_prepare_model() -> None:
-    for module in ("ray_train.py", "ray_tune.py"):
-        source = (REPO_ROOT / "services" / module).read_text()
-        calls = [line for line in source.splitlines() if "prepare_model(" in line and "import" not in line]
-        assert calls and all("parallel_strategy_kwargs=ddp_options(model)" in c for c in calls), (module, calls)
+def test_ranks_wrap_their_model_with_the_models_own_ddp_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every train and tune rank prepares its model through ``prepare_ddp_model``, which hands Ray
+    the model's DDP options: buffers broadcast only for a model with BatchNorm state."""
+    import ray.train.torch
+
+    from services.runs import runtime, train, tune
+
+    seen: list[dict] = []
+    monkeypatch.setattr(ray.train.torch, "prepare_model",
+                        lambda model, parallel_strategy_kwargs=None: seen.append(parallel_strategy_kwargs) or model)
+    runtime.prepare_ddp_model(build_model("capsnet", **TINY_CAPSNET))
+    runtime.prepare_ddp_model(build_model("effcaps"))
+    assert seen == [{"broadcast_buffers": False}, {"broadcast_buffers": True}]
+    assert train.prepare_ddp_model is runtime.prepare_ddp_model and tune.prepare_ddp_model is runtime.prepare_ddp_model
 
 
 # ----------------------------------------------------------------------------- layout, malloc, cuDNN
@@ -295,7 +305,7 @@ def test_a_gpu_eval_reserves_its_gpu() -> None:
 
 
 def test_eval_without_an_assigned_gpu_stays_on_the_cpu(tmp_path: Path, data_dir: Path) -> None:
-    from services.eval_job import evaluate_checkpoint
+    from services.runs.evaluate import evaluate_checkpoint
 
     path = save_checkpoint(tmp_path / "checkpoint.pt", build_model("lenet5"))
     # A machine with a GPU that this task was not given: before, this picked cuda.
@@ -309,7 +319,6 @@ def test_workers_forward_nccl_variables_to_ray() -> None:
            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "HOME": "/root", "MY_NCCL_THING": "x"}
     assert ray_worker_env(env) == {"CAPSNET_ARTIFACTS": "/a", "NCCL_SOCKET_IFNAME": "eth0",
                                    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-    assert "ray_worker_env(os.environ)" in (REPO_ROOT / "services" / "worker.py").read_text()
 
 
 @pytest.mark.slow  # trains every model, resumes, runs DDP

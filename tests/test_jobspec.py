@@ -6,13 +6,8 @@ import json
 
 import pytest
 
-from services.jobspec import (
-    EvalSpec,
-    SpecError,
-    TrainSpec,
-    TuneSpec,
-    parse_spec,
-)
+from services.spec.errors import SpecError
+from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec, parse_spec
 
 TINY = {"conv_channels": 16, "primary_maps": 4}
 

@@ -2,7 +2,7 @@
 
 First the cases found by hand, each against a real redis-server (conftest's ``redis_url``) and
 the CLI through click's CliRunner; then a property-based fuzz (hypothesis) that writes random
-garbage into every key pattern of ``services.keys.TEMPLATES`` and runs every read command and a
+garbage into every key pattern of ``services.queue.keys.TEMPLATES`` and runs every read command and a
 claim loop.
 """
 
@@ -20,10 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.cli import main
-from services.config import redis_client
-from services.jobspec import PRIORITIES
-from services.keys import TEMPLATES, Keys
-from services.queue import STATES, JobQueue
+from services.queue.connection import redis_client
+from services.queue.job import STATES
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import TEMPLATES, Keys
+from services.spec.types import PRIORITIES
 
 PREFIX = "capsnet:"
 KEYS = Keys(PREFIX)
@@ -184,7 +185,7 @@ def test_arguments_that_are_not_utf8_are_a_usage_error(env, queue, args) -> None
 
 # ----------------------------------------------------------------------------- the fuzz
 
-# The Redis type each key pattern holds (services/keys.py); a new template must be added here.
+# The Redis type each key pattern holds (services/queue/keys.py); a new template must be added here.
 EXPECTED_TYPE = {"job": "hash", "events": "stream", "queue": "zset", "shapes": "set", "delayed": "zset",
                  "leases": "zset", "state": "zset", "jobs": "zset", "idem": "string", "dead": "list",
                  "quarantine": "string", "workers": "zset", "worker": "string", "counters": "hash",

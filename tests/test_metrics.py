@@ -1,4 +1,4 @@
-"""services.metrics served over HTTP and parsed back, with queue state from a real Redis."""
+"""services.metrics.worker served over HTTP and parsed back, with queue state from a real Redis."""
 
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from services import metrics as m
-from services.config import redis_client
-from services.keys import Keys
-from services.queue import JobQueue
+from services.metrics import http as mh
+from services.metrics import labels as ml
+from services.metrics import queue as mq
+from services.metrics import training as mt
+from services.metrics import worker as m
+from services.queue.connection import redis_client
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
 from tests.conftest import free_port
 
 Samples = dict[tuple[str, frozenset], float]
@@ -47,7 +51,7 @@ class RedisQueueReadDouble:
     """Test double of the queue's *read interface only* (state_counts, workers, counters), backed by
     a real Redis so the collector's scrape-time Redis round trips are exercised. Not the real queue,
     except counters(): the real ``JobQueue.counters()`` over the hash fields ``incr`` writes (named
-    as services/queue.lua names them)."""
+    as services/queue/queue.lua names them)."""
 
     def __init__(self, url: str, prefix: str = "test:") -> None:
         self.r = redis.Redis.from_url(url, decode_responses=True)
@@ -86,25 +90,25 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture
 def served(registry: CollectorRegistry) -> Iterator[int]:
-    port = m.start_metrics_server(0, registry=registry, addr="127.0.0.1")
+    port = mh.start_metrics_server(0, registry=registry, addr="127.0.0.1")
     yield port
-    m.stop_metrics_server(port)
+    mh.stop_metrics_server(port)
 
 
 def test_server_binds_requested_or_free_port(registry: CollectorRegistry) -> None:
     wanted = free_port()
-    port = m.start_metrics_server(wanted, registry=registry, addr="127.0.0.1")
+    port = mh.start_metrics_server(wanted, registry=registry, addr="127.0.0.1")
     try:
         assert port == wanted
         assert scrape(port) == ({}, {})
     finally:
-        m.stop_metrics_server(port)
-    port = m.start_metrics_server(0, registry=registry, addr="127.0.0.1")
+        mh.stop_metrics_server(port)
+    port = mh.start_metrics_server(0, registry=registry, addr="127.0.0.1")
     try:
         assert port > 0
         scrape(port)
     finally:
-        m.stop_metrics_server(port)
+        mh.stop_metrics_server(port)
 
 
 def test_queue_collector_reads_redis_at_scrape_time(redis_url: str, registry: CollectorRegistry,
@@ -122,7 +126,7 @@ def test_queue_collector_reads_redis_at_scrape_time(redis_url: str, registry: Co
     q.incr("retries", 2)
     q.incr("bogus:key")               # unknown head: ignored
     q.incr("submitted:train")         # wrong arity: ignored
-    registry.register(m.QueueCollector(q))
+    registry.register(mq.QueueCollector(q))
 
     s, types = scrape(served)
     assert get(s, "capsnet_jobs", state="queued", priority="0") == 3
@@ -156,7 +160,7 @@ def test_queue_collector_reads_redis_at_scrape_time(redis_url: str, registry: Co
 
 def test_queue_collector_survives_redis_down(registry: CollectorRegistry, served: int) -> None:
     down = RedisQueueReadDouble(f"redis://127.0.0.1:{free_port()}/0")
-    registry.register(m.QueueCollector(down))
+    registry.register(mq.QueueCollector(down))
     worker = m.WorkerMetrics(registry)
     worker.set_cluster_resources({"CPU": 4}, {"CPU": 4})
     s, _ = scrape(served)
@@ -173,7 +177,7 @@ def test_registering_collector_does_not_touch_redis() -> None:
         workers = counters = state_counts
 
     reg = CollectorRegistry(auto_describe=True)
-    reg.register(m.QueueCollector(Exploding()))  # describe() must not query
+    reg.register(mq.QueueCollector(Exploding()))  # describe() must not query
 
 
 def test_counters_nested_form_of_the_real_queue(registry: CollectorRegistry, served: int) -> None:
@@ -190,7 +194,7 @@ def test_counters_nested_form_of_the_real_queue(registry: CollectorRegistry, ser
                     "retries": 2, "lease_expiries": 1, "dead_lettered": 1, "manual_retries": 4,
                     "something_new": 7, "retries:extra": "x"}
 
-    registry.register(m.QueueCollector(Nested()))
+    registry.register(mq.QueueCollector(Nested()))
     s, _ = scrape(served)
     assert get(s, "capsnet_jobs", state="queued", priority="high") == 1
     assert get(s, "capsnet_jobs", state="queued", priority="normal") == 0
@@ -207,14 +211,14 @@ def test_counters_nested_form_of_the_real_queue(registry: CollectorRegistry, ser
 
 
 def test_collector_with_the_real_queue(redis_url: str, registry: CollectorRegistry, served: int) -> None:
-    queue_mod = pytest.importorskip("services.queue")
-    from services.keys import Keys
+    queue_mod = pytest.importorskip("services.queue.jobqueue")
+    from services.queue.keys import Keys
 
     q = queue_mod.JobQueue(redis.Redis.from_url(redis_url), Keys("metrics-test:"))
     q.submit({"kind": "train", "model": "capsnet", "epochs": 1}, check_capacity=False)
     q.submit({"kind": "train", "model": "lenet5", "epochs": 1}, check_capacity=False)
     q.register_worker("w-metrics", {"resources": {"gpus": 0, "cpus": 2}})
-    registry.register(m.QueueCollector(q))
+    registry.register(mq.QueueCollector(q))
     s, _ = scrape(served)
     assert get(s, "capsnet_redis_up") == 1
     assert get(s, "capsnet_jobs", state="queued", priority="normal") == 2
@@ -303,7 +307,7 @@ def test_training_metrics_observe_and_remove(registry: CollectorRegistry, served
 
 
 def test_training_metrics_bound_cardinality(registry: CollectorRegistry, served: int) -> None:
-    t = m.TrainingMetrics(registry, max_jobs=2, max_angles=3)
+    t = mt.TrainingMetrics(registry, max_jobs=2, max_angles=3)
     for job in ("j1", "j2", "j3"):
         t.observe(job, "capsnet", {"loss": 1.0})
     t.observe("j3", "capsnet", {"test_accuracy": {str(a): 0.5 for a in range(0, 90, 15)}})
@@ -340,4 +344,4 @@ def test_metric_names_follow_conventions() -> None:
     assert {n for n in names if n.endswith("_bucket")} == {
         "capsnet_job_queue_wait_seconds_bucket", "capsnet_job_run_duration_seconds_bucket",
         "capsnet_job_startup_seconds_bucket", "capsnet_job_admission_seconds_bucket"}
-    assert m.angle_label(35) == m.angle_label("35.0") == "35"
+    assert ml.angle_label(35) == ml.angle_label("35.0") == "35"

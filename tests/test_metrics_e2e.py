@@ -21,9 +21,10 @@ from typing import Any
 import pytest
 import redis
 
-from services.config import redis_client
-from services.keys import Keys
-from services.queue import JobQueue, JobRecord
+from services.queue.connection import redis_client
+from services.queue.job import JobRecord
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
 from tests.conftest import free_port
 from tests.prometheus_helpers import (
     RULES_DIR,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from services import metrics as m
-from services.metrics_gpu import NvmlReader
+from services.metrics import gpu as mg
+from services.metrics import worker as m
+from services.metrics.gpu import NvmlReader
 
 
 def test_a_cpu_node_exports_no_gpu_series_and_says_why_once() -> None:
@@ -19,8 +20,8 @@ def test_a_cpu_node_exports_no_gpu_series_and_says_why_once() -> None:
 
 
 def test_each_device_is_one_series_per_gauge() -> None:
-    samples = [m.GpuSample(0, "NVIDIA H200", 0.87, 30 * 2**30, 141 * 2**30),
-               m.GpuSample(1, "NVIDIA H200", 0.0, 2**20, 141 * 2**30)]
+    samples = [mg.GpuSample(0, "NVIDIA H200", 0.87, 30 * 2**30, 141 * 2**30),
+               mg.GpuSample(1, "NVIDIA H200", 0.0, 2**20, 141 * 2**30)]
     registry = CollectorRegistry()
     m.WorkerMetrics(registry, gpu_reader=lambda: samples)
     values = {}

@@ -1,4 +1,4 @@
-"""Series lifecycle in services.metrics: what is exported before a first event (so ``rate()`` and
+"""Series lifecycle in services.metrics.worker: what is exported before a first event (so ``rate()`` and
 ``increase()`` see it) and how long a finished job's result stays on ``/metrics``."""
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services import metrics as m
+from services.metrics import labels as ml
+from services.metrics import queue as mq
+from services.metrics import training as mt
+from services.metrics import worker as m
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -25,7 +28,7 @@ def with_labels(s: Samples, name: str, **labels: str) -> list[dict[str, str]]:
 
 
 class Queue:
-    """The queue's read interface, as services.queue.JobQueue returns it (nested counters)."""
+    """The queue's read interface, as services.queue.jobqueue.JobQueue returns it (nested counters)."""
 
     def __init__(self, counters: dict) -> None:
         self._counters = counters
@@ -41,22 +44,23 @@ class Queue:
 
 
 def test_known_job_labels_match_the_job_specs() -> None:
-    from services.jobspec import KINDS, parse_spec
+    from services.spec.jobspec import parse_spec
+    from services.spec.types import KINDS
 
-    pairs = m.known_job_labels()
+    pairs = mq.known_job_labels()
     assert {k for k, _ in pairs} == set(KINDS) == set(m.JOB_KINDS)
     for spec in ({"kind": "train", "model": "capsnet"}, {"kind": "train", "model": "lenet5"},
                  {"kind": "eval", "source": "/x/checkpoint.pt"}, {"kind": "tune"},
                  {"kind": "tune", "models": ["lenet5"]}):
         parsed = parse_spec(spec)
-        assert (parsed.kind, m.label_value(parsed.label)) in pairs, spec
+        assert (parsed.kind, ml.label_value(parsed.label)) in pairs, spec
 
 
 def test_queue_counters_zero_filled_for_known_jobs() -> None:
     queue = Queue({"submitted": {("train", "capsnet"): 2, ("train", "resnet"): 1},
                    "finished": {("train", "capsnet", "succeeded"): 1}, "retries": 0})
     registry = CollectorRegistry()
-    registry.register(m.QueueCollector(queue, zero_fill=[("train", "capsnet"), ("eval", "-")]))
+    registry.register(mq.QueueCollector(queue, zero_fill=[("train", "capsnet"), ("eval", "-")]))
     s = samples(registry)
     assert s[("capsnet_jobs_submitted_total", frozenset({("kind", "train"), ("model", "capsnet")}))] == 2
     assert s[("capsnet_jobs_submitted_total", frozenset({("kind", "eval"), ("model", "-")}))] == 0
@@ -64,13 +68,13 @@ def test_queue_counters_zero_filled_for_known_jobs() -> None:
                 for lab in with_labels(s, "capsnet_jobs_finished_total")}
     # every outcome of every known or submitted (kind, model), from 0; real counts untouched
     assert set(finished) == {(k, mo, o) for k, mo in [("train", "capsnet"), ("eval", "-"), ("train", "resnet")]
-                             for o in m.FINISH_OUTCOMES}
+                             for o in mq.FINISH_OUTCOMES}
     assert finished[("train", "capsnet", "succeeded")] == 1
     assert sum(finished.values()) == 1
 
     # Without zero_fill nothing is added (the default).
     plain = CollectorRegistry()
-    plain.register(m.QueueCollector(queue))
+    plain.register(mq.QueueCollector(queue))
     assert with_labels(samples(plain), "capsnet_jobs_finished_total") == [
         {"kind": "train", "model": "capsnet", "outcome": "succeeded"}]
 
@@ -100,10 +104,10 @@ EVENTS = [
 RESULTS = ("capsnet_test_accuracy_ratio", "capsnet_suite_accuracy_ratio")
 
 
-def finished_job(linger: float) -> tuple[CollectorRegistry, m.TrainingMetrics]:
+def finished_job(linger: float) -> tuple[CollectorRegistry, mt.TrainingMetrics]:
     """TrainingMetrics that saw job-1 (lenet5) run through EVENTS and end."""
     registry = CollectorRegistry()
-    t = m.TrainingMetrics(registry, result_linger_seconds=linger)
+    t = mt.TrainingMetrics(registry, result_linger_seconds=linger)
     for event in EVENTS:
         t.observe("job-1", "lenet5", event)
     t.remove("job-1")
@@ -139,11 +143,11 @@ def test_job_observed_again_while_its_result_lingers() -> None:
     assert not [k for k in samples(registry) if k[0].startswith(("capsnet_train", "capsnet_test", "capsnet_suite"))]
 
     # Without a linger (the class default) everything goes at once; a job with no result too.
-    now = m.TrainingMetrics(CollectorRegistry())
+    now = mt.TrainingMetrics(CollectorRegistry())
     now.observe("job-2", "capsnet", EVENTS[2])
     now.remove("job-2")
     assert now.lingering() == []
-    lingering = m.TrainingMetrics(CollectorRegistry(), result_linger_seconds=60)
+    lingering = mt.TrainingMetrics(CollectorRegistry(), result_linger_seconds=60)
     lingering.observe("job-3", "capsnet", EVENTS[0])
     lingering.remove("job-3")
     assert lingering.lingering() == []
@@ -151,7 +155,7 @@ def test_job_observed_again_while_its_result_lingers() -> None:
 
 def test_lingering_results_are_bounded() -> None:
     registry = CollectorRegistry()
-    t = m.TrainingMetrics(registry, max_jobs=2, result_linger_seconds=60)
+    t = mt.TrainingMetrics(registry, max_jobs=2, result_linger_seconds=60)
     for job in ("a", "b", "c"):
         t.observe(job, "capsnet", EVENTS[2])
         t.remove(job)
@@ -163,7 +167,7 @@ def test_lingering_results_are_bounded() -> None:
 @pytest.mark.parametrize("linger", [0.0, 0.2])
 def test_model_change_drops_lingering_series(linger: float) -> None:
     registry = CollectorRegistry()
-    t = m.TrainingMetrics(registry, result_linger_seconds=linger)
+    t = mt.TrainingMetrics(registry, result_linger_seconds=linger)
     t.observe("job-1", "capsnet", EVENTS[2])
     t.remove("job-1")
     t.observe("job-1", "lenet5", {"test_accuracy": {"15": 0.7}})

@@ -22,7 +22,7 @@ def test_ray_nodes_start_workers_at_normal_priority_unless_overridden() -> None:
 RENICE_SCRIPT = """
 import json, os, threading, time
 import psutil
-from services.ray_train import set_process_niceness
+from services.runs.train import set_process_niceness
 stop = threading.Event()
 threads = [threading.Thread(target=stop.wait) for _ in range(3)]  # like gloo's and Ray's threads
 for t in threads:
@@ -46,7 +46,7 @@ def test_set_process_niceness_renices_every_thread() -> None:
 
 ADOPT_SCRIPT = """
 import json, os, sys
-from services.ray_train import adopt_worker_niceness
+from services.runs.train import adopt_worker_niceness
 os.nice(int(sys.argv[1]))  # where Ray (or the operator) started this process
 print(json.dumps({"level": adopt_worker_niceness(int(sys.argv[2])), "now": os.getpriority(os.PRIO_PROCESS, 0)}))
 """

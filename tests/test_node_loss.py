@@ -39,8 +39,8 @@ from ray.train.v2._internal.exceptions import (
 )
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
-from services.losses import infrastructure_loss, trial_loss
-from services.queue import JobQueue
+from services.queue.jobqueue import JobQueue
+from services.runs.losses import infrastructure_loss, trial_loss
 
 from .service_helpers import WorkerProcess, service_env, wait_until
 
@@ -248,7 +248,7 @@ _NODE_LOSS_DRIVER = """
 import json, sys, time
 import ray
 from ray.train.v2.api.exceptions import WorkerGroupError
-from services.losses import node_loss
+from services.runs.losses import node_loss
 
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 doomed, head = sys.argv[2], sys.argv[3]

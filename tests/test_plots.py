@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from capsnet_core.plots import readable_ticks
-from services.plot_labels import budget_text, curve_label, plot_title
+from services.results.plot_labels import budget_text, curve_label, plot_title
 
 
 def test_ticks_drop_angles_that_would_collide_but_keep_both_ends() -> None:

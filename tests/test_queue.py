@@ -9,20 +9,18 @@ import time
 import pytest
 
 from services.config import Settings, SettingsError
-from services.jobspec import SpecError
-from services.keys import Keys
-from services.queue import (
+from services.queue.errors import (
     MAX_ERROR_CHARS,
     MAX_TRACEBACK_CHARS,
-    STATES,
     CapacityError,
     IdempotencyConflict,
     JobNotFound,
-    JobQueue,
-    JobRecord,
     JobStateError,
-    new_job_id,
 )
+from services.queue.job import STATES, JobRecord, new_job_id
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
+from services.spec.errors import SpecError
 
 from .queue_helpers import CPU, TINY, train
 
@@ -163,7 +161,7 @@ def test_fencing_stale_worker_changes_nothing(q):
     q.requeue_expired(now=time.time() + 6)
     new = q.claim("w2", CPU)
     assert new.id == old.id and new.token != old.token
-    assert not q.heartbeat(old.id, old.token)  # renew's bool form, which services/worker.py calls
+    assert not q.heartbeat(old.id, old.token)  # renew's bool form, which services/worker/worker.py calls
     assert q.renew(old.id, old.token) == "lost"
     assert not q.report_progress(old.id, old.token, {"epoch": 9})
     assert not q.set_checkpoint(old.id, old.token, "file:///stale.pt")
@@ -550,7 +548,7 @@ def test_events_follow_until_terminal(q):
 def test_record_and_ids():
     ids = {new_job_id() for _ in range(1000)}
     assert len(ids) == 1000
-    from services.jobspec import JOB_ID_RE
+    from services.spec.types import JOB_ID_RE
 
     assert all(JOB_ID_RE.match(i) for i in ids)
     r = JobRecord.from_hash({"id": "x", "spec": "garbage", "transitions": "{", "attempt": "nan?"})

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from services.keys import Keys
-from services.queue import STATES, JobQueue
+from services.queue.job import STATES
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
 
 from .queue_helpers import CPU, train
 

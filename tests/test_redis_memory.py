@@ -21,12 +21,12 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, generate_latest
 
 from services.cli import main
-from services.config import redis_client
-from services.keys import Keys
-from services.metrics import RedisHealthCollector
-from services.queue import JobQueue
-from services.redis_health import EvictionPolicyRefused, PolicyWatch, check_policy, read_health
-from services.redis_retry import RedisRetry, is_out_of_memory, is_transient
+from services.metrics.redis_state import RedisHealthCollector
+from services.queue.connection import redis_client
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
+from services.queue.redis_health import EvictionPolicyRefused, PolicyWatch, check_policy, read_health
+from services.queue.redis_retry import RedisRetry, is_out_of_memory, is_transient
 
 from .service_helpers import WorkerProcess, service_env, wait_until
 from .test_redis_outage import TINY_LENET, RedisServer

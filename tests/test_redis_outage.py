@@ -22,11 +22,18 @@ import redis
 from click.testing import CliRunner
 
 from services.cli import main
-from services.config import Settings, redis_client
-from services.keys import Keys
-from services.queue import JobQueue
-from services.redis_retry import Backoff, RedisRetry, RedisUnavailable, is_transient, no_retry_client_kwargs
-from services.worker import Worker
+from services.config import Settings
+from services.queue.connection import redis_client
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
+from services.queue.redis_retry import (
+    Backoff,
+    RedisRetry,
+    RedisUnavailable,
+    is_transient,
+    no_retry_client_kwargs,
+)
+from services.worker.worker import Worker
 
 from .conftest import free_port
 from .service_helpers import WorkerProcess, service_env, wait_until

@@ -12,10 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from services.cli import main
-from services.config import Settings, redis_client
-from services.keys import Keys
-from services.queue import JobQueue
-from services.retention import Pruner
+from services.config import Settings
+from services.queue.connection import redis_client
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
+from services.queue.retention import Pruner
 
 from .test_cli import env, error_lines  # noqa: F401  (env is a fixture)
 

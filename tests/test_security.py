@@ -16,8 +16,9 @@ from capsnet_core.checkpoint import CheckpointRejected, load_checkpoint, save_ch
 from capsnet_core.models import MODEL_NAMES, count_parameters, estimate_model_size
 from services.cli import main
 from services.config import DEFAULT_MAX_PARAMS
-from services.jobspec import SpecError, check_model_size, parse_spec
-from services.sources import SourceRefused, check_source_allowed
+from services.spec.errors import SpecError
+from services.spec.jobspec import check_model_size, parse_spec
+from services.spec.sources import SourceRefused, check_source_allowed
 
 from .conftest import REPO_ROOT
 

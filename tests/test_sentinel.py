@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from services.config import Settings, SettingsError, redis_client
-from services.keys import Keys
-from services.queue import JobQueue
-from services.redis_retry import is_transient
-from services.replication import NotReplicated, SentinelUrlError, parse_sentinel_url
-from services.stack import free_port
+from services.config import SentinelUrlError, Settings, SettingsError, parse_sentinel_url
+from services.queue.connection import redis_client
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
+from services.queue.redis_retry import is_transient
+from services.queue.replication import NotReplicated
+from services.stack.processes import free_port
 
 from .conftest import _wait_for_port
 

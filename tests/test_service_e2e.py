@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from services.keys import Keys
-from services.queue import JobQueue
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
 
 from .service_helpers import wait_until
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from services import stack
 from services.config import Settings
+from services.stack import processes, stack
 
 from .conftest import REPO_ROOT, free_port
 
@@ -53,8 +53,8 @@ def test_up_status_down(tmp_path: Path) -> None:
         assert f":{metrics_port}/metrics" in worker["metrics_url"] and worker["metrics_url"] in out
         assert record["ray"]["address"] in out and worker["id"] in out
         redis_pid, ray_sid = record["redis"]["pid"], record["ray"]["session"]
-        ray_pids = stack.session_pids(ray_sid)
-        assert stack.pid_alive(redis_pid, str(redis_port)) and stack.pid_alive(worker["pid"], worker["id"])
+        ray_pids = processes.session_pids(ray_sid)
+        assert processes.pid_alive(redis_pid, str(redis_port)) and processes.pid_alive(worker["pid"], worker["id"])
         assert len(ray_pids) >= 2  # gcs_server, raylet, ...
         # One machine: the metrics endpoint and Redis listen on loopback only.
         # Ray's GCS is started with --node-ip-address 127.0.0.1 and advertises it, but Ray 2.60's
@@ -74,8 +74,8 @@ def test_up_status_down(tmp_path: Path) -> None:
         down = capsctl("down", environ=plain)
         assert "stopped 1 worker process(es)" in down.stdout and "redis-server" in down.stdout
         assert not (state / "stack.json").exists() and not (state / "env").exists()
-        assert not stack.pid_alive(redis_pid) and not stack.pid_alive(worker["pid"])
-        assert not any(stack.pid_alive(p) for p in ray_pids) and stack.session_pids(ray_sid) == []
+        assert not processes.pid_alive(redis_pid) and not processes.pid_alive(worker["pid"])
+        assert not any(processes.pid_alive(p) for p in ray_pids) and processes.session_pids(ray_sid) == []
         assert (state / "redis").is_dir() and (state / "logs" / "worker-0.log").is_file()
         assert "nothing to stop" in capsctl("down", environ=plain).stdout
     finally:
@@ -101,7 +101,7 @@ def test_metrics_server_binds_to_capsnet_metrics_addr() -> None:
     from prometheus_client import CollectorRegistry
 
     from services.config import SettingsError
-    from services.metrics_http import start_metrics_server, stop_metrics_server
+    from services.metrics.http import start_metrics_server, stop_metrics_server
 
     assert Settings.from_env({}).metrics_addr == "127.0.0.1"
     assert Settings.from_env({"CAPSNET_METRICS_ADDR": "0.0.0.0"}).metrics_addr == "0.0.0.0"
@@ -134,13 +134,13 @@ def test_down_skips_stale_and_reused_pids(tmp_path: Path) -> None:
                   "workers": [{"id": "w-gone", "pid": other.pid, "log": "x"}]}
         (state / "stack.json").write_text(json.dumps(record))
         (state / "env").write_text("# c\nexport CAPSNET_REDIS_URL='redis://127.0.0.1:1/0'\nOTHER=1\n")
-        assert stack.load_env(state) == {"CAPSNET_REDIS_URL": "redis://127.0.0.1:1/0"}
+        assert record.load_env(state) == {"CAPSNET_REDIS_URL": "redis://127.0.0.1:1/0"}
         settings = Settings.from_env({"CAPSNET_STATE_DIR": str(state)})
         assert stack.status(settings)["healthy"] is False
         result = stack.down(settings, grace=1)
         assert result is not None and result["stopped"] == {"workers": [], "ray": [], "redis": []}
         assert other.poll() is None  # still running: its command line is not a capsctl worker's
-        assert not (state / "stack.json").exists() and stack.load_env(state) == {}
+        assert not (state / "stack.json").exists() and record.load_env(state) == {}
         assert stack.down(settings) is None
     finally:
         other.kill()

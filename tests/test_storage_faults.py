@@ -1,11 +1,11 @@
 """A full or read-only artifact store fails clearly, once, and never black-holes the queue
 (issue 20, section 2).
 
-* The root cause of a failed run in one line (``services.error_text``), on the real Ray
+* The root cause of a failed run in one line (``services.runs.error_text``), on the real Ray
   exception classes ``trainer.fit()`` raises: an ``ActorDiedError`` of Ray Train's controller
   whose ``__init__`` raised (Ray keeps only its coloured text), a ``WorkerGroupError`` of rank
   errors, a ``ControllerError``, a ``RayTaskError``; colour codes stripped.
-* The store probe (``services.storage_health``) on real tmpfs mounts: read-only, full, below the
+* The store probe (``services.worker.store_health``) on real tmpfs mounts: read-only, full, below the
   free-space threshold, healthy; which errors are the store's fault.
 * End to end, a real ``capsctl worker`` on a real Ray cluster and redis-server: (a) with a
   read-only store it claims nothing, says ``unhealthy: artifacts read-only`` in ``capsctl
@@ -35,9 +35,9 @@ from ray.exceptions import ActorDiedError, RayTaskError
 from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
-from services.error_text import cause_from_text, full_traceback, root_cause, strip_ansi
-from services.queue import JobQueue
-from services.storage_health import (
+from services.queue.jobqueue import JobQueue
+from services.runs.error_text import cause_from_text, full_traceback, root_cause, strip_ansi
+from services.worker.store_health import (
     StoreMonitor,
     probe_artifacts,
     storage_fault,

@@ -14,7 +14,8 @@ from capsnet_core.affine import AFFINE_MNIST, AFFNIST, affine_mnist, affine_test
 from capsnet_core.data import Dataset
 from capsnet_core.evaluate import evaluate_suites
 from capsnet_core.suites import ROTATION_SUITE_ANGLES, SUITE_RESULTS, rotation_auc, with_suite_angles
-from services.jobspec import SpecError, parse_spec
+from services.spec.errors import SpecError
+from services.spec.jobspec import parse_spec
 
 
 def test_rotation_auc_is_the_normalised_trapezoid_over_the_half_circle() -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from services.jobspec import parse_spec
-from services.queue import JobQueue
-from services.tune_matrix import build_matrix
-from services.tune_space import expand_trials
+from services.queue.jobqueue import JobQueue
+from services.results.tune_matrix import build_matrix
+from services.spec.jobspec import parse_spec
+from services.spec.tune_space import expand_trials
 
 from .service_helpers import wait_until
 
@@ -88,8 +88,8 @@ def test_matrix_selects_config_and_best_trial_by_val_accuracy_not_by_the_cells()
 @pytest.mark.slow
 def test_sweep_through_a_worker_gives_a_plausible_complete_matrix(queue: JobQueue, workers) -> None:
     from capsnet_core.checkpoint import load_model
-    from services.eval_job import _eval_task
-    from services.jobspec import EvalSpec
+    from services.runs.evaluate import _eval_task
+    from services.spec.jobspec import EvalSpec
 
     job = queue.submit({**SWEEP, "name": "tune-e2e"})
     worker = workers("w-tune")

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from services.cli import main
-from services.tune_view import TrialBoard, TuneProgressView, trial_line
+from services.cli.tune_view import TrialBoard, TuneProgressView, trial_line
 
 from .service_helpers import WorkerProcess, service_env
 

@@ -18,9 +18,10 @@ import torch
 
 from capsnet_core.data import ChecksumError, Dataset, load_dataset
 from capsnet_core.validation import DEFAULT_VAL_SPLIT, VAL_SPLIT_SEED, split_training_pool, validation_indices
-from services.jobspec import SpecError, parse_spec
-from services.queue import JobQueue
-from services.spec_types import DEFAULT_VAL_SPLIT as SPEC_DEFAULT_VAL_SPLIT
+from services.queue.jobqueue import JobQueue
+from services.spec.errors import SpecError
+from services.spec.jobspec import parse_spec
+from services.spec.types import DEFAULT_VAL_SPLIT as SPEC_DEFAULT_VAL_SPLIT
 
 from .service_helpers import WorkerProcess, service_env, wait_until
 

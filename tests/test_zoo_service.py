@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from capsnet_core.suites import ROTATION_SUITE_ANGLES
 from services.cli import main
-from services.queue import JobQueue
+from services.queue.jobqueue import JobQueue
 
 from .service_helpers import wait_until
 

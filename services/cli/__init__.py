@@ -24,7 +24,7 @@ Errors are one ``Error: ...`` line on stderr, never a traceback. Read commands t
 The package: ``helpers`` (errors, the App, the click classes), ``options`` (option types and
 shared options), ``render`` (tables and lines), ``follow`` (following a running job),
 ``commands_jobs`` (submit, eval, tune, models, results, compare), ``commands_admin`` (status,
-workers, list, logs, cancel, retry, dead-letters, prune) and ``workers`` (worker, up, down).
+workers, list, logs, cancel, retry, dead-letters, prune) and ``commands_stack`` (worker, up, down).
 This module defines the ``capsctl`` group itself and adds the commands to it.
 """
 
@@ -35,9 +35,8 @@ from typing import Any
 
 import click
 
-from . import commands_admin, commands_jobs, workers
-from .commands_admin import waiting_reason
-from .helpers import CONTEXT_SETTINGS, App, CapsGroup
+from services.cli import commands_admin, commands_jobs, commands_stack
+from services.cli.helpers import CONTEXT_SETTINGS, App, CapsGroup
 
 
 @click.group(cls=CapsGroup, context_settings=CONTEXT_SETTINGS)
@@ -80,7 +79,7 @@ for _command in (commands_jobs.submit, commands_jobs.eval_cmd, commands_jobs.tun
                  commands_jobs.results, commands_jobs.compare,
                  commands_admin.status, commands_admin.workers, commands_admin.list_cmd, commands_admin.logs,
                  commands_admin.cancel, commands_admin.retry, commands_admin.dead_letters, commands_admin.prune,
-                 workers.worker, workers.up, workers.down):
+                 commands_stack.worker, commands_stack.up, commands_stack.down):
     main.add_command(_command)
 
-__all__ = ["main", "waiting_reason"]
+__all__ = ["main"]

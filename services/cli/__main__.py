@@ -1,5 +1,5 @@
 """``python -m services.cli``: capsctl without its entry point script."""
 
-from . import main
+from services.cli import main
 
 main()

@@ -11,17 +11,10 @@ from typing import Any
 
 import click
 
-from .. import stack as stack_mod
-from ..admission import shortfall
-from ..jobspec import PRIORITIES
-from ..parsing import finite, json_ready
-from ..queue import STATES, JobRecord, resource_shape, worker_resources
-from ..redis_health import read_health
-from ..registry import is_unhealthy, worker_health
-from .follow import follow_events, job_view, read_events
-from .helpers import App, command, echo, emit_json, pass_app
-from .options import Duration
-from .render import (
+from services.cli.follow import follow_events, job_view, read_events
+from services.cli.helpers import App, command, echo, emit_json, pass_app
+from services.cli.options import Duration
+from services.cli.render import (
     describe_event,
     fmt_age,
     fmt_amount,
@@ -33,6 +26,13 @@ from .render import (
     indent,
     table,
 )
+from services.queue.job import STATES, JobRecord
+from services.queue.parsing import finite, json_ready
+from services.queue.redis_health import read_health
+from services.queue.registry import is_unhealthy, resource_shape, worker_health, worker_resources
+from services.spec.types import PRIORITIES
+from services.stack import stack as stack_mod
+from services.worker.admission import shortfall
 
 
 def _attempts(record: JobRecord) -> str:

@@ -9,14 +9,9 @@ from typing import Any
 import click
 
 from capsnet_core.models.configs import MODEL_DESCRIPTIONS, MODEL_NAMES
-
-from .. import compare as compare_mod
-from ..config import Settings
-from ..jobspec import JOB_ID_RE, EvalSpec, SpecError, TrainSpec, TuneSpec, check_model_size, parse_spec
-from ..sources import SourceRefused, check_checkpoint_file, check_source_allowed, local_checkpoint_file
-from .follow import wait_and_report
-from .helpers import App, SpecUsageError, UserError, command, echo, emit_json, pass_app
-from .options import (
+from services.cli.follow import wait_and_report
+from services.cli.helpers import App, SpecUsageError, UserError, command, echo, emit_json, pass_app
+from services.cli.options import (
     NumberList,
     WordList,
     common_job_options,
@@ -27,7 +22,18 @@ from .options import (
     parse_model_config,
     training_job_options,
 )
-from .render import print_results, table, write_plots
+from services.cli.render import print_results, table, write_plots
+from services.config import Settings
+from services.results import compare as compare_mod
+from services.spec.errors import SpecError
+from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec, check_model_size, parse_spec
+from services.spec.sources import (
+    SourceRefused,
+    check_checkpoint_file,
+    check_source_allowed,
+    local_checkpoint_file,
+)
+from services.spec.types import JOB_ID_RE
 
 SUITES_HELP = "Test suites: rotation (0-180° in 15° steps + AUC), affine (affine-MNIST or affNIST)."
 

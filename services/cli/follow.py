@@ -11,11 +11,12 @@ from typing import Any
 
 import click
 
-from ..parsing import finite, printable
-from ..queue import JobQueue, JobRecord
-from ..tune_view import TuneProgressView
-from .helpers import App, UserError, echo, emit_json
-from .render import describe_event, epoch_line, fmt_num, fmt_pct, fmt_time, print_results, ratio
+from services.cli.helpers import App, UserError, echo, emit_json
+from services.cli.render import describe_event, epoch_line, fmt_num, fmt_pct, fmt_time, print_results, ratio
+from services.cli.tune_view import TuneProgressView
+from services.queue.job import JobRecord
+from services.queue.jobqueue import JobQueue
+from services.queue.parsing import finite, printable
 
 
 class ProgressView:

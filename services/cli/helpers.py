@@ -13,21 +13,17 @@ from typing import Any
 import click
 import redis
 
-from .. import stack as stack_mod
-from ..config import Settings, SettingsError, redis_client
-from ..jobspec import SpecError
-from ..keys import Keys
-from ..parsing import json_ready, printable
-from ..queue import (
-    CapacityError,
-    IdempotencyConflict,
-    JobNotFound,
-    JobQueue,
-    JobRecord,
-    JobStateError,
-    QueueError,
-)
-from ..replication import NotReplicated
+from services.config import Settings, SettingsError
+from services.queue.connection import redis_client
+from services.queue.errors import CapacityError, IdempotencyConflict, JobNotFound, JobStateError, QueueError
+from services.queue.job import JobRecord
+from services.queue.jobqueue import JobQueue
+from services.queue.keys import Keys
+from services.queue.parsing import json_ready, printable
+from services.queue.replication import NotReplicated
+from services.spec.errors import SpecError
+from services.stack import stack as stack_mod
+from services.stack.record import load_env
 
 CONTEXT_SETTINGS = {"auto_envvar_prefix": "CAPSCTL", "help_option_names": ["-h", "--help"],
                     "max_content_width": 110}
@@ -172,7 +168,7 @@ class App:
         if self._settings is None:
             try:
                 base = Settings.from_env(**({"state_dir": self._state_dir} if self._state_dir else {}))
-                stack_env = stack_mod.load_env(base.state_dir)
+                stack_env = load_env(base.state_dir)
                 env = {**stack_env, **os.environ}  # the real environment wins over the stack's file
                 overrides = dict(self._overrides)
                 if self._state_dir:

@@ -1,5 +1,5 @@
 """Option types and option groups the job commands share. Defaults shown in the help are read
-from the job specs (services.jobspec), which apply them: the options themselves default to
+from the job specs (services.spec.jobspec), which apply them: the options themselves default to
 None, so that only what the user gave goes into a spec."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 import click
 from pydantic import BaseModel
 
-from ..jobspec import DATASETS, PRIORITIES, TrainSpec
+from services.spec.jobspec import TrainSpec
+from services.spec.types import DATASETS, PRIORITIES
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 

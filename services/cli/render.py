@@ -11,10 +11,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..parsing import finite, first, printable
-from ..plot_labels import curve_label, plot_title
-from ..queue import JobRecord
-from .helpers import UserError, echo
+from services.cli.helpers import UserError, echo
+from services.queue.job import JobRecord
+from services.queue.parsing import finite, first, printable
+from services.results.plot_labels import curve_label, plot_title
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Iterable[int] = ()) -> str:

@@ -1,0 +1,91 @@
+"""Eval jobs: measure a trained checkpoint on the rotated test set (and the spec's suites) as one
+Ray task, on a GPU when the spec asks for one. ``evaluate_checkpoint`` is also how a tune job
+measures the trials that ASHA stopped early.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capsnet_core import load_dataset
+from capsnet_core.checkpoint import load_checkpoint, model_from_checkpoint
+from capsnet_core.evaluate import evaluate, evaluate_suites
+from capsnet_core.train import angle_key
+from services.config import Settings
+from services.queue.jobqueue import JobQueue
+from services.runs.runtime import CHECKPOINT_FILE, JobContext, JobRejected, assigned_device
+from services.spec.jobspec import EvalSpec
+from services.spec.sources import SourceRefused, check_source_allowed
+
+
+def resolve_checkpoint(source: str, queue: JobQueue) -> str:
+    """A checkpoint folder/URI from a job id (its last checkpoint) or a path given directly."""
+    record = queue.get(source)
+    if record is not None:
+        if not record.checkpoint:
+            raise ValueError(f"job {source} has no checkpoint yet (state {record.state})")
+        return record.checkpoint
+    return source
+
+
+def evaluate_checkpoint(checkpoint_uri: str, dataset: str, angles: list[float], test_subset: int | None = None,
+                        data_dir: str | None = None, suites: list[str] | None = None,
+                        device: str = "cpu") -> dict[str, Any]:
+    """Load a capsnet_core checkpoint (a file, or a folder/URI holding checkpoint.pt) and measure
+    its accuracy on the test set rotated by each angle, on `device` (``assigned_device()`` in a
+    Ray task). The file is read with ``weights_only`` (``CheckpointRejected`` if unsafe)."""
+    from ray.train import Checkpoint
+
+    from capsnet_core.evaluate import configure_backends
+
+    configure_backends(torch.device(device))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(checkpoint_uri)
+        if not path.is_file():
+            Checkpoint(checkpoint_uri).to_directory(tmp)
+            path = Path(tmp) / CHECKPOINT_FILE
+        payload = load_checkpoint(path, map_location=device)
+    model = model_from_checkpoint(payload, device)
+    test = load_dataset(dataset, "test", root=data_dir).subset(test_subset)
+    results = {angle_key(a): evaluate(model, test.images, test.labels, angle=a) for a in angles}
+    rotation = {k: r.accuracy for k, r in results.items()}
+    return {"checkpoint": checkpoint_uri, "model": model.name, "device": device, "history": list(payload["history"]),
+            "rotation_accuracy": rotation, "per_class": {k: r.per_class for k, r in results.items()},
+            "confusion": {k: r.confusion for k, r in results.items()},
+            "suite_accuracy": evaluate_suites(model, test, suites or [], rotation, data_root=data_dir)}
+
+
+def _eval_task(spec_dict: dict[str, Any], checkpoint_uri: str, data_dir: str | None) -> dict[str, Any]:
+    spec = EvalSpec.model_validate(spec_dict)
+    result = evaluate_checkpoint(checkpoint_uri, spec.dataset, spec.angles, spec.test_subset, data_dir,
+                                 spec.eval_suites, device=assigned_device())
+    result.pop("history")
+    return result
+
+
+def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> dict[str, Any]:
+    """Evaluate a trained model on the rotated test set as a Ray task (on a GPU if the spec asks)."""
+    import ray
+
+    from capsnet_core.checkpoint import CheckpointRejected
+
+    try:
+        # The source and what a job id resolves to must both lie within the allowed roots.
+        roots = Settings.from_env().eval_roots
+        source = check_source_allowed(spec.source, ctx.artifacts, roots)
+        checkpoint_uri = check_source_allowed(resolve_checkpoint(source, queue), ctx.artifacts, roots)
+    except SourceRefused as err:
+        raise JobRejected(str(err)) from None
+    resources = spec.resources()
+    task = ray.remote(num_cpus=max(1, resources.get("cpus", 1)), num_gpus=resources.get("gpus", 0))(_eval_task)
+    try:
+        return ray.get(task.remote(spec.to_dict(), checkpoint_uri, ctx.data_dir))
+    except CheckpointRejected as exc:  # Ray re-raises the task's error as an instance of its cause
+        raise JobRejected(str(getattr(exc, "cause", None) or exc)) from None
+    except Exception as exc:
+        raise RuntimeError(f"evaluation of {checkpoint_uri} failed: {exc}\n{traceback.format_exc()}") from exc
