@@ -1,4 +1,4 @@
-"""A damaged checkpoint never loses a job (issue 20 §1).
+"""A damaged checkpoint never loses a job.
 
 Unit tests (fast): size/digest verification, the walk back over recorded checkpoints, Ray run
 snapshots Ray could not restore, and the job record's bounded list of verified checkpoints

@@ -1,4 +1,4 @@
-"""The CUDA, bf16 and NCCL code paths, tested without a GPU (issue 14).
+"""The CUDA, bf16 and NCCL code paths, tested without a GPU.
 
 No GPU is lent to this project, so the paths a GPU rank takes run here on stand-ins:
 fake CUDA tensors (``FakeTensorMode``: shapes, dtypes and devices are propagated, nothing is

@@ -1,4 +1,4 @@
-"""No content of Redis makes capsctl print a traceback (issue 9, section 4).
+"""No content of Redis makes capsctl print a traceback.
 
 First the cases found by hand, each against a real redis-server (conftest's ``redis_url``) and
 the CLI through click's CliRunner; then a property-based fuzz (hypothesis) that writes random

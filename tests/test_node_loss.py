@@ -1,4 +1,4 @@
-"""Losing a Ray node under a running job is not the job's fault (issue 9, section 7).
+"""Losing a Ray node under a running job is not the job's fault.
 
 * ``infrastructure_loss`` tells a dead rank process/node from the job's own error, on the real
   Ray Train V2 exception classes that ``trainer.fit()`` raises.

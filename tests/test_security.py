@@ -1,4 +1,4 @@
-"""A job can never run code or exhaust a worker (issue 15): safe checkpoint loading, bounded
+"""A job can never run code or exhaust a worker: safe checkpoint loading, bounded
 eval sources, bounded model sizes."""
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""A full or read-only artifact store fails clearly, once, and never black-holes the queue
-(issue 20, section 2).
+"""A full or read-only artifact store fails clearly, once, and never black-holes the queue.
 
 * The root cause of a failed run in one line (``services.runs.error_text``), on the real Ray
   exception classes ``trainer.fit()`` raises: an ``ActorDiedError`` of Ray Train's controller
