@@ -14,8 +14,10 @@ import pytest
 
 from services.config import Settings
 from services.stack import processes, stack
+from services.stack import record as stack_record
 
 from .conftest import REPO_ROOT, free_port
+from .service_helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +54,18 @@ def test_up_status_down(tmp_path: Path) -> None:
         assert worker["metrics_port"] == metrics_port
         assert f":{metrics_port}/metrics" in worker["metrics_url"] and worker["metrics_url"] in out
         assert record["ray"]["address"] in out and worker["id"] in out
+        # The Ray dashboard `up` started is printed, and answers.
+        dashboard = record["ray"]["dashboard_url"]
+        assert dashboard in out
+        import urllib.request
+
+        def answers() -> bool:
+            try:
+                return urllib.request.urlopen(dashboard, timeout=5).status == 200
+            except OSError:
+                return False
+
+        wait_until(answers, 60, interval=1, what="the Ray dashboard to answer")
         redis_pid, ray_sid = record["redis"]["pid"], record["ray"]["session"]
         ray_pids = processes.session_pids(ray_sid)
         assert processes.pid_alive(redis_pid, str(redis_port)) and processes.pid_alive(worker["pid"], worker["id"])
@@ -134,13 +148,13 @@ def test_down_skips_stale_and_reused_pids(tmp_path: Path) -> None:
                   "workers": [{"id": "w-gone", "pid": other.pid, "log": "x"}]}
         (state / "stack.json").write_text(json.dumps(record))
         (state / "env").write_text("# c\nexport CAPSNET_REDIS_URL='redis://127.0.0.1:1/0'\nOTHER=1\n")
-        assert record.load_env(state) == {"CAPSNET_REDIS_URL": "redis://127.0.0.1:1/0"}
+        assert stack_record.load_env(state) == {"CAPSNET_REDIS_URL": "redis://127.0.0.1:1/0"}
         settings = Settings.from_env({"CAPSNET_STATE_DIR": str(state)})
         assert stack.status(settings)["healthy"] is False
         result = stack.down(settings, grace=1)
         assert result is not None and result["stopped"] == {"workers": [], "ray": [], "redis": []}
         assert other.poll() is None  # still running: its command line is not a capsctl worker's
-        assert not (state / "stack.json").exists() and record.load_env(state) == {}
+        assert not (state / "stack.json").exists() and stack_record.load_env(state) == {}
         assert stack.down(settings) is None
     finally:
         other.kill()

@@ -71,6 +71,8 @@ def _print_stack(record: Mapping[str, Any]) -> None:
     if ray.get("started"):
         echo(f"Ray      {ray.get('address')}  (head started by up, {ray.get('num_cpus')} CPUs, "
                    f"temp dir {ray.get('temp_dir')}, log {ray.get('log')})")
+        if ray.get("dashboard_url"):
+            echo(f"Ray dashboard {ray['dashboard_url']}")
     else:
         echo(f"Ray      {ray.get('address')}  (RAY_ADDRESS, not managed by up)")
     for w in record.get("workers") or []:

@@ -197,8 +197,21 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     save_record(state_dir, record)
+    url = _up_redis(settings, state_dir, logs, record, say)
+    auth_mode = _up_ray(settings, state_dir, logs, record, say, num_cpus, node_ip_address)
+    env_values = {"CAPSNET_REDIS_URL": url, "CAPSNET_REDIS_PREFIX": settings.redis_prefix,
+                  "RAY_ADDRESS": record["ray"]["address"], "RAY_AUTH_MODE": auth_mode,
+                  "CAPSNET_METRICS_ADDR": settings.metrics_addr}
+    procs = _spawn_workers(settings, state_dir, logs, record, say, env_values, workers, metrics_port)
+    _wait_for_registration(settings, url, record, procs, logs, timeout)
+    record["complete"] = True
+    record["env_file"] = str(env_path(state_dir))
+    save_record(state_dir, record)
+    write_env(state_dir, env_values)
 
-    # --- Redis
+
+def _up_redis(settings: Settings, state_dir: Path, logs: Path, record: dict[str, Any], say: Log) -> str:
+    """Use the Redis that answers at the settings' URL, else start one; returns the URL in use."""
     url = settings.redis_url
     if redis_answers(url):
         record["redis"] = {"url": url, "started": False}
@@ -208,8 +221,12 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
         url = record["redis"]["url"]
     record["redis"].update(_redis_policy(url, say))
     save_record(state_dir, record)
+    return url
 
-    # --- Ray
+
+def _up_ray(settings: Settings, state_dir: Path, logs: Path, record: dict[str, Any], say: Log,
+            num_cpus: int | None, node_ip_address: str) -> str:
+    """Use RAY_ADDRESS's cluster, else start a head; returns the Ray auth mode the workers use."""
     auth_mode = os.environ.get("RAY_AUTH_MODE") or "token"
     if settings.ray_address:
         record["ray"] = {"address": settings.ray_address, "started": False}
@@ -221,11 +238,12 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
         record["ray"] = _start_ray(cpus, state_dir, logs, auth_mode, record, say, node_ip_address)
     record["ray"]["auth_mode"] = auth_mode
     save_record(state_dir, record)
+    return auth_mode
 
-    # --- workers
-    env_values = {"CAPSNET_REDIS_URL": url, "CAPSNET_REDIS_PREFIX": settings.redis_prefix,
-                  "RAY_ADDRESS": record["ray"]["address"], "RAY_AUTH_MODE": auth_mode,
-                  "CAPSNET_METRICS_ADDR": settings.metrics_addr}
+
+def _spawn_workers(settings: Settings, state_dir: Path, logs: Path, record: dict[str, Any], say: Log,
+                   env_values: dict[str, str], workers: int,
+                   metrics_port: int | None) -> dict[str, subprocess.Popen[bytes]]:
     host = socket.gethostname().split(".")[0] or "host"
     tag = secrets.token_hex(2)
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -250,40 +268,42 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
                                   "metrics_port": port})
         save_record(state_dir, record)
         say(f"started worker {worker_id} (pid {proc.pid})")
+    return procs
 
-    # --- wait for the workers to register
+
+def _wait_for_registration(settings: Settings, url: str, record: dict[str, Any],
+                           procs: dict[str, subprocess.Popen[bytes]], logs: Path, timeout: float) -> None:
+    """Until every spawned worker shows in Redis' registry (recording its metrics URL and resources);
+    a worker that exits first, or the timeout, is a StackError naming its log."""
     queue = JobQueue.from_settings(Settings(redis_url=url, redis_prefix=settings.redis_prefix,
                                             lease_seconds=settings.lease_seconds,
                                             heartbeat_seconds=settings.heartbeat_seconds))
     deadline = time.monotonic() + timeout
     pending = set(procs)
-    while pending:
-        registered = {str(w.get("id")): w for w in queue.workers()}
-        for w in record["workers"]:
-            info = registered.get(w["id"])
-            if info is not None:
-                w["metrics_url"] = info.get("metrics_url") or f"http://127.0.0.1:{w['metrics_port']}/metrics"
-                w["hostname"] = info.get("hostname")
-                w["resources"] = info.get("resources")
-                pending.discard(w["id"])
-        if not pending:
-            break
-        for worker_id in sorted(pending):
-            proc = procs[worker_id]
-            if proc.poll() is not None:
-                entry = next(w for w in record["workers"] if w["id"] == worker_id)
-                raise StackError(f"worker {worker_id} exited with code {proc.returncode} before registering; "
-                                 f"its log {entry['log']}:\n{log_tail(entry['log'])}")
-        if time.monotonic() > deadline:
-            raise StackError(f"worker(s) {', '.join(sorted(pending))} did not register in Redis within "
-                             f"{timeout:.0f} s; see the logs in {logs}")
-        time.sleep(0.25)
-    queue.client.close()
-
-    record["complete"] = True
-    record["env_file"] = str(env_path(state_dir))
-    save_record(state_dir, record)
-    write_env(state_dir, env_values)
+    try:
+        while pending:
+            registered = {str(w.get("id")): w for w in queue.workers()}
+            for w in record["workers"]:
+                info = registered.get(w["id"])
+                if info is not None:
+                    w["metrics_url"] = info.get("metrics_url") or f"http://127.0.0.1:{w['metrics_port']}/metrics"
+                    w["hostname"] = info.get("hostname")
+                    w["resources"] = info.get("resources")
+                    pending.discard(w["id"])
+            if not pending:
+                return
+            for worker_id in sorted(pending):
+                proc = procs[worker_id]
+                if proc.poll() is not None:
+                    entry = next(w for w in record["workers"] if w["id"] == worker_id)
+                    raise StackError(f"worker {worker_id} exited with code {proc.returncode} before registering; "
+                                     f"its log {entry['log']}:\n{log_tail(entry['log'])}")
+            if time.monotonic() > deadline:
+                raise StackError(f"worker(s) {', '.join(sorted(pending))} did not register in Redis within "
+                                 f"{timeout:.0f} s; see the logs in {logs}")
+            time.sleep(0.25)
+    finally:
+        queue.client.close()
 
 
 def _redis_policy(url: str, say: Log) -> dict[str, Any]:
@@ -344,12 +364,12 @@ def _start_ray(cpus: int, state_dir: Path, logs: Path, auth_mode: str, record: d
     if ray_bin is None:
         raise StackError("the `ray` executable is not installed next to this Python; install ray[tune] "
                          "or set RAY_ADDRESS to a running cluster")
-    port = free_port()
+    port, dashboard_port = free_port(), free_port()
     temp_dir = _ray_temp_dir(state_dir)
     temp_dir.mkdir(parents=True, exist_ok=True)
     cmd = [ray_bin, "start", "--head", f"--port={port}", f"--node-ip-address={node_ip_address}",
            f"--num-cpus={cpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-           "--include-dashboard=true", f"--dashboard-port={free_port()}",
+           "--include-dashboard=true", f"--dashboard-port={dashboard_port}",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            "--log-style=record", "--log-color=false"]
     env = {**os.environ, **ray_node_env(), "RAY_AUTH_MODE": auth_mode}
@@ -358,7 +378,8 @@ def _start_ray(cpus: int, state_dir: Path, logs: Path, auth_mode: str, record: d
     proc = spawn(cmd, log_path, env)
     address = f"{node_ip_address}:{port}"
     info = {"address": address, "started": True, "session": proc.pid, "num_cpus": cpus, "port": port,
-            "temp_dir": str(temp_dir), "log": str(log_path)}
+            "dashboard_url": f"http://{node_ip_address}:{dashboard_port}", "temp_dir": str(temp_dir),
+            "log": str(log_path)}
     record["ray"] = info  # recorded before waiting, so a failed start can be taken down
     save_record(state_dir, record)
     try:
@@ -370,7 +391,8 @@ def _start_ray(cpus: int, state_dir: Path, logs: Path, auth_mode: str, record: d
     info["pids"] = session_pids(proc.pid)
     if not info["pids"]:
         raise StackError(f"`ray start --head` exited but left no Ray processes running; see {log_path}")
-    say(f"started a Ray head at {address} ({cpus} CPUs)")
+    say(f"started a Ray head at {address} ({cpus} CPUs); Ray dashboard at {info['dashboard_url']}; "
+        f"Prometheus discovers Ray's metrics from {temp_dir / 'prom_metrics_service_discovery.json'}")
     return info
 
 
