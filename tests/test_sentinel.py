@@ -79,10 +79,12 @@ class RedisHA:
         self._server("replica", self.replica_port, "--replicaof", "127.0.0.1", str(self.primary_port))
         for n, port in enumerate(self.sentinel_ports):
             conf = self.workdir / f"sentinel-{n}.conf"  # Sentinel rewrites its own config file
-            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\nlogfile {self.workdir}/sentinel-{n}.log\n"
                             f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} 2\n"
-                            f"sentinel down-after-milliseconds {SERVICE} 500\n"
-                            f"sentinel failover-timeout {SERVICE} 2000\n"
+                            # Long enough that a loaded machine's slow PING reply is not a dead
+                            # primary (500 ms flip-flopped the primary every second under load).
+                            f"sentinel down-after-milliseconds {SERVICE} 3000\n"
+                            f"sentinel failover-timeout {SERVICE} 6000\n"
                             f"sentinel parallel-syncs {SERVICE} 1\n")
             self.procs[f"sentinel-{n}"] = subprocess.Popen(
                 [shutil.which("redis-server"), str(conf), "--sentinel"],
@@ -96,6 +98,14 @@ class RedisHA:
         deadline = time.monotonic() + 20  # every Sentinel has found the replica
         while not all(redis.Redis(port=p).execute_command("SENTINEL", "REPLICAS", SERVICE) for p in self.sentinel_ports):
             assert time.monotonic() < deadline, "the Sentinels never saw the replica"
+            time.sleep(0.1)
+        # ...and both other Sentinels (their hello messages travel through the primary every 2 s):
+        # a Sentinel that knows no peer can never reach the quorum, and with the primary dead its
+        # peers can no longer be found, so a failover test started earlier would wait forever.
+        deadline = time.monotonic() + 30
+        while not all(len(redis.Redis(port=p).execute_command("SENTINEL", "SENTINELS", SERVICE)) == 2
+                      for p in self.sentinel_ports):
+            assert time.monotonic() < deadline, "the Sentinels never found each other"
             time.sleep(0.1)
 
     def primary_address(self) -> tuple[str, int]:
@@ -167,7 +177,7 @@ def run_failover(ha: RedisHA, wait: int, jobs: int = 200) -> dict[str, int]:
     client = redis_client(ha.url, socket_timeout=1.0, socket_connect_timeout=0.5)
     queue = JobQueue(client, Keys("t:"), lease_seconds=300, wait_replicas=wait, wait_timeout_ms=300)
     tally, stop = Tally(), threading.Event()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
 
     def submitter() -> None:
         for n in range(jobs):
