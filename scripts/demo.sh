@@ -20,18 +20,41 @@ $capsctl up --num-cpus 4
 trap '$capsctl down' EXIT
 
 job_id() { .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["id"])'; }
-echo "== LeNet5, 2-rank DDP on CPU, MNIST shifted by up to 2 px =="
-lenet=$($capsctl submit lenet5 --cpu-ranks 2 --epochs 4 --batch-size 128 --lr 2e-3 --train-subset 20000 --val-split 2000 \
-        --test-subset 2000 --eval-angles 0,15,35,45 --name demo-lenet5 --json | job_id)
+# Both models get the same budget (12,000 images x 3 epochs, shifted by up to 2 px), so the plot
+# compares architectures, not budgets. Efficient-CapsNet is the capsule network that fits a CPU
+# demo (about 3x faster per image than the 2017 CapsNet here); the full tutorial comparison,
+# CapsNet included, is `benchmarks/bench_tutorial.py` (README: Results).
+budget=(--cpu-ranks 2 --epochs 3 --batch-size 128 --lr 2e-3 --train-subset 12000 --val-split 2000
+        --test-subset 2000 --eval-angles 0,15,30,45,60)
+echo "== LeNet5, 2-rank DDP on CPU, MNIST shifted by up to 2 px: 3 epochs x 12,000 images =="
+lenet=$($capsctl submit lenet5 "${budget[@]}" --name demo-lenet5 --json | job_id)
 $capsctl logs -f "$lenet"
-echo "== CapsNet, full size (8.2 M parameters), 2-rank DDP on CPU, only 4,000 images: a smoke test, not a comparison (README: Results) =="
-caps=$($capsctl submit capsnet --cpu-ranks 2 --epochs 2 --batch-size 128 --lr 2e-3 --train-subset 4000 --val-split 1000 \
-       --test-subset 1000 --eval-angles 0,15,35,45 --name demo-capsnet --json | job_id)
+echo "== Efficient-CapsNet, 2-rank DDP on CPU, the same images and epochs =="
+caps=$($capsctl submit effcaps "${budget[@]}" --name demo-effcaps --json | job_id)
 $capsctl logs -f "$caps"
 
 $capsctl results "$lenet" --plot "$out/lenet5.png"
-$capsctl results "$caps" --plot "$out/capsnet.png"
+$capsctl results "$caps" --plot "$out/effcaps.png"
 echo
 echo "== robustness: both runs side by side (accuracy on the test set rotated by each angle) =="
 $capsctl compare "$lenet" "$caps" --plot "$out/accuracy_vs_angle.png"
 $capsctl compare "$lenet" "$caps" --csv > "$out/compare.csv"
+$capsctl compare "$lenet" "$caps" --json | .venv/bin/python -c '
+import json, sys
+runs = json.load(sys.stdin)["runs"]
+def pct(x): return "?" if x is None else f"{100 * x:.1f} %"
+print()
+print("What the plot shows (same images and epochs for both; 2,000 test images per angle):")
+for r in runs:
+    acc = r["accuracy"]
+    first, last = acc.get("0"), acc.get("60")
+    drop = "" if first is None or last is None else f", {100 * (first - last):.1f} points lost from 0° to 60°"
+    vals = [v for v in acc.values() if v is not None]
+    r["mean"] = sum(vals) / len(vals) if vals else None
+    print(f"  {r['model']:8s} upright {pct(first)}, at 30° {pct(acc.get('30'))}, at 60° {pct(last)}{drop}; "
+          f"mean over 0-60° {pct(r['mean'])}")
+best = max(runs, key=lambda r: r["mean"] or 0)
+print(f"  {best['model']} copes better with rotations it never saw in training, on this short budget;"
+      " one seed each: see README Results for paired, multi-seed figures.")
+'
+echo "plots and tables in $out"
