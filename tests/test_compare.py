@@ -148,3 +148,17 @@ def test_compare_one_class_across_runs(stack: dict, jobs: dict) -> None:
     refused = cli(stack, "compare", jobs["tune"]["id"], "--class", "6", code=1).output
     assert "is a tune job: its matrix holds no per-class figures" in refused
     assert "has no class 12" in cli(stack, "compare", ids[0], "--class", "12", code=1).output
+
+
+def test_legend_names_each_runs_budget() -> None:
+    """Two curves are comparable only on the same budget: the legend says each run's."""
+    from services.results.compare import Run
+    from services.results.plot_labels import budget_text
+
+    budget = budget_text({"epochs": 3, "train_subset": 12000, "augment": "shift2"})
+    run = Run(job="j-1", kind="train", name="demo-lenet5", model="lenet5", augment="shift2", parameters=None,
+              epochs=3, seeds=1, budget=budget)
+    assert run.label == "lenet5, train demo-lenet5, 3 epochs × 12,000 images, shift2"
+    tuned = Run(job="j-2", kind="tune", name=None, model="capsnet", augment="shift2+rot30", parameters=None,
+                epochs=2, seeds=3, rotation_auc=0.515)
+    assert tuned.label == "capsnet, tune j-2, shift2+rot30, mean ± std of 3 seeds, AUC 51.5 %"

@@ -5,6 +5,7 @@ an eval job of its checkpoint, a tune sweep over the three new models, and `caps
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import pytest
 from click.testing import CliRunner
@@ -49,6 +50,15 @@ def test_c8cnn_trains_with_ddp_and_both_suites_then_evaluates(queue: JobQueue, w
     measured = _finish(queue, evaluation.id, worker).result
     assert measured["model"] == "c8cnn"
     assert measured["suite_accuracy"]["rotation_auc"] == pytest.approx(suites["rotation_auc"], abs=1e-6)
+    # The eval job's accuracies are on the worker's /metrics too, per angle and per suite (they
+    # linger 30 s after the job), and in its event stream for `logs -f`.
+    [info] = [w for w in queue.workers() if w.get("id") == "w-zoo"]
+    exposed = urllib.request.urlopen(info["metrics_url"], timeout=10).read().decode()
+    assert f'capsnet_test_accuracy_ratio{{angle="0",job_id="{evaluation.id}",model="c8cnn"}}' in exposed
+    assert f'capsnet_suite_accuracy_ratio{{job_id="{evaluation.id}",model="c8cnn",suite="rotation_auc"}}' in exposed
+    evals = [e["data"] for _, e in queue.events.read(evaluation.id, "0", count=1000)
+             if e["type"] == "progress" and e["data"].get("type") == "eval"]
+    assert evals and evals[-1]["test_accuracy"] == measured["rotation_accuracy"]
 
 
 def test_tune_compares_the_new_models_with_suite_columns(queue: JobQueue, workers, redis_url: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from services.queue.job import JobRecord
 from services.queue.parsing import finite
+from services.results.plot_labels import budget_text
 from services.spec.errors import SpecError
 from services.spec.jobspec import TrainSpec, TuneSpec, parse_spec
 
@@ -49,14 +50,16 @@ class Run:
     accuracy: dict[str, float | None] = field(default_factory=dict)
     std: dict[str, float | None] = field(default_factory=dict)
     rotation_auc: float | None = None
+    budget: str = ""  # "3 epochs × 12,000 images, shift2": what the model trained on
 
     @property
     def label(self) -> str:
-        """The run in a legend: ``lenet5 shift2+rot15, tune tune-a, mean ± std of 3 seeds, AUC 51.5 %``."""
-        what = " ".join(p for p in (self.model, self.augment) if p)
+        """The run in a legend: ``lenet5, tune tune-a, 3 epochs × 12,000 images, shift2+rot15, mean ± std
+        of 3 seeds, AUC 51.5 %`` (the budget says whether two curves are comparable at all)."""
+        what = self.budget or " ".join(p for p in (self.augment,) if p)
         seeds = f", mean ± std of {self.seeds} seeds" if self.seeds > 1 else ""
         auc = f", AUC {100 * self.rotation_auc:.1f} %" if self.rotation_auc is not None else ""
-        return f"{what or '?'}, {self.kind} {self.name or self.job}{seeds}{auc}"
+        return f"{self.model or '?'}, {self.kind} {self.name or self.job}" + (f", {what}" if what else "") + seeds + auc
 
 
 @dataclass
@@ -157,7 +160,8 @@ def _train_run(record: JobRecord, result: Mapping[str, Any], kind: str,
                accuracy={_angle_key(a): finite(v) for a, v in rot.items()},
                std={_angle_key(a): None for a in rot},
                rotation_auc=finite((result.get("suite_accuracy") or {}).get("rotation_auc"))
-               if isinstance(result.get("suite_accuracy"), Mapping) and class_index is None else None)
+               if isinstance(result.get("suite_accuracy"), Mapping) and class_index is None else None,
+               budget=budget_text(train_spec.to_dict()) if train_spec else "")
 
 
 def _tune_runs(record: JobRecord, result: Mapping[str, Any]) -> list[Run]:
@@ -178,6 +182,7 @@ def _tune_runs(record: JobRecord, result: Mapping[str, Any]) -> list[Run]:
             runs.append(Run(job=record.id, kind="tune", name=record.name, model=str(model), augment=str(augment),
                             parameters=params, epochs=tune_spec.epochs if tune_spec else None,
                             seeds=seeds or (tune_spec.seeds if tune_spec else 1),
+                            budget=budget_text({**tune_spec.to_dict(), "augment": str(augment)}) if tune_spec else "",
                             accuracy={c: finite(mean[j]) if j < len(mean) else None for j, c in enumerate(cols)},
                             std={c: finite(std[j]) if j < len(std) and seeds > 1 else None
                                  for j, c in enumerate(cols)}))

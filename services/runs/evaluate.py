@@ -5,11 +5,13 @@ measures the trials that ASHA stopped early.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
 
+import redis
 import torch
 
 from capsnet_core import load_dataset
@@ -21,6 +23,8 @@ from services.queue.jobqueue import JobQueue
 from services.runs.runtime import CHECKPOINT_FILE, JobContext, JobRejected, assigned_device
 from services.spec.jobspec import EvalSpec
 from services.spec.sources import SourceRefused, check_source_allowed
+
+log = logging.getLogger("capsctl.eval")
 
 
 def resolve_checkpoint(source: str, queue: JobQueue) -> str:
@@ -84,8 +88,19 @@ def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
     resources = spec.resources()
     task = ray.remote(num_cpus=max(1, resources.get("cpus", 1)), num_gpus=resources.get("gpus", 0))(_eval_task)
     try:
-        return ray.get(task.remote(spec.to_dict(), checkpoint_uri, ctx.data_dir))
+        result = ray.get(task.remote(spec.to_dict(), checkpoint_uri, ctx.data_dir))
     except CheckpointRejected as exc:  # Ray re-raises the task's error as an instance of its cause
         raise JobRejected(str(getattr(exc, "cause", None) or exc)) from None
     except Exception as exc:
         raise RuntimeError(f"evaluation of {checkpoint_uri} failed: {exc}\n{traceback.format_exc()}") from exc
+    # The same "eval" progress event a train job's final evaluation publishes: `logs -f` shows the
+    # accuracies, and the worker's metrics loop exports them as the job's per-angle and suite gauges.
+    # Only a view of the result: Redis away now must not fail an evaluation that is done.
+    try:
+        queue.events.publish(ctx.job_id, "progress",
+                             {"type": "eval", "model": result["model"], "test_accuracy": result["rotation_accuracy"],
+                              **({"suite_accuracy": result["suite_accuracy"]} if result.get("suite_accuracy") else {})},
+                             lease_token=ctx.lease_token)
+    except redis.RedisError as exc:
+        log.warning("the eval result of %s was not published as an event: %s", ctx.job_id, exc)
+    return result

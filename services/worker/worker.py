@@ -327,31 +327,45 @@ class Worker:
                 log.exception("heartbeat for %s failed", job.job_id)
 
     def _metrics_loop(self, job: ClaimedJob, done: threading.Event) -> None:
-        """Feed the job's progress events into this worker's Prometheus gauges."""
+        """Feed the job's progress events into this worker's Prometheus gauges, until the attempt
+        ends and then once more: an eval job's only progress event comes right before its end."""
         model = job.record.model or getattr(job.spec, "model", "") or job.spec.kind
         cursor: str | None = None
+        what = f"following the events of {job.job_id}"
         while not done.is_set():
             try:
                 if cursor is None:
-                    cursor = self.redis.call(self.queue.events.last_id, job.job_id,
-                                             what=f"following the events of {job.job_id}", stop=done)
+                    cursor = self.redis.call(self.queue.events.last_id, job.job_id, what=what, stop=done)
                 batch = self.redis.call(self.queue.events.read, job.job_id, cursor, block_ms=1000,
-                                        what=f"following the events of {job.job_id}", stop=done)
-                for entry_id, event in batch:
-                    cursor = entry_id
-                    data = event["data"] if isinstance(event["data"], dict) else {}
-                    if event["type"] == "progress":
-                        self.metrics.training.observe(job.job_id, model, data)
-                    elif event["type"] == "log":
-                        if "startup_seconds" in data:
-                            self.metrics.observe_startup(data["startup_seconds"])
-                        if isinstance(data.get("events_dropped"), int):  # rank 0's count after an outage
-                            self.metrics.count_dropped_events(data["events_dropped"])
+                                        what=what, stop=done)
+                cursor, model = self._feed_metrics(job, batch, cursor, model)
             except RedisUnavailable:
                 return
             except Exception:
                 log.exception("metrics follower for %s failed", job.job_id)
                 done.wait(1.0)
+        if cursor is not None:
+            batch = self.redis.attempt(self.queue.events.read, job.job_id, cursor, what=what, default=[])
+            try:
+                self._feed_metrics(job, batch, cursor, model)
+            except Exception:
+                log.exception("metrics follower for %s failed", job.job_id)
+
+    def _feed_metrics(self, job: ClaimedJob, batch: list[tuple[str, dict[str, Any]]], cursor: str,
+                      model: str) -> tuple[str, str]:
+        for entry_id, event in batch:
+            cursor = entry_id
+            data = event["data"] if isinstance(event["data"], dict) else {}
+            if event["type"] == "progress":
+                if job.spec.kind == "eval" and isinstance(data.get("model"), str):
+                    model = data["model"]  # an eval learns its model from the checkpoint
+                self.metrics.training.observe(job.job_id, model, data)
+            elif event["type"] == "log":
+                if "startup_seconds" in data:
+                    self.metrics.observe_startup(data["startup_seconds"])
+                if isinstance(data.get("events_dropped"), int):  # rank 0's count after an outage
+                    self.metrics.count_dropped_events(data["events_dropped"])
+        return cursor, model
 
     def _log_event(self, job: ClaimedJob, message: str, **extra: Any) -> None:
         """A job log event that may be dropped (counted) while Redis is away."""
