@@ -26,8 +26,9 @@ PREFIX = "capsnet_"
 # Histogram buckets (seconds): a queue wait runs from instant to hours, a run from seconds to a day.
 QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 RUN_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
-# Seconds from a worker taking a train job to its first step: mostly Ray Train starting processes.
-STARTUP_BUCKETS = (1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
+# Seconds from a worker taking a train job to its first step: mostly Ray Train starting processes,
+# 5-120 s as measured (15-17 s for 2 CPU ranks on an idle machine): buckets every 2.5-10 s there.
+STARTUP_BUCKETS = (2.5, 5, 7.5, 10, 12.5, 15, 17.5, 20, 25, 30, 40, 50, 60, 90, 120, 180, 300)
 ADMISSION_OUTCOMES = ("reserved", "timeout", "ended")
 
 # What the service produces (services.spec.jobspec.KINDS; services.worker.worker's attempt outcomes): label
