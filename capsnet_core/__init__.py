@@ -1,4 +1,5 @@
-"""capsnet_core: LeNet5 and a dynamic-routing CapsNet, shifted/rotated MNIST, training and evaluation.
+"""capsnet_core: the models (LeNet5, the 2017 dynamic-routing CapsNet, Efficient-CapsNet, a ResNet,
+a C8-equivariant CNN), shifted/rotated/affine MNIST, training, evaluation, test suites and plots.
 
 A pure ML library: it imports torch (and matplotlib for plots) but nothing of the service
 (no Redis, Ray, click or Prometheus), so it runs anywhere torch does.
