@@ -27,28 +27,13 @@ import redis
 
 from services.queue import parsing
 from services.queue.keys import Keys
+from services.queue.scripts import Scripts
 
 EVENT_TYPES = ("state", "progress", "log", "result")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 DEFAULT_MAXLEN = 5000
 
 Event = tuple[str, dict[str, Any]]
-
-# KEYS: 1 the job hash, 2 its event stream. ARGV: 1 lease token, 2 MAXLEN, 3 type, 4 at, 5 data.
-# Appends only while the job is running under that token (the fencing rule of every write of
-# an attempt, see services/queue/queue.lua); returns the entry id, or nil when refused. A job key or
-# stream of the wrong type refuses too rather than raise: the queue's next script for the job
-# moves a bad stream aside.
-_FENCED_APPEND = """
-local lease = redis.pcall('HMGET', KEYS[1], 'state', 'lease_token')
-if type(lease) ~= 'table' or lease.err then return false end
-if lease[1] ~= 'running' or ARGV[1] == '' or lease[2] ~= ARGV[1] then return false end
-local t = redis.call('TYPE', KEYS[2])
-t = type(t) == 'table' and t.ok or t
-if t ~= 'stream' and t ~= 'none' then return false end
-return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'type', ARGV[3], 'at', ARGV[4], 'data', ARGV[5])
-"""
-
 
 _NOT_JSON = object()
 
@@ -71,13 +56,15 @@ def decode_entry(fields: Mapping[Any, Any]) -> dict[str, Any]:
 class EventLog:
     """Publish and read per-job event streams."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, maxlen: int = DEFAULT_MAXLEN) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, maxlen: int = DEFAULT_MAXLEN,
+                 scripts: Scripts | None = None) -> None:
         if maxlen < 1:
             raise ValueError("maxlen must be >= 1")
         self.client = client
         self.keys = keys
         self.maxlen = maxlen
-        self._fenced_append = client.register_script(_FENCED_APPEND)
+        # The fenced append is queue.lua's `event_append`, under the queue's one fencing rule.
+        self._scripts = scripts if scripts is not None else Scripts(client, keys, events_maxlen=maxlen)
 
     def publish(self, job_id: str, type: str, data: dict[str, Any] | None = None, *,
                 lease_token: str | None = None) -> str | None:
@@ -92,8 +79,7 @@ class EventLog:
         payload = json.dumps(data if data is not None else {}, separators=(",", ":"), allow_nan=False)
         at = f"{time.time():.6f}"
         if lease_token is not None:
-            entry_id = self._fenced_append(keys=[self.keys.job(job_id), self.keys.events(job_id)],
-                                           args=[lease_token, self.maxlen, type, at, payload])
+            entry_id = self._scripts.run("event_append", [job_id, lease_token, type, payload], now=float(at))
             if entry_id is None:
                 return None
         else:

@@ -5,7 +5,6 @@ dead letters: docs/architecture.md.
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,6 +14,8 @@ from typing import Any, Literal
 import redis
 
 from services.queue import parsing
+from services.queue.attempt import AttemptWriter, read_record
+from services.queue.attempt import dumps as _dumps
 from services.queue.errors import (
     MAX_ERROR_CHARS,
     MAX_TRACEBACK_CHARS,
@@ -22,7 +23,6 @@ from services.queue.errors import (
     IdempotencyConflict,
     JobNotFound,
     JobStateError,
-    QueueError,
     truncate_head,
     truncate_tail,
 )
@@ -31,7 +31,7 @@ from services.queue.job import AnySpec, ClaimedJob, JobRecord, PruneBatch, new_j
 from services.queue.keys import Keys
 from services.queue.registry import WorkerRegistry, server_time
 from services.queue.replication import NotReplicated, run_replicated
-from services.queue.scripts import load_scripts
+from services.queue.scripts import Scripts
 from services.queue.stats import QueueStats
 from services.spec.errors import SpecError
 from services.spec.jobspec import TuneSpec, parse_spec
@@ -50,13 +50,6 @@ MAX_IDEMPOTENCY_KEY_CHARS = 200
 # becomes None or a default, never an exception.
 _s = parsing.text
 _f = parsing.finite
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), default=str)
-
-
-_SCRIPTS = load_scripts()
 
 
 class JobQueue:
@@ -83,8 +76,10 @@ class JobQueue:
         # WAIT for this many replicas before a submit or an outcome counts as done (0: off).
         self.wait_replicas = int(wait_replicas)
         self.wait_timeout_ms = int(wait_timeout_ms)
-        self.events = EventLog(client, self.keys, maxlen=events_maxlen)
-        self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
+        self.scripts = Scripts(client, self.keys, events_maxlen=events_maxlen, dead_letter_max=self.dead_letter_max,
+                               notify_max=self.notify_max, events_ttl=self.events_ttl)
+        self.events = EventLog(client, self.keys, maxlen=events_maxlen, scripts=self.scripts)
+        self.attempts = AttemptWriter(client, self.keys, self.scripts, self.events)  # (see AttemptWriter)
         self.registry = WorkerRegistry(client, self.keys)
         self.stats = QueueStats(client, self.keys)
 
@@ -100,9 +95,7 @@ class JobQueue:
     # ------------------------------------------------------------------ plumbing
 
     def _run(self, name: str, args: Sequence[Any], now: float | None = None, client: Any = None) -> Any:
-        argv = [self.keys.prefix, "" if now is None else repr(float(now)), self.events.maxlen,
-                self.dead_letter_max, self.notify_max, self.events_ttl, *args]
-        return self._scripts[name](keys=[], args=argv, client=client)
+        return self.scripts.run(name, args, now=now, client=client)
 
     def _run_outcome(self, name: str, args: Sequence[Any]) -> Any:
         """An attempt's outcome; with ``wait_replicas``, acknowledged only once that many replicas
@@ -114,16 +107,11 @@ class JobQueue:
                               lambda pipe: self._run(name, args, client=pipe))
 
     def _header(self) -> tuple[bytes, ...]:
-        """The common ARGV head (see queue.lua), pre-encoded for the submit hot path."""
-        return tuple(str(x).encode() for x in (self.keys.prefix, "", self.events.maxlen, self.dead_letter_max,
-                                               self.notify_max, self.events_ttl))
+        return self.scripts.header()
 
     def _queue_submit(self, pipe: Any, header: tuple[bytes, ...], args: Sequence[Any]) -> None:
-        """EVALSHA of the submit script straight onto a pipeline (the hot path of submit_many);
-        the pipeline loads the script first should the server not have it (NOSCRIPT)."""
-        script = self._scripts["submit"]
-        pipe.scripts.add(script)
-        pipe.execute_command("EVALSHA", script.sha, 0, *header, *args)
+        """The submit script queued on a pipeline (the hot path of submit_many)."""
+        self.scripts.queue_on(pipe, "submit", header, args)
 
     # ------------------------------------------------------------------ submit
 
@@ -308,17 +296,11 @@ class JobQueue:
 
     def report_progress(self, job_id: str, token: str, progress: Mapping[str, Any], *,
                         publish: bool = True) -> bool:
-        """Store the latest progress in the record and (``publish``) append a ``progress`` event
-        (fenced). Pass ``publish=False`` when the event was already published via EventLog."""
-        return bool(self._run("progress", [job_id, token, _dumps(dict(progress)), "1" if publish else "0"]))
+        return self.attempts.report_progress(job_id, token, progress, publish=publish)
 
     def set_checkpoint(self, job_id: str, token: str, uri: str, entry: Mapping[str, Any] | None = None,
                        keep: int = 3) -> bool:
-        """Record the URI of the newest checkpoint; the next attempt resumes from it (fenced).
-        ``entry`` ({epoch, uri, size, sha256}, see ``services.runs.checkpoints``) is added to the
-        record's ``checkpoints``, which keeps the last ``keep``."""
-        return bool(self._run("checkpoint", [job_id, token, str(uri), _dumps(dict(entry)) if entry else "",
-                                             str(keep)]))
+        return self.attempts.set_checkpoint(job_id, token, uri, entry, keep)
 
     def complete(self, job_id: str, token: str, result: Any = None) -> bool:
         """running -> succeeded with a JSON result (fenced)."""
@@ -404,19 +386,7 @@ class JobQueue:
 
     def get(self, job_id: str) -> JobRecord | None:
         """The job's record, or None when there is no such job (or its key is not a hash)."""
-        try:
-            h = self.client.hgetall(self.keys.job(job_id))
-        except redis.ResponseError as err:  # not a hash
-            if not parsing.wrong_type(err):
-                raise
-            return None
-        except UnicodeDecodeError:
-            raise QueueError(f"job {job_id}: its record holds bytes that are not UTF-8") from None
-        if not h:
-            return None
-        record = JobRecord.from_hash(h)
-        record.id = record.id or job_id
-        return record
+        return read_record(self.client, self.keys, job_id)
 
     def list(self, state: str | None = None, limit: int = 50) -> list[JobRecord]:
         """Newest first; all jobs or those in one state (see ``QueueStats.list``)."""

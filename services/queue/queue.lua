@@ -851,3 +851,36 @@ end
 enqueue(id, j)
 transition(id, 'running', 'queued', j.priority, attempt, info)
 return ended(id, arg(2), 'hand_back', 'queued')
+
+--!script event_append
+-- arg: 1 job id, 2 lease token, 3 event type, 4 data JSON. Appends to the job's event stream
+-- only while the job runs under that token (`fenced`, the rule of every write of an attempt);
+-- returns the entry id, or false when fenced out. A stream of the wrong type refuses too rather
+-- than raise: the queue's next script for the job moves a bad stream aside.
+local id = arg(1)
+if not fenced(id, arg(2)) then return false end
+local t = key_type(k_events(id))
+if t ~= 'stream' and t ~= 'none' then return false end
+return redis.call('XADD', k_events(id), 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'type', arg(3), 'at', NOWS,
+                  'data', arg(4))
+
+--!script admission_acquire
+-- arg: 1 token, 2 TTL in ms. Takes the per-queue admission lock (services.worker.admission);
+-- returns 1, or 0 while another holder has it. A lock key of another type, or one without an
+-- expiry (only junk has none: every holder sets PX), would block admission forever: it is
+-- dropped first.
+local key = k_admission()
+local t = key_type(key)
+if t ~= 'none' and (t ~= 'string' or redis.call('PTTL', key) < 0) then redis.call('DEL', key) end
+if redis.call('SET', key, arg(1), 'NX', 'PX', arg(2)) then return 1 end
+return 0
+
+--!script admission_renew
+-- arg: 1 token, 2 TTL in ms. Restarts the TTL while `token` holds the lock; returns 1, else 0.
+if redis.pcall('GET', k_admission()) == arg(1) then return redis.call('PEXPIRE', k_admission(), arg(2)) end
+return 0
+
+--!script admission_release
+-- arg: 1 token. Lets go while `token` holds the lock; returns 1, else 0 (it expired or passed on).
+if redis.pcall('GET', k_admission()) == arg(1) then return redis.call('DEL', k_admission()) end
+return 0

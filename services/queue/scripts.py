@@ -4,6 +4,7 @@ each with ``redis.register_script`` and runs it with EVALSHA)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib import resources as importlib_resources
 from typing import Any
 
@@ -74,4 +75,54 @@ def load_scripts(resource: str = "queue.lua") -> dict[str, str]:
     return scripts
 
 
-__all__ = ["load_scripts", "lua_blocks", "lua_words"]
+_SOURCES: dict[str, str] | None = None
+
+
+def _sources() -> dict[str, str]:
+    global _SOURCES
+    if _SOURCES is None:
+        _SOURCES = load_scripts()
+    return _SOURCES
+
+
+class Scripts:
+    """The queue's Lua scripts on one client and key prefix, run with the common ARGV head of
+    ``queue.lua`` (prefix, now, the caps): the one way every caller (the queue, the event log,
+    the admission lock, a rank's attempt handle) runs a script."""
+
+    def __init__(self, client: Any, keys: Keys, *, events_maxlen: int = 5000, dead_letter_max: int = 10_000,
+                 notify_max: int = 1000, events_ttl: int = 14 * 86400) -> None:
+        self.client = client
+        self.keys = keys
+        self.events_maxlen = int(events_maxlen)
+        self.dead_letter_max = int(dead_letter_max)
+        self.notify_max = int(notify_max)
+        self.events_ttl = int(events_ttl)
+        self._scripts: dict[str, Any] = {}
+
+    def script(self, name: str) -> Any:
+        """The registered script (``redis.commands.core.Script``), registered on first use."""
+        script = self._scripts.get(name)
+        if script is None:
+            script = self._scripts[name] = self.client.register_script(_sources()[name])
+        return script
+
+    def header(self) -> tuple[bytes, ...]:
+        """The common ARGV head (see queue.lua), pre-encoded for pipelined hot paths."""
+        return tuple(str(x).encode() for x in (self.keys.prefix, "", self.events_maxlen, self.dead_letter_max,
+                                               self.notify_max, self.events_ttl))
+
+    def run(self, name: str, args: Sequence[Any], now: float | None = None, client: Any = None) -> Any:
+        argv = [self.keys.prefix, "" if now is None else repr(float(now)), self.events_maxlen,
+                self.dead_letter_max, self.notify_max, self.events_ttl, *args]
+        return self.script(name)(keys=[], args=argv, client=client)
+
+    def queue_on(self, pipe: Any, name: str, header: tuple[bytes, ...], args: Sequence[Any]) -> None:
+        """EVALSHA of ``name`` straight onto a pipeline; the pipeline loads the script first
+        should the server not have it (NOSCRIPT)."""
+        script = self.script(name)
+        pipe.scripts.add(script)
+        pipe.execute_command("EVALSHA", script.sha, 0, *header, *args)
+
+
+__all__ = ["Scripts", "load_scripts", "lua_blocks", "lua_words"]

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from services.config import Settings
+from services.queue.attempt import AttemptWriter
 from services.queue.connection import redis_client
-from services.queue.events import EventLog
-from services.queue.jobqueue import JobQueue
 from services.queue.keys import Keys
 from services.queue.redis_retry import RedisRetry, no_retry_client_kwargs
 from services.runs.checkpoints import KEEP_CHECKPOINTS
@@ -95,8 +94,8 @@ class JobChannel:
         self.ctx = ctx
         client = redis_client(ctx.redis_url, **no_retry_client_kwargs())
         keys = Keys(ctx.redis_prefix)
-        self.queue = JobQueue(client, keys)
-        self.events = EventLog(client, keys)
+        self.queue = AttemptWriter(client, keys)  # only the attempt's own reads and fenced writes
+        self.events = self.queue.events
         self.redis = RedisRetry(logging.getLogger("capsctl.rank"))
         self._check_interval = check_interval_s
         self._last_check = 0.0

@@ -29,24 +29,7 @@ from typing import Any
 import redis
 
 from services.queue.keys import Keys
-
-# A lock key of another type, or one without an expiry (only junk has none: every holder sets
-# PX), would block admission forever: it is dropped before the SET NX.
-_ACQUIRE = """
-local t = redis.call('TYPE', KEYS[1])
-t = type(t) == 'table' and t.ok or t
-if t ~= 'none' and (t ~= 'string' or redis.call('PTTL', KEYS[1]) < 0) then redis.call('DEL', KEYS[1]) end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-"""
-_RENEW = """
-if redis.pcall('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE = """
-if redis.pcall('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+from services.queue.scripts import Scripts
 
 # Ray's free counts are floats (fractional resources): compare with some slack.
 _EPSILON = 1e-6
@@ -61,22 +44,20 @@ class AdmissionLock:
         self.client = client
         self.key = keys.admission
         self.ttl_ms = max(1, int(ttl_seconds * 1000))
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._scripts = Scripts(client, keys)  # the lock's scripts are in services/queue/queue.lua
 
     def acquire(self) -> str | None:
         """The lock's token when this caller now holds it, None when another worker does."""
         token = secrets.token_hex(12)
-        return token if int(self._acquire(keys=[self.key], args=[token, self.ttl_ms])) else None
+        return token if int(self._scripts.run("admission_acquire", [token, self.ttl_ms])) else None
 
     def renew(self, token: str) -> bool:
         """Restart the TTL while still the holder; False when the lock was lost meanwhile."""
-        return bool(self._renew(keys=[self.key], args=[token, self.ttl_ms]))
+        return bool(self._scripts.run("admission_renew", [token, self.ttl_ms]))
 
     def release(self, token: str) -> bool:
         """Let go; False when the lock had already expired (or passed to another holder)."""
-        return bool(self._release(keys=[self.key], args=[token]))
+        return bool(self._scripts.run("admission_release", [token]))
 
 
 # Placement-group states whose bundles hold (or, rescheduling after a node loss, are about to
