@@ -66,3 +66,20 @@ class AttemptWriter:
         record's ``checkpoints``, which keeps the last ``keep``."""
         return bool(self.scripts.run("checkpoint", [job_id, token, str(uri), dumps(dict(entry)) if entry else "",
                                                     str(keep)]))
+
+    def add_rank_node(self, job_id: str, token: str, node_id: str) -> bool:
+        """Record a Ray node the attempt's ranks run on (fenced; see ``rank_nodes``)."""
+        return bool(self.scripts.run("rank_node", [job_id, token, str(node_id)]))
+
+    def rank_nodes(self, job_id: str, token: str) -> set[str]:
+        """The Ray nodes the attempt holding ``token`` recorded (empty for junk or another attempt's)."""
+        try:
+            raw = self.client.hget(self.keys.job(job_id), "rank_nodes")
+        except redis.ResponseError as err:
+            if not parsing.wrong_type(err):
+                raise
+            return set()
+        value = parsing.json_value(raw, None) if isinstance(raw, str) else None
+        if not isinstance(value, dict) or value.get("token") != token or not isinstance(value.get("nodes"), list):
+            return set()
+        return {n for n in value["nodes"] if isinstance(n, str) and n}

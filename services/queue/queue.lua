@@ -884,3 +884,19 @@ return 0
 -- arg: 1 token. Lets go while `token` holds the lock; returns 1, else 0 (it expired or passed on).
 if redis.pcall('GET', k_admission()) == arg(1) then return redis.call('DEL', k_admission()) end
 return 0
+
+--!script rank_node
+-- arg: 1 job id, 2 token, 3 Ray node id. Records a node this attempt's ranks run on (fenced), in
+-- the job hash's `rank_nodes` ({token, nodes}; an earlier attempt's list is replaced): when a
+-- rank fails, the driver asks Ray about exactly these nodes (services.runs.losses.node_loss).
+-- returns 1, or 0 when fenced out
+local id = arg(1)
+if not fenced(id, arg(2)) then return 0 end
+local ok, cur = pcall(cjson.decode, redis.call('HGET', k_job(id), 'rank_nodes') or '')
+if not ok or type(cur) ~= 'table' or cur.token ~= arg(2) or type(cur.nodes) ~= 'table' then
+  cur = {token = arg(2), nodes = {}}
+end
+for _, n in ipairs(cur.nodes) do if n == arg(3) then return 1 end end
+if #cur.nodes < 256 then table.insert(cur.nodes, arg(3)) end
+redis.call('HSET', k_job(id), 'rank_nodes', cjson.encode(cur))
+return 1

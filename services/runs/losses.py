@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import time
 
-from services.runs.runtime import JobChannel
-
 # How long a failed attempt whose ranks ran on several Ray nodes waits for Ray to declare one of
 # those nodes dead before the failure counts as the job's own: a surviving rank's collective error
 # (gloo/NCCL peer gone, timeout) reaches the driver within a second, but Ray's GCS declares a
@@ -116,18 +114,6 @@ def node_loss(exc: BaseException, node_ids: set[str], grace_s: float = NODE_DEAT
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.5)
-
-def rank_nodes(channel: JobChannel, since: str | None) -> set[str]:
-    """The Ray nodes this attempt's ranks ran on, from their start-up log events after ``since``
-    (empty when Redis could not be asked)."""
-    if since is None:
-        return set()
-    events = channel.redis.attempt(channel.events.read, channel.ctx.job_id, since, count=10_000,
-                                   what="reading the ranks' nodes", default=[])
-    return {e["data"]["node_id"] for _, e in events
-            if e.get("type") == "log" and "rank" in e["data"] and e["data"].get("node_id")}
-
-
 
 def trial_loss(error: BaseException | str | None) -> str | None:
     """Why a trial's error (as Tune's result grid reports it) is an infrastructure loss, or None

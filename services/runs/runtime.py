@@ -158,6 +158,17 @@ class JobChannel:
             self._send(self.queue.report_progress, self.ctx.job_id, self.ctx.lease_token, event, publish=False,
                        what="recording progress")
 
+    def report_node(self, node_id: str) -> None:
+        """Record the Ray node this rank runs on, where the driver looks when a rank fails."""
+        self._send(self.queue.add_rank_node, self.ctx.job_id, self.ctx.lease_token, node_id,
+                   what="recording the rank's node")
+
+    def rank_nodes(self) -> set[str]:
+        """The Ray nodes this attempt's ranks recorded (empty when Redis could not be asked)."""
+        nodes = self._send(self.queue.rank_nodes, self.ctx.job_id, self.ctx.lease_token,
+                           what="reading the ranks' nodes")
+        return set() if nodes is _DROPPED else nodes
+
     def log(self, message: str, **extra: Any) -> None:
         if self._send(self.events.log, self.ctx.job_id, message, lease_token=self.ctx.lease_token,
                       what="logging", **extra) is _DROPPED:

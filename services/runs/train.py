@@ -48,7 +48,7 @@ from services.runs.checkpoints import (
     resume_candidates,
     walk_back,
 )
-from services.runs.losses import infrastructure_loss, node_loss, rank_nodes
+from services.runs.losses import infrastructure_loss, node_loss
 from services.runs.runtime import (
     CHECKPOINT_FILE,
     JobChannel,
@@ -129,6 +129,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Ready to train: how long the worker's hand-over took (Ray Train's processes, data, model).
     startup = round(time.time() - ctx.started_at, 3) if ctx.started_at else None
     node_id = ray.get_runtime_context().get_node_id()  # which Ray node to blame if this rank is lost
+    channel.report_node(node_id)
     channel.log(f"rank {rank}/{world_size} on {device}, Ray node {node_id[:8]}: {shard.numel()} images per epoch, "
                 f"shard {fingerprint}"
                 + (f"; ready {startup:.1f} s after the worker took the job" if startup is not None else "")
@@ -304,11 +305,10 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     # importing torch; say so, or `logs -f` looks stuck.
     channel.log(f"starting Ray Train: a controller and {spec.ranks} rank process(es) "
                 f"({'NCCL on GPUs' if use_gpu else 'gloo on CPUs'})")
-    # Each rank logs the Ray node it runs on; this attempt's are the ones after this event.
-    since = channel.redis.attempt(channel.events.last_id, ctx.job_id, what="reading the event stream")
+    # Each rank records the Ray node it runs on (JobChannel.report_node): a failed rank's node is asked about.
     outcome = fit_or_stop(trainer.fit, channel,
                           lost=lambda exc: infrastructure_loss(exc) or run_state_vanished(exc, ctx)
-                          or node_loss(exc, rank_nodes(channel, since)))
+                          or node_loss(exc, channel.rank_nodes()))
     metrics = dict(outcome.metrics or {})
     result = {
         "rotation_accuracy": metrics.get("rotation_accuracy", {}),
