@@ -53,8 +53,9 @@ def check_submittable(spec: Any, settings: Settings) -> None:
             raise SpecError(str(err), "source") from None
 
 
-def submit_spec(app: App, spec: dict[str, Any], idempotency_key: str | None, follow: bool,
-                as_json: bool, checked: bool = False) -> None:
+def submit_spec(app: App, spec: dict[str, Any] | TrainSpec | EvalSpec | TuneSpec, idempotency_key: str | None,
+                follow: bool, as_json: bool, checked: bool = False) -> None:
+    """Validate (once: a spec already parsed is used as is), check and enqueue a job."""
     parsed = parse_spec(spec)  # SpecError -> exit 2 before touching Redis
     if not checked:
         check_submittable(parsed, app.settings)
@@ -131,9 +132,10 @@ def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: int | None
     spec = given({"kind": "eval", "source": source}, angles=angles, gpus=gpus, eval_suites=eval_suites,
                  dataset=dataset, test_subset=test_subset, priority=priority, name=name, max_retries=max_retries,
                  max_lost=max_lost)
-    check_submittable(parse_spec(spec), app.settings)  # the spec's and the operator's rules, before Redis
+    parsed = parse_spec(spec)
+    check_submittable(parsed, app.settings)  # the spec's and the operator's rules, before Redis
     check_eval_source(app, source.strip())
-    submit_spec(app, spec, idempotency_key, follow, as_json, checked=True)
+    submit_spec(app, parsed, idempotency_key, follow, as_json, checked=True)
 
 
 def check_eval_source(app: App, source: str) -> None:
