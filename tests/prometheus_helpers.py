@@ -46,6 +46,7 @@ RULES_DIR = REPO_ROOT / "deploy" / "prometheus" / "rules"
 # Series only a GPU node has: per-job CUDA memory, and NVML's per-device gauges.
 CUDA_ONLY_METRICS = frozenset({"capsnet_gpu_memory_used_bytes", "capsnet_gpu_utilization_ratio",
                                "capsnet_gpu_device_memory_used_bytes", "capsnet_gpu_device_memory_total_bytes"})
+TUNE_ONLY_METRICS = frozenset({"capsnet_tune_trial_epoch", "capsnet_tune_trial_val_accuracy_ratio"})
 INSTALL_HINT = "run `apt-get install -y prometheus` (Debian's package ships prometheus and promtool)"
 
 
@@ -234,6 +235,7 @@ class PanelQuery:
     raw_expr: str        # as written in the dashboard
     expr: str            # with template variables substituted
     cuda_only: bool      # only has data when training on CUDA
+    tune_only: bool = False  # only has data while a sweep runs
 
     def __str__(self) -> str:
         return f"{self.dashboard} / {self.panel!r} [{self.ref_id}]: {self.expr}"
@@ -295,7 +297,8 @@ def load_panel_queries(directory: Path = DASHBOARDS_DIR, variables: Mapping[str,
                     dashboard=name, panel=panel.get("title", f"panel {panel.get('id')}"),
                     ref_id=target.get("refId", "A"), raw_expr=raw,
                     expr=substitute_variables(raw, variables, builtins),
-                    cuda_only=any(m in raw for m in CUDA_ONLY_METRICS)))
+                    cuda_only=any(m in raw for m in CUDA_ONLY_METRICS),
+                    tune_only=any(m in raw for m in TUNE_ONLY_METRICS)))
     return queries
 
 

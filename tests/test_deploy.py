@@ -380,6 +380,9 @@ def test_every_panel_returns_data_from_a_real_prometheus(redis_url: str, tmp_pat
             "gpu_memory_bytes": 2**30})
         worker.training.observe(job, "capsnet", {"type": "eval", "test_accuracy": {"0": 0.99, "35": 0.8 - i / 100},
                                                  "suite_accuracy": {"rotation_auc": 0.6, "affine-mnist": 0.9 - i / 100}})
+        for t in range(2):  # a sweep's trials (another job: a tune job)
+            worker.trials.observe(job, {"type": "trial", "trial": f"t00{t}-lenet5-shift2", "epoch": 1 + i // 4,
+                                        "val_accuracy": 0.5 + t / 10 + i / 100})
 
     try:
         activity(0)

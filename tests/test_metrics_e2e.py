@@ -344,8 +344,8 @@ def test_every_dashboard_panel_has_data(scenario: Scenario) -> None:
         if q.cuda_only:
             continue
         result = prom.query_range(q.expr, start=scenario.started - 5, end=scenario.ended, step=1)
-        results[(q.panel, q.ref_id)] = result
-        if not finite(result):
+        results[(q.panel, q.ref_id)] = result  # (a sweep's panels: the query is checked, no data expected)
+        if not finite(result) and not q.tune_only:
             empty.append(f"{q}  ->  {len(result)} series, no finite value")
     assert not empty, "panels without data:\n" + "\n".join(empty)
     assert [q.panel for q in queries if q.cuda_only] == [

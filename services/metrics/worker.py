@@ -20,6 +20,7 @@ from services.metrics.labels import label_value
 from services.metrics.queue import QueueCollector
 from services.metrics.redis_state import RedisHealthCollector
 from services.metrics.training import TrainingMetrics
+from services.metrics.trials import TrialMetrics
 
 PREFIX = "capsnet_"
 
@@ -87,6 +88,7 @@ class WorkerMetrics:
                                     registry=registry)
         self.training = TrainingMetrics(registry=registry, max_jobs=max_jobs,
                                         result_linger_seconds=result_linger_seconds)
+        self.trials = TrialMetrics(registry=registry)
         self.gpus = GpuCollector(gpu_reader)  # per-device utilisation and memory, read at scrape time
         if registry is not None:
             registry.register(self.gpus)
@@ -99,7 +101,8 @@ class WorkerMetrics:
 
     def collectors(self) -> list[Collector]:
         return [self.queue_wait, self.run_duration, self.startup, self.admission, self.cluster_gpus, self.cluster_cpus,
-                self.events_dropped, self.artifacts_writable, self.artifacts_free, *self.training.gauges(), self.gpus]
+                self.events_dropped, self.artifacts_writable, self.artifacts_free, *self.training.gauges(),
+                *self.trials.gauges(), self.gpus]
 
     def observe_queue_wait(self, kind: str, seconds: float) -> None:
         self.queue_wait.labels(label_value(kind)).observe(max(0.0, float(seconds)))

@@ -356,7 +356,9 @@ class Worker:
         for entry_id, event in batch:
             cursor = entry_id
             data = event["data"] if isinstance(event["data"], dict) else {}
-            if event["type"] == "progress":
+            if event["type"] == "progress" and data.get("type") == "trial":
+                self.metrics.trials.observe(job.job_id, data)  # one series per trial, not the job's
+            elif event["type"] == "progress":
                 if job.spec.kind == "eval" and isinstance(data.get("model"), str):
                     model = data["model"]  # an eval learns its model from the checkpoint
                 self.metrics.training.observe(job.job_id, model, data)
@@ -491,6 +493,7 @@ class Worker:
                 t.join(timeout=5)
             self.metrics.observe_run_duration(kind, outcome, time.monotonic() - started)
             self.metrics.training.remove(job.job_id)
+            self.metrics.trials.remove(job.job_id)
             self._current = None
         log.info("job %s attempt %d: %s", job.job_id, job.attempt, outcome)
         return outcome
