@@ -106,6 +106,105 @@ class RedisServer:
             self.proc.wait(timeout=10)
 
 
+class RedisHA:
+    """A primary and a replica (AOF each) watched by three Sentinels, as ``redis+sentinel://``;
+    ``fail_over`` SIGKILLs the current primary, waits for the Sentinels to promote the replica and
+    brings the old primary back as the new one's replica (an operator's part, done at once)."""
+
+    SERVICE = "capsnet"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.ports = [free_port(), free_port()]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.sentinels: list[subprocess.Popen] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://{','.join(f'127.0.0.1:{p}' for p in self.sentinel_ports)}/{self.SERVICE}/0"
+
+    def _server(self, port: int, *extra: str) -> None:
+        folder = self.workdir / str(port)
+        folder.mkdir(exist_ok=True)
+        binary = shutil.which("redis-server") or sys.exit("redis-server is not installed")
+        self.procs[port] = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(folder), *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_ping(port)
+
+    def primary_port(self) -> int:
+        import redis as redis_py
+
+        for port in self.sentinel_ports:
+            try:
+                return int(redis_py.Redis(port=port, decode_responses=True).execute_command(
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)[1])
+            except Exception:  # this Sentinel is busy or not up: ask the next
+                continue
+        raise RuntimeError("no Sentinel answered")
+
+    def start(self) -> None:
+        import redis as redis_py
+
+        self._server(self.ports[0])
+        self._server(self.ports[1], "--replicaof", "127.0.0.1", str(self.ports[0]))
+        binary = shutil.which("redis-server")
+        for n, port in enumerate(self.sentinel_ports):
+            conf = self.workdir / f"sentinel-{n}.conf"
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\nlogfile {self.workdir}/sentinel-{n}.log\n"
+                            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.ports[0]} 2\n"
+                            f"sentinel down-after-milliseconds {self.SERVICE} 3000\n"
+                            f"sentinel failover-timeout {self.SERVICE} 6000\n")
+            self.sentinels.append(subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                                   stderr=subprocess.DEVNULL))
+            _wait_for_ping(port)
+        deadline = time.monotonic() + 60  # every Sentinel knows the replica and both other Sentinels
+        while not all(redis_py.Redis(port=p).execute_command("SENTINEL", "REPLICAS", self.SERVICE)
+                      and len(redis_py.Redis(port=p).execute_command("SENTINEL", "SENTINELS", self.SERVICE)) == 2
+                      for p in self.sentinel_ports):
+            if time.monotonic() > deadline:
+                sys.exit("the Sentinels never found the replica and each other")
+            time.sleep(0.2)
+
+    def fail_over(self) -> float:
+        """Seconds from the SIGKILL of the primary to a promoted replica."""
+        old = self.primary_port()
+        new = self.ports[1] if old == self.ports[0] else self.ports[0]
+        self.procs[old].kill()
+        self.procs[old].wait(timeout=10)
+        killed = time.monotonic()
+        while self.primary_port() != new:
+            if time.monotonic() - killed > 120:
+                raise RuntimeError("no failover within 120 s")
+            time.sleep(0.1)
+        took = time.monotonic() - killed
+        shutil.rmtree(self.workdir / str(old), ignore_errors=True)  # it comes back empty and resyncs
+        self._server(old, "--replicaof", "127.0.0.1", str(new))
+        return took
+
+    def kill(self) -> None:
+        for proc in [*self.procs.values(), *self.sentinels]:
+            if proc.poll() is None:
+                proc.kill()
+
+    stop = kill
+
+
+def _wait_for_ping(port: int) -> None:
+    import redis as redis_py
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if redis_py.Redis(port=port).ping():
+                return
+        except Exception:  # not listening yet, or LOADING
+            time.sleep(0.05)
+    sys.exit(f"redis-server on {port} did not come up within 30 s")
+
+
 class WorkerProc:
     def __init__(self, worker_id: str, env: dict[str, str], log_dir: Path) -> None:
         self.worker_id = worker_id
@@ -216,6 +315,9 @@ def main() -> None:
     parser.add_argument("--artifacts-mb", type=int, default=512, help="size of the artifact tmpfs (disk fills)")
     parser.add_argument("--oom-windows", type=int, default=0, help="put Redis out of memory this many times")
     parser.add_argument("--oom-seconds", type=float, default=10.0)
+    parser.add_argument("--failovers", type=int, default=0,
+                        help="run Redis as primary + replica + 3 Sentinels (WAIT 1) and fail the primary over this "
+                             "many times (replaces --redis-restarts and --oom-windows)")
     parser.add_argument("--kill-after", type=float, default=20.0,
                         help="only kill a worker whose current attempt has run this long (s)")
     parser.add_argument("--epochs", type=int, default=4)
@@ -229,7 +331,9 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="capsnet-chaos-"))
     (tmp / "redis").mkdir()
-    server = RedisServer(tmp / "redis")
+    if args.failovers and (args.redis_restarts or args.oom_windows):
+        sys.exit("--failovers replaces --redis-restarts and --oom-windows: give those as 0")
+    server = RedisHA(tmp / "redis") if args.failovers else RedisServer(tmp / "redis")
     server.start()
     artifacts = tmp / "artifacts"
     artifacts.mkdir()
@@ -240,22 +344,27 @@ def main() -> None:
     ray_info = ray.init(num_cpus=2 * args.workers, include_dashboard=False, logging_level="WARNING",
                         configure_logging=False, log_to_driver=False)
     env = dict(os.environ)
+    shared = REPO.parent / "shared" / "data"
+    if "CAPSNET_DATA_DIR" not in env and shared.is_dir():  # the checkout's MNIST (no download here)
+        env["CAPSNET_DATA_DIR"] = str(shared.resolve())
     env.update({"CAPSNET_REDIS_URL": server.url, "RAY_ADDRESS": ray_info.address_info["gcs_address"],
                 "CAPSNET_ARTIFACTS": str(artifacts), "CAPSNET_METRICS_PORT": "0",
                 "CAPSNET_LEASE_SECONDS": "6", "CAPSNET_HEARTBEAT_SECONDS": "1", "RAY_USAGE_STATS_ENABLED": "0",
                 # the store counts as full below 16 MiB free: fits the small tmpfs of --disk-fills
                 "CAPSNET_ARTIFACTS_MIN_FREE_BYTES": str(16 << 20),
+                **({"CAPSNET_REDIS_WAIT": "1", "CAPSNET_REDIS_WAIT_TIMEOUT": "1000"} if args.failovers else {}),
                 "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
-    queue = JobQueue(redis_client(server.url), Keys("capsnet:"), lease_seconds=6)
+    queue = JobQueue(redis_client(server.url), Keys("capsnet:"), lease_seconds=6,
+                     wait_replicas=1 if args.failovers else 0)
     # max_retries 0: a job failing for a lost worker would show. max_lost above the number of kills:
     # a job that absorbs every kill must still resume (the budget itself is tested elsewhere).
     spec = {"kind": "train", "model": "lenet5", "epochs": args.epochs, "train_subset": args.train_subset,
             "test_subset": 1000, "eval_angles": [0, 35], "max_retries": 0,
             "max_lost": min(100, args.worker_kills + args.checkpoint_damage + args.disk_fills + 5)}
-    job_ids = [queue.submit({**spec, "seed": i}).id for i in range(args.jobs)]
+    job_ids = [queue.submit({**spec, "seed": i}, check_capacity=False).id for i in range(args.jobs)]
     print(f"submitted {len(job_ids)} jobs; workers {args.workers}; plan: {args.worker_kills} worker kills, "
           f"{args.checkpoint_damage} checkpoint damages, {args.disk_fills} disk fills, {args.oom_windows} OOM windows, "
-          f"{args.redis_restarts} redis restarts; logs in {tmp}", flush=True)
+          f"{args.redis_restarts} redis restarts, {args.failovers} Sentinel failovers; logs in {tmp}", flush=True)
 
     serial = 0
     workers: list[WorkerProc] = []
@@ -287,9 +396,10 @@ def main() -> None:
 
     # Every fault once, shuffled: spread over the run, one every few seconds.
     faults = (["kill"] * args.worker_kills + ["redis"] * args.redis_restarts + ["damage"] * args.checkpoint_damage
-              + ["fill"] * args.disk_fills + ["oom"] * args.oom_windows)
+              + ["fill"] * args.disk_fills + ["oom"] * args.oom_windows + ["failover"] * args.failovers)
     rng.shuffle(faults)
-    done: dict[str, int] = {name: 0 for name in ("kill", "redis", "damage", "fill", "oom")}
+    done: dict[str, int] = {name: 0 for name in ("kill", "redis", "damage", "fill", "oom", "failover")}
+    failover_seconds: list[float] = []
     exited_alone = 0
     started = time.monotonic()
 
@@ -342,6 +452,13 @@ def main() -> None:
                 print(f"{stamp()} SIGKILL redis-server, down {args.redis_down_seconds:.0f} s", flush=True)
                 time.sleep(args.redis_down_seconds)
                 server.start()
+            elif fault == "failover":
+                faults.pop(0)
+                done["failover"] += 1
+                print(f"{stamp()} SIGKILL the Redis primary (Sentinels fail over)", flush=True)
+                failover_seconds.append(server.fail_over())
+                print(f"{stamp()} replica promoted after {failover_seconds[-1]:.1f} s; old primary back as its replica",
+                      flush=True)
             elif fault == "fill":
                 faults.pop(0)
                 done["fill"] += 1
@@ -384,6 +501,8 @@ def main() -> None:
         ("worker SIGKILLs / redis restarts", f"{done['kill']} / {done['redis']}"),
         ("checkpoints damaged (+ SIGKILL)", done["damage"]),
         ("disk fills / Redis OOM windows", f"{done['fill']} / {done['oom']}"),
+        ("Sentinel failovers (WAIT 1)", f"{done['failover']}" + (f", promoted after {min(failover_seconds):.1f}-"
+                                                                 f"{max(failover_seconds):.1f} s" if failover_seconds else "")),
         ("workers that exited on their own", exited_alone),
         ("attempts beyond the first", sum(max(0, f["attempts"] - 1) for f in figures.values())),
         ("resumed from a checkpoint", sum(f["resumes"] for f in figures.values())),
