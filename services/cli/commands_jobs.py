@@ -20,6 +20,7 @@ from services.cli.options import (
     deprecated_alias,
     given,
     parse_model_config,
+    tracking_fields,
     training_job_options,
 )
 from services.cli.render import print_results, table, write_plots
@@ -53,8 +54,22 @@ def check_submittable(spec: Any, settings: Settings) -> None:
             raise SpecError(str(err), "source") from None
 
 
+def with_tracking(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """``spec`` with --mlflow / --mlflow-experiment (or CAPSNET_MLFLOW_URI) in it; refuses a
+    tracking URI when mlflow is not installed, before anything is queued."""
+    from services.runs.tracking import INSTALL_HINT, mlflow_installed
+
+    spec = {**spec, **tracking_fields()}
+    if "mlflow_uri" not in spec and settings.mlflow_uri:
+        spec["mlflow_uri"] = settings.mlflow_uri
+    if spec.get("mlflow_uri") and not mlflow_installed():
+        raise SpecUsageError(f"mlflow_uri: MLflow tracking needs the mlflow package: {INSTALL_HINT}")
+    return spec
+
+
 def submit_spec(app: App, spec: dict[str, Any], idempotency_key: str | None, follow: bool,
                 as_json: bool, checked: bool = False) -> None:
+    spec = with_tracking(spec, app.settings)
     parsed = parse_spec(spec)  # SpecError -> exit 2 before touching Redis
     if not checked:
         check_submittable(parsed, app.settings)
