@@ -166,3 +166,45 @@ def test_submit_with_a_tracking_uri_and_no_mlflow_is_a_one_line_error(redis_url:
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == ("Error: mlflow_uri: MLflow tracking needs the mlflow package: "
                                    "pip install 'capsctl[mlflow]'")
+
+
+@pytest.mark.slow
+def test_sweep_logs_trials_as_child_runs_and_eval_logs_its_results(queue: JobQueue, workers,
+                                                                   mlflow_server: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    sweep = queue.submit({"kind": "tune", "models": ["lenet5"], "angles": [0, 45], "eval_angles": [0, 45], "epochs": 2,
+                          "train_subset": 600, "val_split": 200, "test_subset": 300, "batch_size": 64, "asha": False,
+                          "name": "tracked-sweep", "mlflow_uri": mlflow_server, "mlflow_experiment": "sweeps"})
+    worker = workers("w-track-sweep")
+    record = _finished(queue, sweep.id, worker)
+    assert record.state == "succeeded", (record.error, record.traceback)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("sweeps").experiment_id
+    parent = client.search_runs([experiment], filter_string="tags.`capsctl.kind` = 'tune'")
+    assert len(parent) == 1 and parent[0].info.run_name == "tracked-sweep"
+    parent_id = parent[0].info.run_id
+    assert parent[0].data.params["angles"] == "[0.0, 45.0]"
+    assert {"matrix/tune_matrix.csv", "matrix/heatmap-lenet5.png"} <= {
+        a.path for a in client.list_artifacts(parent_id, "matrix")}
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    trials = {t["key"]: t for t in record.result["trials"]}
+    assert {c.info.run_name for c in children} == set(trials)
+    for child in children:
+        trial = trials[child.info.run_name]
+        assert child.data.params["augment"] == trial["augment"] and child.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1, 2]
+        for angle, accuracy in trial["rotation_accuracy"].items():
+            assert child.data.metrics[f"rotation_accuracy/{angle}"] == pytest.approx(accuracy)
+
+    # An eval of one trial's checkpoint: its own run with the per-angle results.
+    checkpoint = next(iter(trials.values()))["checkpoint"]
+    job = queue.submit({"kind": "eval", "source": checkpoint, "angles": [0, 30], "test_subset": 300,
+                        "mlflow_uri": mlflow_server, "mlflow_experiment": "sweeps"})
+    evaluated = _finished(queue, job.id, worker)
+    assert evaluated.state == "succeeded", (evaluated.error, evaluated.traceback)
+    run = client.search_runs([experiment], filter_string="tags.`capsctl.kind` = 'eval'")
+    assert len(run) == 1 and run[0].info.run_name == job.id
+    assert run[0].data.tags["capsctl.model"] == "lenet5" and run[0].data.params["source"] == checkpoint
+    assert run[0].data.metrics["rotation_accuracy/30"] == pytest.approx(evaluated.result["rotation_accuracy"]["30"])
+    assert {a.path for a in client.list_artifacts(run[0].info.run_id)} == {"results.json"}

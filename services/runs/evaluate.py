@@ -5,6 +5,7 @@ measures the trials that ASHA stopped early.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import traceback
 from pathlib import Path
@@ -19,6 +20,7 @@ from capsnet_core.train import angle_key
 from services.config import Settings
 from services.queue.jobqueue import JobQueue
 from services.runs.runtime import CHECKPOINT_FILE, JobContext, JobRejected, assigned_device
+from services.runs.tracking import Tracker, result_metrics, spec_params, tracking_target
 from services.spec.jobspec import EvalSpec
 from services.spec.sources import SourceRefused, check_source_allowed
 
@@ -84,8 +86,30 @@ def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
     resources = spec.resources()
     task = ray.remote(num_cpus=max(1, resources.get("cpus", 1)), num_gpus=resources.get("gpus", 0))(_eval_task)
     try:
-        return ray.get(task.remote(spec.to_dict(), checkpoint_uri, ctx.data_dir))
+        result = ray.get(task.remote(spec.to_dict(), checkpoint_uri, ctx.data_dir))
     except CheckpointRejected as exc:  # Ray re-raises the task's error as an instance of its cause
         raise JobRejected(str(getattr(exc, "cause", None) or exc)) from None
     except Exception as exc:
         raise RuntimeError(f"evaluation of {checkpoint_uri} failed: {exc}\n{traceback.format_exc()}") from exc
+    _track_eval(spec, ctx, queue, result)
+    return result
+
+
+def _track_eval(spec: EvalSpec, ctx: JobContext, queue: JobQueue, result: dict[str, Any]) -> None:
+    """The eval job's MLflow run (the driver logs it): spec, per-angle and suite results."""
+    target = tracking_target(spec, ctx.job_id)
+    if target is None:
+        return
+
+    def log(message: str, **fields: Any) -> None:
+        queue.events.log(ctx.job_id, message, lease_token=ctx.lease_token, **fields)
+
+    # An eval spec names no model: the checkpoint does.
+    target = dataclasses.replace(target, tags={**target.tags, "capsctl.model": str(result.get("model")),
+                                               "capsctl.source": spec.source[:250]})
+    tracker = Tracker.start(target, lambda message, **fields: log(message, level="warning", **fields),
+                            spec_params(spec.to_dict()))
+    tracker.log_metrics(result_metrics(result))
+    tracker.log_json(result, "results.json")
+    tracker.finish()
+    tracker.report_dropped(log)
