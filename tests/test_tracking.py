@@ -169,7 +169,7 @@ def test_submit_with_a_tracking_uri_and_no_mlflow_is_a_one_line_error(redis_url:
 
 
 @pytest.mark.slow
-def test_sweep_logs_trials_as_child_runs_and_eval_logs_its_results(queue: JobQueue, workers,
+def test_sweep_logs_trials_as_child_runs_and_eval_logs_its_results(queue: JobQueue, workers, redis_url: str,
                                                                    mlflow_server: str) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -196,6 +196,11 @@ def test_sweep_logs_trials_as_child_runs_and_eval_logs_its_results(queue: JobQue
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1, 2]
         for angle, accuracy in trial["rotation_accuracy"].items():
             assert child.data.metrics[f"rotation_accuracy/{angle}"] == pytest.approx(accuracy)
+    # Ray Tune's own TensorBoard logger wrote one event file per trial; `results` names the folder.
+    experiment_dir = Path(record.result["experiment"])
+    assert len(list(experiment_dir.glob("*/events.out.tfevents.*"))) == len(trials)
+    out = CliRunner().invoke(main, ["--redis-url", redis_url, "results", sweep.id])
+    assert out.exit_code == 0 and f"tensorboard --logdir {experiment_dir}" in out.output, out.output
 
     # An eval of one trial's checkpoint: its own run with the per-angle results.
     checkpoint = next(iter(trials.values()))["checkpoint"]
