@@ -187,6 +187,8 @@ def test_sweep_logs_trials_as_child_runs_and_eval_logs_its_results(queue: JobQue
     assert parent[0].data.params["angles"] == "[0.0, 45.0]"
     assert {"matrix/tune_matrix.csv", "matrix/heatmap-lenet5.png"} <= {
         a.path for a in client.list_artifacts(parent_id, "matrix")}
+    assert {a.path for a in client.list_artifacts(parent_id, "best_checkpoint/lenet5")} == {
+        "best_checkpoint/lenet5/checkpoint.pt"}
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     trials = {t["key"]: t for t in record.result["trials"]}
     assert {c.info.run_name for c in children} == set(trials)

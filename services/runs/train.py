@@ -193,7 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and test is not None:
             with cpu_threads(eval_threads, device):
                 plots = _write_plots(model, test, result.rotation_accuracy, result.history, spec, ctx, channel,
-                                     workdir / "plots")
+                                     workdir / "plots" if tracker is not None else None)
             last_epoch = result.history[-1]["epoch"] if result.history else spec.epochs
             if events is not None:
                 events.rotation(result.rotation_accuracy, last_epoch)
@@ -221,10 +221,10 @@ def _track_outcome(tracker: Tracker, result: Any, plots: list[Path], checkpoint:
 
 
 def _write_plots(model: Any, test: Any, rotation: dict[str, float], history: list[dict[str, Any]], spec: TrainSpec,
-                 ctx: JobContext, channel: JobChannel, scratch: Path) -> list[Path]:
+                 ctx: JobContext, channel: JobChannel, scratch: Path | None) -> list[Path]:
     """Pictures next to the checkpoints: accuracy against angle, the training curve (loss and
     accuracy per epoch), the most rotated test digits with predictions, and CapsNet
-    reconstructions. With URI storage they go to ``scratch`` (for MLflow only)."""
+    reconstructions. With URI storage they go to ``scratch`` (for MLflow), if one is given."""
     from capsnet_core.plots import (
         plot_accuracy_vs_angle,
         plot_reconstructions,
@@ -233,7 +233,9 @@ def _write_plots(model: Any, test: Any, rotation: dict[str, float], history: lis
     )
     from services.results.plot_labels import curve_label, plot_title
 
-    folder = scratch if "://" in ctx.artifacts else Path(ctx.artifacts) / ctx.job_id / "plots"
+    if "://" in ctx.artifacts and scratch is None:
+        return []
+    folder = scratch if scratch is not None and "://" in ctx.artifacts else Path(ctx.artifacts) / ctx.job_id / "plots"
     try:
         spec_dict, job = spec.to_dict(), getattr(spec, "name", None) or ctx.job_id
         title = plot_title(job, "train", spec.model, spec_dict)
@@ -244,7 +246,7 @@ def _write_plots(model: Any, test: Any, rotation: dict[str, float], history: lis
                                    folder / "rotated_digits.png", classes=test.classes)]
         if spec.model == "capsnet" and spec.model_kwargs().get("decoder", True):
             paths.append(plot_reconstructions(model, test.images, folder / "reconstructions.png"))
-        if folder != scratch:
+        if "://" not in ctx.artifacts:
             channel.log(f"plots written to {folder}", plots=[str(p) for p in paths])
         return paths
     except Exception as exc:  # pictures are a courtesy: never fail a trained job over them

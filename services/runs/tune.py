@@ -463,5 +463,9 @@ def _track_sweep(spec: TuneSpec, ctx: JobContext, channel: JobChannel, result: d
             sweep.log_artifact(path, "matrix")
     if not artifacts:
         sweep.log_json(result, "tune_result.json")
+    for model, matrix in (result.get("models") or {}).items():  # each model's best trial, by validation
+        best = matrix.get("best_checkpoint")
+        if isinstance(best, str) and Path(best).is_file():
+            sweep.log_artifact(best, f"best_checkpoint/{model}")
     sweep.finish()
     sweep.report_dropped(channel.log)
