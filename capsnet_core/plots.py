@@ -228,3 +228,34 @@ def plot_accuracy_curves(curves: Mapping[str, Mapping[str | float, tuple[float, 
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False,
                   ncol=1 if len(curves) < 5 else 2)  # below the axes: never over a curve
     return _save(fig, path)
+
+
+def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | Path,
+                         title: str = "Training curve") -> Path:
+    """Loss (left) and accuracy (right, 0-100 % with the chance line) per epoch, train and
+    validation; history: the per-epoch records of ``capsnet_core.fit`` (``train_loss``,
+    ``val_loss``, ``train_accuracy``, ``val_accuracy``, accuracies 0..1). A series a run did
+    not measure (no validation split) is left out."""
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4.2))
+    records = [r for r in history if isinstance(r.get("epoch"), int | float)]
+    for ax, scale, series in ((loss_ax, 1.0, (("train_loss", "train"), ("val_loss", "validation"))),
+                              (acc_ax, 100.0, (("train_accuracy", "train"), ("val_accuracy", "validation")))):
+        for i, (key, label) in enumerate(series):
+            points = [(float(r["epoch"]), scale * float(r[key])) for r in records
+                      if isinstance(r.get(key), int | float)]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="os"[i], linewidth=1.8,
+                        markerfacecolor="none" if i else None, label=label)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # whole epochs only
+        ax.grid(alpha=0.3)
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_ylim(bottom=0)
+    acc_ax.set_ylim(0, 101)
+    acc_ax.axhline(CHANCE, color="grey", linestyle="--", linewidth=1, label="chance (10 %)")
+    acc_ax.set_ylabel("accuracy (%)")
+    for ax in (loss_ax, acc_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle(title, fontsize="medium")
+    return _save(fig, path)

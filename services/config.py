@@ -27,6 +27,8 @@ require_noeviction         CAPSNET_REQUIRE_NOEVICTION   False (1 = a worker refu
 redis_wait                 CAPSNET_REDIS_WAIT           0 (N: submit and every outcome wait for
                                                         N replicas, WAIT; 1 with a replica)
 redis_wait_timeout_ms      CAPSNET_REDIS_WAIT_TIMEOUT   1000 (ms WAIT waits for the replicas)
+mlflow_uri                 CAPSNET_MLFLOW_URI           None (an MLflow tracking URI: every job
+                                                        logs there, services.runs.tracking)
 =========================  ===========================  ====================================
 
 ``CAPSNET_EVAL_ROOTS`` is a comma-separated list of folders or URI prefixes that ``eval`` may
@@ -124,6 +126,7 @@ class Settings:
     require_noeviction: bool = False
     redis_wait: int = 0
     redis_wait_timeout_ms: int = 1000
+    mlflow_uri: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -156,6 +159,7 @@ class Settings:
             require_noeviction=bool(_int(env, "CAPSNET_REQUIRE_NOEVICTION", 0, 0, 1)),
             redis_wait=_int(env, "CAPSNET_REDIS_WAIT", 0, 0, 16),
             redis_wait_timeout_ms=_int(env, "CAPSNET_REDIS_WAIT_TIMEOUT", 1000, 1, 600_000),
+            mlflow_uri=(env.get("CAPSNET_MLFLOW_URI") or "").strip() or None,
         )
         if is_sentinel_url(settings.redis_url):
             try:

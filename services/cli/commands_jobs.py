@@ -20,6 +20,7 @@ from services.cli.options import (
     deprecated_alias,
     given,
     parse_model_config,
+    tracking_fields,
     training_job_options,
 )
 from services.cli.render import print_results, table, write_plots
@@ -53,9 +54,24 @@ def check_submittable(spec: Any, settings: Settings) -> None:
             raise SpecError(str(err), "source") from None
 
 
+def with_tracking(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """``spec`` with --mlflow / --mlflow-experiment (or CAPSNET_MLFLOW_URI) in it; refuses a
+    tracking URI when mlflow is not installed, before anything is queued."""
+    from services.runs.tracking import INSTALL_HINT, mlflow_installed
+
+    spec = {**spec, **tracking_fields()}
+    if "mlflow_uri" not in spec and settings.mlflow_uri:
+        spec["mlflow_uri"] = settings.mlflow_uri
+    if spec.get("mlflow_uri") and not mlflow_installed():
+        raise SpecUsageError(f"mlflow_uri: MLflow tracking needs the mlflow package: {INSTALL_HINT}")
+    return spec
+
+
 def submit_spec(app: App, spec: dict[str, Any] | TrainSpec | EvalSpec | TuneSpec, idempotency_key: str | None,
                 follow: bool, as_json: bool, checked: bool = False) -> None:
     """Validate (once: a spec already parsed is used as is), check and enqueue a job."""
+    if isinstance(spec, dict):
+        spec = with_tracking(spec, app.settings)
     parsed = parse_spec(spec)  # SpecError -> exit 2 before touching Redis
     if not checked:
         check_submittable(parsed, app.settings)
@@ -132,7 +148,7 @@ def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: int | None
     spec = given({"kind": "eval", "source": source}, angles=angles, gpus=gpus, eval_suites=eval_suites,
                  dataset=dataset, test_subset=test_subset, priority=priority, name=name, max_retries=max_retries,
                  max_lost=max_lost)
-    parsed = parse_spec(spec)
+    parsed = parse_spec(with_tracking(spec, app.settings))
     check_submittable(parsed, app.settings)  # the spec's and the operator's rules, before Redis
     check_eval_source(app, source.strip())
     submit_spec(app, parsed, idempotency_key, follow, as_json, checked=True)

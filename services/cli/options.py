@@ -140,10 +140,32 @@ def common_job_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--idempotency-key", help="Submitting again with the same key returns the same job."),
         click.option("--follow", "-f", is_flag=True, help="Show progress until the job ends; exit 1 if it fails."),
         click.option("--json", "as_json", is_flag=True, help="Print the job record as JSON."),
+        click.option("--mlflow", "mlflow_uri", metavar="URI", expose_value=False, callback=_keep_tracking,
+                     help="Log the job to this MLflow tracking server (default: CAPSNET_MLFLOW_URI; "
+                          "needs capsctl[mlflow])."),
+        click.option("--mlflow-experiment", metavar="NAME", expose_value=False, callback=_keep_tracking,
+                     help="MLflow experiment to log the job under (default capsctl)."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+TRACKING_META = "capsctl.tracking"
+
+
+def _keep_tracking(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Keep --mlflow / --mlflow-experiment aside in the context (``tracking_fields``), so that
+    every submitting command passes them on without naming them in its signature."""
+    if value is not None:
+        ctx.meta.setdefault(TRACKING_META, {})[param.name] = value
+    return value
+
+
+def tracking_fields() -> dict[str, str]:
+    """The spec fields --mlflow and --mlflow-experiment gave (``mlflow_uri``, ``mlflow_experiment``)."""
+    ctx = click.get_current_context(silent=True)
+    return dict(ctx.meta.get(TRACKING_META, {})) if ctx is not None else {}
 
 
 class Duration(click.ParamType):

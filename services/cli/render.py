@@ -305,9 +305,21 @@ def print_results(record: JobRecord) -> None:
         artifacts = result.get("artifacts") if isinstance(result.get("artifacts"), dict) else {}
         if artifacts.get("csv"):
             echo(f"Matrix CSV: {printable(artifacts['csv'])}")
+        echo_tensorboard(result)
         return
     checkpoint = result.get("checkpoint") or record.checkpoint
     echo(f"\nCheckpoint: {checkpoint or '-'}")
+    echo_tensorboard(result)
+
+
+def echo_tensorboard(result: dict[str, Any]) -> None:
+    """The command that shows the job's curves: a train job's own event files, or the Tune
+    experiment folder, where Ray Tune's logger writes one set per trial (local storage only)."""
+    folder = result.get("tensorboard")
+    if not folder and isinstance(result.get("experiment"), str) and "://" not in result["experiment"]:
+        folder = result["experiment"]
+    if isinstance(folder, str) and folder:
+        echo(f"TensorBoard: tensorboard --logdir {printable(folder)}  (pip install tensorboard)")
 
 
 SUITE_LABELS = {"rotation_auc": "rotation AUC 0-180° (trapezoid / 180)",

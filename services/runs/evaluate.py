@@ -5,6 +5,7 @@ measures the trials that ASHA stopped early.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import traceback
@@ -21,6 +22,7 @@ from capsnet_core.train import angle_key
 from services.config import Settings
 from services.queue.jobqueue import JobQueue
 from services.runs.runtime import CHECKPOINT_FILE, JobContext, JobRejected, assigned_device
+from services.runs.tracking import Tracker, result_metrics, spec_params, tracking_target
 from services.spec.jobspec import EvalSpec
 from services.spec.sources import SourceRefused, check_source_allowed
 
@@ -103,4 +105,25 @@ def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
                              lease_token=ctx.lease_token)
     except redis.RedisError as exc:
         log.warning("the eval result of %s was not published as an event: %s", ctx.job_id, exc)
+    _track_eval(spec, ctx, queue, result)
     return result
+
+
+def _track_eval(spec: EvalSpec, ctx: JobContext, queue: JobQueue, result: dict[str, Any]) -> None:
+    """The eval job's MLflow run (the driver logs it): spec, per-angle and suite results."""
+    target = tracking_target(spec, ctx.job_id)
+    if target is None:
+        return
+
+    def log(message: str, **fields: Any) -> None:
+        queue.events.log(ctx.job_id, message, lease_token=ctx.lease_token, **fields)
+
+    # An eval spec names no model: the checkpoint does.
+    target = dataclasses.replace(target, tags={**target.tags, "capsctl.model": str(result.get("model")),
+                                               "capsctl.source": spec.source[:250]})
+    tracker = Tracker.start(target, lambda message, **fields: log(message, level="warning", **fields),
+                            spec_params(spec.to_dict()))
+    tracker.log_metrics(result_metrics(result))
+    tracker.log_json(result, "results.json")
+    tracker.finish()
+    tracker.report_dropped(log)

@@ -174,6 +174,10 @@ class JobChannel:
                       what="logging", **extra) is _DROPPED:
             self.events_dropped += 1
 
+    def warn(self, message: str, **extra: Any) -> None:
+        """A warning event (what ``log`` posts at level warning)."""
+        self.log(message, level="warning", **extra)
+
     def set_checkpoint(self, uri: str, entry: dict[str, Any] | None = None) -> None:
         """Record the newest checkpoint (and its {epoch, uri, size, sha256} ``entry``) in the job
         record (fenced); kept for later while Redis is away."""

@@ -48,6 +48,7 @@ from services.runs.checkpoints import (
     resume_candidates,
     walk_back,
 )
+from services.runs.event_files import EventFiles, tensorboard_dir
 from services.runs.losses import infrastructure_loss, node_loss
 from services.runs.runtime import (
     CHECKPOINT_FILE,
@@ -56,6 +57,14 @@ from services.runs.runtime import (
     check_job_limits,
     fit_or_stop,
     prepare_ddp_model,
+)
+from services.runs.tracking import (
+    Tracker,
+    TrackingTarget,
+    epoch_metrics,
+    result_metrics,
+    spec_params,
+    tracking_target,
 )
 from services.spec.jobspec import TrainSpec
 
@@ -149,6 +158,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         checkpoint.to_directory(str(workdir / "resume"))
         (workdir / "resume" / CHECKPOINT_FILE).replace(resume_file)
 
+    # Rank 0 alone tells MLflow and TensorBoard, after each epoch's barrier (services.runs.tracking).
+    tracker = (Tracker.start(TrackingTarget(**config["tracking"]), channel.warn, spec_params(spec.to_dict()))
+               if rank == 0 and config.get("tracking") else None)
+    tb_dir = tensorboard_dir(ctx.artifacts, ctx.job_id) if rank == 0 else None
+    events = EventFiles(tb_dir, channel.warn) if tb_dir is not None else None
+
     def on_epoch_end(history: list[dict[str, Any]], saved: Path | None) -> None:
         # ray.train.report is a barrier on every rank; rank 0 hands over the checkpoint it just
         # wrote, and its metrics (with the whole history, small) become the run's result.
@@ -163,7 +178,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             uri = f"{ctx.artifacts.rstrip('/')}/{ctx.job_id}/epoch-{epoch:04d}"
             entry = dataclasses.replace(written, uri=uri).to_dict() if written is not None else None
             channel.set_checkpoint(uri, entry)
+            if tracker is not None:
+                tracker.log_metrics(epoch_metrics(history[-1]), step=epoch)
+            if events is not None:
+                events.epoch(history[-1])
 
+    finished = False
     try:
         eval_threads = _eval_threads(train_ctx, device)
         result = fit(model, train, test, _train_config(spec, eval_threads), val=val, rank=rank, world_size=world_size,
@@ -173,33 +193,66 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _report_resume(result, spec, rank, world_size, device, resume_file, workdir, channel)
         if rank == 0 and test is not None:
             with cpu_threads(eval_threads, device):
-                _write_plots(model, test, result.rotation_accuracy, spec, ctx, channel)
+                plots = _write_plots(model, test, result.rotation_accuracy, result.history, spec, ctx, channel,
+                                     workdir / "plots" if tracker is not None else None)
+            last_epoch = result.history[-1]["epoch"] if result.history else spec.epochs
+            if events is not None:
+                events.rotation(result.rotation_accuracy, last_epoch)
+            if tracker is not None:
+                _track_outcome(tracker, result, plots, workdir / "epoch" / CHECKPOINT_FILE, last_epoch)
+        finished = True
     finally:
+        if events is not None:
+            events.close()
+        if tracker is not None:
+            tracker.finish("FINISHED" if finished else "FAILED")
+            tracker.report_dropped(channel.log)
         shutil.rmtree(workdir, ignore_errors=True)  # Ray has copied every checkpoint to storage
 
 
-def _write_plots(model: Any, test: Any, rotation: dict[str, float], spec: TrainSpec, ctx: JobContext,
-                 channel: JobChannel) -> None:
-    """Pictures next to the checkpoints (local artifact folders only): accuracy against angle,
-    the most rotated test digits with predictions, and CapsNet reconstructions."""
-    if "://" in ctx.artifacts:
-        return
-    from capsnet_core.plots import plot_accuracy_vs_angle, plot_reconstructions, plot_rotated_grid
+def _track_outcome(tracker: Tracker, result: Any, plots: list[Path], checkpoint: Path, last_epoch: int) -> None:
+    """The final figures, the plots and the final checkpoint into the job's MLflow run."""
+    outcome = {"rotation_accuracy": result.rotation_accuracy, "suite_accuracy": result.suite_accuracy}
+    tracker.log_metrics(result_metrics(outcome), step=last_epoch)
+    tracker.log_json({**outcome, "per_class": result.per_class, "history": result.history}, "results.json")
+    for path in plots:
+        tracker.log_artifact(path, "plots")
+    if checkpoint.is_file():
+        tracker.log_artifact(checkpoint, "checkpoint")
+
+
+def _write_plots(model: Any, test: Any, rotation: dict[str, float], history: list[dict[str, Any]], spec: TrainSpec,
+                 ctx: JobContext, channel: JobChannel, scratch: Path | None) -> list[Path]:
+    """Pictures next to the checkpoints: accuracy against angle, the training curve (loss and
+    accuracy per epoch), the most rotated test digits with predictions, and CapsNet
+    reconstructions. With URI storage they go to ``scratch`` (for MLflow), if one is given."""
+    from capsnet_core.plots import (
+        plot_accuracy_vs_angle,
+        plot_reconstructions,
+        plot_rotated_grid,
+        plot_training_curves,
+    )
     from services.results.plot_labels import curve_label, plot_title
 
-    folder = Path(ctx.artifacts) / ctx.job_id / "plots"
+    if "://" in ctx.artifacts and scratch is None:
+        return []
+    folder = scratch if scratch is not None and "://" in ctx.artifacts else Path(ctx.artifacts) / ctx.job_id / "plots"
     try:
         spec_dict, job = spec.to_dict(), getattr(spec, "name", None) or ctx.job_id
+        title = plot_title(job, "train", spec.model, spec_dict)
         paths = [plot_accuracy_vs_angle({curve_label(job, "train", spec.model, spec_dict): rotation},
-                                        folder / "accuracy_vs_angle.png",
-                                        title=plot_title(job, "train", spec.model, spec_dict)),
+                                        folder / "accuracy_vs_angle.png", title=title),
+                 plot_training_curves(history, folder / "training_curve.png", title=title),
                  plot_rotated_grid(model, test.images, test.labels, max(spec.eval_angles, key=abs),
                                    folder / "rotated_digits.png", classes=test.classes)]
         if spec.model == "capsnet" and spec.model_kwargs().get("decoder", True):
             paths.append(plot_reconstructions(model, test.images, folder / "reconstructions.png"))
-        channel.log(f"plots written to {folder}", plots=[str(p) for p in paths])
+        if "://" not in ctx.artifacts:
+            channel.log(f"plots written to {folder}", plots=[str(p) for p in paths])
+        return paths
     except Exception as exc:  # pictures are a courtesy: never fail a trained job over them
         channel.log(f"could not write plots: {exc}", level="warning")
+        return []
 
 
 def _report_resume(result: Any, spec: TrainSpec, rank: int, world_size: int, device: Any,
@@ -288,9 +341,11 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     use_gpu = spec.gpus > 0
     channel = JobChannel(ctx, check_interval_s=0.0)
     resume = choose_resume(ctx, channel)
+    target = tracking_target(spec, ctx.job_id)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.to_dict(), "ctx": asdict(ctx), "resume": resume},
+        train_loop_config={"spec": spec.to_dict(), "ctx": asdict(ctx), "resume": resume,
+                           "tracking": asdict(target) if target is not None else None},
         scaling_config=ScalingConfig(num_workers=spec.ranks, use_gpu=use_gpu,
                                      resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
         run_config=RunConfig(
@@ -323,4 +378,7 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
         "checkpoint": outcome.checkpoint.path if outcome.checkpoint is not None else None,
         "validation": describe_split(load_dataset(spec.dataset, "train", root=ctx.data_dir), spec.val_split).to_dict(),
     }
+    tb_dir = tensorboard_dir(ctx.artifacts, ctx.job_id)
+    if tb_dir is not None and tb_dir.is_dir():
+        result["tensorboard"] = str(tb_dir.absolute())
     return result

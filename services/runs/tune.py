@@ -66,6 +66,7 @@ from services.runs.runtime import (
     fit_or_stop,
     prepare_ddp_model,
 )
+from services.runs.tracking import Tracker, result_metrics, spec_params, tracking_target
 from services.runs.trial_store import TrialStore, experiment_path, final_document, is_uri
 from services.runs.tune_callback import LIVE, Live, SweepCallback
 from services.spec.jobspec import TuneSpec
@@ -431,4 +432,40 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
     queue.report_progress(ctx.job_id, ctx.lease_token, {"type": "tune", "trials": len(trials),
                                                         "trials_done": len(trials), "trials_running": 0},
                           publish=False)
+    _track_sweep(spec, ctx, channel, result, finals)
     return result
+
+
+_TRIAL_PARAMS = ("model", "augment", "train_angle", "lr", "routing_iters", "seed")
+
+
+def _track_sweep(spec: TuneSpec, ctx: JobContext, channel: JobChannel, result: dict[str, Any],
+                 finals: list[dict[str, Any]]) -> None:
+    """The sweep's MLflow run, logged by the driver once every trial is final: the spec, the
+    matrix files and heatmaps; one child run per trial with its per-epoch curve and results."""
+    target = tracking_target(spec, ctx.job_id)
+    if target is None:
+        return
+    sweep = Tracker.start(target, channel.warn, spec_params(spec.to_dict()))
+    for document in finals:
+        trial = sweep.child(document["key"], {"capsctl.kind": "trial", "capsctl.trial": document["key"],
+                                              "capsctl.model": document["model"], "capsctl.status": document["status"]},
+                            spec_params({k: document.get(k) for k in _TRIAL_PARAMS}))
+        trial.log_history(document.get("history") or [])
+        final = result_metrics(document)
+        if isinstance(document.get("val_accuracy"), int | float):
+            final["final_val_accuracy"] = float(document["val_accuracy"])
+        trial.log_metrics(final, step=int(document.get("epochs_trained") or 0))
+        trial.finish()
+    artifacts = result.get("artifacts") or {}
+    for path in [artifacts.get("csv"), artifacts.get("json"), *(artifacts.get("heatmaps") or {}).values()]:
+        if path:
+            sweep.log_artifact(path, "matrix")
+    if not artifacts:
+        sweep.log_json(result, "tune_result.json")
+    for model, matrix in (result.get("models") or {}).items():  # each model's best trial, by validation
+        best = matrix.get("best_checkpoint")
+        if isinstance(best, str) and Path(best).is_file():
+            sweep.log_artifact(best, f"best_checkpoint/{model}")
+    sweep.finish()
+    sweep.report_dropped(channel.log)

@@ -78,6 +78,19 @@ class _SpecBase(BaseModel):
     # Lease expiries (worker SIGKILLed, node gone) are the infrastructure's fault, not the job's:
     # they have this budget of their own and never use up max_retries.
     max_lost: bounded_int(0, 100) = 10  # type: ignore[valid-type]
+    # MLflow tracking (services.runs.tracking): the server, else the worker's CAPSNET_MLFLOW_URI.
+    mlflow_uri: str | None = None
+    mlflow_experiment: str | None = None
+
+    @field_validator("mlflow_uri", "mlflow_experiment")
+    @classmethod
+    def _v_tracking(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = v.strip()
+        if not v or len(v) > 1024 or any(ord(c) < 32 for c in v):
+            raise ValueError("must be 1 to 1024 printable characters")
+        return v
 
     @field_validator("name")
     @classmethod
