@@ -72,7 +72,7 @@ def main() -> None:
         for ranks in [int(x) for x in args.workers.split(",")]:
             for repeat in range(args.repeats + 1):  # the first run warms Ray up and is not counted
                 t0 = time.time()
-                job = queue.submit({"kind": "train", "model": "lenet5", "workers": ranks, "epochs": 1,
+                job = queue.submit({"kind": "train", "model": "lenet5", "cpu_ranks": ranks, "epochs": 1,
                                     "batch_size": 64, "train_subset": 2000, "test_subset": 500, "eval_angles": [0]})
                 while (record := queue.get(job.id)) is None or not record.is_terminal:
                     time.sleep(0.05)

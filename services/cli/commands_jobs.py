@@ -17,7 +17,6 @@ from services.cli.options import (
     common_job_options,
     data_options,
     default_of,
-    deprecated_alias,
     given,
     parse_model_config,
     training_job_options,
@@ -76,9 +75,7 @@ def submit_spec(app: App, spec: dict[str, Any], idempotency_key: str | None, fol
 @click.argument("model", type=click.Choice(MODEL_NAMES), metavar="MODEL")
 @click.option("--gpus", type=int, help="GPUs, one data-parallel rank each (excludes --cpu-ranks).")
 @click.option("--cpu-ranks", type=int,
-              help=f"CPU data-parallel ranks, one process each (excludes --gpus; {default_of(TrainSpec, 'workers')}).")
-@click.option("--workers", type=int, hidden=True, callback=deprecated_alias("--cpu-ranks"),
-              help="Deprecated alias of --cpu-ranks.")
+              help=f"CPU data-parallel ranks, one process each (excludes --gpus; {default_of(TrainSpec, 'cpu_ranks')}).")
 @click.option("--epochs", type=int, help=f"Training epochs ({default_of(TrainSpec, 'epochs')}).")
 @click.option("--batch-size", type=int, help=f"Global batch size ({default_of(TrainSpec, 'batch_size')}).")
 @click.option("--lr", type=float, help=f"Learning rate ({default_of(TrainSpec, 'lr')}).")
@@ -91,20 +88,16 @@ def submit_spec(app: App, spec: dict[str, Any], idempotency_key: str | None, fol
 @click.option("--seed", type=int, help=f"Random seed ({default_of(TrainSpec, 'seed')}).")
 @training_job_options("Model config override (repeatable), e.g. routing_iters=2; values are JSON when they parse.")
 @pass_app
-def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, workers: int | None, epochs: int | None,
+def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, epochs: int | None,
            batch_size: int | None, lr: float | None, lr_decay: float | None, augment: str | None,
            eval_angles: list[float] | None, eval_suites: list[str] | None, dataset: str | None, seed: int | None,
            train_subset: int | None, val_split: int | None, test_subset: int | None, model_config: tuple[str, ...],
            priority: str | None, name: str | None, max_retries: int | None, max_lost: int | None, idempotency_key: str | None,
            follow: bool, as_json: bool) -> None:
     """Submit a training job for MODEL (capsctl models lists them); prints its id."""
-    if workers is not None:  # the old spelling of --cpu-ranks, kept for one release
-        if cpu_ranks is not None:
-            raise click.UsageError("--workers is the deprecated spelling of --cpu-ranks: give only --cpu-ranks")
-        cpu_ranks = workers
     if gpus is not None and cpu_ranks is not None:
         raise click.UsageError("--gpus and --cpu-ranks are mutually exclusive: a GPU job has one rank per GPU")
-    spec = given({"kind": "train", "model": model}, gpus=gpus, workers=cpu_ranks, epochs=epochs,
+    spec = given({"kind": "train", "model": model}, gpus=gpus, cpu_ranks=cpu_ranks, epochs=epochs,
                  batch_size=batch_size, lr=lr, lr_decay=lr_decay, augment=augment, eval_angles=eval_angles,
                  eval_suites=eval_suites, dataset=dataset, seed=seed, train_subset=train_subset,
                  val_split=val_split, test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)

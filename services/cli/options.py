@@ -101,15 +101,6 @@ def given(spec: dict[str, Any], **values: Any) -> dict[str, Any]:
     return spec
 
 
-def deprecated_alias(new: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """A callback for a hidden old option name: one line on stderr when it is used."""
-    def note(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is not None:
-            click.echo(f"Warning: {param.opts[0]} is deprecated and will be removed; use {new}", err=True)
-        return value
-    return note
-
-
 def data_options(train: bool) -> Decorator:
     """--dataset, [--train-subset, --val-split,] --test-subset: shared by submit, eval and tune."""
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:

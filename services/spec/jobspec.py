@@ -25,6 +25,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -103,7 +104,9 @@ class TrainSpec(_SpecBase):
     kind: Literal["train"] = "train"
     model: ModelName = "capsnet"
     gpus: bounded_int(0, 64) = 0  # type: ignore[valid-type]
-    workers: bounded_int(1, 64) = 1  # type: ignore[valid-type]
+    # Records and job files written before the rename still say ``workers``: read, never written.
+    cpu_ranks: bounded_int(1, 64) = Field(  # type: ignore[valid-type]
+        1, validation_alias=AliasChoices("cpu_ranks", "workers"))
     epochs: bounded_int(1, 1000) = 10  # type: ignore[valid-type]
     batch_size: bounded_int(1, 65536) = 128  # type: ignore[valid-type]
     lr: Rate = 1e-3  # type: ignore[valid-type]
@@ -129,9 +132,9 @@ class TrainSpec(_SpecBase):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainSpec:
-        if self.gpus > 0 and self.workers not in (1, self.gpus):
-            raise ValueError(f"workers: with gpus > 0 there is one rank per GPU; leave workers at 1 "
-                             f"(got workers={self.workers}, gpus={self.gpus})")
+        if self.gpus > 0 and self.cpu_ranks not in (1, self.gpus):
+            raise ValueError(f"cpu_ranks: with gpus > 0 there is one rank per GPU; leave cpu_ranks at 1 "
+                             f"(got cpu_ranks={self.cpu_ranks}, gpus={self.gpus})")
         if self.batch_size < self.ranks:
             raise ValueError(f"batch_size: must be at least the number of ranks ({self.ranks}), "
                              f"got {self.batch_size}")
@@ -143,8 +146,8 @@ class TrainSpec(_SpecBase):
 
     @property
     def ranks(self) -> int:
-        """Data-parallel processes: one per GPU, else ``workers`` CPU ranks."""
-        return self.gpus if self.gpus > 0 else self.workers
+        """Data-parallel processes: one per GPU, else ``cpu_ranks`` CPU ranks."""
+        return self.gpus if self.gpus > 0 else self.cpu_ranks
 
     def resources(self) -> dict[str, int]:
         return {"gpus": self.gpus, "cpus": self.ranks}
