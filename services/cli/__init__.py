@@ -75,7 +75,7 @@ def main(ctx: click.Context, redis_url: str | None, redis_prefix: str | None, st
 
 
 
-for _command in (commands_jobs.submit, commands_jobs.eval_cmd, commands_jobs.tune, commands_jobs.models_cmd,
+for _command in (commands_jobs.submit, commands_jobs.eval_cmd, commands_jobs.tune, commands_jobs.models_cmd, commands_jobs.schema_cmd,
                  commands_jobs.results, commands_jobs.compare,
                  commands_admin.status, commands_admin.workers, commands_admin.list_cmd, commands_admin.logs,
                  commands_admin.cancel, commands_admin.retry, commands_admin.dead_letters, commands_admin.prune,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -129,12 +130,23 @@ def common_job_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help=f"Times the job may lose its worker (lease expired) and resume "
                           f"({default_of(TrainSpec, 'max_lost')}); never uses up --max-retries."),
         click.option("--idempotency-key", help="Submitting again with the same key returns the same job."),
-        click.option("--follow", "-f", is_flag=True, help="Show progress until the job ends; exit 1 if it fails."),
+        click.option("--follow", is_flag=True, help="Show progress until the job ends; exit 1 if it fails."),
         click.option("--json", "as_json", is_flag=True, help="Print the job record as JSON."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def job_file_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """-f/--file and --dry-run: shared by submit, eval and tune (services.cli.jobfiles)."""
+    f = click.option("--dry-run", is_flag=True,
+                     help="Validate and print the spec, the resources it claims and (tune) its trial count "
+                          "as YAML (with --json: JSON); enqueue nothing.")(f)
+    return click.option("--file", "-f", "job_file", metavar="FILE",
+                        type=click.Path(dir_okay=False, path_type=Path),
+                        help="A job file (YAML, several --- documents for several jobs, or JSON) with the spec "
+                             "fields (`capsctl schema`); flags typed beside it override it.")(f)
 
 
 class Duration(click.ParamType):

@@ -336,6 +336,14 @@ def check_model_size(spec: TrainSpec | EvalSpec | TuneSpec, max_params: int) -> 
                             f"{per_sample}), above the limit of {max_params:,} (CAPSNET_MAX_PARAMS)", "model_config")
 
 
+def job_spec_schema(kind: str | None = None) -> dict[str, Any]:
+    """The JSON Schema (input side, so the old ``workers`` spelling is not offered) of one kind's
+    spec, or of any job spec (a union on ``kind``) when ``kind`` is None."""
+    if kind is None:
+        return _ADAPTER.json_schema(mode="validation")
+    return _MODELS_BY_KIND[kind].model_json_schema(mode="validation")
+
+
 def parse_spec(data: Any) -> TrainSpec | EvalSpec | TuneSpec:
     """Validate a job spec given as a dict, JSON text or an already-built spec."""
     if isinstance(data, _SpecBase):
