@@ -189,7 +189,7 @@ def test_cpu_ranks_replaces_workers(queue: JobQueue) -> None:
     assert stored.cpus == 2
     help_text = run("submit", "--help").output
     assert "--cpu-ranks" in help_text and "--workers" not in help_text
-    assert "(default 10)" in help_text and "(default 0,15,35)" in help_text  # read from TrainSpec
+    assert "(1..1000; default 10)" in help_text and "default 0,15,35)" in help_text  # read from TrainSpec
     assert len(queue.list()) == 1
 
 

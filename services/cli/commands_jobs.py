@@ -22,6 +22,7 @@ from services.cli.options import (
     given,
     job_file_options,
     parse_model_config,
+    range_of,
     training_job_options,
 )
 from services.cli.render import print_results, table, write_plots
@@ -99,8 +100,9 @@ def submit_jobs(app: App, kind: str, flags: dict[str, Any], job_file: Path | Non
 
 
 @command()
-@click.argument("model", type=click.Choice(MODEL_NAMES), metavar="[MODEL]", required=False)
-@click.option("--gpus", type=int, help="GPUs, one data-parallel rank each (excludes --cpu-ranks).")
+@click.argument("model", type=click.Choice(MODEL_NAMES), metavar="MODEL", required=False)
+@click.option("--gpus", type=int,
+              help=f"GPUs, one data-parallel rank each (excludes --cpu-ranks; {default_of(TrainSpec, 'gpus')}).")
 @click.option("--cpu-ranks", type=int,
               help=f"CPU data-parallel ranks, one process each (excludes --gpus; {default_of(TrainSpec, 'cpu_ranks')}).")
 @click.option("--epochs", type=int, help=f"Training epochs ({default_of(TrainSpec, 'epochs')}).")
@@ -138,7 +140,7 @@ def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, epochs
 
 
 @command("eval")
-@click.argument("source", metavar="[JOB_ID|CHECKPOINT]", required=False)
+@click.argument("source", metavar="JOB_ID|CHECKPOINT", required=False)
 @click.option("--angles", type=NumberList(float), help=f"Test rotations in degrees ({default_of(EvalSpec, 'angles')}).")
 @click.option("--gpus", type=int,
               help=f"0 or 1: evaluate on a GPU the scheduler reserves for it ({default_of(EvalSpec, 'gpus')}).")
@@ -182,12 +184,16 @@ def check_eval_source(app: App, source: str) -> None:
               help=f"Models to compare ({default_of(TuneSpec, 'models')}; capsctl models lists them all).")
 @click.option("--angles", type=NumberList(float),
               help=f"Training rotations, one condition each ({default_of(TuneSpec, 'angles')}).")
-@click.option("--eval-angles", type=NumberList(float), help="Test rotations (default: --angles).")
+@click.option("--eval-angles", type=NumberList(float),
+              help=f"Test rotations ({range_of(TuneSpec, 'eval_angles')}; default: --angles).")
 @click.option("--eval-suite", "eval_suites", type=WordList(), metavar="S1,S2", help=SUITES_HELP)
 @click.option("--augment", type=WordList(), metavar="P1,P2",
               help="One augmentation preset per training angle (default shift2+rot<angle>).")
-@click.option("--lr", type=NumberList(float), help="Learning rates to search, e.g. 1e-3,3e-4.")
-@click.option("--routing-iters", type=NumberList(int), help="CapsNet routing iterations to search, e.g. 1,3.")
+@click.option("--lr", type=NumberList(float),
+              help=f"Learning rates to search, e.g. 1e-3,3e-4 (up to 16, {range_of(TuneSpec, 'lr')}).")
+@click.option("--routing-iters", type=NumberList(int),
+              help=f"CapsNet routing iterations to search, e.g. 1,3 (up to 16, "
+                   f"{range_of(TuneSpec, 'routing_iters')}).")
 @click.option("--samples", type=int, help=f"Samples per grid point ({default_of(TuneSpec, 'samples')}).")
 @click.option("--seeds", type=int, help=f"Seeds per condition, for mean ± std ({default_of(TuneSpec, 'seeds')}).")
 @click.option("--seed", type=int, help=f"Base random seed ({default_of(TuneSpec, 'seed')}).")

@@ -13,6 +13,7 @@ from typing import Any
 import click
 from pydantic import BaseModel
 
+from services.spec.errors import allowed_values
 from services.spec.jobspec import TrainSpec
 from services.spec.types import DATASETS, PRIORITIES
 
@@ -30,9 +31,30 @@ def shown(value: Any) -> str:
     return str(value)
 
 
+def range_of(spec: type[BaseModel], field: str) -> str | None:
+    """The numbers a job spec field allows as the help shows them: ``1..1000``, ``(0, 1]``,
+    ``1..32 numbers in [-180, 180]``; None for a field that is not numeric."""
+    hint = allowed_values(spec, field)
+    if hint is None:
+        return None
+    hint = hint.removesuffix(" or null")
+    for prefix in ("an integer in ", "a number in "):
+        if hint.startswith(prefix):
+            return hint.removeprefix(prefix)
+    items = hint.removeprefix("a list of ")
+    if items.startswith(("numbers in ", "integers in ")):
+        return "each in " + items.partition(" in ")[2]
+    if items != hint and items[:1].isdigit():  # "1..32 numbers in [-180, 180]"
+        return items
+    return hint if hint == "0 or 1" else None
+
+
 def default_of(spec: type[BaseModel], field: str) -> str:
-    """``default <value>`` of a job spec field, for an option's help text."""
-    return f"default {shown(spec.model_fields[field].get_default(call_default_factory=True))}"
+    """``<range>; default <value>`` of a job spec field (the range where it is numeric), for an
+    option's help text: the user sees what is allowed before trying."""
+    default = f"default {shown(spec.model_fields[field].get_default(call_default_factory=True))}"
+    allowed = range_of(spec, field)
+    return f"{allowed}; {default}" if allowed else default
 
 
 class NumberList(click.ParamType):
@@ -105,14 +127,16 @@ def given(spec: dict[str, Any], **values: Any) -> dict[str, Any]:
 def data_options(train: bool) -> Decorator:
     """--dataset, [--train-subset, --val-split,] --test-subset: shared by submit, eval and tune."""
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        f = click.option("--test-subset", type=int, help="Test on the first N images only.")(f)
+        f = click.option("--test-subset", type=int,
+                         help=f"Test on the first N images only ({range_of(TrainSpec, 'test_subset')}).")(f)
         if train:
             f = click.option("--val-split", type=int,
                              help=f"Hold out N training images (class-stratified, fixed seed) to measure every "
                                   f"epoch and make every selection on ({default_of(TrainSpec, 'val_split')}); "
                                   "carved before --train-subset; 0 = none.")(f)
             f = click.option("--train-subset", type=int,
-                             help="Train on the first N images left after the validation split.")(f)
+                             help=f"Train on the first N images left after the validation split "
+                                  f"({range_of(TrainSpec, 'train_subset')}).")(f)
         return click.option("--dataset", type=click.Choice(DATASETS),
                             help=f"Dataset ({default_of(TrainSpec, 'dataset')}).")(f)
     return decorate

@@ -135,6 +135,12 @@ def _hint(model: type[BaseModel] | None, field: str, item: bool = False) -> str 
     return _describe(typing.get_args(annotation)[0]) if typing.get_origin(annotation) is list else None
 
 
+def allowed_values(model: type[BaseModel], field: str) -> str | None:
+    """What a spec field allows, in words (``an integer in 1..1000``), for help texts; None when
+    its rules are not a type's bounds (free text, choices click already lists)."""
+    return _hint(model, field)
+
+
 def format_error(err: Mapping[str, Any], kind: str | None,
                  models_by_kind: Mapping[str, type[BaseModel]]) -> SpecError:
     """The ``SpecError`` for one pydantic error (``ValidationError.errors()`` item) of a spec whose
@@ -183,4 +189,4 @@ def format_error(err: Mapping[str, Any], kind: str | None,
 
 
 
-__all__ = ["SpecError", "format_error"]
+__all__ = ["SpecError", "allowed_values", "format_error"]
