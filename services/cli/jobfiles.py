@@ -19,6 +19,7 @@ import yaml
 from click.core import ParameterSource
 
 from services.cli.helpers import SpecUsageError, in_flag_terms
+from services.spec.types import KINDS
 
 # Above this a job file is a mistake (a data file given by accident), not a list of jobs.
 MAX_FILE_BYTES = 1 << 20
@@ -40,6 +41,11 @@ class JobDocument:
         if field in self.overrides or self.where is None:
             message = in_flag_terms(message, click.get_current_context())
         return SpecUsageError(f"{self.where}: {message}" if self.where else message)
+
+
+def command_of(kind: str) -> str:
+    """The capsctl command that submits jobs of ``kind``."""
+    return "submit" if kind == "train" else kind
 
 
 def typed_flags(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
@@ -106,9 +112,9 @@ def job_documents(kind: str, flags: dict[str, Any], job_file: Path | None) -> li
             raise SpecUsageError(f"{where}: must be a mapping of spec fields (got {type(document).__name__})")
         given_kind = document.get("kind", kind)
         if given_kind != kind:
-            raise SpecUsageError(f"{where}: kind: {given_kind!r} in a file given to `capsctl "
-                                 f"{'submit' if kind == 'train' else kind}` (use `capsctl "
-                                 f"{'submit' if given_kind == 'train' else given_kind} -f`)")
+            use = (f" (use `capsctl {command_of(given_kind)} -f`)" if given_kind in KINDS
+                   else f"; one of {', '.join(KINDS)}")
+            raise SpecUsageError(f"{where}: kind: {given_kind!r} in a file given to `capsctl {command_of(kind)}`{use}")
         jobs.append(JobDocument(merged({**document, "kind": kind}, typed), frozenset(typed), where))
     return jobs
 
