@@ -23,7 +23,8 @@ Errors are one ``Error: ...`` line on stderr, never a traceback. Read commands t
 
 The package: ``helpers`` (errors, the App, the click classes), ``options`` (option types and
 shared options), ``render`` (tables and lines), ``follow`` (following a running job),
-``commands_jobs`` (submit, eval, tune, models, results, compare), ``commands_admin`` (status,
+``jobfiles`` (``-f`` job files), ``dry_run`` (``--dry-run`` reports),
+``commands_jobs`` (submit, eval, tune, schema, models, results, compare), ``commands_admin`` (status,
 workers, list, logs, cancel, retry, dead-letters, prune) and ``commands_stack`` (worker, up, down).
 This module defines the ``capsctl`` group itself and adds the commands to it.
 """
