@@ -154,7 +154,7 @@ def run_capsctl(case: dict[str, Any], ranks: int, queue: Any) -> dict[str, Any]:
     spec = {"kind": "train", "model": case["model"], "epochs": case["epochs"], "batch_size": case["batch_size"],
             "lr": case["lr"], "seed": case["seed"], "train_subset": case["steps"] * case["batch_size"],
             "test_subset": 100, "eval_angles": [0]}
-    spec.update({"gpus": ranks} if case["device"] == "cuda" else {"workers": ranks})
+    spec.update({"gpus": ranks} if case["device"] == "cuda" else {"cpu_ranks": ranks})
     job = queue.submit(spec)
     while (record := queue.get(job.id)) is None or not record.is_terminal:
         time.sleep(0.5)

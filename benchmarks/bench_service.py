@@ -1,6 +1,6 @@
 """Service latency on a warm local Ray: submit -> claimed -> first training step -> done.
 
-    python benchmarks/bench_service.py [--repeats 3] [--workers 1,2]
+    python benchmarks/bench_service.py [--repeats 3] [--cpu-ranks 1,2]
 
 Starts a private redis-server and a local Ray, runs a Worker in this process, then submits small
 LeNet5 jobs one after another. "First step" is when rank 0 reports it is about to train (its
@@ -51,7 +51,7 @@ def bare_ray_train_startup(ranks: int, storage: Path, run: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", default="1,2", help="rank counts to measure")
+    parser.add_argument("--cpu-ranks", default="1,2", help="CPU rank counts to measure")
     parser.add_argument("--num-cpus", type=int, default=4)
     args = parser.parse_args()
 
@@ -69,10 +69,10 @@ def main() -> None:
     rows = []
     bare: dict[int, list[float]] = {}
     try:
-        for ranks in [int(x) for x in args.workers.split(",")]:
+        for ranks in [int(x) for x in args.cpu_ranks.split(",")]:
             for repeat in range(args.repeats + 1):  # the first run warms Ray up and is not counted
                 t0 = time.time()
-                job = queue.submit({"kind": "train", "model": "lenet5", "workers": ranks, "epochs": 1,
+                job = queue.submit({"kind": "train", "model": "lenet5", "cpu_ranks": ranks, "epochs": 1,
                                     "batch_size": 64, "train_subset": 2000, "test_subset": 500, "eval_angles": [0]})
                 while (record := queue.get(job.id)) is None or not record.is_terminal:
                     time.sleep(0.05)

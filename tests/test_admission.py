@@ -196,7 +196,7 @@ def test_free_counts_that_lag_behind_the_placement_groups_do_not_overcommit(
     the next worker must not read the stale free count and claim a third 2-rank job on 4 CPUs."""
     cluster = FakeCluster(gpus=0, cpus=4)
     w0, w1, w2 = _workers(redis_url, tmp_path, cluster, 3)
-    a, b, c = (queue.submit({**_spec(0), "workers": 2}, check_capacity=False) for _ in range(3))
+    a, b, c = (queue.submit({**_spec(0), "cpu_ranks": 2}, check_capacity=False) for _ in range(3))
     for worker, job, group in ((w0, a, "pg-a"), (w1, b, "pg-b")):
         admission = worker._admit()
         assert isinstance(admission, Admission) and admission.job.job_id == job.id
@@ -229,7 +229,7 @@ def test_holder_releases_after_the_timeout_when_no_reservation_shows(redis_url: 
 
 # ----------------------------------------------------------------------------- real Ray, real workers
 
-LENET_JOB = {"kind": "train", "model": "lenet5", "workers": 2, "epochs": 2, "batch_size": 64,
+LENET_JOB = {"kind": "train", "model": "lenet5", "cpu_ranks": 2, "epochs": 2, "batch_size": 64,
              "train_subset": 1000, "test_subset": 200, "eval_angles": [0]}
 
 

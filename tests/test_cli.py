@@ -109,7 +109,7 @@ def test_submit_prints_id_and_enqueues_the_spec(queue: JobQueue) -> None:
     assert spec["kind"] == "train" and spec["model"] == "capsnet" and spec["epochs"] == 3
     assert spec["batch_size"] == 64 and spec["lr"] == 0.002 and spec["lr_decay"] == 0.9
     assert spec["augment"] == "shift2+rot15" and spec["eval_angles"] == [0.0, 15.0, 35.0, -45.0]
-    assert spec["workers"] == 2 and spec["gpus"] == 0 and spec["seed"] == 7 and spec["max_retries"] == 1
+    assert spec["cpu_ranks"] == 2 and spec["gpus"] == 0 and spec["seed"] == 7 and spec["max_retries"] == 1
     assert spec["train_subset"] == 1000 and spec["test_subset"] == 500 and spec["name"] == "first"
     assert spec["model_config"] == {"routing_iters": 2} and spec["dataset"] == "fashion-mnist"
     assert record.cpus == 2
@@ -178,17 +178,18 @@ def test_invalid_submits_exit_2_with_their_own_one_line_error(queue: JobQueue) -
     assert queue.list() == []
 
 
-def test_workers_is_a_deprecated_alias_of_cpu_ranks(queue: JobQueue) -> None:
-    """``submit --workers N`` (before --cpu-ranks) still works for one release, with a note."""
-    result = CliRunner().invoke(main, ["submit", "lenet5", "--workers", "2", "--json"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["spec"]["workers"] == 2
-    assert result.stderr.strip() == "Warning: --workers is deprecated and will be removed; use --cpu-ranks"
-    both = CliRunner().invoke(main, ["submit", "lenet5", "--workers", "2", "--cpu-ranks", "2"])
-    assert both.exit_code == 2 and "give only --cpu-ranks" in error_lines(both.output)[0]
+def test_cpu_ranks_replaces_workers(queue: JobQueue) -> None:
+    """``--workers`` is gone from submit; a spec that still says ``workers`` (an old record or job
+    file) reads as ``cpu_ranks`` and is stored under the new name."""
+    gone = CliRunner().invoke(main, ["submit", "lenet5", "--workers", "2"])
+    assert gone.exit_code == 2 and "No such option '--workers'" in gone.output
+    old = queue.submit({"kind": "train", "model": "lenet5", "workers": 2, "batch_size": 64})
+    stored = queue.get(old.id)
+    assert stored is not None and stored.spec["cpu_ranks"] == 2 and "workers" not in stored.spec
+    assert stored.cpus == 2
     help_text = run("submit", "--help").output
     assert "--cpu-ranks" in help_text and "--workers" not in help_text
-    assert "(default 10)" in help_text and "(default 0,15,35)" in help_text  # read from TrainSpec
+    assert "(1..1000; default 10)" in help_text and "default 0,15,35)" in help_text  # read from TrainSpec
     assert len(queue.list()) == 1
 
 

@@ -274,7 +274,7 @@ def test_evaluate_reads_back_once_not_once_per_batch() -> None:
 @pytest.mark.parametrize("spec, expected", [
     ({"kind": "train", "gpus": 3}, "batch_size: 128 does not divide over 3 ranks (--gpus 3); "
                                    "nearest valid batch sizes: 126, 129"),
-    ({"kind": "train", "workers": 5, "batch_size": 64}, "batch_size: 64 does not divide over 5 ranks "
+    ({"kind": "train", "cpu_ranks": 5, "batch_size": 64}, "batch_size: 64 does not divide over 5 ranks "
                                                          "(--cpu-ranks 5); nearest valid batch sizes: 60, 65"),
     ({"kind": "tune", "gpus_per_trial": 3, "batch_size": 100}, "batch_size: 100 does not divide over 3 ranks "
                                                                 "(--gpus-per-trial 3); nearest valid batch sizes: 99, 102"),

@@ -32,12 +32,14 @@ INVALID = [
     (train(gpus=-1), "gpus", "gpus: must be an integer in 0..64 (got -1)"),
     (train(gpus="2"), "gpus", "gpus: must be an integer in 0..64 (got '2')"),
     (train(gpus=True), "gpus", "gpus: must be an integer in 0..64 (got True)"),
-    (train(workers=0), "workers", "workers: must be an integer in 1..64 (got 0)"),
-    (train(gpus=2, workers=3), "workers", "workers: with gpus > 0 there is one rank per GPU"),
+    (train(cpu_ranks=0), "cpu_ranks", "cpu_ranks: must be an integer in 1..64 (got 0)"),
+    (train(workers=65), "cpu_ranks", "cpu_ranks: must be an integer in 1..64 (got 65)"),
+    (train(workers=2, cpu_ranks=2), "workers", "workers: the old name of cpu_ranks; give only cpu_ranks"),
+    (train(gpus=2, cpu_ranks=3), "cpu_ranks", "cpu_ranks: with gpus > 0 there is one rank per GPU"),
     (train(epochs=0), "epochs", "epochs: must be an integer in 1..1000 (got 0)"),
     (train(epochs=2.5), "epochs", "epochs: must be an integer in 1..1000 (got 2.5)"),
     (train(batch_size=70000), "batch_size", "batch_size: must be an integer in 1..65536 (got 70000)"),
-    (train(workers=4, batch_size=2), "batch_size", "batch_size: must be at least the number of ranks (4), got 2"),
+    (train(cpu_ranks=4, batch_size=2), "batch_size", "batch_size: must be at least the number of ranks (4), got 2"),
     (train(lr=0), "lr", "lr: must be a number in (0, 1] (got 0)"),
     (train(lr=1.5), "lr", "lr: must be a number in (0, 1] (got 1.5)"),
     (train(lr_decay=0.0), "lr_decay", "lr_decay: must be a number in (0, 1] (got 0.0)"),
@@ -120,7 +122,7 @@ def test_invalid_messages_are_distinct():
 
 VALID = [
     train(),
-    train(model="lenet5", gpus=2, workers=2, epochs=3, batch_size=64, lr=0.01, lr_decay=0.95,
+    train(model="lenet5", gpus=2, cpu_ranks=2, epochs=3, batch_size=64, lr=0.01, lr_decay=0.95,
           augment="shift2+rot15+scale0.9-1.1", eval_angles=[-45, 0, 12.5, 45], dataset="fashion-mnist",
           seed=7, priority="high", name="lenet rot15", max_retries=0, train_subset=512, test_subset=256),
     train(model_config=TINY, train_subset=64, test_subset=64, epochs=1),
@@ -147,10 +149,10 @@ def test_valid_specs_round_trip_through_json(data):
 def test_defaults_and_resources():
     s = parse_spec(train())
     assert isinstance(s, TrainSpec)
-    assert (s.model, s.gpus, s.workers, s.epochs, s.batch_size, s.lr, s.augment) == ("capsnet", 0, 1, 10, 128, 1e-3, "shift2")
+    assert (s.model, s.gpus, s.cpu_ranks, s.epochs, s.batch_size, s.lr, s.augment) == ("capsnet", 0, 1, 10, 128, 1e-3, "shift2")
     assert s.eval_angles == [0.0, 15.0, 35.0]
     assert s.resources() == {"gpus": 0, "cpus": 1}
-    assert parse_spec(train(workers=4)).resources() == {"gpus": 0, "cpus": 4}
+    assert parse_spec(train(cpu_ranks=4)).resources() == {"gpus": 0, "cpus": 4}
     assert parse_spec(train(gpus=2)).resources() == {"gpus": 2, "cpus": 2}
     assert parse_spec(train(gpus=2)).ranks == 2
     e = parse_spec({"kind": "eval", "source": "j-m3x9k2a1-4f7qzz"})

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.slow
 
 WORKER_ID = "w-metrics"
 EPOCHS = 3
-TRAIN_JOB = {"kind": "train", "model": "lenet5", "workers": 2, "epochs": EPOCHS, "batch_size": 64,
+TRAIN_JOB = {"kind": "train", "model": "lenet5", "cpu_ranks": 2, "epochs": EPOCHS, "batch_size": 64,
              "train_subset": 6000, "test_subset": 1000, "eval_angles": [0, 35], "lr": 2e-3,
              "eval_suites": ["rotation", "affine"], "name": "metrics-e2e"}
 # The angles evaluated at the end: the job's own and the rotation suite's 0, 15, ..., 180.

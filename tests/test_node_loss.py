@@ -189,7 +189,7 @@ def test_node_loss_resumes_elsewhere_without_using_a_retry(queue: JobQueue, redi
                                                            tmp_path: Path) -> None:
     cluster = two_node_cluster
     epochs = 4
-    job = queue.submit({"kind": "train", "model": "lenet5", "workers": 2, "batch_size": 64, "epochs": epochs,
+    job = queue.submit({"kind": "train", "model": "lenet5", "cpu_ranks": 2, "batch_size": 64, "epochs": epochs,
                         "train_subset": 2000, "test_subset": 200, "eval_angles": [0], "lr": 2e-3,
                         "max_retries": 0})
     env = service_env(redis_url, cluster.address, tmp_path / "artifacts")

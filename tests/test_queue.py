@@ -90,7 +90,7 @@ def test_priority_then_fifo(q):
 
 def test_gpu_aware_admission(q):
     big = q.submit(train(gpus=2)).id
-    cpu4 = q.submit(train(workers=4)).id
+    cpu4 = q.submit(train(cpu_ranks=4)).id
     small = q.submit(train()).id
     # 1 GPU, 2 CPUs: neither the 2-GPU job nor the 4-rank job fits; they stay queued and visible
     job = q.claim("w1", {"gpus": 1, "cpus": 2})
@@ -500,7 +500,7 @@ def test_worker_registry_and_capacity(q):
     with pytest.raises(CapacityError, match=r"^gpus: job needs 4 GPU\(s\) .*largest: 2 GPUs"):
         q.submit(train(gpus=4))
     with pytest.raises(CapacityError, match="^cpus: "):
-        q.submit(train(workers=16, batch_size=128))
+        q.submit(train(cpu_ranks=16, batch_size=128))
     with pytest.raises(CapacityError, match="lower gpus_per_trial or max_concurrent"):
         q.submit({"kind": "tune", "gpus_per_trial": 1, "max_concurrent": 4})
     assert q.submit(train(gpus=2)).state == "queued"

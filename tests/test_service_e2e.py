@@ -17,7 +17,7 @@ from .service_helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
-LENET_JOB = {"kind": "train", "model": "lenet5", "workers": 2, "batch_size": 64, "train_subset": 4000,
+LENET_JOB = {"kind": "train", "model": "lenet5", "cpu_ranks": 2, "batch_size": 64, "train_subset": 4000,
              "test_subset": 1000, "eval_angles": [0, 35], "lr": 2e-3}
 
 

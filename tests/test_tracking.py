@@ -22,7 +22,7 @@ from services.stack.processes import free_port
 
 from .service_helpers import wait_until
 
-TINY_TRACKED = {"kind": "train", "model": "lenet5", "workers": 1, "epochs": 2, "batch_size": 64, "train_subset": 1000,
+TINY_TRACKED = {"kind": "train", "model": "lenet5", "cpu_ranks": 1, "epochs": 2, "batch_size": 64, "train_subset": 1000,
                 "val_split": 300, "test_subset": 300, "eval_angles": [0, 35], "lr": 2e-3}
 
 
@@ -164,7 +164,7 @@ def test_submit_with_a_tracking_uri_and_no_mlflow_is_a_one_line_error(redis_url:
     done = subprocess.run([sys.executable, "-c", code, redis_url], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == ("Error: mlflow_uri: MLflow tracking needs the mlflow package: "
+    assert done.stderr.strip() == ("Error: --mlflow: MLflow tracking needs the mlflow package: "
                                    "pip install 'capsctl[mlflow]'")
 
 

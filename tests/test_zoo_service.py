@@ -31,7 +31,7 @@ def _finish(queue: JobQueue, job_id: str, worker, timeout: float = 600):
 
 def test_c8cnn_trains_with_ddp_and_both_suites_then_evaluates(queue: JobQueue, workers, redis_url: str) -> None:
     worker = workers("w-zoo")
-    job = queue.submit({"kind": "train", "model": "c8cnn", "workers": 2, "epochs": 1, "batch_size": 50,
+    job = queue.submit({"kind": "train", "model": "c8cnn", "cpu_ranks": 2, "epochs": 1, "batch_size": 50,
                         "train_subset": 1000, "test_subset": 300, "lr": 3e-3, "eval_angles": [0],
                         "eval_suites": ["rotation", "affine"], "model_config": TINY["c8cnn"]})
     result = _finish(queue, job.id, worker).result

@@ -23,7 +23,8 @@ Errors are one ``Error: ...`` line on stderr, never a traceback. Read commands t
 
 The package: ``helpers`` (errors, the App, the click classes), ``options`` (option types and
 shared options), ``render`` (tables and lines), ``follow`` (following a running job),
-``commands_jobs`` (submit, eval, tune, models, results, compare), ``commands_admin`` (status,
+``jobfiles`` (``-f`` job files), ``dry_run`` (``--dry-run`` reports),
+``commands_jobs`` (submit, eval, tune, schema, models, results, compare), ``commands_admin`` (status,
 workers, list, logs, cancel, retry, dead-letters, prune) and ``commands_stack`` (worker, up, down).
 This module defines the ``capsctl`` group itself and adds the commands to it.
 """
@@ -75,7 +76,7 @@ def main(ctx: click.Context, redis_url: str | None, redis_prefix: str | None, st
 
 
 
-for _command in (commands_jobs.submit, commands_jobs.eval_cmd, commands_jobs.tune, commands_jobs.models_cmd,
+for _command in (commands_jobs.submit, commands_jobs.eval_cmd, commands_jobs.tune, commands_jobs.models_cmd, commands_jobs.schema_cmd,
                  commands_jobs.results, commands_jobs.compare,
                  commands_admin.status, commands_admin.workers, commands_admin.list_cmd, commands_admin.logs,
                  commands_admin.cancel, commands_admin.retry, commands_admin.dead_letters, commands_admin.prune,

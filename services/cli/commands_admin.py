@@ -333,7 +333,8 @@ def retry(app: App, job_id: str) -> None:
 
 
 @command("dead-letters")
-@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True,
+              help="Newest N entries.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_app
 def dead_letters(app: App, limit: int, as_json: bool) -> None:

@@ -9,17 +9,20 @@ from typing import Any
 import click
 
 from capsnet_core.models.configs import MODEL_DESCRIPTIONS, MODEL_NAMES
+from services.cli.dry_run import print_plans
 from services.cli.follow import wait_and_report
 from services.cli.helpers import App, SpecUsageError, UserError, command, echo, emit_json, pass_app
+from services.cli.jobfiles import JobDocument, job_documents
 from services.cli.options import (
     NumberList,
     WordList,
     common_job_options,
     data_options,
     default_of,
-    deprecated_alias,
     given,
+    job_file_options,
     parse_model_config,
+    range_of,
     tracking_fields,
     training_job_options,
 )
@@ -27,7 +30,7 @@ from services.cli.render import print_results, table, write_plots
 from services.config import Settings
 from services.results import compare as compare_mod
 from services.spec.errors import SpecError
-from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec, check_model_size, parse_spec
+from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec, check_model_size, job_spec_schema, parse_spec
 from services.spec.sources import (
     SourceRefused,
     check_checkpoint_file,
@@ -67,35 +70,55 @@ def with_tracking(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return spec
 
 
-def submit_spec(app: App, spec: dict[str, Any] | TrainSpec | EvalSpec | TuneSpec, idempotency_key: str | None,
-                follow: bool, as_json: bool, checked: bool = False) -> None:
-    """Validate (once: a spec already parsed is used as is), check and enqueue a job."""
-    if isinstance(spec, dict):
-        spec = with_tracking(spec, app.settings)
-    parsed = parse_spec(spec)  # SpecError -> exit 2 before touching Redis
-    if not checked:
+def validated(app: App, job: JobDocument) -> Any:
+    """One job's spec, checked by the spec's and the operator's rules (and for eval, that its
+    source exists), before anything touches the queue; errors name the file and document."""
+    try:
+        parsed = parse_spec(with_tracking(job.spec, app.settings))
         check_submittable(parsed, app.settings)
-    record = app.queue.submit(parsed, idempotency_key=idempotency_key)
+        if isinstance(parsed, EvalSpec):
+            check_eval_source(app, parsed.source)
+    except (SpecError, SpecUsageError) as err:
+        raise job.error(str(err) if isinstance(err, SpecError) else err.message) from None
+    return parsed
+
+
+def submit_jobs(app: App, kind: str, flags: dict[str, Any], job_file: Path | None, dry_run: bool,
+                idempotency_key: str | None, follow: bool, as_json: bool) -> None:
+    """Validate every job (of the file, or of the flags alone), then submit them all, or with
+    ``dry_run`` print what would be submitted. Nothing is enqueued unless every job is valid."""
+    jobs = job_documents(kind, flags, job_file)
+    if follow and len(jobs) > 1:
+        raise click.UsageError(f"--follow follows one job; {job_file} holds {len(jobs)} (follow each with "
+                               f"`capsctl logs -f JOB`)")
+    specs = [validated(app, job) for job in jobs]
+    if dry_run:
+        print_plans(specs, as_json)
+        return
+    records = []
+    for index, spec in enumerate(specs):
+        # One key per document: submitting the same file again with the same key is a no-op.
+        key = f"{idempotency_key}#{index}" if idempotency_key and len(specs) > 1 else idempotency_key
+        records.append(app.queue.submit(spec, idempotency_key=key))
     if as_json and not follow:
-        emit_json(record.to_dict())
+        emit_json(records[0].to_dict() if len(records) == 1 else [r.to_dict() for r in records])
         return
     if not as_json:
-        echo(record.id)
+        for record in records:
+            echo(record.id)
     if follow:
-        wait_and_report(app, record, as_json)
-
+        wait_and_report(app, records[0], as_json)
 
 
 # ----------------------------------------------------------------------------- submit / eval / tune
 
 
 @command()
-@click.argument("model", type=click.Choice(MODEL_NAMES), metavar="MODEL")
-@click.option("--gpus", type=int, help="GPUs, one data-parallel rank each (excludes --cpu-ranks).")
+@click.argument("model", type=click.Choice(MODEL_NAMES), metavar="MODEL", required=False)
+@click.option("--gpus", type=int,
+              help=f"GPUs, one data-parallel rank each (excludes --cpu-ranks; {default_of(TrainSpec, 'gpus')}).")
 @click.option("--cpu-ranks", type=int,
-              help=f"CPU data-parallel ranks, one process each (excludes --gpus; {default_of(TrainSpec, 'workers')}).")
-@click.option("--workers", type=int, hidden=True, callback=deprecated_alias("--cpu-ranks"),
-              help="Deprecated alias of --cpu-ranks.")
+              help=f"CPU data-parallel ranks, one process each (excludes --gpus; {default_of(TrainSpec, 'cpu_ranks')}).")
 @click.option("--epochs", type=int, help=f"Training epochs ({default_of(TrainSpec, 'epochs')}).")
 @click.option("--batch-size", type=int, help=f"Global batch size ({default_of(TrainSpec, 'batch_size')}).")
 @click.option("--lr", type=float, help=f"Learning rate ({default_of(TrainSpec, 'lr')}).")
@@ -107,51 +130,52 @@ def submit_spec(app: App, spec: dict[str, Any] | TrainSpec | EvalSpec | TuneSpec
 @click.option("--eval-suite", "eval_suites", type=WordList(), metavar="S1,S2", help=SUITES_HELP)
 @click.option("--seed", type=int, help=f"Random seed ({default_of(TrainSpec, 'seed')}).")
 @training_job_options("Model config override (repeatable), e.g. routing_iters=2; values are JSON when they parse.")
+@job_file_options
 @pass_app
-def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, workers: int | None, epochs: int | None,
+def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, epochs: int | None,
            batch_size: int | None, lr: float | None, lr_decay: float | None, augment: str | None,
            eval_angles: list[float] | None, eval_suites: list[str] | None, dataset: str | None, seed: int | None,
            train_subset: int | None, val_split: int | None, test_subset: int | None, model_config: tuple[str, ...],
            priority: str | None, name: str | None, max_retries: int | None, max_lost: int | None, idempotency_key: str | None,
-           follow: bool, as_json: bool) -> None:
-    """Submit a training job for MODEL (capsctl models lists them); prints its id."""
-    if workers is not None:  # the old spelling of --cpu-ranks, kept for one release
-        if cpu_ranks is not None:
-            raise click.UsageError("--workers is the deprecated spelling of --cpu-ranks: give only --cpu-ranks")
-        cpu_ranks = workers
+           follow: bool, as_json: bool, job_file: Path | None, dry_run: bool) -> None:
+    """Submit a training job for MODEL (capsctl models lists them), or the jobs of a job file
+    (-f job.yaml; flags typed beside it override it); prints their ids."""
+    if model is None and job_file is None:
+        raise click.UsageError("Missing argument 'MODEL' (or give a job file with -f FILE)")
     if gpus is not None and cpu_ranks is not None:
         raise click.UsageError("--gpus and --cpu-ranks are mutually exclusive: a GPU job has one rank per GPU")
-    spec = given({"kind": "train", "model": model}, gpus=gpus, workers=cpu_ranks, epochs=epochs,
+    spec = given({}, model=model, gpus=gpus, cpu_ranks=cpu_ranks, epochs=epochs,
                  batch_size=batch_size, lr=lr, lr_decay=lr_decay, augment=augment, eval_angles=eval_angles,
                  eval_suites=eval_suites, dataset=dataset, seed=seed, train_subset=train_subset,
                  val_split=val_split, test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
-    submit_spec(app, spec, idempotency_key, follow, as_json)
+    submit_jobs(app, "train", spec, job_file, dry_run, idempotency_key, follow, as_json)
 
 
 @command("eval")
-@click.argument("source", metavar="JOB_ID|CHECKPOINT")
+@click.argument("source", metavar="JOB_ID|CHECKPOINT", required=False)
 @click.option("--angles", type=NumberList(float), help=f"Test rotations in degrees ({default_of(EvalSpec, 'angles')}).")
 @click.option("--gpus", type=int,
               help=f"0 or 1: evaluate on a GPU the scheduler reserves for it ({default_of(EvalSpec, 'gpus')}).")
 @click.option("--eval-suite", "eval_suites", type=WordList(), metavar="S1,S2", help=SUITES_HELP)
 @data_options(train=False)
 @common_job_options
+@job_file_options
 @pass_app
 def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: int | None,
              eval_suites: list[str] | None, dataset: str | None,
              test_subset: int | None, priority: str | None, name: str | None, max_retries: int | None,
-             max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
+             max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool,
+             job_file: Path | None, dry_run: bool) -> None:
     """Evaluate a trained job's checkpoint (or a checkpoint path within the artifact storage or
-    CAPSNET_EVAL_ROOTS) on rotated test sets."""
-    spec = given({"kind": "eval", "source": source}, angles=angles, gpus=gpus, eval_suites=eval_suites,
+    CAPSNET_EVAL_ROOTS) on rotated test sets; -f FILE reads the evaluation from a job file."""
+    if source is None and job_file is None:
+        raise click.UsageError("Missing argument 'JOB_ID|CHECKPOINT' (or give a job file with -f FILE)")
+    spec = given({}, source=source, angles=angles, gpus=gpus, eval_suites=eval_suites,
                  dataset=dataset, test_subset=test_subset, priority=priority, name=name, max_retries=max_retries,
                  max_lost=max_lost)
-    parsed = parse_spec(with_tracking(spec, app.settings))
-    check_submittable(parsed, app.settings)  # the spec's and the operator's rules, before Redis
-    check_eval_source(app, source.strip())
-    submit_spec(app, parsed, idempotency_key, follow, as_json, checked=True)
+    submit_jobs(app, "eval", spec, job_file, dry_run, idempotency_key, follow, as_json)
 
 
 def check_eval_source(app: App, source: str) -> None:
@@ -174,12 +198,16 @@ def check_eval_source(app: App, source: str) -> None:
               help=f"Models to compare ({default_of(TuneSpec, 'models')}; capsctl models lists them all).")
 @click.option("--angles", type=NumberList(float),
               help=f"Training rotations, one condition each ({default_of(TuneSpec, 'angles')}).")
-@click.option("--eval-angles", type=NumberList(float), help="Test rotations (default: --angles).")
+@click.option("--eval-angles", type=NumberList(float),
+              help=f"Test rotations ({range_of(TuneSpec, 'eval_angles')}; default: --angles).")
 @click.option("--eval-suite", "eval_suites", type=WordList(), metavar="S1,S2", help=SUITES_HELP)
 @click.option("--augment", type=WordList(), metavar="P1,P2",
               help="One augmentation preset per training angle (default shift2+rot<angle>).")
-@click.option("--lr", type=NumberList(float), help="Learning rates to search, e.g. 1e-3,3e-4.")
-@click.option("--routing-iters", type=NumberList(int), help="CapsNet routing iterations to search, e.g. 1,3.")
+@click.option("--lr", type=NumberList(float),
+              help=f"Learning rates to search, e.g. 1e-3,3e-4 (up to 16, {range_of(TuneSpec, 'lr')}).")
+@click.option("--routing-iters", type=NumberList(int),
+              help=f"CapsNet routing iterations to search, e.g. 1,3 (up to 16, "
+                   f"{range_of(TuneSpec, 'routing_iters')}).")
 @click.option("--samples", type=int, help=f"Samples per grid point ({default_of(TuneSpec, 'samples')}).")
 @click.option("--seeds", type=int, help=f"Seeds per condition, for mean ± std ({default_of(TuneSpec, 'seeds')}).")
 @click.option("--seed", type=int, help=f"Base random seed ({default_of(TuneSpec, 'seed')}).")
@@ -189,6 +217,7 @@ def check_eval_source(app: App, source: str) -> None:
 @click.option("--max-concurrent", type=int, help=f"Trials at once ({default_of(TuneSpec, 'max_concurrent')}).")
 @click.option("--asha/--no-asha", default=None, help=f"Early-stop weak trials with ASHA ({default_of(TuneSpec, 'asha')}).")
 @training_job_options("Model config override (repeatable; capsnet.KEY=VALUE for one model).")
+@job_file_options
 @pass_app
 def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_angles: list[float] | None,
          eval_suites: list[str] | None,
@@ -197,16 +226,26 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
          batch_size: int | None, gpus_per_trial: int | None, max_concurrent: int | None,
          asha: bool | None, dataset: str | None, train_subset: int | None, val_split: int | None,
          test_subset: int | None, model_config: tuple[str, ...], priority: str | None, name: str | None, max_retries: int | None,
-         max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
-    """Submit a robustness study: models × training rotations (× lr × routing × seeds) on Ray Tune."""
-    spec = given({"kind": "tune"}, models=models, angles=angles, eval_angles=eval_angles, eval_suites=eval_suites,
+         max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool,
+         job_file: Path | None, dry_run: bool) -> None:
+    """Submit a robustness study: models × training rotations (× lr × routing × seeds) on Ray Tune;
+    -f sweep.yaml reads it from a job file."""
+    spec = given({}, models=models, angles=angles, eval_angles=eval_angles, eval_suites=eval_suites,
                  augment=augment, lr=lr, routing_iters=routing_iters, samples=samples, seeds=seeds, seed=seed,
                  epochs=epochs, batch_size=batch_size, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                  asha=asha, dataset=dataset, train_subset=train_subset, val_split=val_split,
                  test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
-    submit_spec(app, spec, idempotency_key, follow, as_json)
+    submit_jobs(app, "tune", spec, job_file, dry_run, idempotency_key, follow, as_json)
+
+
+@command("schema")
+@click.argument("kind", type=click.Choice(["train", "eval", "tune"]), required=False)
+def schema_cmd(kind: str | None) -> None:
+    """The JSON Schema of a job spec (KIND train, eval or tune; all three when left out), for
+    editors that complete and check job files."""
+    emit_json(job_spec_schema(kind))
 
 
 @command("models")

@@ -25,7 +25,7 @@ from services.stack import stack as stack_mod
 @click.option("--max-jobs", type=click.IntRange(1), help="Exit after this many jobs.")
 @click.option("--idle-exit", type=click.FloatRange(0), metavar="SECONDS", help="Exit after this long without work.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
+              show_default=True, help="The worker's log verbosity on stderr.")
 @pass_app
 def worker(app: App, worker_id: str | None, metrics_port: int | None, num_cpus: int | None, max_jobs: int | None,
            idle_exit: float | None, log_level: str) -> None:

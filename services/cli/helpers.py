@@ -127,7 +127,7 @@ class CapsGroup(click.Group):
             raise UserError(redis_failure_message(url, err)) from None
 
 # Spec fields whose flag is not simply --field-name.
-FIELD_PARAMS = {"workers": "cpu_ranks", "model_overrides": "model_config"}
+FIELD_PARAMS = {"model_overrides": "model_config"}
 
 
 def in_flag_terms(message: str, ctx: click.Context) -> str:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
 from pydantic import BaseModel
 
+from services.spec.errors import allowed_values
 from services.spec.jobspec import TrainSpec
 from services.spec.types import DATASETS, PRIORITIES
 
@@ -29,9 +31,30 @@ def shown(value: Any) -> str:
     return str(value)
 
 
+def range_of(spec: type[BaseModel], field: str) -> str | None:
+    """The numbers a job spec field allows as the help shows them: ``1..1000``, ``(0, 1]``,
+    ``1..32 numbers in [-180, 180]``; None for a field that is not numeric."""
+    hint = allowed_values(spec, field)
+    if hint is None:
+        return None
+    hint = hint.removesuffix(" or null")
+    for prefix in ("an integer in ", "a number in "):
+        if hint.startswith(prefix):
+            return hint.removeprefix(prefix)
+    items = hint.removeprefix("a list of ")
+    if items.startswith(("numbers in ", "integers in ")):
+        return "each in " + items.partition(" in ")[2]
+    if items != hint and items[:1].isdigit():  # "1..32 numbers in [-180, 180]"
+        return items
+    return hint if hint == "0 or 1" else None
+
+
 def default_of(spec: type[BaseModel], field: str) -> str:
-    """``default <value>`` of a job spec field, for an option's help text."""
-    return f"default {shown(spec.model_fields[field].get_default(call_default_factory=True))}"
+    """``<range>; default <value>`` of a job spec field (the range where it is numeric), for an
+    option's help text: the user sees what is allowed before trying."""
+    default = f"default {shown(spec.model_fields[field].get_default(call_default_factory=True))}"
+    allowed = range_of(spec, field)
+    return f"{allowed}; {default}" if allowed else default
 
 
 class NumberList(click.ParamType):
@@ -101,26 +124,19 @@ def given(spec: dict[str, Any], **values: Any) -> dict[str, Any]:
     return spec
 
 
-def deprecated_alias(new: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """A callback for a hidden old option name: one line on stderr when it is used."""
-    def note(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is not None:
-            click.echo(f"Warning: {param.opts[0]} is deprecated and will be removed; use {new}", err=True)
-        return value
-    return note
-
-
 def data_options(train: bool) -> Decorator:
     """--dataset, [--train-subset, --val-split,] --test-subset: shared by submit, eval and tune."""
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        f = click.option("--test-subset", type=int, help="Test on the first N images only.")(f)
+        f = click.option("--test-subset", type=int,
+                         help=f"Test on the first N images only ({range_of(TrainSpec, 'test_subset')}).")(f)
         if train:
             f = click.option("--val-split", type=int,
                              help=f"Hold out N training images (class-stratified, fixed seed) to measure every "
                                   f"epoch and make every selection on ({default_of(TrainSpec, 'val_split')}); "
                                   "carved before --train-subset; 0 = none.")(f)
             f = click.option("--train-subset", type=int,
-                             help="Train on the first N images left after the validation split.")(f)
+                             help=f"Train on the first N images left after the validation split "
+                                  f"({range_of(TrainSpec, 'train_subset')}).")(f)
         return click.option("--dataset", type=click.Choice(DATASETS),
                             help=f"Dataset ({default_of(TrainSpec, 'dataset')}).")(f)
     return decorate
@@ -138,7 +154,7 @@ def common_job_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help=f"Times the job may lose its worker (lease expired) and resume "
                           f"({default_of(TrainSpec, 'max_lost')}); never uses up --max-retries."),
         click.option("--idempotency-key", help="Submitting again with the same key returns the same job."),
-        click.option("--follow", "-f", is_flag=True, help="Show progress until the job ends; exit 1 if it fails."),
+        click.option("--follow", is_flag=True, help="Show progress until the job ends; exit 1 if it fails."),
         click.option("--json", "as_json", is_flag=True, help="Print the job record as JSON."),
         click.option("--mlflow", "mlflow_uri", metavar="URI", expose_value=False, callback=_keep_tracking,
                      help="Log the job to this MLflow tracking server (default: CAPSNET_MLFLOW_URI; "
@@ -166,6 +182,17 @@ def tracking_fields() -> dict[str, str]:
     """The spec fields --mlflow and --mlflow-experiment gave (``mlflow_uri``, ``mlflow_experiment``)."""
     ctx = click.get_current_context(silent=True)
     return dict(ctx.meta.get(TRACKING_META, {})) if ctx is not None else {}
+
+
+def job_file_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """-f/--file and --dry-run: shared by submit, eval and tune (services.cli.jobfiles)."""
+    f = click.option("--dry-run", is_flag=True,
+                     help="Validate and print the spec, the resources it claims and (tune) its trial count "
+                          "as YAML (with --json: JSON); enqueue nothing.")(f)
+    return click.option("--file", "-f", "job_file", metavar="FILE",
+                        type=click.Path(dir_okay=False, path_type=Path),
+                        help="A job file (YAML, several --- documents for several jobs, or JSON) with the spec "
+                             "fields (`capsctl schema`); flags typed beside it override it.")(f)
 
 
 class Duration(click.ParamType):

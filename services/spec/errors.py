@@ -40,6 +40,11 @@ _ITEM_HINTS: dict[str, str] = {
 }
 
 
+# Old field names still read on input (see the spec models' validation aliases): errors name the
+# current field, since that is what the user should write from now on.
+_RENAMED: dict[str, str] = {"workers": "cpu_ranks"}
+
+
 class SpecError(ValueError):
     """An invalid job spec. ``str(err)`` is one line: ``<field>: <what is wrong / allowed>``."""
 
@@ -130,6 +135,12 @@ def _hint(model: type[BaseModel] | None, field: str, item: bool = False) -> str 
     return _describe(typing.get_args(annotation)[0]) if typing.get_origin(annotation) is list else None
 
 
+def allowed_values(model: type[BaseModel], field: str) -> str | None:
+    """What a spec field allows, in words (``an integer in 1..1000``), for help texts; None when
+    its rules are not a type's bounds (free text, choices click already lists)."""
+    return _hint(model, field)
+
+
 def format_error(err: Mapping[str, Any], kind: str | None,
                  models_by_kind: Mapping[str, type[BaseModel]]) -> SpecError:
     """The ``SpecError`` for one pydantic error (``ValidationError.errors()`` item) of a spec whose
@@ -140,9 +151,14 @@ def format_error(err: Mapping[str, Any], kind: str | None,
         loc = loc[1:]  # the discriminated union's tag
     if loc and loc[0] == "model_overrides":
         loc[0] = "model_config"
+    typ = err.get("type", "")
+    if loc and loc[0] in _RENAMED:
+        if typ == "extra_forbidden":  # both spellings given
+            new = _RENAMED[loc[0]]
+            return SpecError(f"{loc[0]}: the old name of {new}; give only {new}", str(loc[0]))
+        loc[0] = _RENAMED[loc[0]]
     field = _loc_str(loc)
     top = str(loc[0]) if loc else ""
-    typ = err.get("type", "")
     ctx = err.get("ctx") or {}
     got = f" (got {_short(err.get('input'))})"
     hint = _hint(model, top, item=len(loc) > 1 and isinstance(loc[1], int))
@@ -173,4 +189,4 @@ def format_error(err: Mapping[str, Any], kind: str | None,
 
 
 
-__all__ = ["SpecError", "format_error"]
+__all__ = ["SpecError", "allowed_values", "format_error"]

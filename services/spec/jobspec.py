@@ -25,6 +25,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -116,7 +117,9 @@ class TrainSpec(_SpecBase):
     kind: Literal["train"] = "train"
     model: ModelName = "capsnet"
     gpus: bounded_int(0, 64) = 0  # type: ignore[valid-type]
-    workers: bounded_int(1, 64) = 1  # type: ignore[valid-type]
+    # Records and job files written before the rename still say ``workers``: read, never written.
+    cpu_ranks: bounded_int(1, 64) = Field(  # type: ignore[valid-type]
+        1, validation_alias=AliasChoices("cpu_ranks", "workers"))
     epochs: bounded_int(1, 1000) = 10  # type: ignore[valid-type]
     batch_size: bounded_int(1, 65536) = 128  # type: ignore[valid-type]
     lr: Rate = 1e-3  # type: ignore[valid-type]
@@ -142,9 +145,9 @@ class TrainSpec(_SpecBase):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainSpec:
-        if self.gpus > 0 and self.workers not in (1, self.gpus):
-            raise ValueError(f"workers: with gpus > 0 there is one rank per GPU; leave workers at 1 "
-                             f"(got workers={self.workers}, gpus={self.gpus})")
+        if self.gpus > 0 and self.cpu_ranks not in (1, self.gpus):
+            raise ValueError(f"cpu_ranks: with gpus > 0 there is one rank per GPU; leave cpu_ranks at 1 "
+                             f"(got cpu_ranks={self.cpu_ranks}, gpus={self.gpus})")
         if self.batch_size < self.ranks:
             raise ValueError(f"batch_size: must be at least the number of ranks ({self.ranks}), "
                              f"got {self.batch_size}")
@@ -156,8 +159,8 @@ class TrainSpec(_SpecBase):
 
     @property
     def ranks(self) -> int:
-        """Data-parallel processes: one per GPU, else ``workers`` CPU ranks."""
-        return self.gpus if self.gpus > 0 else self.workers
+        """Data-parallel processes: one per GPU, else ``cpu_ranks`` CPU ranks."""
+        return self.gpus if self.gpus > 0 else self.cpu_ranks
 
     def resources(self) -> dict[str, int]:
         return {"gpus": self.gpus, "cpus": self.ranks}
@@ -344,6 +347,14 @@ def check_model_size(spec: TrainSpec | EvalSpec | TuneSpec, max_params: int) -> 
             per_sample = f", ~{activations * 4 / 2**20:.1f} MiB of activations per sample" if activations else ""
             raise SpecError(f"model_config: {model} would have ~{params:,} parameters ({params * 4 / 2**20:.0f} MiB"
                             f"{per_sample}), above the limit of {max_params:,} (CAPSNET_MAX_PARAMS)", "model_config")
+
+
+def job_spec_schema(kind: str | None = None) -> dict[str, Any]:
+    """The JSON Schema (input side, so the old ``workers`` spelling is not offered) of one kind's
+    spec, or of any job spec (a union on ``kind``) when ``kind`` is None."""
+    if kind is None:
+        return _ADAPTER.json_schema(mode="validation")
+    return _MODELS_BY_KIND[kind].model_json_schema(mode="validation")
 
 
 def parse_spec(data: Any) -> TrainSpec | EvalSpec | TuneSpec:
