@@ -27,6 +27,7 @@ from services.config import Settings
 from services.results import compare as compare_mod
 from services.spec.errors import SpecError
 from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec, check_model_size, parse_spec
+from services.spec.results import JobResult
 from services.spec.sources import (
     SourceRefused,
     check_checkpoint_file,
@@ -228,10 +229,11 @@ def results(app: App, job_id: str, plot: Path | None, confusion_angle: str | Non
         raise click.UsageError("--confusion-angle needs --plot OUT.png (the figure is written beside it)")
     written = write_plots(record, plot, confusion_angle) if plot else []
     if as_json:
-        result = record.result if isinstance(record.result, dict) else {}
+        result = JobResult.read(record.result)
         emit_json({"id": record.id, "kind": record.kind, "model": record.model, "state": record.state,
-                    "result": record.result, "checkpoint": result.get("checkpoint") or record.checkpoint,
-                    "plots": [str(p) for p in written]})
+                   "result": result.to_document() if result is not None else record.result,
+                   "checkpoint": (result.checkpoint if result is not None else None) or record.checkpoint,
+                   "plots": [str(p) for p in written]})
         return
     print_results(record)
     for p in written:

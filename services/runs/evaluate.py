@@ -20,6 +20,7 @@ from services.config import Settings
 from services.queue.jobqueue import JobQueue
 from services.runs.runtime import CHECKPOINT_FILE, JobContext, JobRejected, assigned_device
 from services.spec.jobspec import EvalSpec
+from services.spec.results import JobResult
 from services.spec.sources import SourceRefused, check_source_allowed
 
 
@@ -68,7 +69,7 @@ def _eval_task(spec_dict: dict[str, Any], checkpoint_uri: str, data_dir: str | N
     return result
 
 
-def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> dict[str, Any]:
+def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
     """Evaluate a trained model on the rotated test set as a Ray task (on a GPU if the spec asks)."""
     import ray
 
@@ -84,7 +85,7 @@ def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
     resources = spec.resources()
     task = ray.remote(num_cpus=max(1, resources.get("cpus", 1)), num_gpus=resources.get("gpus", 0))(_eval_task)
     try:
-        return ray.get(task.remote(spec.to_dict(), checkpoint_uri, ctx.data_dir))
+        return JobResult.new("eval", **ray.get(task.remote(spec.to_dict(), checkpoint_uri, ctx.data_dir)))
     except CheckpointRejected as exc:  # Ray re-raises the task's error as an instance of its cause
         raise JobRejected(str(getattr(exc, "cause", None) or exc)) from None
     except Exception as exc:

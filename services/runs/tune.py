@@ -69,6 +69,7 @@ from services.runs.runtime import (
 from services.runs.trial_store import TrialStore, experiment_path, final_document, is_uri
 from services.runs.tune_callback import LIVE, Live, SweepCallback
 from services.spec.jobspec import TuneSpec
+from services.spec.results import JobResult
 from services.spec.tune_space import expand_trials, has_alternatives, trial_model_kwargs
 
 # Tune pickles the run config, callbacks included, into the experiment folder: experiments saved
@@ -334,7 +335,7 @@ def _evaluate_unfinished(spec: TuneSpec, ctx: JobContext, experiment: str, pendi
 # ----------------------------------------------------------------------------- entry point
 
 
-def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, Any]:
+def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
     """Run (or resume) a tune job on the connected Ray cluster; returns its result document."""
     import signal
     import threading
@@ -431,4 +432,4 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
     queue.report_progress(ctx.job_id, ctx.lease_token, {"type": "tune", "trials": len(trials),
                                                         "trials_done": len(trials), "trials_running": 0},
                           publish=False)
-    return result
+    return JobResult.new("tune", **result)
