@@ -10,7 +10,7 @@ import click
 
 from capsnet_core.models.configs import MODEL_DESCRIPTIONS, MODEL_NAMES
 from services.cli.follow import wait_and_report
-from services.cli.helpers import App, SpecUsageError, UserError, command, echo, emit_json, pass_app
+from services.cli.helpers import App, UserError, command, echo, emit_json, pass_app
 from services.cli.options import (
     NumberList,
     WordList,
@@ -23,43 +23,18 @@ from services.cli.options import (
     training_job_options,
 )
 from services.cli.render import print_results, table, write_plots
-from services.config import Settings
+from services.queue.submission import submit_job
 from services.results import compare as compare_mod
-from services.spec.errors import SpecError
-from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec, check_model_size, parse_spec
+from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec
 from services.spec.results import JobResult
-from services.spec.sources import (
-    SourceRefused,
-    check_checkpoint_file,
-    check_source_allowed,
-    local_checkpoint_file,
-)
-from services.spec.types import JOB_ID_RE
+from services.spec.submittable import checked_spec
 
 SUITES_HELP = "Test suites: rotation (0-180° in 15° steps + AUC), affine (affine-MNIST or affNIST)."
 
 
-def check_submittable(spec: Any, settings: Settings) -> None:
-    """What only the operator's settings decide, checked before queueing (SpecError, exit 2):
-    the model size limit, and for eval where the checkpoint may come from and, when it is a
-    local file this process can read, that it is a safe capsnet_core checkpoint."""
-    check_model_size(spec, settings.max_params)
-    if isinstance(spec, EvalSpec):
-        try:
-            check_source_allowed(spec.source, str(settings.artifacts), settings.eval_roots)
-            local = local_checkpoint_file(spec.source)
-            if local is not None:
-                check_checkpoint_file(local)
-        except SourceRefused as err:
-            raise SpecError(str(err), "source") from None
-
-
-def submit_spec(app: App, spec: dict[str, Any], idempotency_key: str | None, follow: bool,
-                as_json: bool, checked: bool = False) -> None:
-    parsed = parse_spec(spec)  # SpecError -> exit 2 before touching Redis
-    if not checked:
-        check_submittable(parsed, app.settings)
-    record = app.queue.submit(parsed, idempotency_key=idempotency_key)
+def submit_spec(app: App, spec: dict[str, Any], idempotency_key: str | None, follow: bool, as_json: bool) -> None:
+    parsed = checked_spec(spec, app.settings)  # SpecError -> exit 2 before touching Redis
+    record = submit_job(app.queue, parsed, idempotency_key)
     if as_json and not follow:
         emit_json(record.to_dict())
         return
@@ -67,7 +42,6 @@ def submit_spec(app: App, spec: dict[str, Any], idempotency_key: str | None, fol
         echo(record.id)
     if follow:
         wait_and_report(app, record, as_json)
-
 
 
 # ----------------------------------------------------------------------------- submit / eval / tune
@@ -132,24 +106,7 @@ def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: int | None
     spec = given({"kind": "eval", "source": source}, angles=angles, gpus=gpus, eval_suites=eval_suites,
                  dataset=dataset, test_subset=test_subset, priority=priority, name=name, max_retries=max_retries,
                  max_lost=max_lost)
-    check_submittable(parse_spec(spec), app.settings)  # the spec's and the operator's rules, before Redis
-    check_eval_source(app, source.strip())
-    submit_spec(app, spec, idempotency_key, follow, as_json, checked=True)
-
-
-def check_eval_source(app: App, source: str) -> None:
-    """Refuse an eval that can only fail at run time: the job must exist in Redis, a local path
-    on disk. Remote URIs (``s3://`` ...) are left to the worker, which may see other storage."""
-    if app.queue.get(source) is not None:
-        return
-    if JOB_ID_RE.match(source):
-        raise SpecUsageError(f"source: no job {source} in Redis (see `capsctl list`)")
-    scheme, sep, rest = source.partition("://")
-    if sep and scheme != "file":
-        return
-    path = Path(rest if sep else source).expanduser()
-    if not path.exists():
-        raise SpecUsageError(f"source: {source} is neither a job id nor an existing checkpoint path")
+    submit_spec(app, spec, idempotency_key, follow, as_json)
 
 
 @command()
