@@ -25,8 +25,8 @@ from services.cli.options import (
 from services.cli.render import print_results, table, write_plots
 from services.queue.submission import submit_job
 from services.results import compare as compare_mod
+from services.results.job_results import NoResults, job_result
 from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec
-from services.spec.results import JobResult
 from services.spec.submittable import checked_spec
 
 SUITES_HELP = "Test suites: rotation (0-180° in 15° steps + AUC), affine (affine-MNIST or affNIST)."
@@ -179,17 +179,16 @@ def models_cmd(as_json: bool) -> None:
 def results(app: App, job_id: str, plot: Path | None, confusion_angle: str | None, as_json: bool) -> None:
     """Accuracy per test angle, per class, the training curve and the checkpoint of a finished job."""
     record = app.job(job_id)
-    if record.result is None:
-        raise UserError(f"job {job_id} has no results yet (state {record.state})"
-                        + (f": {record.error}" if record.error else ""))
+    try:
+        result = job_result(record)
+    except NoResults as err:
+        raise UserError(str(err)) from None
     if confusion_angle is not None and plot is None:
         raise click.UsageError("--confusion-angle needs --plot OUT.png (the figure is written beside it)")
     written = write_plots(record, plot, confusion_angle) if plot else []
     if as_json:
-        result = JobResult.read(record.result)
         emit_json({"id": record.id, "kind": record.kind, "model": record.model, "state": record.state,
-                   "result": result.to_document() if result is not None else record.result,
-                   "checkpoint": (result.checkpoint if result is not None else None) or record.checkpoint,
+                   "result": result.to_document(), "checkpoint": result.checkpoint or record.checkpoint,
                    "plots": [str(p) for p in written]})
         return
     print_results(record)

@@ -3,7 +3,8 @@ and the Python client's ``follow``/``wait`` share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from services.queue.errors import JobNotFound
@@ -53,3 +54,19 @@ def follow_job(queue: JobQueue, job_id: str, handle: Callable[[dict[str, Any]], 
             handle(next(watch))
         except StopIteration as done:
             return done.value
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of a job's event stream: ``type`` is state, progress, log or result; ``data``
+    its JSON object (a progress event's ``data["type"]`` says step, epoch or eval)."""
+
+    id: str
+    type: str
+    at: float
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: Mapping[str, Any]) -> JobEvent:
+        """From ``watch_job``'s ``{"id", "type", "at", "data"}``."""
+        return cls(id=str(event["id"]), type=str(event["type"]), at=float(event["at"]), data=dict(event["data"]))
