@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Floors, top to bottom (docs/architecture.md "Layout and layers"); folders on one floor are independent.
-FLOORS = [{"cli"}, {"worker", "stack"}, {"runs"}, {"results", "metrics"}, {"queue"}, {"spec"}, {"config"}]
+FLOORS = [{"cli", "client"}, {"worker", "stack"}, {"runs"}, {"results", "metrics"}, {"queue"}, {"spec"}, {"config"}]
 FLOOR_OF = {name: i for i, floor in enumerate(FLOORS) for name in floor}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from services.cli.follow import follow_events, job_view, read_events
+from services.cli.follow import follow_events, job_view
 from services.cli.helpers import App, command, echo, emit_json, pass_app
 from services.cli.options import Duration
 from services.cli.render import (
@@ -30,6 +30,7 @@ from services.queue.job import STATES, JobRecord
 from services.queue.parsing import finite, json_ready
 from services.queue.redis_health import read_health
 from services.queue.registry import is_unhealthy, resource_shape, worker_health, worker_resources
+from services.queue.watch import read_events
 from services.spec.types import PRIORITIES
 from services.stack import stack as stack_mod
 from services.worker.admission import shortfall

@@ -28,33 +28,14 @@ from services.cli.options import (
 )
 from services.cli.render import print_results, table, write_plots
 from services.config import Settings
+from services.queue.submission import check_eval_source
 from services.results import compare as compare_mod
+from services.results.job_results import NoResults, job_result
 from services.spec.errors import SpecError
-from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec, check_model_size, job_spec_schema, parse_spec
-from services.spec.sources import (
-    SourceRefused,
-    check_checkpoint_file,
-    check_source_allowed,
-    local_checkpoint_file,
-)
-from services.spec.types import JOB_ID_RE
+from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec, job_spec_schema, parse_spec
+from services.spec.submittable import check_submittable
 
 SUITES_HELP = "Test suites: rotation (0-180° in 15° steps + AUC), affine (affine-MNIST or affNIST)."
-
-
-def check_submittable(spec: Any, settings: Settings) -> None:
-    """What only the operator's settings decide, checked before queueing (SpecError, exit 2):
-    the model size limit, and for eval where the checkpoint may come from and, when it is a
-    local file this process can read, that it is a safe capsnet_core checkpoint."""
-    check_model_size(spec, settings.max_params)
-    if isinstance(spec, EvalSpec):
-        try:
-            check_source_allowed(spec.source, str(settings.artifacts), settings.eval_roots)
-            local = local_checkpoint_file(spec.source)
-            if local is not None:
-                check_checkpoint_file(local)
-        except SourceRefused as err:
-            raise SpecError(str(err), "source") from None
 
 
 def with_tracking(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -77,7 +58,7 @@ def validated(app: App, job: JobDocument) -> Any:
         parsed = parse_spec(with_tracking(job.spec, app.settings))
         check_submittable(parsed, app.settings)
         if isinstance(parsed, EvalSpec):
-            check_eval_source(app, parsed.source)
+            check_eval_source(app.queue, parsed.source.strip())
     except (SpecError, SpecUsageError) as err:
         raise job.error(str(err) if isinstance(err, SpecError) else err.message) from None
     return parsed
@@ -108,7 +89,6 @@ def submit_jobs(app: App, kind: str, flags: dict[str, Any], job_file: Path | Non
             echo(record.id)
     if follow:
         wait_and_report(app, records[0], as_json)
-
 
 # ----------------------------------------------------------------------------- submit / eval / tune
 
@@ -176,21 +156,6 @@ def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: int | None
                  dataset=dataset, test_subset=test_subset, priority=priority, name=name, max_retries=max_retries,
                  max_lost=max_lost)
     submit_jobs(app, "eval", spec, job_file, dry_run, idempotency_key, follow, as_json)
-
-
-def check_eval_source(app: App, source: str) -> None:
-    """Refuse an eval that can only fail at run time: the job must exist in Redis, a local path
-    on disk. Remote URIs (``s3://`` ...) are left to the worker, which may see other storage."""
-    if app.queue.get(source) is not None:
-        return
-    if JOB_ID_RE.match(source):
-        raise SpecUsageError(f"source: no job {source} in Redis (see `capsctl list`)")
-    scheme, sep, rest = source.partition("://")
-    if sep and scheme != "file":
-        return
-    path = Path(rest if sep else source).expanduser()
-    if not path.exists():
-        raise SpecUsageError(f"source: {source} is neither a job id nor an existing checkpoint path")
 
 
 @command()
@@ -278,17 +243,17 @@ def models_cmd(as_json: bool) -> None:
 def results(app: App, job_id: str, plot: Path | None, confusion_angle: str | None, as_json: bool) -> None:
     """Accuracy per test angle, per class, the training curve and the checkpoint of a finished job."""
     record = app.job(job_id)
-    if record.result is None:
-        raise UserError(f"job {job_id} has no results yet (state {record.state})"
-                        + (f": {record.error}" if record.error else ""))
+    try:
+        result = job_result(record)
+    except NoResults as err:
+        raise UserError(str(err)) from None
     if confusion_angle is not None and plot is None:
         raise click.UsageError("--confusion-angle needs --plot OUT.png (the figure is written beside it)")
     written = write_plots(record, plot, confusion_angle) if plot else []
     if as_json:
-        result = record.result if isinstance(record.result, dict) else {}
         emit_json({"id": record.id, "kind": record.kind, "model": record.model, "state": record.state,
-                    "result": record.result, "checkpoint": result.get("checkpoint") or record.checkpoint,
-                    "plots": [str(p) for p in written]})
+                   "result": result.to_document(), "checkpoint": result.checkpoint or record.checkpoint,
+                   "plots": [str(p) for p in written]})
         return
     print_results(record)
     for p in written:

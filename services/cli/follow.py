@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
@@ -14,9 +14,11 @@ import click
 from services.cli.helpers import App, UserError, echo, emit_json
 from services.cli.render import describe_event, epoch_line, fmt_num, fmt_pct, fmt_time, print_results, ratio
 from services.cli.tune_view import TuneProgressView
+from services.queue.errors import JobNotFound
 from services.queue.job import JobRecord
 from services.queue.jobqueue import JobQueue
 from services.queue.parsing import finite, printable
+from services.queue.watch import follow_job
 
 
 class JobEta:
@@ -136,37 +138,13 @@ class ProgressView:
         self._close_bar()
 
 
-def read_events(queue: JobQueue, job_id: str, after_id: str = "0",
-                page: int = 1000) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every event of the job after ``after_id`` that is there now, oldest first, in pages."""
-    cursor = after_id
-    while True:
-        batch = queue.events.read(job_id, cursor, count=page)
-        for entry_id, event in batch:
-            cursor = entry_id
-            yield entry_id, event
-        if len(batch) < page:
-            return
-
-
 def follow_events(queue: JobQueue, job_id: str, handle: Callable[[dict[str, Any]], None],
                   block_ms: int = 1000) -> JobRecord:
-    """Call ``handle`` for each event of the job (from the start) until it is terminal;
-    returns the final record. The record is re-read after every ``block_ms`` round of
-    ``EventLog.follow`` (which also ends a round at the job's terminal state event), so a job
-    whose events have expired, or whose terminal event was never written, still ends the wait."""
-    cursor = "0"
-    while True:
-        for entry_id, event in queue.events.follow(job_id, cursor, block_ms=block_ms, timeout=block_ms / 1000):
-            cursor = entry_id
-            handle({"id": entry_id, **event})
-        record = queue.get(job_id)
-        if record is None:
-            raise UserError(f"job {job_id} disappeared from Redis while being followed")
-        if record.is_terminal:
-            for entry_id, event in read_events(queue, job_id, cursor):  # what came after the check
-                handle({"id": entry_id, **event})
-            return record
+    """``follow_job`` with its one error as the CLI's: a job that vanished is one line, exit 1."""
+    try:
+        return follow_job(queue, job_id, handle, block_ms)
+    except JobNotFound as err:
+        raise UserError(str(err)) from None
 
 
 def _write_raw(text: str) -> None:

@@ -23,7 +23,7 @@ from services.queue.parsing import json_ready, printable
 from services.queue.replication import NotReplicated
 from services.spec.errors import SpecError
 from services.stack import stack as stack_mod
-from services.stack.record import load_env
+from services.stack.record import user_settings
 
 CONTEXT_SETTINGS = {"auto_envvar_prefix": "CAPSCTL", "help_option_names": ["-h", "--help"],
                     "max_content_width": 110}
@@ -167,13 +167,7 @@ class App:
     def settings(self) -> Settings:
         if self._settings is None:
             try:
-                base = Settings.from_env(**({"state_dir": self._state_dir} if self._state_dir else {}))
-                stack_env = load_env(base.state_dir)
-                env = {**stack_env, **os.environ}  # the real environment wins over the stack's file
-                overrides = dict(self._overrides)
-                if self._state_dir:
-                    overrides["state_dir"] = self._state_dir
-                self._settings = Settings.from_env(env, **overrides)
+                self._settings = user_settings(self._overrides, self._state_dir)
             except SettingsError as err:
                 raise UserError(str(err), exit_code=2) from None
         return self._settings

@@ -15,6 +15,7 @@ from services.cli.helpers import UserError, echo
 from services.queue.job import JobRecord
 from services.queue.parsing import finite, first, printable
 from services.results.plot_labels import curve_label, plot_title
+from services.spec.results import JobResult
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Iterable[int] = ()) -> str:
@@ -235,29 +236,29 @@ def confusion_lines(confusion: Mapping[str, Any], k: int = 3) -> list[str]:
 
 
 def print_results(record: JobRecord) -> None:
-    result = record.result if isinstance(record.result, dict) else {}
+    result = JobResult.read(record.result) or JobResult()
     echo(f"{record.id}  {record.kind} {record.model or ''}  {record.state}".rstrip())
-    rot = result.get("rotation_accuracy")
-    if isinstance(rot, dict) and rot:
+    rot = result.rotation_accuracy
+    if rot:
         echo("\nAccuracy by test rotation")
         rows = [(fmt_angle(a), fmt_pct(rot[a])) for a in angle_sorted(rot)]
         echo(indent(table(("angle", "accuracy"), rows, right=(0, 1))))
-    suites = result.get("suite_accuracy")
-    if isinstance(suites, dict) and suites:
+    suites = result.suite_accuracy
+    if suites:
         echo("\nTest suites")
         echo(indent(table(("suite", "value"), [(k, _suite_value(k, v)) for k, v in suites.items()], right=(1,))))
-    per_class = result.get("per_class")
-    if isinstance(per_class, dict) and per_class:
+    per_class = result.per_class
+    if per_class:
         echo("\nPer-class accuracy (%), rows = classes, columns = test rotation")
         echo(indent(_per_class_table(per_class)))
-    confusion = result.get("confusion")
-    if isinstance(confusion, dict) and confusion:
+    confusion = result.confusion
+    if confusion:
         lines = confusion_lines(confusion)
         if lines:
             echo("\nTop confusions (true→predicted, share of the true class) by test rotation")
             echo(indent("\n".join(lines)))
-    history = result.get("history")
-    if isinstance(history, list) and history:
+    history = result.history
+    if history:
         echo("\nTraining curve")
         rows = []
         for h in history:
@@ -294,30 +295,30 @@ def print_results(record: JobRecord) -> None:
                 echo("  rotation_auc: area under accuracy against angle over 0-180° / 180, shown x 100")
             if m.get("best_checkpoint"):
                 echo(f"  best checkpoint: {m['best_checkpoint']}  (capsctl eval <it> --angles ...)")
-    extra = {k: v for k, v in result.items()
-             if k in ("world_size", "device", "model") and v is not None}
-    if isinstance(result.get("trials"), list):
-        extra["trials"] = len(result["trials"])
+    extra: dict[str, Any] = {k: v for k, v in (("world_size", result.world_size), ("device", result.device),
+                                               ("model", result.model)) if v is not None}
+    if result.trials is not None:
+        extra["trials"] = len(result.trials)
     if extra:
         echo("\n" + "  ".join(f"{k} {fmt_value(v)}"
                                     for k, v in extra.items()))
     if matrix is not None:  # a tune job: its best checkpoint per model is named above; no job checkpoint
-        artifacts = result.get("artifacts") if isinstance(result.get("artifacts"), dict) else {}
+        artifacts = result.artifacts or {}
         if artifacts.get("csv"):
             echo(f"Matrix CSV: {printable(artifacts['csv'])}")
         echo_tensorboard(result)
         return
-    checkpoint = result.get("checkpoint") or record.checkpoint
+    checkpoint = result.checkpoint or record.checkpoint
     echo(f"\nCheckpoint: {checkpoint or '-'}")
     echo_tensorboard(result)
 
 
-def echo_tensorboard(result: dict[str, Any]) -> None:
+def echo_tensorboard(result: JobResult) -> None:
     """The command that shows the job's curves: a train job's own event files, or the Tune
     experiment folder, where Ray Tune's logger writes one set per trial (local storage only)."""
-    folder = result.get("tensorboard")
-    if not folder and isinstance(result.get("experiment"), str) and "://" not in result["experiment"]:
-        folder = result["experiment"]
+    folder = result.tensorboard
+    if not folder and isinstance(result.experiment, str) and "://" not in result.experiment:
+        folder = result.experiment
     if isinstance(folder, str) and folder:
         echo(f"TensorBoard: tensorboard --logdir {printable(folder)}  (pip install tensorboard)")
 
@@ -333,11 +334,9 @@ def _suite_value(key: str, value: Any) -> str:
     return f"{text}  {SUITE_LABELS.get(key, '')}".rstrip()
 
 
-def tune_models(result: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The per-model robustness matrices of a tune result (``result["models"]``)."""
-    if result.get("kind") == "tune" and isinstance(result.get("models"), dict):
-        return result["models"]
-    return None
+def tune_models(result: JobResult) -> dict[str, Any] | None:
+    """The per-model robustness matrices of a tune result."""
+    return result.models if result.is_tune else None
 
 
 def grid_cell(grid: Any, i: int, j: int) -> float | None:
@@ -352,8 +351,7 @@ def write_confusion_plot(record: JobRecord, path: Path, angle: str) -> Path:
     """The confusion matrix of a train/eval job at one test angle, as a PNG beside ``path``."""
     from capsnet_core import plots
 
-    result = record.result if isinstance(record.result, dict) else {}
-    confusion = result.get("confusion") if isinstance(result.get("confusion"), dict) else {}
+    confusion = (JobResult.read(record.result) or JobResult()).confusion or {}
     key = next((a for a in confusion if _same_angle(a, angle)), None)
     if key is None:
         have = ", ".join(fmt_angle(a) for a in angle_sorted(confusion)) or "none"
@@ -375,7 +373,7 @@ def write_plots(record: JobRecord, path: Path, confusion_angle: str | None = Non
     one heatmap per model for tune jobs."""
     from capsnet_core import plots
 
-    result = record.result if isinstance(record.result, dict) else {}
+    result = JobResult.read(record.result) or JobResult()
     if confusion_angle is not None and not tune_models(result):
         confusion_plot = [write_confusion_plot(record, path, confusion_angle)]
     else:
@@ -391,13 +389,13 @@ def write_plots(record: JobRecord, path: Path, confusion_angle: str | None = Non
                                                      [str(c) for c in m.get("cols") or []], target,
                                                      title=f"{model}: accuracy by training augmentation"))
         return out
-    rot = result.get("rotation_accuracy")
-    if not isinstance(rot, dict) or not rot:
+    rot = result.rotation_accuracy
+    if not rot:
         raise UserError(f"job {record.id} has no accuracy by angle to plot")
-    model = record.model or result.get("model")
+    model = record.model or result.model
     spec = record.spec if isinstance(record.spec, dict) else {}
     job = record.name or record.id
-    suites = result.get("suite_accuracy") if isinstance(result.get("suite_accuracy"), dict) else {}
+    suites = result.suite_accuracy or {}
     label = curve_label(job, record.kind or "train", model, spec, suites.get("rotation_auc"))
     return [plots.plot_accuracy_vs_angle({label: rot}, path, title=plot_title(job, record.kind or "train", model, spec)),
             *confusion_plot]

@@ -23,6 +23,7 @@ from services.queue.parsing import finite
 from services.results.plot_labels import budget_text
 from services.spec.errors import SpecError
 from services.spec.jobspec import TrainSpec, TuneSpec, parse_spec
+from services.spec.results import JobResult
 
 ACCURACY_NOTE = "accuracy (%) on the test set rotated by each angle; tune rows: mean ± std over seeds"
 
@@ -128,10 +129,10 @@ def _spec(record: JobRecord) -> Any:
         return None
 
 
-def _class_accuracy(record: JobRecord, result: Mapping[str, Any], class_index: int) -> dict[str, Any]:
+def _class_accuracy(record: JobRecord, result: JobResult, class_index: int) -> dict[str, Any]:
     """One class's accuracy by angle, from the result's per-class lists."""
-    per_class = result.get("per_class")
-    if not isinstance(per_class, Mapping) or not per_class:
+    per_class = result.per_class
+    if not per_class:
         raise CompareError(f"job {record.id} has no per-class accuracy to compare")
     out = {a: v[class_index] for a, v in per_class.items() if isinstance(v, list) and class_index < len(v)}
     if not out:
@@ -140,18 +141,19 @@ def _class_accuracy(record: JobRecord, result: Mapping[str, Any], class_index: i
     return out
 
 
-def _train_run(record: JobRecord, result: Mapping[str, Any], kind: str,
+def _train_run(record: JobRecord, result: JobResult, kind: str,
                source: JobRecord | None = None, class_index: int | None = None) -> Run:
-    rot = result.get("rotation_accuracy") if class_index is None else _class_accuracy(record, result, class_index)
-    if not isinstance(rot, Mapping) or not rot:
+    rot = result.rotation_accuracy if class_index is None else _class_accuracy(record, result, class_index)
+    if not rot:
         raise CompareError(f"job {record.id} has no accuracy by test angle to compare")
     trained = source if source is not None else record
     spec = _spec(trained)
     train_spec = spec if isinstance(spec, TrainSpec) else None
-    model = (train_spec.model if train_spec else None) or result.get("model") or record.model or None
-    history = result.get("history") if isinstance(result.get("history"), list) else None
-    if source is not None and isinstance(source.result, dict) and isinstance(source.result.get("history"), list):
-        history = source.result["history"]
+    model = (train_spec.model if train_spec else None) or result.model or record.model or None
+    history = result.history
+    trained_result = JobResult.read(source.result) if source is not None else None
+    if trained_result is not None and trained_result.history is not None:
+        history = trained_result.history
     epochs = len(history) if history else (train_spec.epochs if train_spec else None)
     return Run(job=record.id, kind=kind, name=record.name, model=model,
                augment=train_spec.augment if train_spec else None,
@@ -159,14 +161,13 @@ def _train_run(record: JobRecord, result: Mapping[str, Any], kind: str,
                epochs=epochs, seeds=1,
                accuracy={_angle_key(a): finite(v) for a, v in rot.items()},
                std={_angle_key(a): None for a in rot},
-               rotation_auc=finite((result.get("suite_accuracy") or {}).get("rotation_auc"))
-               if isinstance(result.get("suite_accuracy"), Mapping) and class_index is None else None,
+               rotation_auc=finite((result.suite_accuracy or {}).get("rotation_auc")) if class_index is None else None,
                budget=budget_text(train_spec.to_dict()) if train_spec else "")
 
 
-def _tune_runs(record: JobRecord, result: Mapping[str, Any]) -> list[Run]:
-    models = result.get("models")
-    if not isinstance(models, Mapping) or not models:
+def _tune_runs(record: JobRecord, result: JobResult) -> list[Run]:
+    models = result.models
+    if not models:
         raise CompareError(f"job {record.id} has no robustness matrix to compare")
     spec = _spec(record)
     tune_spec = spec if isinstance(spec, TuneSpec) else None
@@ -199,10 +200,10 @@ def runs_of(record: JobRecord, lookup: Callable[[str], JobRecord | None],
             class_index: int | None = None) -> list[Run]:
     """The comparison rows of one finished job; ``lookup`` finds the job an eval job evaluated.
     With ``class_index``, the rows hold that class's accuracy instead of the overall one."""
-    result = record.result if isinstance(record.result, dict) else None
+    result = JobResult.read(record.result)
     if result is None:
         raise CompareError(f"job {record.id} has no results yet (state {record.state})")
-    if record.kind == "tune" or result.get("kind") == "tune":
+    if record.kind == "tune" or result.kind == "tune":
         if class_index is not None:
             raise CompareError(f"job {record.id} is a tune job: its matrix holds no per-class figures; "
                                "compare --class takes train and eval jobs")

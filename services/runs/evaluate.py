@@ -24,6 +24,7 @@ from services.queue.jobqueue import JobQueue
 from services.runs.runtime import CHECKPOINT_FILE, JobContext, JobRejected, assigned_device
 from services.runs.tracking import Tracker, result_metrics, spec_params, tracking_target
 from services.spec.jobspec import EvalSpec
+from services.spec.results import JobResult
 from services.spec.sources import SourceRefused, check_source_allowed
 
 log = logging.getLogger("capsctl.eval")
@@ -74,7 +75,7 @@ def _eval_task(spec_dict: dict[str, Any], checkpoint_uri: str, data_dir: str | N
     return result
 
 
-def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> dict[str, Any]:
+def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
     """Evaluate a trained model on the rotated test set as a Ray task (on a GPU if the spec asks)."""
     import ray
 
@@ -106,7 +107,7 @@ def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
     except redis.RedisError as exc:
         log.warning("the eval result of %s was not published as an event: %s", ctx.job_id, exc)
     _track_eval(spec, ctx, queue, result)
-    return result
+    return JobResult.new("eval", **result)
 
 
 def _track_eval(spec: EvalSpec, ctx: JobContext, queue: JobQueue, result: dict[str, Any]) -> None:

@@ -67,6 +67,7 @@ from services.runs.tracking import (
     tracking_target,
 )
 from services.spec.jobspec import TrainSpec
+from services.spec.results import JobResult
 
 
 def _train_config(spec: TrainSpec, eval_threads: int = 0) -> TrainConfig:
@@ -332,7 +333,7 @@ def run_state_vanished(exc: BaseException, ctx: JobContext) -> str | None:
     return None
 
 
-def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
+def run_train_job(spec: TrainSpec, ctx: JobContext) -> JobResult:
     """Run one train job to the end on the connected Ray cluster; returns the job's result document."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -365,20 +366,19 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
                           lost=lambda exc: infrastructure_loss(exc) or run_state_vanished(exc, ctx)
                           or node_loss(exc, channel.rank_nodes()))
     metrics = dict(outcome.metrics or {})
-    result = {
-        "rotation_accuracy": metrics.get("rotation_accuracy", {}),
-        "per_class": metrics.get("per_class", {}),
-        "confusion": metrics.get("confusion", {}),
-        "suite_accuracy": metrics.get("suite_accuracy", {}),
-        # the final figures are above; the history keeps the per-epoch curve
-        "history": [{k: v for k, v in h.items() if k != "confusion"} for h in metrics.get("history", [])
-                    if isinstance(h, dict)],
-        "world_size": metrics.get("world_size", spec.ranks),
-        "device": metrics.get("device"),
-        "checkpoint": outcome.checkpoint.path if outcome.checkpoint is not None else None,
-        "validation": describe_split(load_dataset(spec.dataset, "train", root=ctx.data_dir), spec.val_split).to_dict(),
-    }
     tb_dir = tensorboard_dir(ctx.artifacts, ctx.job_id)
-    if tb_dir is not None and tb_dir.is_dir():
-        result["tensorboard"] = str(tb_dir.absolute())
-    return result
+    return JobResult.new(
+        "train",
+        rotation_accuracy=metrics.get("rotation_accuracy", {}),
+        per_class=metrics.get("per_class", {}),
+        confusion=metrics.get("confusion", {}),
+        suite_accuracy=metrics.get("suite_accuracy", {}),
+        # the final figures are above; the history keeps the per-epoch curve
+        history=[{k: v for k, v in h.items() if k != "confusion"} for h in metrics.get("history", [])
+                    if isinstance(h, dict)],
+        world_size=metrics.get("world_size", spec.ranks),
+        device=metrics.get("device"),
+        checkpoint=outcome.checkpoint.path if outcome.checkpoint is not None else None,
+        validation=describe_split(load_dataset(spec.dataset, "train", root=ctx.data_dir), spec.val_split).to_dict(),
+        tensorboard=str(tb_dir.absolute()) if tb_dir is not None and tb_dir.is_dir() else None,
+    )

@@ -70,6 +70,7 @@ from services.runs.tracking import Tracker, result_metrics, spec_params, trackin
 from services.runs.trial_store import TrialStore, experiment_path, final_document, is_uri
 from services.runs.tune_callback import LIVE, Live, SweepCallback
 from services.spec.jobspec import TuneSpec
+from services.spec.results import JobResult
 from services.spec.tune_space import expand_trials, has_alternatives, trial_model_kwargs
 
 # Tune pickles the run config, callbacks included, into the experiment folder: experiments saved
@@ -335,7 +336,7 @@ def _evaluate_unfinished(spec: TuneSpec, ctx: JobContext, experiment: str, pendi
 # ----------------------------------------------------------------------------- entry point
 
 
-def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, Any]:
+def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
     """Run (or resume) a tune job on the connected Ray cluster; returns its result document."""
     import signal
     import threading
@@ -433,7 +434,7 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> dict[str, 
                                                         "trials_done": len(trials), "trials_running": 0},
                           publish=False)
     _track_sweep(spec, ctx, channel, result, finals)
-    return result
+    return JobResult.new("tune", **result)
 
 
 _TRIAL_PARAMS = ("model", "augment", "train_angle", "lr", "routing_iters", "seed")

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from services.config import Settings
+
 STACK_FILE = "stack.json"
 ENV_FILE = "env"
 ENV_KEYS = ("CAPSNET_REDIS_URL", "CAPSNET_REDIS_PREFIX", "RAY_ADDRESS", "RAY_AUTH_MODE")
@@ -54,6 +56,18 @@ def load_env(state_dir: Path) -> dict[str, str]:
         if key in ENV_KEYS:
             out[key] = value
     return out
+
+
+def user_settings(overrides: dict[str, Any] | None = None, state_dir: Path | None = None) -> Settings:
+    """The settings a user's process runs with (``capsctl``, the Python client): the stack's
+    ``<state_dir>/env`` under the real environment (which wins), under explicit ``overrides``.
+    ``SettingsError`` when a value is malformed."""
+    base = Settings.from_env(**({"state_dir": state_dir} if state_dir else {}))
+    env = {**load_env(base.state_dir), **os.environ}  # the real environment wins over the stack's file
+    given = dict(overrides or {})
+    if state_dir:
+        given["state_dir"] = state_dir
+    return Settings.from_env(env, **given)
 
 
 def atomic_write(path: Path, text: str) -> None:

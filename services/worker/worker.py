@@ -53,6 +53,7 @@ from services.runs.error_text import full_traceback, root_cause
 from services.runs.evaluate import run_eval_job
 from services.runs.runtime import AttemptLost, JobCancelled, JobContext, JobRejected
 from services.runs.train import run_train_job
+from services.spec.results import to_document
 from services.worker.admission import AdmissionLock, free_of, reserved
 from services.worker.store_health import StoreHealth, StoreMonitor, storage_fault
 
@@ -476,8 +477,9 @@ class Worker:
                 outcome = self._record_error(job, exc, lost)
             else:
                 # Even when the heartbeat saw the lease go, try: the token fence decides.
-                kept = self._keep_result(job, result)
-                if not self._record_result(job.job_id, job.attempt, job.token, result):
+                document = to_document(result)
+                kept = self._keep_result(job, document)
+                if not self._record_result(job.job_id, job.attempt, job.token, document):
                     outcome = "lost"
                 if kept is not None:
                     kept.unlink(missing_ok=True)
