@@ -20,10 +20,12 @@ from services.cli.options import (
     deprecated_alias,
     given,
     parse_model_config,
+    parse_tags,
     training_job_options,
 )
 from services.cli.render import print_results, table, write_plots
 from services.config import Settings
+from services.queue.errors import JobNotFound
 from services.results import compare as compare_mod
 from services.spec.errors import SpecError
 from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec, check_model_size, parse_spec
@@ -95,8 +97,8 @@ def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, worker
            batch_size: int | None, lr: float | None, lr_decay: float | None, augment: str | None,
            eval_angles: list[float] | None, eval_suites: list[str] | None, dataset: str | None, seed: int | None,
            train_subset: int | None, val_split: int | None, test_subset: int | None, model_config: tuple[str, ...],
-           priority: str | None, name: str | None, max_retries: int | None, max_lost: int | None, idempotency_key: str | None,
-           follow: bool, as_json: bool) -> None:
+           priority: str | None, name: str | None, tags: tuple[str, ...], max_retries: int | None, max_lost: int | None,
+           idempotency_key: str | None, follow: bool, as_json: bool) -> None:
     """Submit a training job for MODEL (capsctl models lists them); prints its id."""
     if workers is not None:  # the old spelling of --cpu-ranks, kept for one release
         if cpu_ranks is not None:
@@ -108,6 +110,8 @@ def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, worker
                  batch_size=batch_size, lr=lr, lr_decay=lr_decay, augment=augment, eval_angles=eval_angles,
                  eval_suites=eval_suites, dataset=dataset, seed=seed, train_subset=train_subset,
                  val_split=val_split, test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
+    if tags:
+        spec["tags"] = parse_tags(tags)
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
     submit_spec(app, spec, idempotency_key, follow, as_json)
@@ -124,16 +128,31 @@ def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, worker
 @pass_app
 def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: int | None,
              eval_suites: list[str] | None, dataset: str | None,
-             test_subset: int | None, priority: str | None, name: str | None, max_retries: int | None,
-             max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
+             test_subset: int | None, priority: str | None, name: str | None, tags: tuple[str, ...],
+             max_retries: int | None, max_lost: int | None, idempotency_key: str | None, follow: bool,
+             as_json: bool) -> None:
     """Evaluate a trained job's checkpoint (or a checkpoint path within the artifact storage or
     CAPSNET_EVAL_ROOTS) on rotated test sets."""
+    source = job_prefix_source(app, source.strip())
     spec = given({"kind": "eval", "source": source}, angles=angles, gpus=gpus, eval_suites=eval_suites,
                  dataset=dataset, test_subset=test_subset, priority=priority, name=name, max_retries=max_retries,
                  max_lost=max_lost)
+    if tags:
+        spec["tags"] = parse_tags(tags)
     check_submittable(parse_spec(spec), app.settings)  # the spec's and the operator's rules, before Redis
     check_eval_source(app, source.strip())
     submit_spec(app, spec, idempotency_key, follow, as_json, checked=True)
+
+
+def job_prefix_source(app: App, source: str) -> str:
+    """An eval source that is a unique prefix of a job id, as that full id; anything else (a
+    path, a URI, an unknown id) unchanged for check_eval_source to judge."""
+    if not source.startswith("j-") or Path(source).expanduser().exists():
+        return source
+    try:
+        return app.queue.resolve(source)
+    except JobNotFound:
+        return source
 
 
 def check_eval_source(app: App, source: str) -> None:
@@ -178,14 +197,16 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
          samples: int | None, seeds: int | None, seed: int | None, epochs: int | None,
          batch_size: int | None, gpus_per_trial: int | None, max_concurrent: int | None,
          asha: bool | None, dataset: str | None, train_subset: int | None, val_split: int | None,
-         test_subset: int | None, model_config: tuple[str, ...], priority: str | None, name: str | None, max_retries: int | None,
-         max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
+         test_subset: int | None, model_config: tuple[str, ...], priority: str | None, name: str | None, tags: tuple[str, ...],
+         max_retries: int | None, max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
     """Submit a robustness study: models × training rotations (× lr × routing × seeds) on Ray Tune."""
     spec = given({"kind": "tune"}, models=models, angles=angles, eval_angles=eval_angles, eval_suites=eval_suites,
                  augment=augment, lr=lr, routing_iters=routing_iters, samples=samples, seeds=seeds, seed=seed,
                  epochs=epochs, batch_size=batch_size, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                  asha=asha, dataset=dataset, train_subset=train_subset, val_split=val_split,
                  test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
+    if tags:
+        spec["tags"] = parse_tags(tags)
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
     submit_spec(app, spec, idempotency_key, follow, as_json)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import redis
 
-from services.queue import parsing
+from services.queue import parsing, selection
 from services.queue.errors import (
     MAX_ERROR_CHARS,
     MAX_TRACEBACK_CHARS,
@@ -417,6 +417,14 @@ class JobQueue:
         record = JobRecord.from_hash(h)
         record.id = record.id or job_id
         return record
+
+    def resolve(self, text: str) -> str:
+        """The job id a full id or unique prefix names (services.queue.selection)."""
+        return selection.resolve_job_id(self.client, self.keys, text)
+
+    def select(self, job_filter: selection.JobFilter, limit: int | None = None) -> list[JobRecord]:
+        """Jobs matching a filter, newest first (services.queue.selection)."""
+        return selection.select_jobs(self.client, self.keys, job_filter, limit)
 
     def list(self, state: str | None = None, limit: int = 50) -> list[JobRecord]:
         """Newest first; all jobs or those in one state (see ``QueueStats.list``)."""
