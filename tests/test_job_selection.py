@@ -145,6 +145,7 @@ def test_bulk_cancel_and_retry(queue: JobQueue) -> None:
     assert f"requeued {a[0]}" in mixed.output and f"requeued {a[1]}" in mixed.output
     assert f"skipped {b}: job {b} is queued" in mixed.output and "1 of 3 job(s) skipped" in mixed.output
     assert [queue.get(j).state for j in a] == ["queued", "queued", "cancelled"]
+    assert queue.get(a[0]).spec["tags"] == {"sweep": "a"}  # a retried job keeps its tags
 
     assert "give job ids or filters" in run("cancel", b, "--tag", "sweep=a", code=2).output
     assert "give the job(s) to cancel" in run("cancel", code=2).output

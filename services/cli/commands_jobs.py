@@ -274,7 +274,8 @@ def compare(app: App, job_ids: tuple[str, ...], plot: Path | None, as_json: bool
     model × augmentation, mean ± std over seeds), parameters, epochs; angles are the union of the jobs'."""
     if as_json and as_csv:
         raise click.UsageError("--json and --csv are mutually exclusive")
-    records = [app.job(job_id) for job_id in dict.fromkeys(job_ids)]
+    # two prefixes (or a prefix and the full id) of one job compare it once
+    records = list({r.id: r for r in (app.job(job_id) for job_id in job_ids)}.values())
     try:
         comparison = compare_mod.compare(records, app.queue.get, class_index)
         written = compare_mod.plot(comparison, plot) if plot else None

@@ -217,6 +217,8 @@ def job_filter_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def job_filter(tag_filters: Sequence[str], name_glob: str | None, model_filter: str | None, kind_filter: str | None,
                state: str | None, since: float | None) -> JobFilter:
-    """The options of ``job_filter_options`` as a queue-side filter."""
+    """The options of ``job_filter_options`` as a queue-side filter. ``--since`` is measured on
+    this machine's clock against the Redis server's submit times: the same clock where capsctl
+    runs beside Redis, seconds apart elsewhere, which an age in minutes or hours tolerates."""
     return JobFilter(tags=parse_tags(tag_filters), name=name_glob, model=model_filter, kind=kind_filter,
                      state=state, since=None if since is None else time.time() - since)
