@@ -17,6 +17,7 @@ from services.cli.job_columns import (
     COLUMNS,
     DEFAULT_COLUMNS,
     ColumnList,
+    attempts,
     format_tags,
     headers_for,
     right_indexes,
@@ -44,10 +45,6 @@ from services.queue.selection import JobFilter, record_tags
 from services.spec.types import PRIORITIES
 from services.stack import stack as stack_mod
 from services.worker.admission import shortfall
-
-
-def _attempts(record: JobRecord) -> str:
-    return f"{record.attempt}/{record.retry_base + record.losses + record.max_retries + 1}"
 
 
 def _resources(record: JobRecord) -> str:
@@ -104,7 +101,7 @@ def print_job(record: JobRecord, waiting: str | None = None) -> None:
                                   else "")),
         ("kind", f"{record.kind}  model {record.model or '-'}  priority {record.priority}"),
         ("resources", _resources(record)),
-        ("attempt", f"{_attempts(record)}  ({record.retries_left} retries left, "
+        ("attempt", f"{attempts(record)}  ({record.retries_left} retries left, "
                     f"{record.losses}/{record.max_lost} lost workers)"),
         ("progress", fmt_progress(record)),
     ]

@@ -13,7 +13,8 @@ from services.queue.job import JobRecord
 from services.queue.selection import record_tags
 
 
-def _attempts(record: JobRecord) -> str:
+def attempts(record: JobRecord) -> str:
+    """``attempt/most attempts`` (retries and lost-worker resumes included)."""
     return f"{record.attempt}/{record.retry_base + record.losses + record.max_retries + 1}"
 
 
@@ -32,7 +33,7 @@ COLUMNS: dict[str, tuple[str, Callable[[JobRecord, float], Any]]] = {
     "priority": ("PRIORITY", lambda r, now: r.priority),
     "gpus": ("GPUS", lambda r, now: r.gpus),
     "cpus": ("CPUS", lambda r, now: r.cpus),
-    "attempt": ("ATTEMPT", lambda r, now: _attempts(r)),
+    "attempt": ("ATTEMPT", lambda r, now: attempts(r)),
     "progress": ("PROGRESS", lambda r, now: fmt_progress(r)),
     "age": ("AGE", lambda r, now: fmt_age(r.created_at, now)),
     "worker": ("WORKER", lambda r, now: r.worker or "-"),
@@ -72,4 +73,4 @@ def right_indexes(columns: Sequence[str]) -> tuple[int, ...]:
     return tuple(i for i, c in enumerate(columns) if c in RIGHT_ALIGNED)
 
 
-__all__ = ["COLUMNS", "DEFAULT_COLUMNS", "ColumnList", "format_tags", "headers_for", "right_indexes", "rows_for"]
+__all__ = ["COLUMNS", "DEFAULT_COLUMNS", "ColumnList", "attempts", "format_tags", "headers_for", "right_indexes", "rows_for"]
