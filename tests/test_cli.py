@@ -248,9 +248,10 @@ def test_list_status_logs_results_of_a_driven_job(queue: JobQueue, tmp_path: Pat
 
     table = run("list").output
     header, *rows = table.strip().splitlines()
-    assert header.split() == ["ID", "STATE", "KIND", "MODEL", "GPUS", "ATTEMPT", "PROGRESS", "AGE", "WORKER"]
-    assert rows[0].split()[:2] == [other, "queued"]
-    assert rows[1].split()[:6] == [job_id, "succeeded", "train", "capsnet", "0", "1/3"] and "w-test" in rows[1]
+    assert header.split() == ["ID", "NAME", "STATE", "KIND", "MODEL", "GPUS", "ATTEMPT", "PROGRESS", "AGE", "WORKER",
+                              "TAGS"]
+    assert rows[0].split()[:3] == [other, "-", "queued"]
+    assert rows[1].split()[:7] == [job_id, "driven", "succeeded", "train", "capsnet", "0", "1/3"] and "w-test" in rows[1]
     listed = json.loads(run("list", "--json").output)
     assert [j["id"] for j in listed] == [other, job_id]
     assert set(listed[0]) >= {"id", "state", "kind", "model", "gpus", "cpus", "attempt", "max_attempts",

@@ -6,14 +6,24 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import click
 
 from services.cli.follow import follow_events, job_view
 from services.cli.helpers import App, command, echo, emit_json, pass_app
-from services.cli.options import Duration
+from services.cli.job_columns import (
+    COLUMNS,
+    DEFAULT_COLUMNS,
+    ColumnList,
+    attempts,
+    format_tags,
+    headers_for,
+    right_indexes,
+    rows_for,
+)
+from services.cli.options import Duration, job_filter, job_filter_options
 from services.cli.render import (
     describe_event,
     fmt_age,
@@ -26,18 +36,16 @@ from services.cli.render import (
     indent,
     table,
 )
+from services.queue.errors import JobNotFound, JobStateError
 from services.queue.job import STATES, JobRecord
 from services.queue.parsing import finite, json_ready
 from services.queue.redis_health import read_health
 from services.queue.registry import is_unhealthy, resource_shape, worker_health, worker_resources
+from services.queue.selection import JobFilter, record_tags
 from services.queue.watch import read_events
 from services.spec.types import PRIORITIES
 from services.stack import stack as stack_mod
 from services.worker.admission import shortfall
-
-
-def _attempts(record: JobRecord) -> str:
-    return f"{record.attempt}/{record.retry_base + record.losses + record.max_retries + 1}"
 
 
 def _resources(record: JobRecord) -> str:
@@ -49,7 +57,7 @@ def _resources(record: JobRecord) -> str:
 
 
 def job_summary(record: JobRecord) -> dict[str, Any]:
-    return {"id": record.id, "name": record.name, "state": record.state, "kind": record.kind,
+    return {"id": record.id, "name": record.name, "tags": record_tags(record), "state": record.state, "kind": record.kind,
             "model": record.model, "priority": record.priority, "gpus": record.gpus, "cpus": record.cpus,
             "attempt": record.attempt, "max_attempts": record.retry_base + record.losses + record.max_retries + 1,
             "progress": record.progress, "progress_text": fmt_progress(record), "created_at": record.created_at,
@@ -94,7 +102,7 @@ def print_job(record: JobRecord, waiting: str | None = None) -> None:
                                   else "")),
         ("kind", f"{record.kind}  model {record.model or '-'}  priority {record.priority}"),
         ("resources", _resources(record)),
-        ("attempt", f"{_attempts(record)}  ({record.retries_left} retries left, "
+        ("attempt", f"{attempts(record)}  ({record.retries_left} retries left, "
                     f"{record.losses}/{record.max_lost} lost workers)"),
         ("progress", fmt_progress(record)),
     ]
@@ -233,24 +241,26 @@ def workers(app: App, as_json: bool) -> None:
 
 
 @command("list")
-@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
-@click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True, help="Newest N jobs.")
+@job_filter_options
+@click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True,
+              help="Newest N matching jobs.")
+@click.option("--format", "columns", type=ColumnList(), default=",".join(DEFAULT_COLUMNS), show_default=True,
+              help=f"Columns to show, comma-separated, from: {','.join(COLUMNS)}.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_app
-def list_cmd(app: App, state: str | None, limit: int, as_json: bool) -> None:
-    """Jobs, newest first."""
-    records = app.queue.list(state=state, limit=limit)
+def list_cmd(app: App, tag_filters: tuple[str, ...], name_glob: str | None, model_filter: str | None,
+             kind_filter: str | None, state: str | None, since: float | None, limit: int,
+             columns: tuple[str, ...], as_json: bool) -> None:
+    """Jobs, newest first; the filters all apply (AND)."""
+    selected = job_filter(tag_filters, name_glob, model_filter, kind_filter, state, since)
+    records = app.queue.select(selected, limit=limit)
     if as_json:
         emit_json([job_summary(r) for r in records])
         return
     if not records:
-        echo("no jobs" + (f" in state {state}" if state else ""))
+        echo("no jobs" + ("" if selected.is_empty else " match"))
         return
-    now = time.time()
-    rows = [(r.id, r.state, r.kind, r.model or "-", r.gpus, _attempts(r), fmt_progress(r), fmt_age(r.created_at, now),
-             r.worker or "-") for r in records]
-    echo(table(("ID", "STATE", "KIND", "MODEL", "GPUS", "ATTEMPT", "PROGRESS", "AGE", "WORKER"), rows,
-                     right=(4, 7)))
+    echo(table(headers_for(columns), rows_for(records, columns, time.time()), right=right_indexes(columns)))
 
 
 @command()
@@ -263,6 +273,7 @@ def logs(app: App, job_id: str, follow: bool, steps: bool, as_json: bool) -> Non
     """A job's events: state changes, log lines, epoch summaries. With -f, follows until the job
     ends and exits like ``submit --follow``: 0 if it succeeded, 1 otherwise."""
     record = app.job(job_id)  # unknown id -> one-line error
+    job_id = record.id  # a prefix the user typed, resolved
     if record.kind == "tune" and not as_json:
         _tune_logs(app, record, follow)
         return
@@ -312,25 +323,81 @@ def _tune_logs(app: App, record: JobRecord, follow: bool) -> None:
         view.close()
 
 
-@command()
-@click.argument("job_id")
-@pass_app
-def cancel(app: App, job_id: str) -> None:
-    """Cancel a job (a running one stops at its next step)."""
-    outcome = app.queue.cancel(job_id)
-    if outcome == "cancelled":
-        echo(f"cancelled {job_id}")
-    else:
-        echo(f"cancel requested for {job_id}: it is running; its worker stops it shortly")
+def _targets(app: App, job_ids: Sequence[str], selected: JobFilter, verb: str, yes: bool) -> list[JobRecord]:
+    """The jobs a bulk ``cancel``/``retry`` touches: the ids (or prefixes) given, else those the
+    filters select. More than one, or any chosen by filter, are listed and confirmed first."""
+    if job_ids and not selected.is_empty:
+        raise click.UsageError(f"give job ids or filters to {verb}, not both")
+    if not job_ids and selected.is_empty:
+        raise click.UsageError(f"give the job(s) to {verb}: ids, or filters such as --tag sweep=a --state queued")
+    records = ([app.job(j) for j in dict.fromkeys(job_ids)] if job_ids
+               else app.queue.select(selected))
+    records = list({r.id: r for r in records}.values())  # two prefixes of one job: once
+    if not records:
+        echo(f"no jobs match: nothing to {verb}")
+        return []
+    if (len(records) > 1 or not job_ids) and not yes:
+        echo(f"will {verb} {len(records)} job(s):")
+        echo(indent(table(("ID", "NAME", "STATE", "KIND", "TAGS"),
+                          [(r.id, r.name or "-", r.state, r.kind, format_tags(r)) for r in records])))
+        click.confirm(f"{verb.capitalize()} {len(records)} job(s)?", abort=True)
+    return records
+
+
+def _apply(records: Sequence[JobRecord], act: Callable[[JobRecord], str], single: bool) -> None:
+    """Runs ``act`` on each job, printing its line; a job in the wrong state is reported and
+    skipped, and the command exits 1 when any was. One explicit job keeps the one-line error."""
+    failed = 0
+    for record in records:
+        try:
+            echo(act(record))
+        except (JobStateError, JobNotFound) as err:
+            if single:
+                raise
+            echo(f"skipped {record.id}: {err}", err=True)
+            failed += 1
+    if failed:
+        echo(f"Error: {failed} of {len(records)} job(s) skipped", err=True)
+        sys.exit(1)
 
 
 @command()
-@click.argument("job_id")
+@click.argument("job_ids", metavar="[JOB ...]", nargs=-1)
+@job_filter_options
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before touching several jobs (for scripts).")
 @pass_app
-def retry(app: App, job_id: str) -> None:
-    """Queue a failed or cancelled job again (with a fresh retry budget)."""
-    record = app.queue.retry(job_id)  # JobNotFound / JobStateError become one-line errors
-    echo(f"requeued {record.id} (state {record.state}, {record.max_retries} automatic retries)")
+def cancel(app: App, job_ids: tuple[str, ...], tag_filters: tuple[str, ...], name_glob: str | None,
+           model_filter: str | None, kind_filter: str | None, state: str | None, since: float | None,
+           yes: bool) -> None:
+    """Cancel jobs by id (or unique prefix) or by filter (a running one stops at its next step)."""
+    selected = job_filter(tag_filters, name_glob, model_filter, kind_filter, state, since)
+    records = _targets(app, job_ids, selected, "cancel", yes)
+
+    def act(record: JobRecord) -> str:
+        if app.queue.cancel(record.id) == "cancelled":
+            return f"cancelled {record.id}"
+        return f"cancel requested for {record.id}: it is running; its worker stops it shortly"
+
+    _apply(records, act, single=len(job_ids) == 1)
+
+
+@command()
+@click.argument("job_ids", metavar="[JOB ...]", nargs=-1)
+@job_filter_options
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before touching several jobs (for scripts).")
+@pass_app
+def retry(app: App, job_ids: tuple[str, ...], tag_filters: tuple[str, ...], name_glob: str | None,
+          model_filter: str | None, kind_filter: str | None, state: str | None, since: float | None,
+          yes: bool) -> None:
+    """Queue failed or cancelled jobs again (with a fresh retry budget), by id, prefix or filter."""
+    selected = job_filter(tag_filters, name_glob, model_filter, kind_filter, state, since)
+    records = _targets(app, job_ids, selected, "retry", yes)
+
+    def act(record: JobRecord) -> str:
+        requeued = app.queue.retry(record.id)
+        return f"requeued {requeued.id} (state {requeued.state}, {requeued.max_retries} automatic retries)"
+
+    _apply(records, act, single=len(job_ids) == 1)
 
 
 @command("dead-letters")

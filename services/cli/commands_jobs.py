@@ -22,12 +22,14 @@ from services.cli.options import (
     given,
     job_file_options,
     parse_model_config,
+    parse_tags,
     range_of,
     tracking_fields,
     training_job_options,
 )
 from services.cli.render import print_results, table, write_plots
 from services.config import Settings
+from services.queue.errors import JobNotFound
 from services.queue.submission import check_eval_source
 from services.results import compare as compare_mod
 from services.results.job_results import NoResults, job_result
@@ -116,7 +118,7 @@ def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, epochs
            batch_size: int | None, lr: float | None, lr_decay: float | None, augment: str | None,
            eval_angles: list[float] | None, eval_suites: list[str] | None, dataset: str | None, seed: int | None,
            train_subset: int | None, val_split: int | None, test_subset: int | None, model_config: tuple[str, ...],
-           priority: str | None, name: str | None, max_retries: int | None, max_lost: int | None, idempotency_key: str | None,
+           priority: str | None, name: str | None, tags: tuple[str, ...], max_retries: int | None, max_lost: int | None, idempotency_key: str | None,
            follow: bool, as_json: bool, job_file: Path | None, dry_run: bool) -> None:
     """Submit a training job for MODEL (capsctl models lists them), or the jobs of a job file
     (-f job.yaml; flags typed beside it override it); prints their ids."""
@@ -128,6 +130,8 @@ def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, epochs
                  batch_size=batch_size, lr=lr, lr_decay=lr_decay, augment=augment, eval_angles=eval_angles,
                  eval_suites=eval_suites, dataset=dataset, seed=seed, train_subset=train_subset,
                  val_split=val_split, test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
+    if tags:
+        spec["tags"] = parse_tags(tags)
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
     submit_jobs(app, "train", spec, job_file, dry_run, idempotency_key, follow, as_json)
@@ -145,17 +149,32 @@ def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, epochs
 @pass_app
 def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: int | None,
              eval_suites: list[str] | None, dataset: str | None,
-             test_subset: int | None, priority: str | None, name: str | None, max_retries: int | None,
+             test_subset: int | None, priority: str | None, name: str | None, tags: tuple[str, ...],
+             max_retries: int | None,
              max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool,
              job_file: Path | None, dry_run: bool) -> None:
     """Evaluate a trained job's checkpoint (or a checkpoint path within the artifact storage or
     CAPSNET_EVAL_ROOTS) on rotated test sets; -f FILE reads the evaluation from a job file."""
     if source is None and job_file is None:
         raise click.UsageError("Missing argument 'JOB_ID|CHECKPOINT' (or give a job file with -f FILE)")
+    source = job_prefix_source(app, source.strip()) if source is not None else None
     spec = given({}, source=source, angles=angles, gpus=gpus, eval_suites=eval_suites,
                  dataset=dataset, test_subset=test_subset, priority=priority, name=name, max_retries=max_retries,
                  max_lost=max_lost)
+    if tags:
+        spec["tags"] = parse_tags(tags)
     submit_jobs(app, "eval", spec, job_file, dry_run, idempotency_key, follow, as_json)
+
+
+def job_prefix_source(app: App, source: str) -> str:
+    """An eval source that is a unique prefix of a job id, as that full id; anything else (a
+    path, a URI, an unknown id) unchanged for check_eval_source to judge."""
+    if not source.startswith("j-") or Path(source).expanduser().exists():
+        return source
+    try:
+        return app.queue.resolve(source)
+    except JobNotFound:
+        return source
 
 
 @command()
@@ -190,7 +209,7 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
          samples: int | None, seeds: int | None, seed: int | None, epochs: int | None,
          batch_size: int | None, gpus_per_trial: int | None, max_concurrent: int | None,
          asha: bool | None, dataset: str | None, train_subset: int | None, val_split: int | None,
-         test_subset: int | None, model_config: tuple[str, ...], priority: str | None, name: str | None, max_retries: int | None,
+         test_subset: int | None, model_config: tuple[str, ...], priority: str | None, name: str | None, tags: tuple[str, ...], max_retries: int | None,
          max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool,
          job_file: Path | None, dry_run: bool) -> None:
     """Submit a robustness study: models × training rotations (× lr × routing × seeds) on Ray Tune;
@@ -200,6 +219,8 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
                  epochs=epochs, batch_size=batch_size, gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent,
                  asha=asha, dataset=dataset, train_subset=train_subset, val_split=val_split,
                  test_subset=test_subset, priority=priority, name=name, max_retries=max_retries, max_lost=max_lost)
+    if tags:
+        spec["tags"] = parse_tags(tags)
     if model_config:
         spec["model_config"] = parse_model_config(model_config)
     submit_jobs(app, "tune", spec, job_file, dry_run, idempotency_key, follow, as_json)
@@ -275,7 +296,8 @@ def compare(app: App, job_ids: tuple[str, ...], plot: Path | None, as_json: bool
     model × augmentation, mean ± std over seeds), parameters, epochs; angles are the union of the jobs'."""
     if as_json and as_csv:
         raise click.UsageError("--json and --csv are mutually exclusive")
-    records = [app.job(job_id) for job_id in dict.fromkeys(job_ids)]
+    # two prefixes (or a prefix and the full id) of one job compare it once
+    records = list({r.id: r for r in (app.job(job_id) for job_id in job_ids)}.values())
     try:
         comparison = compare_mod.compare(records, app.queue.get, class_index)
         written = compare_mod.plot(comparison, plot) if plot else None

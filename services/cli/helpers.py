@@ -21,6 +21,7 @@ from services.queue.jobqueue import JobQueue
 from services.queue.keys import Keys
 from services.queue.parsing import json_ready, printable
 from services.queue.replication import NotReplicated
+from services.queue.selection import AmbiguousJobId
 from services.spec.errors import SpecError
 from services.stack import stack as stack_mod
 from services.stack.record import user_settings
@@ -112,6 +113,8 @@ class CapsGroup(click.Group):
             ids = ", ".join(r.id for r in records if hasattr(r, "id"))
             raise UserError(f"submitted {ids or 'the job'}, not yet replicated ({err}); it may be lost if the primary "
                             f"fails now: check with `capsctl status`") from None
+        except AmbiguousJobId as err:  # the user's input names several jobs: usage, as a bad flag is
+            raise UserError(str(err), exit_code=2) from None
         except JobNotFound as err:
             raise UserError(f"{err} (see `capsctl list`)" if "capsctl list" not in str(err) else str(err)) from None
         except (JobStateError, QueueError) as err:
@@ -188,6 +191,11 @@ class App:
         return self._queue
 
     def job(self, job_id: str) -> JobRecord:
+        """The job a full id or a unique prefix names (one-line error when none or several)."""
+        try:
+            job_id = self.queue.resolve(job_id)
+        except JobNotFound:
+            raise UserError(f"no job {job_id} (see `capsctl list`)") from None
         record = self.queue.get(job_id)
         if record is None:
             raise UserError(f"no job {job_id} (see `capsctl list`)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,12 @@ from typing import Any
 import click
 from pydantic import BaseModel
 
+from capsnet_core.models.configs import MODEL_NAMES
+from services.queue.job import STATES as STATE_NAMES
+from services.queue.selection import JobFilter
 from services.spec.errors import allowed_values
 from services.spec.jobspec import TrainSpec
-from services.spec.types import DATASETS, PRIORITIES
+from services.spec.types import DATASETS, KINDS, PRIORITIES
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -116,6 +120,19 @@ def parse_model_config(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def parse_tags(pairs: Sequence[str], option: str = "--tag") -> dict[str, str]:
+    """``key=value`` pairs -> ``{key: value}`` (the spec validates their characters and count)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: expected key=value, e.g. sweep=a", param_hint=f"'{option}'")
+        if key in out and out[key] != value:
+            raise click.BadParameter(f"{pair!r}: tag {key} is given twice", param_hint=f"'{option}'")
+        out[key] = value
+    return out
+
+
 def given(spec: dict[str, Any], **values: Any) -> dict[str, Any]:
     """``spec`` with the options the user gave (not None, not an empty multiple option) set."""
     for key, value in values.items():
@@ -148,6 +165,9 @@ def common_job_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--priority", type=click.Choice(PRIORITIES),
                      help=f"Queue priority ({default_of(TrainSpec, 'priority')})."),
         click.option("--name", help="A label for the job (shown by list/status)."),
+        click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE",
+                     help="A tag to find the job by (repeatable, at most 20), e.g. sweep=a; "
+                          "`capsctl list --tag sweep=a`."),
         click.option("--max-retries", type=int,
                      help=f"Automatic retries after a failure ({default_of(TrainSpec, 'max_retries')})."),
         click.option("--max-lost", type=int,
@@ -224,3 +244,30 @@ def training_job_options(model_config_help: str) -> Decorator:
         return data_options(train=True)(f)
     return decorate
 
+
+
+def job_filter_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--tag, --name, --model, --kind, --state, --since: what ``list``, ``cancel`` and ``retry``
+    select jobs by (see ``job_filter``)."""
+    options = [
+        click.option("--tag", "tag_filters", multiple=True, metavar="KEY=VALUE",
+                     help="Only jobs with this tag (repeatable: all must match)."),
+        click.option("--name", "name_glob", metavar="GLOB", help="Only jobs whose name matches, e.g. 'sweep-*'."),
+        click.option("--model", "model_filter", type=click.Choice(MODEL_NAMES), help="Only jobs of this model."),
+        click.option("--kind", "kind_filter", type=click.Choice(KINDS), help="Only jobs of this kind."),
+        click.option("--state", type=click.Choice(STATE_NAMES), help="Only jobs in this state."),
+        click.option("--since", type=Duration(), metavar="AGE",
+                     help="Only jobs submitted within this age, e.g. 30m, 2h, 1d."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def job_filter(tag_filters: Sequence[str], name_glob: str | None, model_filter: str | None, kind_filter: str | None,
+               state: str | None, since: float | None) -> JobFilter:
+    """The options of ``job_filter_options`` as a queue-side filter. ``--since`` is measured on
+    this machine's clock against the Redis server's submit times: the same clock where capsctl
+    runs beside Redis, seconds apart elsewhere, which an age in minutes or hours tolerates."""
+    return JobFilter(tags=parse_tags(tag_filters), name=name_glob, model=model_filter, kind=kind_filter,
+                     state=state, since=None if since is None else time.time() - since)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import redis
 
-from services.queue import parsing
+from services.queue import parsing, selection
 from services.queue.attempt import AttemptWriter, read_record
 from services.queue.attempt import dumps as _dumps
 from services.queue.errors import (
@@ -387,6 +387,14 @@ class JobQueue:
     def get(self, job_id: str) -> JobRecord | None:
         """The job's record, or None when there is no such job (or its key is not a hash)."""
         return read_record(self.client, self.keys, job_id)
+
+    def resolve(self, text: str) -> str:
+        """The job id a full id or unique prefix names (services.queue.selection)."""
+        return selection.resolve_job_id(self.client, self.keys, text)
+
+    def select(self, job_filter: selection.JobFilter, limit: int | None = None) -> list[JobRecord]:
+        """Jobs matching a filter, newest first (services.queue.selection)."""
+        return selection.select_jobs(self.client, self.keys, job_filter, limit)
 
     def list(self, state: str | None = None, limit: int = 50) -> list[JobRecord]:
         """Newest first; all jobs or those in one state (see ``QueueStats.list``)."""

@@ -61,6 +61,7 @@ from services.spec.types import (
     check_model_config,
     check_name,
     check_preset,
+    check_tags,
     check_val_split,
     kwargs_for,
 )
@@ -74,6 +75,9 @@ class _SpecBase(BaseModel):
 
     kind: str
     name: str | None = None
+    # Tags live in the spec (not only the job record): they are validated with the rest of it,
+    # kept by retry, and a job file or the Python client sets them like any other field.
+    tags: dict[str, str] = Field(default_factory=dict)
     priority: Priority = "normal"
     max_retries: bounded_int(0, 20) = 2  # type: ignore[valid-type]
     # Lease expiries (worker SIGKILLed, node gone) are the infrastructure's fault, not the job's:
@@ -97,6 +101,11 @@ class _SpecBase(BaseModel):
     @classmethod
     def _v_name(cls, v: str | None) -> str | None:
         return check_name(v)
+
+    @field_validator("tags")
+    @classmethod
+    def _v_tags(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_tags(v)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

@@ -108,6 +108,28 @@ def check_name(value: str | None) -> str | None:
     return value.strip()
 
 
+# Tags travel into shell pipelines, file names and metric-free listings: a small safe alphabet
+# and bounded sizes keep every one printable on one line and cheap to filter on.
+MAX_TAGS = 20
+TAG_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+TAG_VALUE_RE = re.compile(r"[A-Za-z0-9_.:/+@-]{1,128}")
+
+
+def check_tags(tags: dict[str, str]) -> dict[str, str]:
+    """At most MAX_TAGS ``key=value`` pairs: a key of 1-64 letters, digits, ``_ . -`` (starting
+    with a letter or digit), a value of 1-128 letters, digits, ``_ . : / + @ -``."""
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags allowed (got {len(tags)})")
+    for key, value in tags.items():
+        if not TAG_KEY_RE.fullmatch(key):
+            raise ValueError(f"tag key {key[:70]!r}: 1-64 characters of letters, digits, '_', '.', '-', "
+                             "starting with a letter or digit")
+        if not TAG_VALUE_RE.fullmatch(value):
+            raise ValueError(f"tag {key}={value[:140]!r}: the value must be 1-128 characters of letters, digits "
+                             "and _ . : / + @ -")
+    return dict(tags)
+
+
 def check_batch_divides(batch_size: int, ranks: int, option: str) -> None:
     """Every rank trains on batch_size / ranks images per step: refuse what would only fail
     once the ranks (and NCCL) are up, on every retry."""
