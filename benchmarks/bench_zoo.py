@@ -4,6 +4,7 @@
     python benchmarks/bench_zoo.py --device cuda --epochs 3 --train-subset 0   # the README leaderboard (one GPU)
     python benchmarks/bench_zoo.py                            # CPU, background: hours
     python benchmarks/bench_zoo.py --device cuda --epochs 5   # one GPU: minutes
+    python benchmarks/bench_zoo.py --device cuda --trials-per-gpu 4   # 4 runs at once sharing the GPU
 
 Protocol: train each model (full size, as ``build_model`` builds it) on MNIST for the same number
 of epochs over the same training images, batch 128, Adam lr 1e-3 with 0.96 decay per epoch, under
@@ -14,6 +15,11 @@ augmentation stream; the data are the same. Results are written as they come
 (``<out>/zoo.json``), so an interrupted run continues where it stopped; the table and the
 accuracy-against-angle plot (mean line, ± std band over seeds) are made from that file.
 Torch and this repository only: it runs on the GPU machine (no Ray, no Redis).
+
+``--trials-per-gpu K`` packs K runs on the device at once, as ``capsctl tune --gpus-per-trial
+1/K`` does through Ray: K processes (spawned, so each has its own CUDA context) each train one
+run at a time from the queue of runs left; the parent alone writes zoo.json. The small models are
+launch-bound, so one run leaves the GPU mostly idle; on a CPU the cores are split between them.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +122,32 @@ def train_and_test(model_name: str, augment: str, seed: int, train: Any, test: A
             "train_images_per_second": train_ips, "eval_images_per_second": eval_ips,
             "train_seconds": result.train_seconds, "train_flops_per_image": flops_per_image,
             "train_images": images_trained, "train_flops": flops_per_image * images_trained}
+
+
+# One packed process's datasets, loaded once by _init_packed_process (see --trials-per-gpu).
+_PACKED_DATA: tuple[Any, Any] | None = None
+
+
+def _init_packed_process(data_dir: str | None, train_subset: int | None, test_subset: int | None,
+                         threads: int) -> None:
+    global _PACKED_DATA
+    torch.set_num_threads(threads)  # K processes on a CPU share its cores instead of oversubscribing them
+    train = load_dataset("mnist", "train", root=data_dir)
+    test = load_dataset("mnist", "test", root=data_dir)
+    _PACKED_DATA = (train.subset(train_subset) if train_subset else train,
+                    test.subset(test_subset) if test_subset else test)
+
+
+def _train_packed(name: str, augment: str, seed: int, epochs: int, device: str,
+                  budget_flops: float | None) -> dict[str, Any]:
+    assert _PACKED_DATA is not None, "the pool's initializer loads the data"
+    train, test = _PACKED_DATA
+    return train_and_test(name, augment, seed, train, test, epochs, torch.device(device), budget_flops)
+
+
+def _print_run(key: str, r: dict[str, Any], seconds: float) -> None:
+    print(f"  {key}: upright {100 * r['rotation']['0']:.1f} %, 45° {100 * r['rotation']['45']:.1f} %, "
+          f"AUC {100 * r['rotation_auc']:.1f}, {seconds:.0f} s", flush=True)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -217,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-flops", type=float, default=None,
                         help="equal-compute mode: every model trains until it has spent this many training FLOPs "
                              "(FlopCounterMode's count per image x images), --epochs is then the cap")
+    parser.add_argument("--trials-per-gpu", type=int, default=1, metavar="K",
+                        help="train K runs at once in K processes sharing the device (default 1: one at a time)")
     args = parser.parse_args(argv)
+    if args.trials_per_gpu < 1:
+        parser.error(f"--trials-per-gpu: must be at least 1 (got {args.trials_per_gpu})")
     base = QUICK if args.quick else FULL
     # In equal-compute mode --epochs is only a cap: high enough that small models spend the budget.
     epochs = args.epochs if args.epochs is not None else (50 if args.budget_flops else base["epochs"])
@@ -247,21 +286,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{store} holds runs of another budget ({saved['budget']}); use another --out")
     saved["budget"] = budget
     print(budget, flush=True)
-    if not args.report_only:
-        # Seed-major: an interrupted run still has every model under every augmentation.
-        for seed in seeds:
-            for augment in augments:
-                for name in models:
-                    key = run_key(name, augment, seed)
-                    if key in saved["runs"]:
-                        continue
-                    began = time.perf_counter()
-                    saved["runs"][key] = train_and_test(name, augment, seed, train, test, epochs, device,
-                                                        args.budget_flops)
-                    store.write_text(json.dumps(saved, indent=1))
-                    r = saved["runs"][key]
-                    print(f"  {key}: upright {100 * r['rotation']['0']:.1f} %, 45° {100 * r['rotation']['45']:.1f} %, "
-                          f"AUC {100 * r['rotation_auc']:.1f}, {time.perf_counter() - began:.0f} s", flush=True)
+    # Seed-major: an interrupted run still has every model under every augmentation.
+    pending = [(name, augment, seed) for seed in seeds for augment in augments for name in models
+               if run_key(name, augment, seed) not in saved["runs"]]
+    if args.report_only:
+        pending = []
+    sweep_began = time.perf_counter()
+    if args.trials_per_gpu == 1:
+        for name, augment, seed in pending:
+            began = time.perf_counter()
+            key = run_key(name, augment, seed)
+            saved["runs"][key] = train_and_test(name, augment, seed, train, test, epochs, device, args.budget_flops)
+            store.write_text(json.dumps(saved, indent=1))
+            _print_run(key, saved["runs"][key], time.perf_counter() - began)
+    elif pending:
+        k = args.trials_per_gpu
+        threads = max(1, (os.cpu_count() or 1) // k)
+        with ProcessPoolExecutor(max_workers=k, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_packed_process,
+                                 initargs=(args.data_dir, train_subset, test_subset, threads)) as pool:
+            futures = {pool.submit(_train_packed, name, augment, seed, epochs, args.device, args.budget_flops):
+                       run_key(name, augment, seed) for name, augment, seed in pending}
+            for future in as_completed(futures):
+                key = futures[future]
+                saved["runs"][key] = {**future.result(), "trials_per_gpu": k}
+                store.write_text(json.dumps(saved, indent=1))
+                _print_run(key, saved["runs"][key], saved["runs"][key]["train_seconds"])
+    if pending:
+        print(f"sweep: {len(pending)} run(s) in {time.perf_counter() - sweep_began:.1f} s wall, "
+              f"{args.trials_per_gpu} at once on {device.type}", flush=True)
     runs = list(saved["runs"].values())
     for augment in augments:
         print(f"\ntrained with {augment}; accuracy % mean ± std over seeds; {budget}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -77,6 +79,23 @@ def test_bench_zoo_runs_resumes_and_refuses_another_budget(data_dir: Path, tmp_p
     assert refused.value.code == 2
     assert "holds runs of another budget" in capsys.readouterr().err
     assert store.read_bytes() == before
+
+
+def test_bench_zoo_packs_runs_in_processes_sharing_the_device(data_dir: Path, tmp_path: Path) -> None:
+    """--trials-per-gpu 2: two spawned processes train the two seeds at once (on the CPU here);
+    the parent writes both into zoo.json, and each run is what a one-at-a-time run stores."""
+    out = tmp_path / "zoo"
+    done = subprocess.run([sys.executable, "benchmarks/bench_zoo.py", *ARGS, "--data-dir", str(data_dir),
+                           "--out", str(out), "--trials-per-gpu", "2"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = json.loads((out / "zoo.json").read_text())["runs"]
+    assert set(runs) == {"lenet5|shift2|0", "lenet5|shift2|1"}
+    assert all(r["trials_per_gpu"] == 2 and r["train_images"] == 300 and 0 < r["rotation_auc"] <= 1
+               for r in runs.values())
+    assert runs["lenet5|shift2|0"]["rotation"] != runs["lenet5|shift2|1"]["rotation"]
+    assert "sweep: 2 run(s) in " in done.stdout and "2 at once on cpu" in done.stdout
+    assert done.stdout.count("  lenet5|shift2|") == 2
 
 
 def test_paired_table_pairs_runs_by_seed_and_marks_what_the_interval_separates() -> None:

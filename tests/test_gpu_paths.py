@@ -300,7 +300,9 @@ def test_submit_gpus_3_exits_2_with_one_line(tmp_path: Path, monkeypatch: pytest
 def test_a_gpu_eval_reserves_its_gpu() -> None:
     assert parse_spec({"kind": "eval", "source": "j-m3x9k2a1-4f7q"}).resources() == {"gpus": 0, "cpus": 1}
     assert parse_spec({"kind": "eval", "source": "j-m3x9k2a1-4f7q", "gpus": 1}).resources() == {"gpus": 1, "cpus": 1}
-    with pytest.raises(SpecError, match=r"^gpus: must be 0 or 1 \(got 2\)$"):
+    # A share of a GPU is reserved as that share; more than one GPU is never an eval's.
+    assert parse_spec({"kind": "eval", "source": "j-m3x9k2a1-4f7q", "gpus": 0.25}).resources() == {"gpus": 0.25, "cpus": 1}
+    with pytest.raises(SpecError, match=r"^gpus: must be 0, 1 or a fraction in \(0, 1\) \(got 2\)$"):
         parse_spec({"kind": "eval", "source": "j-m3x9k2a1-4f7q", "gpus": 2})
 
 

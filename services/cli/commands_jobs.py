@@ -97,8 +97,9 @@ def submit_jobs(app: App, kind: str, flags: dict[str, Any], job_file: Path | Non
 
 @command()
 @click.argument("model", type=click.Choice(MODEL_NAMES), metavar="MODEL", required=False)
-@click.option("--gpus", type=int,
-              help=f"GPUs, one data-parallel rank each (excludes --cpu-ranks; {default_of(TrainSpec, 'gpus')}).")
+@click.option("--gpus", type=float,
+              help="GPUs, one data-parallel rank each; a fraction such as 0.5 shares one GPU with other jobs "
+                   f"(excludes --cpu-ranks; {default_of(TrainSpec, 'gpus')}).")
 @click.option("--cpu-ranks", type=int,
               help=f"CPU data-parallel ranks, one process each (excludes --gpus; {default_of(TrainSpec, 'cpu_ranks')}).")
 @click.option("--epochs", type=int, help=f"Training epochs ({default_of(TrainSpec, 'epochs')}).")
@@ -114,7 +115,7 @@ def submit_jobs(app: App, kind: str, flags: dict[str, Any], job_file: Path | Non
 @training_job_options("Model config override (repeatable), e.g. routing_iters=2; values are JSON when they parse.")
 @job_file_options
 @pass_app
-def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, epochs: int | None,
+def submit(app: App, model: str, gpus: float | None, cpu_ranks: int | None, epochs: int | None,
            batch_size: int | None, lr: float | None, lr_decay: float | None, augment: str | None,
            eval_angles: list[float] | None, eval_suites: list[str] | None, dataset: str | None, seed: int | None,
            train_subset: int | None, val_split: int | None, test_subset: int | None, model_config: tuple[str, ...],
@@ -140,14 +141,15 @@ def submit(app: App, model: str, gpus: int | None, cpu_ranks: int | None, epochs
 @command("eval")
 @click.argument("source", metavar="JOB_ID|CHECKPOINT", required=False)
 @click.option("--angles", type=NumberList(float), help=f"Test rotations in degrees ({default_of(EvalSpec, 'angles')}).")
-@click.option("--gpus", type=int,
-              help=f"0 or 1: evaluate on a GPU the scheduler reserves for it ({default_of(EvalSpec, 'gpus')}).")
+@click.option("--gpus", type=float,
+              help=f"Evaluate on (a share of) a GPU the scheduler reserves for it: 0..1, e.g. 1 or 0.25 "
+                   f"({default_of(EvalSpec, 'gpus')}).")
 @click.option("--eval-suite", "eval_suites", type=WordList(), metavar="S1,S2", help=SUITES_HELP)
 @data_options(train=False)
 @common_job_options
 @job_file_options
 @pass_app
-def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: int | None,
+def eval_cmd(app: App, source: str, angles: list[float] | None, gpus: float | None,
              eval_suites: list[str] | None, dataset: str | None,
              test_subset: int | None, priority: str | None, name: str | None, tags: tuple[str, ...],
              max_retries: int | None,
@@ -197,7 +199,9 @@ def job_prefix_source(app: App, source: str) -> str:
 @click.option("--seed", type=int, help=f"Base random seed ({default_of(TuneSpec, 'seed')}).")
 @click.option("--epochs", type=int, help=f"Epochs per trial ({default_of(TuneSpec, 'epochs')}).")
 @click.option("--batch-size", type=int, help=f"Batch size per trial ({default_of(TuneSpec, 'batch_size')}).")
-@click.option("--gpus-per-trial", type=int, help=f"GPUs per trial ({default_of(TuneSpec, 'gpus_per_trial')}).")
+@click.option("--gpus-per-trial", type=float,
+              help=f"GPUs per trial: 1..8, or a fraction (0.5, 0.25, 0.125) to pack several trials on one GPU "
+                   f"({default_of(TuneSpec, 'gpus_per_trial')}).")
 @click.option("--max-concurrent", type=int, help=f"Trials at once ({default_of(TuneSpec, 'max_concurrent')}).")
 @click.option("--asha/--no-asha", default=None, help=f"Early-stop weak trials with ASHA ({default_of(TuneSpec, 'asha')}).")
 @training_job_options("Model config override (repeatable; capsnet.KEY=VALUE for one model).")
@@ -207,7 +211,7 @@ def tune(app: App, models: list[str] | None, angles: list[float] | None, eval_an
          eval_suites: list[str] | None,
          augment: list[str] | None, lr: list[float] | None, routing_iters: list[int] | None,
          samples: int | None, seeds: int | None, seed: int | None, epochs: int | None,
-         batch_size: int | None, gpus_per_trial: int | None, max_concurrent: int | None,
+         batch_size: int | None, gpus_per_trial: float | None, max_concurrent: int | None,
          asha: bool | None, dataset: str | None, train_subset: int | None, val_split: int | None,
          test_subset: int | None, model_config: tuple[str, ...], priority: str | None, name: str | None, tags: tuple[str, ...], max_retries: int | None,
          max_lost: int | None, idempotency_key: str | None, follow: bool, as_json: bool,

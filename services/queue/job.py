@@ -12,6 +12,7 @@ from typing import Any
 
 from services.queue import parsing
 from services.queue.events import TERMINAL_STATES
+from services.spec.gpus import gpu_amount
 from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec
 
 STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
@@ -25,6 +26,12 @@ _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _s = parsing.text
 _f = parsing.finite
 _i = parsing.integer
+
+
+def _gpus(value: Any) -> int | float:
+    """A stored GPU amount: whole GPUs as an int, a fraction as a float; junk reads as 0."""
+    x = parsing.finite(value)
+    return 0 if x is None else gpu_amount(x)
 _json = parsing.json_value
 
 
@@ -84,7 +91,7 @@ class JobRecord:
     lost_base: int = 0
     model: str = ""
     name: str | None = None
-    gpus: int = 0
+    gpus: int | float = 0  # whole GPUs, or a fraction of one (services.spec.gpus)
     cpus: int = 1
     created_at: float | None = None
     updated_at: float | None = None
@@ -131,7 +138,7 @@ class JobRecord:
             lost_base=_i(d.get("lost_base")),
             model=_s(d.get("model")) or "",
             name=_s(d.get("name")) or None,
-            gpus=_i(d.get("gpus")),
+            gpus=_gpus(d.get("gpus")),
             cpus=_i(d.get("cpus"), 1),
             created_at=_f(d.get("created_at")),
             updated_at=_f(d.get("updated_at")),
@@ -172,7 +179,7 @@ class JobRecord:
         return max(0, self.max_retries + 1 - (self.attempt - self.retry_base - self.losses))
 
     @property
-    def resources(self) -> dict[str, int]:
+    def resources(self) -> dict[str, int | float]:
         return {"gpus": self.gpus, "cpus": self.cpus}
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from services.queue.replication import NotReplicated, run_replicated
 from services.queue.scripts import Scripts
 from services.queue.stats import QueueStats
 from services.spec.errors import SpecError
+from services.spec.gpus import fits, gpu_text
 from services.spec.jobspec import TuneSpec, parse_spec
 
 LeaseStatus = Literal["ok", "lost", "cancel_requested"]
@@ -163,7 +164,7 @@ class JobQueue:
                 res = spec.resources()
                 self._queue_submit(pipe, header, [
                     new_job_id(), self.keys.idempotency(key) if key else b"", ttl, spec.priority,
-                    str(res["gpus"]), str(res["cpus"]), spec.kind, spec.label, text,
+                    gpu_text(res["gpus"]), str(res["cpus"]), spec.kind, spec.label, text,
                     str(spec.max_retries), spec.name or b"", key or b"", str(spec.max_lost),
                 ])
                 rows.append((spec, res, key))
@@ -205,7 +206,7 @@ class JobQueue:
             out.append(JobRecord(
                 id=job_id, kind=spec.kind, state="queued", priority=spec.priority, spec=spec.to_dict(),  # type: ignore[arg-type]
                 max_retries=spec.max_retries, max_lost=spec.max_lost, model=spec.label, name=spec.name,
-                gpus=int(res["gpus"]),
+                gpus=res["gpus"],
                 cpus=int(res["cpus"]), created_at=created_at, updated_at=created_at, queued_at=created_at,
                 transitions=[{"state": "queued", "at": created_at, "attempt": 0, "reason": "submitted"}],
                 idempotency_key=key))
@@ -220,9 +221,9 @@ class JobQueue:
             return  # nobody registered yet: accept, a worker may join later
         need = spec.resources()
         shapes = capacity["shapes"]
-        if any(need["gpus"] <= g and need["cpus"] <= c for g, c in shapes):
+        if any(fits(need["gpus"], g) and need["cpus"] <= c for g, c in shapes):
             return
-        what = "gpus" if need["gpus"] > capacity["max_gpus"] else "cpus"
+        what = "gpus" if not fits(need["gpus"], capacity["max_gpus"]) else "cpus"
         hint = ""
         if isinstance(spec, TuneSpec) and what == "gpus":
             hint = "; lower gpus_per_trial or max_concurrent"

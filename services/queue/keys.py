@@ -80,7 +80,7 @@ class Keys:
         return self._k("events", job_id)
 
     # queues
-    def queue(self, priority: str, gpus: int | str, cpus: int | str) -> str:
+    def queue(self, priority: str, gpus: int | float | str, cpus: int | str) -> str:
         return self._k("queue", priority, gpus, cpus)
 
     def shapes(self, priority: str) -> str:

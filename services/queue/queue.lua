@@ -484,6 +484,9 @@ return {id, 1, NOWS}
 local SCAN_PAGE = 250
 local worker, token = arg(1), arg(2)
 local avail_gpus, avail_cpus = tonumber(arg(3)), tonumber(arg(4))
+-- Ray's free GPU count is a float sum of fractions (4 x 0.25 may read 0.9999999): a shape fits
+-- when it is within half a milli-GPU (services/spec/gpus.py's unit) of what is free.
+local GPU_SLACK = 0.0005
 local lease = tonumber(arg(5))
 local housekeeping = tonumber(arg(6))
 if housekeeping > 0 then
@@ -502,10 +505,12 @@ for _, p in ipairs(PRIORITIES) do
       shapes = {}
     end
     for _, shape in ipairs(shapes) do
+      -- gpus: whole ("2") or a fraction of one GPU ("0.125"), as services/spec/gpus.py writes it
       local g, c = string.match(shape, '^(%d+):(%d+)$')
+      if not g then g, c = string.match(shape, '^(%d+%.%d+):(%d+)$') end
       if not g then
         redis.call('SREM', k_shapes(p), shape)
-      elseif tonumber(g) <= avail_gpus and tonumber(c) <= avail_cpus then
+      elseif tonumber(g) <= avail_gpus + GPU_SLACK and tonumber(c) <= avail_cpus then
         local qk = k_queue(p, g, c)
         local head = redis.pcall('ZRANGE', qk, 0, 0, 'WITHSCORES')
         if type(head) == 'table' and head.err then

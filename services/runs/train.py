@@ -348,7 +348,9 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> JobResult:
         train_loop_config={"spec": spec.to_dict(), "ctx": asdict(ctx), "resume": resume,
                            "tracking": asdict(target) if target is not None else None},
         scaling_config=ScalingConfig(num_workers=spec.ranks, use_gpu=use_gpu,
-                                     resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
+                                     # a single rank may hold a share of a GPU (--gpus 0.5)
+                                     resources_per_worker={"GPU": min(1, spec.gpus), "CPU": 1} if use_gpu
+                                     else {"CPU": 1}),
         run_config=RunConfig(
             name=ctx.job_id, storage_path=ctx.artifacts,
             # The queue owns retries (with backoff, across workers); Ray Train must not retry on its own.

@@ -253,7 +253,7 @@ def _restorable(path: str) -> bool:
 def _build_trainable(spec: TuneSpec, ctx: JobContext, experiment: str) -> Any:
     from ray import tune
 
-    ranks = spec.gpus_per_trial if spec.gpus_per_trial > 1 else 1
+    ranks = int(spec.gpus_per_trial) if spec.gpus_per_trial > 1 else 1
     use_gpu = spec.gpus_per_trial > 0
     ctx_dict = asdict(ctx)
     if ctx_dict.get("data_dir"):
@@ -261,6 +261,8 @@ def _build_trainable(spec: TuneSpec, ctx: JobContext, experiment: str) -> Any:
     trainable = tune.with_parameters(_trial, spec=spec.to_dict(), ctx=ctx_dict, experiment=experiment,
                                      ranks=ranks, use_gpu=use_gpu)
     # gpus_per_trial > 1: the trial only drives a TorchTrainer whose ranks hold the GPUs.
+    # A fraction (0.25) packs trials on one GPU: Ray places 1/fraction of them per card, and a
+    # trial on a machine without CUDA (GPUs declared to Ray for tests) trains on the CPU.
     resources = {"cpu": 1, "gpu": spec.gpus_per_trial} if ranks == 1 else {"cpu": 1}
     return tune.with_resources(trainable, resources)
 
@@ -311,7 +313,8 @@ def _evaluate_unfinished(spec: TuneSpec, ctx: JobContext, experiment: str, pendi
 
     if not pending:
         return
-    task = ray.remote(num_cpus=1, num_gpus=1 if spec.gpus_per_trial > 0 else 0)(_eval_checkpoint_task)
+    # The same share of a GPU as a trial: a fraction stays a fraction, a DDP trial's eval gets one GPU.
+    task = ray.remote(num_cpus=1, num_gpus=min(1, spec.gpus_per_trial))(_eval_checkpoint_task)
     data_dir = os.path.abspath(os.path.expanduser(ctx.data_dir)) if ctx.data_dir else None
     refs = {}
     for trial in pending:

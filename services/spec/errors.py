@@ -125,6 +125,9 @@ def _hint(model: type[BaseModel] | None, field: str, item: bool = False) -> str 
     info = model.model_fields.get("model_overrides" if field == "model_config" else field) if model else None
     if info is None:
         return None
+    extra = info.json_schema_extra
+    if not item and isinstance(extra, dict) and isinstance(extra.get("allows"), str):
+        return extra["allows"]  # a field type that says it in words (e.g. services.spec.gpus.gpu_count)
     if not item:
         return _describe(info.annotation, info.metadata)
     annotation = info.annotation

@@ -39,6 +39,7 @@ from capsnet_core.models.configs import MODEL_NAMES
 from capsnet_core.presets import preset_for
 from capsnet_core.suites import with_suite_angles
 from services.spec.errors import SpecError, format_error
+from services.spec.gpus import gpu_amount, gpu_count
 from services.spec.types import (
     DEFAULT_ANGLES,
     DEFAULT_TUNE_MODELS,
@@ -113,7 +114,7 @@ class _SpecBase(BaseModel):
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
 
-    def resources(self) -> dict[str, int]:  # pragma: no cover - overridden
+    def resources(self) -> dict[str, int | float]:  # pragma: no cover - overridden
         raise NotImplementedError
 
     @property
@@ -125,7 +126,8 @@ class _SpecBase(BaseModel):
 class TrainSpec(_SpecBase):
     kind: Literal["train"] = "train"
     model: ModelName = "capsnet"
-    gpus: bounded_int(0, 64) = 0  # type: ignore[valid-type]
+    # A fraction of one GPU for a single rank; more than one: one DDP rank per whole GPU.
+    gpus: gpu_count(64) = 0  # type: ignore[valid-type]
     # Records and job files written before the rename still say ``workers``: read, never written.
     cpu_ranks: bounded_int(1, 64) = Field(  # type: ignore[valid-type]
         1, validation_alias=AliasChoices("cpu_ranks", "workers"))
@@ -168,10 +170,10 @@ class TrainSpec(_SpecBase):
 
     @property
     def ranks(self) -> int:
-        """Data-parallel processes: one per GPU, else ``cpu_ranks`` CPU ranks."""
-        return self.gpus if self.gpus > 0 else self.cpu_ranks
+        """Data-parallel processes: one per GPU (one for a fraction of one), else ``cpu_ranks`` CPU ranks."""
+        return max(1, int(self.gpus)) if self.gpus > 0 else self.cpu_ranks
 
-    def resources(self) -> dict[str, int]:
+    def resources(self) -> dict[str, int | float]:
         return {"gpus": self.gpus, "cpus": self.ranks}
 
     def model_kwargs(self, name: str | None = None) -> dict[str, Any]:
@@ -185,7 +187,7 @@ class TrainSpec(_SpecBase):
 class EvalSpec(_SpecBase):
     kind: Literal["eval"] = "eval"
     source: str
-    gpus: bounded_int(0, 1) = 0  # type: ignore[valid-type]  # CUDA only when it holds a GPU
+    gpus: gpu_count(1) = 0  # type: ignore[valid-type]  # CUDA only when it holds a GPU (or a share of one)
     angles: AngleList = Field(default_factory=lambda: list(DEFAULT_ANGLES))
     dataset: Dataset = "mnist"
     test_subset: bounded_int(1, TEST_IMAGES) | None = None  # type: ignore[valid-type]
@@ -211,7 +213,7 @@ class EvalSpec(_SpecBase):
         """The job id when ``source`` names a job, else None (then it is a checkpoint path)."""
         return self.source if JOB_ID_RE.match(self.source) else None
 
-    def resources(self) -> dict[str, int]:
+    def resources(self) -> dict[str, int | float]:
         return {"gpus": self.gpus, "cpus": 1}
 
 
@@ -228,7 +230,8 @@ class TuneSpec(_SpecBase):
     seed: bounded_int(0, 2**32 - 1) = 0  # type: ignore[valid-type]
     epochs: bounded_int(1, 1000) = 10  # type: ignore[valid-type]
     batch_size: bounded_int(1, 65536) = 128  # type: ignore[valid-type]
-    gpus_per_trial: bounded_int(0, 8) = 0  # type: ignore[valid-type]
+    # Fractions pack trials on one GPU (Ray's fractional GPUs); > 1: a DDP run per trial.
+    gpus_per_trial: gpu_count(8) = 0  # type: ignore[valid-type]
     max_concurrent: bounded_int(1, 64) = 2  # type: ignore[valid-type]
     asha: Bool = True
     dataset: Dataset = "mnist"
@@ -289,7 +292,7 @@ class TuneSpec(_SpecBase):
             raise ValueError(f"augment: must list one preset per training angle ({len(self.angles)} angles, "
                              f"got {len(self.augment)} presets)")
         if self.gpus_per_trial > 1:
-            check_batch_divides(self.batch_size, self.gpus_per_trial, "--gpus-per-trial")
+            check_batch_divides(self.batch_size, int(self.gpus_per_trial), "--gpus-per-trial")
         check_val_split(self.val_split, self.train_subset)
         if self.val_split == 0 and self.selects:
             raise ValueError("val_split: this search picks among lr / routing_iters / samples on the validation "
@@ -320,10 +323,10 @@ class TuneSpec(_SpecBase):
             per_model += len(self.angles) * len(self.lr or [None]) * routing
         return per_model * self.seeds * self.samples
 
-    def resources(self) -> dict[str, int]:
+    def resources(self) -> dict[str, int | float]:
         """Peak demand: ``min(max_concurrent, trials)`` trials at once, one CPU each."""
         concurrent = min(self.max_concurrent, self.num_trials())
-        return {"gpus": self.gpus_per_trial * concurrent, "cpus": concurrent}
+        return {"gpus": gpu_amount(self.gpus_per_trial * concurrent), "cpus": concurrent}
 
     def model_kwargs(self, name: str) -> dict[str, Any]:
         return kwargs_for(name, self.model_overrides)
