@@ -26,10 +26,11 @@ from services.cli.render import (
     indent,
     table,
 )
-from services.queue.job import STATES, JobRecord
+from services.queue.job import JobRecord
 from services.queue.parsing import finite, json_ready
 from services.queue.redis_health import read_health
 from services.queue.registry import is_unhealthy, resource_shape, worker_health, worker_resources
+from services.queue.states import JobState
 from services.spec.types import PRIORITIES
 from services.stack import stack as stack_mod
 from services.worker.admission import shortfall
@@ -134,8 +135,8 @@ def print_job(record: JobRecord, waiting: str | None = None) -> None:
 
 def cluster_info(app: App) -> dict[str, Any]:
     queue = app.queue
-    counts: dict[str, int] = dict.fromkeys(STATES, 0)
-    by_priority: dict[str, dict[str, int]] = {s: dict.fromkeys(PRIORITIES, 0) for s in STATES}
+    counts: dict[str, int] = dict.fromkeys(JobState, 0)
+    by_priority: dict[str, dict[str, int]] = {s: dict.fromkeys(PRIORITIES, 0) for s in JobState}
     for (state, priority), n in queue.state_counts().items():
         counts[state] = counts.get(state, 0) + n
         by_priority.setdefault(state, {})[priority] = n
@@ -232,7 +233,7 @@ def workers(app: App, as_json: bool) -> None:
 
 
 @command("list")
-@click.option("--state", type=click.Choice(STATES), help="Only jobs in this state.")
+@click.option("--state", type=click.Choice(list(JobState)), help="Only jobs in this state.")
 @click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True, help="Newest N jobs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_app

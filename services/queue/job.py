@@ -11,10 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from services.queue import parsing
-from services.queue.events import TERMINAL_STATES
+from services.queue.states import JobState
 from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec
-
-STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
 
 AnySpec = TrainSpec | EvalSpec | TuneSpec
 
@@ -159,7 +157,8 @@ class JobRecord:
 
     @property
     def is_terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
+        state = JobState.parse(self.state)
+        return state is not None and state.is_terminal
 
     @property
     def losses(self) -> int:
@@ -212,4 +211,4 @@ class ClaimedJob:
         return self.record.checkpoint
 
 
-__all__ = ["STATES", "AnySpec", "ClaimedJob", "JobRecord", "PruneBatch", "new_job_id"]
+__all__ = ["AnySpec", "ClaimedJob", "JobRecord", "PruneBatch", "new_job_id"]
