@@ -307,7 +307,7 @@ FUZZ = settings(max_examples=15, deadline=None, database=None, derandomize=True,
 
 @FUZZ
 @given(junk_writes=st.lists(writes(), min_size=1, max_size=12), jobs=st.lists(queued_junk_jobs(), max_size=3),
-       state=st.sampled_from(list(JobState)))
+       state=st.sampled_from([s.value for s in JobState]))
 def test_fuzz_read_commands_survive_any_junk(redis_url, env, junk_writes, jobs, state) -> None:
     """Anything anywhere (wrong types, overwritten records and indexes): every read command
     exits 0 (1 with one line for a job id that names no job, or a job without results)."""
@@ -328,7 +328,7 @@ def test_fuzz_read_commands_survive_any_junk(redis_url, env, junk_writes, jobs, 
 
 @FUZZ
 @given(junk_writes=st.lists(writes(), min_size=1, max_size=12), jobs=st.lists(queued_junk_jobs(), max_size=3),
-       state=st.sampled_from(list(JobState)))
+       state=st.sampled_from([s.value for s in JobState]))
 def test_fuzz_claim_loop_survives_junk_and_claims_every_valid_job(redis_url, env, junk_writes, jobs,
                                                                    state) -> None:
     """Junk next to valid jobs (never over them): claims never raise, junk is claimed or set

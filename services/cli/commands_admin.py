@@ -53,7 +53,8 @@ def job_summary(record: JobRecord) -> dict[str, Any]:
             "model": record.model, "priority": record.priority, "gpus": record.gpus, "cpus": record.cpus,
             "attempt": record.attempt, "max_attempts": record.retry_base + record.losses + record.max_retries + 1,
             "progress": record.progress, "progress_text": fmt_progress(record), "created_at": record.created_at,
-            "updated_at": record.updated_at, "worker": record.worker, "error": record.error}
+            "updated_at": record.updated_at, "worker": record.worker, "error": record.error,
+            "cause": record.cause}
 
 
 def cluster_free(workers: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
@@ -113,6 +114,8 @@ def print_job(record: JobRecord, waiting: str | None = None) -> None:
     rows.append(("checkpoint", record.checkpoint or "-"))
     if record.error:
         rows.append(("error", record.error))
+    if record.cause and record.state != "succeeded":  # why the last attempt ended without a result
+        rows.append(("cause", record.cause))
     rows += [("created", fmt_time(record.created_at)), ("started", fmt_time(record.started_at)),
              ("finished", fmt_time(record.finished_at))]
     rows.append(("spec", json.dumps(json_ready(record.spec), sort_keys=True)))
@@ -233,7 +236,7 @@ def workers(app: App, as_json: bool) -> None:
 
 
 @command("list")
-@click.option("--state", type=click.Choice(list(JobState)), help="Only jobs in this state.")
+@click.option("--state", type=click.Choice([s.value for s in JobState]), help="Only jobs in this state.")
 @click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True, help="Newest N jobs.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_app

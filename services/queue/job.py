@@ -98,6 +98,7 @@ class JobRecord:
     lease_expiries: int = 0
     not_before: float | None = None
     error: str | None = None
+    cause: str | None = None  # services.queue.causes.FailureCause of the last failed/lost attempt
     traceback: str | None = None
     result: Any = None
     progress: dict[str, Any] | None = None
@@ -145,6 +146,7 @@ class JobRecord:
             lease_expiries=_i(d.get("lease_expiries")),
             not_before=_f(d.get("not_before")),
             error=_s(d.get("error")) or None,
+            cause=_s(d.get("cause")) or None,
             traceback=_s(d.get("traceback")) or None,
             result=_json(d.get("result"), None),
             progress=progress if isinstance(progress, dict) else None,

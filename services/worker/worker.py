@@ -37,11 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from services.config import Settings, ray_node_env, ray_worker_env
 from services.metrics.http import start_metrics_server
 from services.metrics.queue import QueueCollector, known_job_labels
 from services.metrics.redis_state import RedisHealthCollector
 from services.metrics.worker import default_worker_metrics
+from services.queue.causes import FailureCause
 from services.queue.connection import redis_client
 from services.queue.job import ClaimedJob
 from services.queue.jobqueue import JobQueue
@@ -79,6 +82,15 @@ class Admission:
     free: dict[str, float]  # the cluster's free resources read for the claim
     groups_before: set[str]  # placement groups that existed before the claim
     started: float  # time.monotonic() of the claim
+
+
+def failure_cause(exc: BaseException) -> FailureCause:
+    """The typed cause of a run that raised and was neither cancelled, lost nor a storage fault."""
+    if isinstance(exc, JobRejected):
+        return FailureCause.USER_ERROR
+    if isinstance(exc, redis.RedisError):
+        return FailureCause.REDIS
+    return FailureCause.UNKNOWN
 
 
 def default_worker_id() -> str:
@@ -478,26 +490,32 @@ class Worker:
         if self.redis.call(self.queue.is_cancel_requested, job.job_id, what=f"reading {job.job_id}", stop=self._stop):
             self.redis.call(self.queue.mark_cancelled, job.job_id, job.token, what=f"cancelling {job.job_id}",
                             stop=self._stop)
+            self.metrics.count_failure(job.spec.kind, FailureCause.CANCELLED)
             return AttemptOutcome.CANCELLED
         if isinstance(exc, JobCancelled) or lost.is_set():
             # a newer attempt owns the job: record nothing of ours
             self._log_event(job, f"attempt {job.attempt} stopped: {exc}", level="warning")
             return AttemptOutcome.LOST
         cause = root_cause(exc)  # the rank's or controller's own error, not Ray's wrapper
-        lost_why = str(exc) if isinstance(exc, AttemptLost) else storage_fault(cause, self.store)
+        storage_why = None if isinstance(exc, AttemptLost) else storage_fault(cause, self.store)
+        lost_why = str(exc) if isinstance(exc, AttemptLost) else storage_why
         if lost_why is not None:
             # not the job's fault (a lost node, a full or read-only store): back to the queue now
             # (max_lost), not after the lease expires
             self._log_event(job, f"attempt {job.attempt} lost its infrastructure: {lost_why}", level="warning",
                             infrastructure_lost=lost_why)
-            state = self.redis.call(self.queue.hand_back, job.job_id, job.token, lost_why,
+            lost_cause = FailureCause.STORAGE if storage_why is not None else FailureCause.INFRASTRUCTURE_LOSS
+            state = self.redis.call(self.queue.hand_back, job.job_id, job.token, lost_why, lost_cause,
                                     what=f"handing back {job.job_id}", stop=self._stop)
+            self.metrics.count_failure(job.spec.kind, lost_cause)
             log.warning("job %s attempt %d lost its infrastructure (%s): %s", job.job_id, job.attempt, lost_why,
                         "requeued" if state == "queued" else state)
             return AttemptOutcome.LOST
         message = cause.line()
+        failure = failure_cause(exc)
         self.redis.call(self.queue.fail, job.job_id, job.token, message, full_traceback(exc),
                         retry=not isinstance(exc, JobRejected),  # a refused input stays refused
-                        what=f"recording the failure of {job.job_id}", stop=self._stop)
+                        cause=failure, what=f"recording the failure of {job.job_id}", stop=self._stop)
+        self.metrics.count_failure(job.spec.kind, failure)
         log.warning("job %s attempt %d failed: %s", job.job_id, job.attempt, message)
         return AttemptOutcome.FAILED
