@@ -94,3 +94,12 @@ def test_failures_counter_has_bounded_cause_labels():
     assert value("capsnet_job_failures_total", {"kind": "eval", "cause": "storage"}) == 0
     causes = {s.labels["cause"] for m in registry.collect() if m.name == "capsnet_job_failures" for s in m.samples}
     assert causes == {c.value for c in FailureCause}
+
+
+def test_models_declare_reconstructions_through_their_config():
+    from capsnet_core.models import model_reconstructs
+
+    assert model_reconstructs("capsnet") and model_reconstructs("capsnet", decoder_hidden=[8, 16])
+    assert not model_reconstructs("capsnet", decoder=False)
+    # only CapsNet's reconstructions are plotted, as before: EffCaps' optional decoder is not
+    assert not model_reconstructs("effcaps", decoder=True) and not model_reconstructs("lenet5")
