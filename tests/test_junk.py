@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 from services.cli import main
 from services.queue.connection import redis_client
-from services.queue.job import STATES
 from services.queue.jobqueue import JobQueue
 from services.queue.keys import TEMPLATES, Keys
+from services.queue.states import JobState
 from services.spec.types import PRIORITIES
 
 PREFIX = "capsnet:"
@@ -217,7 +217,7 @@ junk = st.one_of(
                      b'{"available":{"gpus":"x"}}', b'{"resources":{"gpus":1e999}}', b"\xff" + b"[1]" * 10]),
     json_values.map(lambda v: json.dumps(v).encode("utf-8", "surrogatepass")),
 )
-key_args = st.sampled_from(IDS + [p.encode() for p in PRIORITIES + STATES] + [b"0", b"1", b"0:1"]) | st.binary(max_size=4)
+key_args = st.sampled_from(IDS + [p.encode() for p in list(PRIORITIES) + list(JobState)] + [b"0", b"1", b"0:1"]) | st.binary(max_size=4)
 scores = st.floats(allow_nan=False) | st.sampled_from([0.0, 1e18])
 
 
@@ -307,7 +307,7 @@ FUZZ = settings(max_examples=15, deadline=None, database=None, derandomize=True,
 
 @FUZZ
 @given(junk_writes=st.lists(writes(), min_size=1, max_size=12), jobs=st.lists(queued_junk_jobs(), max_size=3),
-       state=st.sampled_from(STATES))
+       state=st.sampled_from([s.value for s in JobState]))
 def test_fuzz_read_commands_survive_any_junk(redis_url, env, junk_writes, jobs, state) -> None:
     """Anything anywhere (wrong types, overwritten records and indexes): every read command
     exits 0 (1 with one line for a job id that names no job, or a job without results)."""
@@ -328,7 +328,7 @@ def test_fuzz_read_commands_survive_any_junk(redis_url, env, junk_writes, jobs, 
 
 @FUZZ
 @given(junk_writes=st.lists(writes(), min_size=1, max_size=12), jobs=st.lists(queued_junk_jobs(), max_size=3),
-       state=st.sampled_from(STATES))
+       state=st.sampled_from([s.value for s in JobState]))
 def test_fuzz_claim_loop_survives_junk_and_claims_every_valid_job(redis_url, env, junk_writes, jobs,
                                                                    state) -> None:
     """Junk next to valid jobs (never over them): claims never raise, junk is claimed or set

@@ -17,9 +17,10 @@ from services.queue.errors import (
     JobNotFound,
     JobStateError,
 )
-from services.queue.job import STATES, JobRecord, new_job_id
+from services.queue.job import JobRecord, new_job_id
 from services.queue.jobqueue import JobQueue
 from services.queue.keys import Keys
+from services.queue.states import JobState
 from services.spec.errors import SpecError
 
 from .queue_helpers import CPU, TINY, train
@@ -522,7 +523,7 @@ def test_list_and_state_counts(q):
     assert {r.id for r in q.list(state="queued")} == {b, c}
     assert [r.id for r in q.list(state="running")] == [a]
     counts = q.state_counts()
-    assert set(counts) == {(s, p) for s in STATES for p in ("high", "normal", "low")}
+    assert set(counts) == {(s, p) for s in JobState for p in ("high", "normal", "low")}
     assert counts[("running", "high")] == 1 and counts[("queued", "normal")] == 1 and counts[("queued", "low")] == 1
     with pytest.raises(ValueError, match="state must be one of"):
         q.list(state="bogus")

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from services.queue.job import STATES
 from services.queue.jobqueue import JobQueue
 from services.queue.keys import Keys
+from services.queue.states import JobState
 
 from .queue_helpers import CPU, train
 
@@ -252,7 +252,7 @@ def _candidate_keys(q: JobQueue, job_ids: list[str]) -> set[str]:
     k = q.keys
     out = {k.leases, k.delayed, k.dead_letters, k.counters, k.notify, k.seq, k.jobs, k.shapes("normal"),
            k.queue("normal", 0, 1), k.idempotency("k1")}
-    out |= {k.state(s, "normal") for s in STATES}
+    out |= {k.state(s, "normal") for s in JobState}
     out |= {k.events(j) for j in job_ids}
     out |= set(q.client.scan_iter(match=k.all_pattern()))
     return {key for key in out if not any(key == k.job(j) for j in job_ids)}

@@ -131,6 +131,9 @@ def test_failing_job_is_retried_then_failed_and_worker_keeps_serving(queue: JobQ
     assert record.attempt == 2
     assert "retrying" in [t["state"] for t in record.transitions]
     assert "nonexistent" in record.error and "Traceback" in record.traceback
+    # each failed attempt carries its typed cause (a plain exception of the run: unknown)
+    assert record.cause == "unknown"
+    assert [t.get("cause") for t in record.transitions if t["state"] in ("retrying", "failed")] == ["unknown"] * 2
     assert queue.dead_letters()
     # The worker still serves: retry the failed job and watch it run (and fail) again.
     queue.retry(bad.id)

@@ -294,6 +294,7 @@ def test_store_that_fills_mid_run_hands_the_job_back(queue: JobQueue, redis_url:
         assert re.match(r"infrastructure lost: storage fault: (rank 0|controller): OSError: \[Errno 28\]",
                         handed_back["reason"]), handed_back
         assert "\x1b" not in handed_back["reason"]
+        assert handed_back["cause"] == "storage" and record.cause == "storage"
         counters = queue.counters()
         assert counters["infrastructure_losses"] == 1 and counters["retries"] == 0
         info = wait_until(lambda: (w := _registration(queue, "w-full")) and w["health"] != "healthy" and w, 30,

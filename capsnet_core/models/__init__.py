@@ -50,6 +50,14 @@ def build_model(name: str, **config: Any) -> ClassifierModel:
     return model_cls(config_cls(**config))
 
 
+def model_reconstructs(name: str, **config: Any) -> bool:
+    """Whether a model of this config draws reconstructions: its config declares it
+    (``reconstructs``); configs that do not declare it draw none."""
+    if "decoder_hidden" in config:
+        config["decoder_hidden"] = tuple(config["decoder_hidden"])
+    return bool(getattr(config_class(name)(**config), "reconstructs", False))
+
+
 def estimate_model_size(name: str, **config: Any) -> tuple[int, int | None]:
     """(parameters, activation floats per sample or None) of a model config, without allocating
     it: by formula where the model has one (no torch import), else built on the meta device."""
@@ -58,10 +66,6 @@ def estimate_model_size(name: str, **config: Any) -> tuple[int, int | None]:
     estimator = SIZE_ESTIMATORS.get(name)
     if estimator is not None:
         return estimator(config_class(name)(**config))
-    if name == "c8cnn":  # e2cnn samples its filter basis with real tensors: no meta device
-        from .c8cnn import parameter_count
-
-        return parameter_count(config_class(name)(**config)), None
     import torch
 
     with torch.device("meta"):
@@ -72,5 +76,5 @@ def estimate_model_size(name: str, **config: Any) -> tuple[int, int | None]:
 __all__ = [
     "MODELS", "MODEL_CONFIGS", "MODEL_NAMES", "CapsNet", "CapsNetConfig", "ClassifierModel", "LeNet5",
     "LeNet5Config", "ModelOutput", "build_model", "config_class", "count_parameters", "estimate_model_size", "margin_loss",
-    "model_config_fields", "squash", "unwrap",
+    "model_config_fields", "model_reconstructs", "squash", "unwrap",
 ]

@@ -48,6 +48,12 @@ class CapsNetConfig:
     # (fft on CPU, direct elsewhere). Same maths either way, equal up to float rounding.
     primary_conv: str = "auto"
 
+    @property
+    def reconstructs(self) -> bool:
+        """Whether the trained model draws reconstructions (its decoder is on); configs without
+        this property do not, and the train run plots none for them."""
+        return self.decoder
+
 
 @dataclass
 class EffCapsConfig:
@@ -119,7 +125,15 @@ def lenet5_size(c: LeNet5Config) -> tuple[int, int]:
 # Size formulas, {model: f(config) -> (parameters, activation floats per sample)}: what a job
 # would allocate, known at submit without torch. Models without one are measured by building
 # them on the meta device (``capsnet_core.models.estimate_model_size``).
-SIZE_ESTIMATORS: dict[str, Any] = {"capsnet": capsnet_size, "lenet5": lenet5_size}
+def c8cnn_size(c: C8CNNConfig) -> tuple[int, None]:
+    """Parameters of a C8CNN by formula: e2cnn samples its filter basis with real tensors, so it
+    cannot be built on the meta device, and building a wide one takes minutes."""
+    from .c8cnn import parameter_count  # needs e2cnn: imported only when asked
+
+    return parameter_count(c), None
+
+
+SIZE_ESTIMATORS: dict[str, Any] = {"capsnet": capsnet_size, "lenet5": lenet5_size, "c8cnn": c8cnn_size}
 
 # The allowed values of text fields, {model: {field: choices}}: job specs are checked against
 # these at submit, and the models check them again when built.

@@ -37,11 +37,12 @@ from services.cli.render import (
     table,
 )
 from services.queue.errors import JobNotFound, JobStateError
-from services.queue.job import STATES, JobRecord
+from services.queue.job import JobRecord
 from services.queue.parsing import finite, json_ready
 from services.queue.redis_health import read_health
 from services.queue.registry import is_unhealthy, resource_shape, worker_health, worker_resources
 from services.queue.selection import JobFilter, record_tags
+from services.queue.states import JobState
 from services.queue.watch import read_events
 from services.spec.types import PRIORITIES
 from services.stack import stack as stack_mod
@@ -61,7 +62,8 @@ def job_summary(record: JobRecord) -> dict[str, Any]:
             "model": record.model, "priority": record.priority, "gpus": record.gpus, "cpus": record.cpus,
             "attempt": record.attempt, "max_attempts": record.retry_base + record.losses + record.max_retries + 1,
             "progress": record.progress, "progress_text": fmt_progress(record), "created_at": record.created_at,
-            "updated_at": record.updated_at, "worker": record.worker, "error": record.error}
+            "updated_at": record.updated_at, "worker": record.worker, "error": record.error,
+            "cause": record.cause}
 
 
 def cluster_free(workers: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
@@ -121,6 +123,8 @@ def print_job(record: JobRecord, waiting: str | None = None) -> None:
     rows.append(("checkpoint", record.checkpoint or "-"))
     if record.error:
         rows.append(("error", record.error))
+    if record.cause and record.state != "succeeded":  # why the last attempt ended without a result
+        rows.append(("cause", record.cause))
     rows += [("created", fmt_time(record.created_at)), ("started", fmt_time(record.started_at)),
              ("finished", fmt_time(record.finished_at))]
     rows.append(("spec", json.dumps(json_ready(record.spec), sort_keys=True)))
@@ -143,8 +147,8 @@ def print_job(record: JobRecord, waiting: str | None = None) -> None:
 
 def cluster_info(app: App) -> dict[str, Any]:
     queue = app.queue
-    counts: dict[str, int] = dict.fromkeys(STATES, 0)
-    by_priority: dict[str, dict[str, int]] = {s: dict.fromkeys(PRIORITIES, 0) for s in STATES}
+    counts: dict[str, int] = dict.fromkeys(JobState, 0)
+    by_priority: dict[str, dict[str, int]] = {s: dict.fromkeys(PRIORITIES, 0) for s in JobState}
     for (state, priority), n in queue.state_counts().items():
         counts[state] = counts.get(state, 0) + n
         by_priority.setdefault(state, {})[priority] = n

@@ -15,8 +15,8 @@ import click
 from pydantic import BaseModel
 
 from capsnet_core.models.configs import MODEL_NAMES
-from services.queue.job import STATES as STATE_NAMES
 from services.queue.selection import JobFilter
+from services.queue.states import JobState
 from services.spec.errors import allowed_values
 from services.spec.jobspec import TrainSpec
 from services.spec.types import DATASETS, KINDS, PRIORITIES
@@ -255,7 +255,7 @@ def job_filter_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--name", "name_glob", metavar="GLOB", help="Only jobs whose name matches, e.g. 'sweep-*'."),
         click.option("--model", "model_filter", type=click.Choice(MODEL_NAMES), help="Only jobs of this model."),
         click.option("--kind", "kind_filter", type=click.Choice(KINDS), help="Only jobs of this kind."),
-        click.option("--state", type=click.Choice(STATE_NAMES), help="Only jobs in this state."),
+        click.option("--state", type=click.Choice(tuple(s.value for s in JobState)), help="Only jobs in this state."),
         click.option("--since", type=Duration(), metavar="AGE",
                      help="Only jobs submitted within this age, e.g. 30m, 2h, 1d."),
     ]

@@ -21,6 +21,7 @@ from services.metrics.queue import QueueCollector
 from services.metrics.redis_state import RedisHealthCollector
 from services.metrics.training import TrainingMetrics
 from services.metrics.trials import TrialMetrics
+from services.queue.causes import FailureCause
 
 PREFIX = "capsnet_"
 
@@ -36,6 +37,8 @@ ADMISSION_OUTCOMES = ("reserved", "timeout", "ended")
 # values exported from 0 before their first event.
 JOB_KINDS = ("train", "eval", "tune")
 RUN_OUTCOMES = ("succeeded", "failed", "cancelled", "lost")
+# services.queue.causes.FailureCause values: the bounded cause label of capsnet_job_failures_total.
+FAILURE_CAUSES = tuple(FailureCause)
 # How long a finished job's test accuracies stay on /metrics (the worker's default): two scrapes
 # at Prometheus' usual 15 s interval (the deploy configs scrape workers every 5 s), so the final
 # accuracy per angle, set in the job's last seconds, is always recorded.
@@ -71,6 +74,10 @@ class WorkerMetrics:
             "Time a worker held the admission lock after claiming a job, until its resources were "
             "reserved in Ray (outcome=reserved), the wait timed out (timeout) or the attempt ended first (ended).",
             ["outcome"], buckets=STARTUP_BUCKETS, registry=registry)
+        self.failures = Counter(
+            "capsnet_job_failures", "Job attempts that ended without a result, by kind and typed cause "
+            "(services/queue/causes.py): failed, handed back after an infrastructure loss, or cancelled.",
+            ["kind", "cause"], registry=registry)
         self.cluster_gpus = Gauge("capsnet_ray_cluster_gpus", "GPUs in the Ray cluster (state=total|available).",
                                   ["state"], registry=registry)
         self.cluster_cpus = Gauge("capsnet_ray_cluster_cpus", "CPUs in the Ray cluster (state=total|available).",
@@ -98,17 +105,23 @@ class WorkerMetrics:
             self.queue_wait.labels(label_value(kind))
             for outcome in RUN_OUTCOMES:
                 self.run_duration.labels(label_value(kind), outcome)
+            for cause in FAILURE_CAUSES:
+                self.failures.labels(label_value(kind), cause)
 
     def collectors(self) -> list[Collector]:
-        return [self.queue_wait, self.run_duration, self.startup, self.admission, self.cluster_gpus, self.cluster_cpus,
-                self.events_dropped, self.artifacts_writable, self.artifacts_free, *self.training.gauges(),
-                *self.trials.gauges(), self.gpus]
+        return [self.queue_wait, self.run_duration, self.failures, self.startup, self.admission, self.cluster_gpus,
+                self.cluster_cpus, self.events_dropped, self.artifacts_writable, self.artifacts_free,
+                *self.training.gauges(), *self.trials.gauges(), self.gpus]
 
     def observe_queue_wait(self, kind: str, seconds: float) -> None:
         self.queue_wait.labels(label_value(kind)).observe(max(0.0, float(seconds)))
 
     def observe_run_duration(self, kind: str, outcome: str, seconds: float) -> None:
         self.run_duration.labels(label_value(kind), label_value(outcome)).observe(max(0.0, float(seconds)))
+
+    def count_failure(self, kind: str, cause: str) -> None:
+        """One attempt ended without a result; a cause outside FAILURE_CAUSES counts as unknown."""
+        self.failures.labels(label_value(kind), cause if cause in FAILURE_CAUSES else "unknown").inc()
 
     def count_dropped_events(self, n: int = 1) -> None:
         if n > 0:

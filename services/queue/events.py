@@ -28,9 +28,9 @@ import redis
 from services.queue import parsing
 from services.queue.keys import Keys
 from services.queue.scripts import Scripts
+from services.queue.states import JobState
 
 EVENT_TYPES = ("state", "progress", "log", "result")
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 DEFAULT_MAXLEN = 5000
 
 Event = tuple[str, dict[str, Any]]
@@ -162,7 +162,7 @@ class EventLog:
                 yield entry_id, event
                 # A terminal state ends the stream unless more events follow it (manual retry).
                 if (until_terminal and i == len(batch) - 1 and event["type"] == "state"
-                        and event["data"].get("state") in TERMINAL_STATES):
+                        and _is_terminal(event["data"].get("state"))):
                     return
 
     def length(self, job_id: str) -> int:
@@ -172,4 +172,9 @@ class EventLog:
         self.client.delete(self.keys.events(job_id))
 
 
-__all__ = ["DEFAULT_MAXLEN", "EVENT_TYPES", "TERMINAL_STATES", "Event", "EventLog", "decode_entry"]
+def _is_terminal(value: object) -> bool:
+    state = JobState.parse(value)
+    return state is not None and state.is_terminal
+
+
+__all__ = ["DEFAULT_MAXLEN", "EVENT_TYPES", "Event", "EventLog", "decode_entry"]

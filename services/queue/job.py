@@ -11,11 +11,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from services.queue import parsing
-from services.queue.events import TERMINAL_STATES
+from services.queue.states import JobState
 from services.spec.gpus import gpu_amount
 from services.spec.jobspec import EvalSpec, TrainSpec, TuneSpec
-
-STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled")
 
 AnySpec = TrainSpec | EvalSpec | TuneSpec
 
@@ -107,6 +105,7 @@ class JobRecord:
     lease_expiries: int = 0
     not_before: float | None = None
     error: str | None = None
+    cause: str | None = None  # services.queue.causes.FailureCause of the last failed/lost attempt
     traceback: str | None = None
     result: Any = None
     progress: dict[str, Any] | None = None
@@ -154,6 +153,7 @@ class JobRecord:
             lease_expiries=_i(d.get("lease_expiries")),
             not_before=_f(d.get("not_before")),
             error=_s(d.get("error")) or None,
+            cause=_s(d.get("cause")) or None,
             traceback=_s(d.get("traceback")) or None,
             result=_json(d.get("result"), None),
             progress=progress if isinstance(progress, dict) else None,
@@ -166,7 +166,8 @@ class JobRecord:
 
     @property
     def is_terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
+        state = JobState.parse(self.state)
+        return state is not None and state.is_terminal
 
     @property
     def losses(self) -> int:
@@ -219,4 +220,4 @@ class ClaimedJob:
         return self.record.checkpoint
 
 
-__all__ = ["STATES", "AnySpec", "ClaimedJob", "JobRecord", "PruneBatch", "new_job_id"]
+__all__ = ["AnySpec", "ClaimedJob", "JobRecord", "PruneBatch", "new_job_id"]

@@ -16,6 +16,7 @@ import redis
 from services.queue import parsing, selection
 from services.queue.attempt import AttemptWriter, read_record
 from services.queue.attempt import dumps as _dumps
+from services.queue.causes import FailureCause
 from services.queue.errors import (
     MAX_ERROR_CHARS,
     MAX_TRACEBACK_CHARS,
@@ -307,23 +308,28 @@ class JobQueue:
         """running -> succeeded with a JSON result (fenced)."""
         return bool(self._run_outcome("complete", [job_id, token, _dumps(result)]))
 
-    def fail(self, job_id: str, token: str, error: str, traceback: str = "", *, retry: bool = True) -> bool:
+    def fail(self, job_id: str, token: str, error: str, traceback: str = "", *, retry: bool = True,
+             cause: FailureCause = FailureCause.UNKNOWN) -> bool:
         """running -> retrying (backoff) while retries are left, else failed (fenced).
         ``retry=False`` fails for good (e.g. an error no retry can fix). The error is stored cut to
-        ``MAX_ERROR_CHARS`` (its head) and the traceback to ``MAX_TRACEBACK_CHARS`` (its tail)."""
+        ``MAX_ERROR_CHARS`` (its head) and the traceback to ``MAX_TRACEBACK_CHARS`` (its tail);
+        ``cause`` goes into the job record and the attempt's transition."""
         error = truncate_head(str(error), MAX_ERROR_CHARS)
         short = error if len(error) <= 500 else error[:497] + "..."
         code = self._run_outcome("fail", [job_id, token, error, truncate_tail(str(traceback or ""), MAX_TRACEBACK_CHARS),
-                                  "1" if retry else "0", self.backoff_base, self.backoff_max, short])
+                                  "1" if retry else "0", self.backoff_base, self.backoff_max, short,
+                                  FailureCause(cause).value])
         return int(code) != 0
 
-    def hand_back(self, job_id: str, token: str, reason: str) -> str:
+    def hand_back(self, job_id: str, token: str, reason: str,
+                  cause: FailureCause = FailureCause.INFRASTRUCTURE_LOSS) -> str:
         """running -> queued at once after the attempt lost its infrastructure (its Ray node or a
         rank's process died), fenced. Like an expired lease, this counts against ``max_lost``,
         never ``max_retries``, and keeps the checkpoint to resume from. Returns ``"queued"``,
         ``"failed"`` (``max_lost`` used up), ``"cancelled"`` (a cancel was pending) or
         ``"fenced"`` (the token is stale: nothing changed)."""
-        return _s(self._run_outcome("hand_back", [job_id, token, truncate_head(str(reason), 500)])) or ""
+        return _s(self._run_outcome("hand_back", [job_id, token, truncate_head(str(reason), 500),
+                                                        FailureCause(cause).value])) or ""
 
     def mark_cancelled(self, job_id: str, token: str) -> bool:
         """The running worker stopped after a cancel request: running -> cancelled (fenced)."""

@@ -392,7 +392,7 @@ local function requeue_expired(limit)
     if not (j and j.state == 'running') then return false end
     local jk = k_job(id)
     local attempt = tonumber(j.attempt) or 0
-    local info = {reason = 'lease expired', worker = j.worker or ''}
+    local info = {reason = 'lease expired', worker = j.worker or '', cause = 'infrastructure_loss'}
     release(id)
     local lost = incr_field(jk, 'lease_expiries', 1) -
                  (tonumber(redis.call('HGET', jk, 'lost_base')) or 0)
@@ -403,7 +403,7 @@ local function requeue_expired(limit)
     elseif lost > max_lost or not queueable(j) then
       local msg = 'lost its worker ' .. lost .. ' times (lease expired on attempt ' .. attempt ..
                   ', last worker ' .. (j.worker or '?') .. '; max_lost ' .. max_lost .. ')'
-      redis.call('HSET', jk, 'error', msg)
+      redis.call('HSET', jk, 'error', msg, 'cause', 'infrastructure_loss')
       info.error = msg
       finish(id, j, 'running', 'failed', 'failed', info)
     else
@@ -653,7 +653,8 @@ return ended(id, arg(2), 'complete', 1)
 
 --!script fail
 -- arg: 1 job id, 2 token, 3 error, 4 traceback, 5 retry allowed (1/0), 6 backoff base (s),
---      7 backoff cap (s), 8 the error shortened for the transitions list.
+--      7 backoff cap (s), 8 the error shortened for the transitions list, 9 the failure cause
+--      (services/queue/causes.py; 'unknown' when absent).
 -- returns 0 fenced out, 2 retrying, 3 failed, 4 cancelled
 -- Attempts used in the current budget = attempt - retry_base (a manual retry starts a new
 -- budget), less those that ended in a lost worker (they count against max_lost instead).
@@ -666,14 +667,16 @@ local attempt = tonumber(j.attempt) or 0
 local losses = redis.call('HMGET', k_job(id), 'lease_expiries', 'lost_base')
 local used = attempt - (tonumber(j.retry_base) or 0) - ((tonumber(losses[1]) or 0) - (tonumber(losses[2]) or 0))
 local short = arg(8)
+local cause = arg(9) or 'unknown'
+if cause == '' then cause = 'unknown' end
 sinks_ready()
 ensure_leases()
 ensure_delayed()
 ensure_transition(id, j.priority, 'running', 'retrying', 'failed', 'cancelled')
 release(id)
-redis.call('HSET', k_job(id), 'error', arg(3), 'traceback', arg(4))
+redis.call('HSET', k_job(id), 'error', arg(3), 'traceback', arg(4), 'cause', cause)
 if j.cancel_requested == '1' then
-  finish(id, j, 'running', 'cancelled', 'cancelled', {error = short, reason = 'cancel requested'})
+  finish(id, j, 'running', 'cancelled', 'cancelled', {error = short, reason = 'cancel requested', cause = 'cancelled'})
   return ended(id, arg(2), 'fail', 4)
 end
 if arg(5) == '1' and used <= (tonumber(j.max_retries) or 0) and queueable(j) then
@@ -683,10 +686,10 @@ if arg(5) == '1' and used <= (tonumber(j.max_retries) or 0) and queueable(j) the
   redis.call('ZADD', k_delayed(), not_before, id)
   count('retries')
   transition(id, 'running', 'retrying', j.priority, attempt,
-             {error = short, delay = delay, not_before = not_before})
+             {error = short, delay = delay, not_before = not_before, cause = cause})
   return ended(id, arg(2), 'fail', 2)
 end
-finish(id, j, 'running', 'failed', 'failed', {error = short})
+finish(id, j, 'running', 'failed', 'failed', {error = short, cause = cause})
 return ended(id, arg(2), 'fail', 3)
 
 --!script cancel
@@ -726,7 +729,7 @@ return 'is:' .. tostring(j.state)
 local id = arg(1)
 local j = end_attempt(id, arg(2), 'cancelled')
 if not j then return tonumber(replayed(id, arg(2), 'mark_cancelled') or 0) end
-finish(id, j, 'running', 'cancelled', 'cancelled', {reason = 'cancelled by user', worker = j.worker or ''})
+finish(id, j, 'running', 'cancelled', 'cancelled', {reason = 'cancelled by user', worker = j.worker or '', cause = 'cancelled'})
 return ended(id, arg(2), 'mark_cancelled', 1)
 
 --!script retry
@@ -745,7 +748,7 @@ ensure_transition(id, j.priority, j.state, 'queued')
 local jk = k_job(id)
 redis.call('HSET', jk, 'retry_base', tonumber(j.attempt) or 0, 'cancel_requested', '0',
            'lost_base', tonumber(redis.call('HGET', jk, 'lease_expiries')) or 0)
-redis.call('HDEL', jk, 'error', 'traceback', 'result', 'not_before', 'finished_at')
+redis.call('HDEL', jk, 'error', 'traceback', 'cause', 'result', 'not_before', 'finished_at')
 redis.call('PERSIST', k_events(id))
 enqueue(id, j)
 transition(id, j.state, 'queued', j.priority, j.attempt, {reason = 'manual retry'})
@@ -832,7 +835,9 @@ local j = fenced(id, arg(2))
 if not j then return replayed(id, arg(2), 'hand_back') or 'fenced' end
 local jk = k_job(id)
 local attempt = tonumber(j.attempt) or 0
-local info = {reason = 'infrastructure lost: ' .. arg(3), worker = j.worker or ''}
+local cause = arg(4) or 'infrastructure_loss'
+if cause == '' then cause = 'infrastructure_loss' end
+local info = {reason = 'infrastructure lost: ' .. arg(3), worker = j.worker or '', cause = cause}
 -- every key written below, checked before the first write (see ensure_type)
 sinks_ready()
 ensure_leases()
@@ -842,13 +847,14 @@ local lost = incr_field(jk, 'lease_expiries', 1) - (tonumber(redis.call('HGET', 
 local max_lost = tonumber(redis.call('HGET', jk, 'max_lost')) or DEFAULT_MAX_LOST
 count('infrastructure_losses')
 release(id)
+redis.call('HSET', jk, 'cause', cause)
 if j.cancel_requested == '1' then
   finish(id, j, 'running', 'cancelled', 'cancelled', info)
   return ended(id, arg(2), 'hand_back', 'cancelled')
 elseif lost > max_lost or not queueable(j) then
   local msg = 'lost its infrastructure ' .. lost .. ' times (last: ' .. arg(3) .. ' on attempt ' .. attempt ..
               ', worker ' .. (j.worker or '?') .. '; max_lost ' .. max_lost .. ')'
-  redis.call('HSET', jk, 'error', msg)
+  redis.call('HSET', jk, 'error', msg, 'cause', cause)
   info.error = msg
   finish(id, j, 'running', 'failed', 'failed', info)
   return ended(id, arg(2), 'hand_back', 'failed')

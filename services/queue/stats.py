@@ -13,10 +13,10 @@ from typing import Any
 import redis
 
 from services.queue import parsing
-from services.queue.events import TERMINAL_STATES
-from services.queue.job import STATES, JobRecord
+from services.queue.job import JobRecord
 from services.queue.keys import Keys
 from services.queue.registry import server_time
+from services.queue.states import JobState
 from services.spec.types import PRIORITIES
 
 _s = parsing.text
@@ -33,8 +33,8 @@ class QueueStats:
 
     def list(self, state: str | None = None, limit: int = 50) -> list[JobRecord]:
         """Newest first; all jobs or those in one state."""
-        if state is not None and state not in STATES:
-            raise ValueError(f"state must be one of {', '.join(STATES)} (got {state!r})")
+        if state is not None and JobState.parse(state) is None:
+            raise ValueError(f"state must be one of {', '.join(JobState)} (got {state!r})")
         if limit <= 0:
             return []
         ids = self._index_ids(state, limit)
@@ -78,7 +78,7 @@ class QueueStats:
     def state_counts(self) -> dict[tuple[str, str], int]:
         """``{(state, priority): n}`` for every state and priority: one pipelined round of ZCARDs."""
         pipe = self.client.pipeline(transaction=False)
-        pairs = [(s, p) for s in STATES for p in PRIORITIES]
+        pairs = [(s, p) for s in JobState for p in PRIORITIES]
         for s, p in pairs:
             pipe.zcard(self.keys.state(s, p))
         # An index key of the wrong type counts 0 (its error is not raised).
@@ -156,7 +156,7 @@ class QueueStats:
         """How many finished jobs ``prune(older_than)`` would remove (index entries, one round)."""
         cutoff = (server_time(self.client) if now is None else float(now)) - float(older_than)
         pipe = self.client.pipeline(transaction=False)
-        for state in TERMINAL_STATES:
+        for state in JobState.terminal():
             for p in PRIORITIES:
                 pipe.zcount(self.keys.state(state, p), "-inf", repr(cutoff))
         return sum(n for n in pipe.execute(raise_on_error=False) if isinstance(n, int))

@@ -34,6 +34,7 @@ import torch
 from capsnet_core import TrainConfig, build_model, fit, load_dataset
 from capsnet_core.checkpoint import load_checkpoint
 from capsnet_core.evaluate import cpu_threads
+from capsnet_core.models import model_reconstructs
 from capsnet_core.train import shard_indices
 from capsnet_core.validation import describe_split, split_training_pool
 from services.runs.checkpoints import (
@@ -246,7 +247,7 @@ def _write_plots(model: Any, test: Any, rotation: dict[str, float], history: lis
                  plot_training_curves(history, folder / "training_curve.png", title=title),
                  plot_rotated_grid(model, test.images, test.labels, max(spec.eval_angles, key=abs),
                                    folder / "rotated_digits.png", classes=test.classes)]
-        if spec.model == "capsnet" and spec.model_kwargs().get("decoder", True):
+        if model_reconstructs(spec.model, **spec.model_kwargs()):
             paths.append(plot_reconstructions(model, test.images, folder / "reconstructions.png"))
         if "://" not in ctx.artifacts:
             channel.log(f"plots written to {folder}", plots=[str(p) for p in paths])

@@ -37,11 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from services.config import Settings, ray_node_env, ray_worker_env
 from services.metrics.http import start_metrics_server
 from services.metrics.queue import QueueCollector, known_job_labels
 from services.metrics.redis_state import RedisHealthCollector
 from services.metrics.worker import default_worker_metrics
+from services.queue.causes import FailureCause
 from services.queue.connection import redis_client
 from services.queue.job import ClaimedJob
 from services.queue.jobqueue import JobQueue
@@ -49,12 +52,13 @@ from services.queue.keys import Keys
 from services.queue.redis_health import PolicyWatch, check_policy
 from services.queue.redis_retry import RedisRetry, RedisUnavailable, no_retry_client_kwargs
 from services.queue.retention import Pruner
+from services.queue.states import JobState
 from services.runs.error_text import full_traceback, root_cause
-from services.runs.evaluate import run_eval_job
 from services.runs.runtime import AttemptLost, JobCancelled, JobContext, JobRejected
-from services.runs.train import run_train_job
 from services.spec.results import to_document
 from services.worker.admission import AdmissionLock, free_of, reserved
+from services.worker.outcome import AttemptOutcome
+from services.worker.runners import runner_for
 from services.worker.store_health import StoreHealth, StoreMonitor, storage_fault
 
 log = logging.getLogger("capsctl.worker")
@@ -79,6 +83,15 @@ class Admission:
     free: dict[str, float]  # the cluster's free resources read for the claim
     groups_before: set[str]  # placement groups that existed before the claim
     started: float  # time.monotonic() of the claim
+
+
+def failure_cause(exc: BaseException) -> FailureCause:
+    """The typed cause of a run that raised and was neither cancelled, lost nor a storage fault."""
+    if isinstance(exc, JobRejected):
+        return FailureCause.USER_ERROR
+    if isinstance(exc, redis.RedisError):
+        return FailureCause.REDIS
+    return FailureCause.UNKNOWN
 
 
 def default_worker_id() -> str:
@@ -411,7 +424,7 @@ class Worker:
                            stop=self._stop):
             return True
         record = self.redis.call(self.queue.get, job_id, what=f"reading {job_id}", stop=self._stop)
-        if record is not None and record.state == "succeeded" and any(
+        if record is not None and record.state == JobState.SUCCEEDED and any(
                 t.get("state") == "succeeded" and t.get("attempt") == attempt
                 for t in record.transitions if isinstance(t, dict)):
             return True  # our complete went through but its reply was lost with the connection
@@ -441,7 +454,7 @@ class Worker:
 
     # ------------------------------------------------------------------ run one job
 
-    def execute(self, job: ClaimedJob, admission: Admission | None = None) -> str:
+    def execute(self, job: ClaimedJob, admission: Admission | None = None) -> AttemptOutcome:
         """Run one claimed job to an outcome: succeeded, failed (maybe retried), cancelled or lost.
         With ``admission``, the admission lock is released once the job's resources are reserved."""
         self._current = job
@@ -460,19 +473,10 @@ class Worker:
         self._log_event(job, f"attempt {job.attempt} started on worker {self.worker_id}"
                         + (f", resuming from {job.checkpoint}" if job.checkpoint else ""), worker=self.worker_id)
         started = time.monotonic()
-        outcome = "succeeded"
+        outcome = AttemptOutcome.SUCCEEDED
         try:
             try:
-                if kind == "train":
-                    result = run_train_job(job.spec, ctx)
-                elif kind == "eval":
-                    result = run_eval_job(job.spec, ctx, self.queue)
-                elif kind == "tune":
-                    from services.runs.tune import run_tune_job
-
-                    result = run_tune_job(job.spec, ctx, self.queue)
-                else:  # claim validated the spec, so this is a programming error
-                    raise ValueError(f"unknown job kind {kind!r}")
+                result = runner_for(kind)(job.spec, ctx, self.queue)
             except Exception as exc:
                 outcome = self._record_error(job, exc, lost)
             else:
@@ -480,13 +484,13 @@ class Worker:
                 document = to_document(result)
                 kept = self._keep_result(job, document)
                 if not self._record_result(job.job_id, job.attempt, job.token, document):
-                    outcome = "lost"
+                    outcome = AttemptOutcome.LOST
                 if kept is not None:
                     kept.unlink(missing_ok=True)
         except RedisUnavailable:
             # Stop requested while Redis was away: the kept result file (if any) is recorded by the
             # next worker to start; without one the lease expires and the job is resumed.
-            outcome = "lost"
+            outcome = AttemptOutcome.LOST
             log.warning("job %s attempt %d: stopped before Redis answered; outcome not recorded",
                         job.job_id, job.attempt)
         finally:
@@ -500,31 +504,37 @@ class Worker:
         log.info("job %s attempt %d: %s", job.job_id, job.attempt, outcome)
         return outcome
 
-    def _record_error(self, job: ClaimedJob, exc: Exception, lost: threading.Event) -> str:
+    def _record_error(self, job: ClaimedJob, exc: Exception, lost: threading.Event) -> AttemptOutcome:
         """cancelled / lost / failed (fenced) for a run that raised; waits for Redis like a result."""
         if self.redis.call(self.queue.is_cancel_requested, job.job_id, what=f"reading {job.job_id}", stop=self._stop):
             self.redis.call(self.queue.mark_cancelled, job.job_id, job.token, what=f"cancelling {job.job_id}",
                             stop=self._stop)
-            return "cancelled"
+            self.metrics.count_failure(job.spec.kind, FailureCause.CANCELLED)
+            return AttemptOutcome.CANCELLED
         if isinstance(exc, JobCancelled) or lost.is_set():
             # a newer attempt owns the job: record nothing of ours
             self._log_event(job, f"attempt {job.attempt} stopped: {exc}", level="warning")
-            return "lost"
+            return AttemptOutcome.LOST
         cause = root_cause(exc)  # the rank's or controller's own error, not Ray's wrapper
-        lost_why = str(exc) if isinstance(exc, AttemptLost) else storage_fault(cause, self.store)
+        storage_why = None if isinstance(exc, AttemptLost) else storage_fault(cause, self.store)
+        lost_why = str(exc) if isinstance(exc, AttemptLost) else storage_why
         if lost_why is not None:
             # not the job's fault (a lost node, a full or read-only store): back to the queue now
             # (max_lost), not after the lease expires
             self._log_event(job, f"attempt {job.attempt} lost its infrastructure: {lost_why}", level="warning",
                             infrastructure_lost=lost_why)
-            state = self.redis.call(self.queue.hand_back, job.job_id, job.token, lost_why,
+            lost_cause = FailureCause.STORAGE if storage_why is not None else FailureCause.INFRASTRUCTURE_LOSS
+            state = self.redis.call(self.queue.hand_back, job.job_id, job.token, lost_why, lost_cause,
                                     what=f"handing back {job.job_id}", stop=self._stop)
+            self.metrics.count_failure(job.spec.kind, lost_cause)
             log.warning("job %s attempt %d lost its infrastructure (%s): %s", job.job_id, job.attempt, lost_why,
                         "requeued" if state == "queued" else state)
-            return "lost"
+            return AttemptOutcome.LOST
         message = cause.line()
+        failure = failure_cause(exc)
         self.redis.call(self.queue.fail, job.job_id, job.token, message, full_traceback(exc),
                         retry=not isinstance(exc, JobRejected),  # a refused input stays refused
-                        what=f"recording the failure of {job.job_id}", stop=self._stop)
+                        cause=failure, what=f"recording the failure of {job.job_id}", stop=self._stop)
+        self.metrics.count_failure(job.spec.kind, failure)
         log.warning("job %s attempt %d failed: %s", job.job_id, job.attempt, message)
-        return "failed"
+        return AttemptOutcome.FAILED
