@@ -139,3 +139,24 @@ def test_failing_job_is_retried_then_failed_and_worker_keeps_serving(queue: JobQ
     queue.retry(bad.id)
     wait_until(lambda: (r := queue.get(bad.id)) and r.state == "failed" and r.attempt >= 3, 120,
                what="the retried job to run again")
+
+
+def test_a_job_past_its_time_limit_is_stopped_and_fails_without_a_retry(queue: JobQueue, workers) -> None:
+    """`--time-limit` (sbatch --time): a job still training past it is stopped, fails with cause
+    time_limit and no retry spent, its resources are freed and the worker takes the next job."""
+    slow = queue.submit({**LENET_JOB, "cpu_ranks": 1, "epochs": 200, "max_retries": 2, "time_limit_s": 20})
+    after = queue.submit({**LENET_JOB, "cpu_ranks": 1, "epochs": 1, "train_subset": 1000})
+    worker = workers("w-limit")
+    record = wait_until(lambda: (r := queue.get(slow.id)) and r.is_terminal and r, 300,
+                        what=f"the time-limited job to end; worker log:\n{worker.output()[-3000:]}")
+    assert record.state == "failed" and record.cause == "time_limit", (record.state, record.error)
+    assert record.attempt == 1 and "retrying" not in [t["state"] for t in record.transitions]
+    assert "time limit" in record.error
+    started = next(t["at"] for t in record.transitions if t["state"] == "running")
+    ended = next(t["at"] for t in record.transitions if t["state"] == "failed")
+    assert 20 <= ended - started < 150  # stopped soon after the limit, long before 200 epochs
+    epochs = [e for e in _events(queue, slow.id, "progress") if e.get("type") == "epoch"]
+    assert len(epochs) < 200
+    nxt = wait_until(lambda: (r := queue.get(after.id)) and r.is_terminal and r, 240,
+                     what=f"the next job to run; worker log:\n{worker.output()[-3000:]}")
+    assert nxt.state == "succeeded", nxt.error

@@ -176,6 +176,10 @@ def common_job_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--idempotency-key", help="Submitting again with the same key returns the same job."),
         click.option("--follow", is_flag=True, help="Show progress until the job ends; exit 1 if it fails."),
         click.option("--json", "as_json", is_flag=True, help="Print the job record as JSON."),
+        click.option("--time-limit", "time_limit_s", type=Duration(unit="s"), metavar="DURATION",
+                     expose_value=False, callback=_keep_tracking,
+                     help="Stop each attempt past this wall time and fail the job (no retry), like sbatch "
+                          "--time: 90s, 30m, 2h or 1d, 1..30d (default: none)."),
         click.option("--mlflow", "mlflow_uri", metavar="URI", expose_value=False, callback=_keep_tracking,
                      help="Log the job to this MLflow tracking server (default: CAPSNET_MLFLOW_URI; "
                           "needs capsctl[mlflow])."),
@@ -194,7 +198,8 @@ def _keep_tracking(ctx: click.Context, param: click.Parameter, value: Any) -> An
     """Keep --mlflow / --mlflow-experiment aside in the context (``tracking_fields``), so that
     every submitting command passes them on without naming them in its signature."""
     if value is not None:
-        ctx.meta.setdefault(TRACKING_META, {})[param.name] = value
+        ctx.meta.setdefault(TRACKING_META, {})[param.name] = (
+            int(round(value)) if param.name == "time_limit_s" else value)
     return value
 
 
@@ -221,6 +226,9 @@ class Duration(click.ParamType):
     name = "AGE"
     UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 
+    def __init__(self, unit: str = "d") -> None:
+        self.bare_unit = self.UNITS[unit]  # what a bare number means
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, float):
             return value
@@ -232,7 +240,7 @@ class Duration(click.ParamType):
             amount = math.nan
         if not math.isfinite(amount) or amount < 0:
             self.fail(f"{value!r}: expected an age such as 7d, 12h, 30m or 90s", param, ctx)
-        return amount * (unit or 86400.0)
+        return amount * (unit or self.bare_unit)
 
 
 def training_job_options(model_config_help: str) -> Decorator:

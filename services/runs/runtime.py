@@ -40,6 +40,13 @@ class JobCancelled(Exception):
     """The job was cancelled (or its lease was taken over) while it ran."""
 
 
+TIME_LIMIT_REASON = "time limit reached"
+
+
+class TimeLimitReached(JobCancelled):
+    """The attempt ran past the job's ``time_limit_s``: stopped, and the job fails with no retry."""
+
+
 class JobRejected(Exception):
     """The job asks for something no attempt may do (an unsafe checkpoint, a source outside the
     allowed roots, an oversize model): it fails for good, without retries. One-line message."""
@@ -83,6 +90,7 @@ class JobContext:
     resume_checkpoint: str | None = None  # the job record's last checkpoint (earlier attempt)
     started_at: float = 0.0  # wall-clock time the worker started this attempt (start-up metric)
     niceness: int = 0  # the worker's own nice level: its ranks run at it (``adopt_worker_niceness``)
+    deadline: float | None = None  # wall-clock time past which the attempt stops (spec.time_limit_s)
 
 
 class JobChannel:
@@ -132,6 +140,8 @@ class JobChannel:
         """Why this rank must stop (cancel requested, lease lost), checked at most once a second.
         While Redis cannot be asked, there is no reason to stop: training goes on."""
         now = time.monotonic()
+        if self._stop_reason is None and self.ctx.deadline is not None and time.time() > self.ctx.deadline:
+            self._stop_reason = TIME_LIMIT_REASON
         if self._stop_reason is None and now - self._last_check >= self._check_interval:
             self._last_check = now
             record = self._send(self.queue.get, self.ctx.job_id, what="checking for a cancel")
@@ -201,17 +211,20 @@ def fit_or_stop(run: Callable[[], T], channel: JobChannel, lost: Callable[[Excep
     the job record says stop (cancel requested, lease lost), whether the run raised or not;
     ``AttemptLost`` when it raised and ``lost(exc)`` names an infrastructure loss; else what it
     raised, or what it returned."""
+    def stopped(reason: str) -> JobCancelled:
+        return TimeLimitReached(reason) if reason == TIME_LIMIT_REASON else JobCancelled(reason)
+
     try:
         outcome = run()
     except Exception as exc:
         reason = channel.stop_reason()
         if reason is not None:
-            raise JobCancelled(reason) from exc
+            raise stopped(reason) from exc
         why = lost(exc)
         if why is not None:
             raise AttemptLost(why) from exc
         raise
     reason = channel.stop_reason()
     if reason is not None:
-        raise JobCancelled(reason)
+        raise stopped(reason)
     return outcome

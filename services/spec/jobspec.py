@@ -84,6 +84,9 @@ class _SpecBase(BaseModel):
     # Lease expiries (worker SIGKILLed, node gone) are the infrastructure's fault, not the job's:
     # they have this budget of their own and never use up max_retries.
     max_lost: bounded_int(0, 100) = 10  # type: ignore[valid-type]
+    # Wall-clock limit of each attempt (sbatch --time; a requeued attempt gets it again, as in
+    # Slurm): past it the run is stopped and the job fails, cause time_limit, with no retry.
+    time_limit_s: bounded_int(1, 30 * 86400) | None = None  # type: ignore[valid-type]
     # MLflow tracking (services.runs.tracking): the server, else the worker's CAPSNET_MLFLOW_URI.
     mlflow_uri: str | None = None
     mlflow_experiment: str | None = None

@@ -54,7 +54,7 @@ from services.queue.redis_retry import RedisRetry, RedisUnavailable, no_retry_cl
 from services.queue.retention import Pruner
 from services.queue.states import JobState
 from services.runs.error_text import full_traceback, root_cause
-from services.runs.runtime import AttemptLost, JobCancelled, JobContext, JobRejected
+from services.runs.runtime import AttemptLost, JobCancelled, JobContext, JobRejected, TimeLimitReached
 from services.spec.results import to_document
 from services.worker.admission import AdmissionLock, free_of, reserved
 from services.worker.outcome import AttemptOutcome
@@ -320,7 +320,8 @@ class Worker:
                           artifacts=str(self.settings.artifacts),
                           data_dir=str(self.settings.data_dir) if self.settings.data_dir else None,
                           resume_checkpoint=job.checkpoint, started_at=time.time(),
-                          niceness=os.getpriority(os.PRIO_PROCESS, 0))
+                          niceness=os.getpriority(os.PRIO_PROCESS, 0),
+                          deadline=time.time() + limit if (limit := getattr(job.spec, "time_limit_s", None)) else None)
 
     def _heartbeat_loop(self, job: ClaimedJob, done: threading.Event, lost: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_seconds):
@@ -511,6 +512,15 @@ class Worker:
                             stop=self._stop)
             self.metrics.count_failure(job.spec.kind, FailureCause.CANCELLED)
             return AttemptOutcome.CANCELLED
+        if isinstance(exc, TimeLimitReached) and not lost.is_set():
+            limit = job.spec.time_limit_s
+            message = f"time limit: the attempt ran past --time-limit {limit} s and was stopped"
+            self.redis.call(self.queue.fail, job.job_id, job.token, message, "", retry=False,
+                            cause=FailureCause.TIME_LIMIT, what=f"recording the time limit of {job.job_id}",
+                            stop=self._stop)
+            self.metrics.count_failure(job.spec.kind, FailureCause.TIME_LIMIT)
+            log.warning("job %s attempt %d: %s", job.job_id, job.attempt, message)
+            return AttemptOutcome.FAILED
         if isinstance(exc, JobCancelled) or lost.is_set():
             # a newer attempt owns the job: record nothing of ours
             self._log_event(job, f"attempt {job.attempt} stopped: {exc}", level="warning")
