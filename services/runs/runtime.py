@@ -206,25 +206,28 @@ def prepare_ddp_model(model: Any) -> Any:
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options(model))
 
 
+def stop_error(reason: str) -> JobCancelled:
+    """What a run raises when ``JobChannel.stop_reason`` says stop: past the time limit a
+    ``TimeLimitReached`` (the job fails), else ``JobCancelled`` (cancel, or a lease taken over)."""
+    return TimeLimitReached(reason) if reason == TIME_LIMIT_REASON else JobCancelled(reason)
+
+
 def fit_or_stop(run: Callable[[], T], channel: JobChannel, lost: Callable[[Exception], str | None]) -> T:
     """``run()`` (a Ray Train or Tune fit) to its end, then why it ended: ``JobCancelled`` when
     the job record says stop (cancel requested, lease lost), whether the run raised or not;
     ``AttemptLost`` when it raised and ``lost(exc)`` names an infrastructure loss; else what it
     raised, or what it returned."""
-    def stopped(reason: str) -> JobCancelled:
-        return TimeLimitReached(reason) if reason == TIME_LIMIT_REASON else JobCancelled(reason)
-
     try:
         outcome = run()
     except Exception as exc:
         reason = channel.stop_reason()
         if reason is not None:
-            raise stopped(reason) from exc
+            raise stop_error(reason) from exc
         why = lost(exc)
         if why is not None:
             raise AttemptLost(why) from exc
         raise
     reason = channel.stop_reason()
     if reason is not None:
-        raise stopped(reason)
+        raise stop_error(reason)
     return outcome

@@ -58,13 +58,13 @@ from services.runs.losses import describe_error, process_gone, trial_loss
 from services.runs.runtime import (
     CHECKPOINT_FILE,
     AttemptLost,
-    JobCancelled,
     JobChannel,
     JobContext,
     assigned_device,
     check_job_limits,
     fit_or_stop,
     prepare_ddp_model,
+    stop_error,
 )
 from services.runs.tracking import Tracker, result_metrics, spec_params, tracking_target
 from services.runs.trial_store import TrialStore, experiment_path, final_document, is_uri
@@ -326,7 +326,7 @@ def _evaluate_unfinished(spec: TuneSpec, ctx: JobContext, experiment: str, pendi
         if channel.stop_reason() is not None:
             for ref in waiting:
                 ray.cancel(ref, force=True)
-            raise JobCancelled(channel.stop_reason())
+            raise stop_error(channel.stop_reason())
         for ref in ready:
             trial, store = refs[ref]
             measured = ray.get(ref)
