@@ -69,7 +69,7 @@ def main(ctx: click.Context, redis_url: str | None, redis_prefix: str | None, st
         raise click.BadParameter("must be non-empty without spaces", param_hint="'--redis-prefix'")
     overrides: dict[str, Any] = {"redis_url": (redis_url or "").strip() or None, "redis_prefix": redis_prefix,
                                  "ray_address": (ray_address or "").strip() or None,
-                                 "artifacts": Path(artifacts).expanduser() if artifacts else None}
+                                 "artifacts": artifacts.strip() or None if artifacts else None}
     ctx.obj = App({k: v for k, v in overrides.items() if v is not None},
                   state_dir.expanduser() if state_dir else None)
 

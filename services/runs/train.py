@@ -36,6 +36,7 @@ from capsnet_core.checkpoint import load_checkpoint
 from capsnet_core.evaluate import cpu_threads
 from capsnet_core.train import shard_indices
 from capsnet_core.validation import describe_split, split_training_pool
+from services.artifacts import is_uri, join
 from services.runs.checkpoints import (
     KEEP_CHECKPOINTS,
     RAY_SNAPSHOT_FILE,
@@ -159,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         written = entry_for(saved, epoch, "") if rank == 0 and saved is not None else None
         ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
         if rank == 0:
-            uri = f"{ctx.artifacts.rstrip('/')}/{ctx.job_id}/epoch-{epoch:04d}"
+            uri = join(ctx.artifacts, ctx.job_id, f"epoch-{epoch:04d}")
             entry = dataclasses.replace(written, uri=uri).to_dict() if written is not None else None
             channel.set_checkpoint(uri, entry)
 
@@ -181,7 +182,7 @@ def _write_plots(model: Any, test: Any, rotation: dict[str, float], spec: TrainS
                  channel: JobChannel) -> None:
     """Pictures next to the checkpoints (local artifact folders only): accuracy against angle,
     the most rotated test digits with predictions, and CapsNet reconstructions."""
-    if "://" in ctx.artifacts:
+    if is_uri(ctx.artifacts):
         return
     from capsnet_core.plots import plot_accuracy_vs_angle, plot_reconstructions, plot_rotated_grid
     from services.results.plot_labels import curve_label, plot_title
@@ -253,7 +254,7 @@ def choose_resume(ctx: JobContext, channel: JobChannel) -> str | None:
             channel.log(f"resuming from the checkpoint of epoch {chosen.epoch} ({chosen.uri}), "
                         f"the newest intact one", level="warning", resume_checkpoint=chosen.uri)
     run_dir = Path(ctx.artifacts) / ctx.job_id
-    if "://" not in ctx.artifacts and run_dir.is_dir():
+    if not is_uri(ctx.artifacts) and run_dir.is_dir():
         problem = ray_snapshot_problem(run_dir, ray.__version__)
         if problem is not None:
             moved = quarantine(run_dir / RAY_SNAPSHOT_FILE)
@@ -271,7 +272,7 @@ def run_state_vanished(exc: BaseException, ctx: JobContext) -> str | None:
     from services.runs.error_text import root_cause
 
     cause = root_cause(exc)
-    run_dir = str(Path(ctx.artifacts) / ctx.job_id)
+    run_dir = join(ctx.artifacts, ctx.job_id)
     text = f"{cause.type_name}: {cause.message}"
     if ("FileNotFoundError" in text or "Path not found" in text) and run_dir in text:
         return f"run state vanished under the attempt ({cause.line()})"
@@ -283,7 +284,7 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    check_job_limits(spec)
+    check_job_limits(spec, ctx.max_params)
     use_gpu = spec.gpus > 0
     channel = JobChannel(ctx, check_interval_s=0.0)
     resume = choose_resume(ctx, channel)
