@@ -142,5 +142,12 @@ def copy_to_local(location: str, relative: str, out_dir: str) -> str:
     return target
 
 
-__all__ = ["copy_to_local", "exists", "filesystem", "is_dir", "is_uri", "join", "list_files", "normalize",
+__all__ = ["copy_to_local", "exists", "filesystem", "is_dir", "is_uri", "join", "list_files", "normalize", "parent",
            "ray_storage_path", "read_bytes", "storage_filesystem", "write_bytes"]
+
+
+def parent(location: str) -> str:
+    """The folder holding ``location`` (``s3://b/runs/J/epoch-0002`` -> ``s3://b/runs/J``)."""
+    if is_uri(location):
+        return str(location).rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(normalize(location))

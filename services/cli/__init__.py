@@ -35,7 +35,7 @@ from typing import Any
 
 import click
 
-from services.cli import commands_admin, commands_jobs, commands_stack
+from services.cli import commands_admin, commands_artifacts, commands_jobs, commands_stack
 from services.cli.helpers import CONTEXT_SETTINGS, App, CapsGroup
 
 
@@ -76,7 +76,7 @@ def main(ctx: click.Context, redis_url: str | None, redis_prefix: str | None, st
 
 
 for _command in (commands_jobs.submit, commands_jobs.eval_cmd, commands_jobs.tune, commands_jobs.models_cmd,
-                 commands_jobs.results, commands_jobs.compare,
+                 commands_jobs.results, commands_jobs.compare, commands_artifacts.artifacts,
                  commands_admin.status, commands_admin.workers, commands_admin.list_cmd, commands_admin.logs,
                  commands_admin.cancel, commands_admin.retry, commands_admin.dead_letters, commands_admin.prune,
                  commands_stack.worker, commands_stack.up, commands_stack.down):
