@@ -18,31 +18,33 @@ from services.queue.jobqueue import JobQueue
 
 from .service_helpers import service_env, wait_until
 
+# A worker whose Settings carry an override the environment does not (as CLI flags and
+# <state_dir>/env give it): before, the run re-read the environment and trained the model anyway.
+OVERRIDE_WORKER = ("import logging, sys; logging.basicConfig(level=logging.INFO);"
+                   "from services.config import Settings; from services.worker.worker import Worker;"
+                   "Worker(Settings.from_env(max_params=1_000_000, artifacts=sys.argv[2]), worker_id=sys.argv[1])"
+                   ".run(max_jobs=1)")
+
 
 @pytest.mark.slow
-def test_a_worker_run_sees_the_max_params_of_its_state_dir_env(queue: JobQueue, redis_url: str, ray_cluster: str,
-                                                                tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "env").write_text("CAPSNET_MAX_PARAMS=1000000\n")  # only here: not in the environment
-    env = service_env(redis_url, ray_cluster, tmp_path / "unused")
-    for key in ("CAPSNET_ARTIFACTS", "CAPSNET_MAX_PARAMS", "CAPSNET_STATE_DIR"):
-        env.pop(key, None)
-    artifacts = tmp_path / "from-the-command-line"
+def test_a_worker_run_sees_the_worker_settings_not_the_environment(queue: JobQueue, redis_url: str,
+                                                                   ray_cluster: str, tmp_path: Path) -> None:
+    env = service_env(redis_url, ray_cluster, tmp_path / "env-artifacts")
+    env.pop("CAPSNET_MAX_PARAMS", None)  # the environment allows the default 100 M parameters
+    artifacts = tmp_path / "worker-artifacts"
     # Written straight into Redis: no submit-time check; the worker's run must refuse it.
     job = queue.submit({"kind": "train", "model": "capsnet", "epochs": 1, "train_subset": 200, "test_subset": 100,
                         "eval_angles": [0], "max_retries": 0})
-    log = open(tmp_path / "worker.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "--state-dir", str(state), "--artifacts",
-                             str(artifacts), "worker", "--worker-id", "w-settings", "--max-jobs", "1"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        record = wait_until(lambda: (r := queue.get(job.id)) and r.is_terminal and r, 120,
-                            what=f"job {job.id} to end; log:\n{(tmp_path / 'worker.log').read_text()[-3000:]}")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", OVERRIDE_WORKER, "w-settings", str(artifacts)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            record = wait_until(lambda: (r := queue.get(job.id)) and r.is_terminal and r, 120,
+                                what=f"job {job.id} to end; log:\n{log_path.read_text()[-3000:]}")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
     assert record.state == "failed", record.state
     assert "above the limit of 1,000,000" in (record.error or ""), record.error
 
