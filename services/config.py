@@ -221,8 +221,9 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
 
 
 # Environment variables a worker hands to its Ray processes: our own settings, and NCCL's
-# (NCCL_SOCKET_IFNAME, NCCL_IB_*, TORCH_NCCL_*...), which multi-node GPU clusters need.
-RAY_FORWARDED_PREFIXES = ("CAPSNET_", "NCCL_", "TORCH_NCCL_")
+# (NCCL_SOCKET_IFNAME, NCCL_IB_*, TORCH_NCCL_*...), which multi-node GPU clusters need, and the
+# AWS_* endpoint and credentials that Ray Train and pyarrow.fs read for an s3:// artifact store.
+RAY_FORWARDED_PREFIXES = ("CAPSNET_", "NCCL_", "TORCH_NCCL_", "AWS_")  # AWS_*: S3 artifact stores
 
 
 def ray_worker_env(environ: Mapping[str, str]) -> dict[str, str]:

@@ -76,3 +76,46 @@ def test_capsctl_artifacts_downloads_a_checkpoint_from_s3(s3: str, queue: JobQue
     assert only.exit_code == 0 and only.output.split() == [str(tmp_path / "o2" / "checkpoint" / "checkpoint.pt")]
     bad = CliRunner().invoke(main, ["--redis-url", redis_url, "artifacts", job.id, "--what", "weights"])
     assert bad.exit_code == 2 and "choose from checkpoint,plots,results,logs" in bad.output
+
+
+@pytest.mark.slow
+def test_a_killed_job_resumes_from_its_s3_checkpoint_and_evaluates_from_it(
+        s3: str, queue: JobQueue, redis_url: str, ray_cluster: str, tmp_path: Path) -> None:
+    from .service_helpers import WorkerProcess, service_env, wait_until
+
+    env = service_env(redis_url, ray_cluster, "s3://bucket/runs")  # AWS_* from the s3 fixture
+    job = queue.submit({"kind": "train", "model": "lenet5", "workers": 1, "batch_size": 64, "epochs": 3,
+                        "train_subset": 1500, "test_subset": 200, "eval_angles": [0], "max_retries": 0})
+    first = WorkerProcess("w-s3-doomed", env, tmp_path / "first.log")
+    try:
+        wait_until(lambda: (r := queue.get(job.id)) and r.checkpoint and r.state == "running", 180, interval=0.1,
+                   what=f"a first checkpoint; log:\n{first.output()[-3000:]}")
+    finally:
+        first.kill()
+        first.stop()
+    checkpoint = queue.get(job.id).checkpoint
+    assert checkpoint.startswith(f"s3://bucket/runs/{job.id}/epoch-"), checkpoint
+    done_before_kill = int(checkpoint.rsplit("-", 1)[1])
+    assert exists(join(checkpoint, "checkpoint.pt"))
+
+    second = WorkerProcess("w-s3-rescuer", env, tmp_path / "second.log")
+    try:
+        record = wait_until(lambda: (r := queue.get(job.id)) and r.is_terminal and r, 240,
+                            what=f"the job to finish elsewhere; log:\n{second.output()[-3000:]}")
+        assert record.state == "succeeded", (record.error, record.traceback)
+        resumed = [e["data"] for _, e in queue.events.read(job.id)
+                   if e["type"] == "log" and "resumed_from_epoch" in e["data"]]
+        assert resumed and resumed[0]["resumed_from_epoch"] == done_before_kill, resumed
+        final = record.result["checkpoint"]
+        assert str(final).startswith("s3://bucket/runs/"), final
+        evaluation = queue.submit({"kind": "eval", "source": job.id, "angles": [0], "test_subset": 200})
+        done = wait_until(lambda: (r := queue.get(evaluation.id)) and r.is_terminal and r, 120,
+                          what=f"the eval; log:\n{second.output()[-3000:]}")
+        assert done.state == "succeeded", (done.error, done.traceback)
+    finally:
+        second.stop()
+    out = tmp_path / "downloaded"
+    got = CliRunner().invoke(main, ["--redis-url", redis_url, "artifacts", job.id, "--out", str(out),
+                                    "--what", "checkpoint"])
+    assert got.exit_code == 0, got.output
+    assert load_checkpoint(out / "checkpoint" / "checkpoint.pt")["epoch"] == 3

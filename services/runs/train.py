@@ -279,6 +279,14 @@ def run_state_vanished(exc: BaseException, ctx: JobContext) -> str | None:
     return None
 
 
+def _checkpoint_location(ctx: JobContext, ray_path: str) -> str:
+    """The checkpoint as a location capsctl can open: Ray reports the path inside its filesystem
+    (``bucket/runs/J/epoch-0003`` for ``s3://bucket/runs``), which drops the scheme."""
+    if not is_uri(ctx.artifacts):
+        return ray_path
+    return join(ctx.artifacts, ctx.job_id, ray_path.rstrip("/").rsplit("/", 1)[-1])
+
+
 def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     """Run one train job to the end on the connected Ray cluster; returns the job's result document."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -321,7 +329,7 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
                     if isinstance(h, dict)],
         "world_size": metrics.get("world_size", spec.ranks),
         "device": metrics.get("device"),
-        "checkpoint": outcome.checkpoint.path if outcome.checkpoint is not None else None,
+        "checkpoint": _checkpoint_location(ctx, outcome.checkpoint.path) if outcome.checkpoint is not None else None,
         "validation": describe_split(load_dataset(spec.dataset, "train", root=ctx.data_dir), spec.val_split).to_dict(),
     }
     return result
