@@ -8,8 +8,9 @@ Local paths are expanded (``~``) and made absolute, exactly as before; URIs are 
 
 S3 endpoint and credentials come from the environment (``AWS_ENDPOINT_URL_S3`` or
 ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``),
-as boto3 reads them; pyarrow's own URI parsing does not honour every one, so ``filesystem``
-builds the S3 filesystem from them explicitly.
+as boto3 reads them. Ray Train gets the ``s3://`` URI itself as its ``storage_path`` (pyarrow 25
+reads the same variables there; the worker forwards ``AWS_*`` to its Ray processes); here
+``filesystem`` builds the S3 filesystem from them explicitly, so both agree.
 """
 
 from __future__ import annotations
@@ -79,30 +80,11 @@ def filesystem(location: str, env: Mapping[str, str] | None = None) -> tuple[paf
     return pafs.FileSystem.from_uri(text)
 
 
-def storage_filesystem(location: str) -> pafs.FileSystem | None:
-    """What Ray's ``RunConfig(storage_filesystem=...)`` gets: our S3 filesystem built from the
-    environment for ``s3://``, else None (Ray resolves local paths and other URIs itself)."""
-    return filesystem(location)[0] if is_uri(location) and str(location).startswith("s3:") else None
-
-
-def ray_storage_path(location: str) -> str:
-    """``storage_path`` to pair with ``storage_filesystem``: Ray wants the bucket-relative path
-    when it is given a filesystem, the location itself otherwise."""
-    return filesystem(location)[1] if storage_filesystem(location) is not None else normalize(location)
-
-
 def exists(location: str) -> bool:
     import pyarrow.fs as pafs
 
     fs, path = filesystem(location)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def is_dir(location: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
 def read_bytes(location: str) -> bytes:
@@ -142,8 +124,8 @@ def copy_to_local(location: str, relative: str, out_dir: str) -> str:
     return target
 
 
-__all__ = ["copy_to_local", "exists", "filesystem", "is_dir", "is_uri", "join", "list_files", "normalize", "parent",
-           "ray_storage_path", "read_bytes", "storage_filesystem", "write_bytes"]
+__all__ = ["copy_to_local", "exists", "filesystem", "is_uri", "join", "list_files", "normalize", "parent",
+           "read_bytes", "write_bytes"]
 
 
 def parent(location: str) -> str:
