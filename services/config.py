@@ -51,6 +51,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from services.artifacts import normalize
+
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_URL_FORM = "redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]"
 
@@ -112,7 +114,7 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     redis_prefix: str = DEFAULT_PREFIX
     ray_address: str | None = None
-    artifacts: Path = Path("~/.local/share/capsctl/artifacts").expanduser()
+    artifacts: str = normalize("~/.local/share/capsctl/artifacts")  # local path or URI (services.artifacts)
     state_dir: Path = Path("~/.local/state/capsctl").expanduser()
     metrics_port: int = 9310
     metrics_addr: str = "127.0.0.1"
@@ -134,7 +136,8 @@ class Settings:
         env = os.environ if env is None else env
         home = Path.home()
         state_dir = _path(env, "CAPSNET_STATE_DIR", home / ".local" / "state" / "capsctl")
-        artifacts = _path(env, "CAPSNET_ARTIFACTS", home / ".local" / "share" / "capsctl" / "artifacts")
+        artifacts = normalize((env.get("CAPSNET_ARTIFACTS") or "").strip()
+                              or str(home / ".local" / "share" / "capsctl" / "artifacts"))
         prefix = env.get("CAPSNET_REDIS_PREFIX", DEFAULT_PREFIX)
         if not prefix or any(c.isspace() for c in prefix):
             raise SettingsError(f"CAPSNET_REDIS_PREFIX: must be non-empty without spaces (got {prefix!r})")
@@ -144,7 +147,7 @@ class Settings:
             redis_url=(env.get("CAPSNET_REDIS_URL") or DEFAULT_REDIS_URL).strip(),
             redis_prefix=prefix,
             ray_address=(env.get("RAY_ADDRESS") or "").strip() or None,
-            artifacts=artifacts,  # type: ignore[arg-type]
+            artifacts=artifacts,
             state_dir=state_dir,  # type: ignore[arg-type]
             metrics_port=_int(env, "CAPSNET_METRICS_PORT", 9310, 0, 65535),
             metrics_addr=_address(env, "CAPSNET_METRICS_ADDR", "127.0.0.1"),
@@ -168,6 +171,7 @@ class Settings:
                 raise SettingsError(f"CAPSNET_REDIS_URL: {err}") from None
         if overrides:
             settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+            settings = replace(settings, artifacts=normalize(str(settings.artifacts)))
         if settings.heartbeat_seconds >= settings.lease_seconds:
             raise SettingsError(
                 f"CAPSNET_HEARTBEAT_SECONDS: must be shorter than the lease ({settings.lease_seconds} s), "
@@ -221,8 +225,9 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
 
 
 # Environment variables a worker hands to its Ray processes: our own settings, and NCCL's
-# (NCCL_SOCKET_IFNAME, NCCL_IB_*, TORCH_NCCL_*...), which multi-node GPU clusters need.
-RAY_FORWARDED_PREFIXES = ("CAPSNET_", "NCCL_", "TORCH_NCCL_")
+# (NCCL_SOCKET_IFNAME, NCCL_IB_*, TORCH_NCCL_*...), which multi-node GPU clusters need, and the
+# AWS_* endpoint and credentials that Ray Train and pyarrow.fs read for an s3:// artifact store.
+RAY_FORWARDED_PREFIXES = ("CAPSNET_", "NCCL_", "TORCH_NCCL_", "AWS_")  # AWS_*: S3 artifact stores
 
 
 def ray_worker_env(environ: Mapping[str, str]) -> dict[str, str]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Floors, top to bottom (docs/architecture.md "Layout and layers"); folders on one floor are independent.
-FLOORS = [{"cli", "client"}, {"worker", "stack"}, {"runs"}, {"results", "metrics"}, {"queue"}, {"spec"}, {"config"}]
+FLOORS = [{"cli", "client"}, {"worker", "stack"}, {"runs"}, {"results", "metrics"}, {"queue"}, {"spec"}, {"config"},
+          {"artifacts"}]
 FLOOR_OF = {name: i for i, floor in enumerate(FLOORS) for name in floor}
 
 
@@ -40,9 +41,9 @@ def test_services_folders_import_only_downward() -> None:
     assert not upward, "\n".join(upward)
 
 
-def test_services_has_only_settings_at_its_top() -> None:
+def test_services_has_only_settings_and_artifacts_at_its_top() -> None:
     top = sorted(p.name for p in (REPO_ROOT / "services").glob("*.py"))
-    assert top == ["__init__.py", "config.py"]
+    assert top == ["__init__.py", "artifacts.py", "config.py"]
 
 
 def test_capsnet_core_imports_no_service_code() -> None:

@@ -36,7 +36,7 @@ from typing import Any
 
 import click
 
-from services.cli import commands_admin, commands_jobs, commands_stack
+from services.cli import commands_admin, commands_artifacts, commands_jobs, commands_stack
 from services.cli.helpers import CONTEXT_SETTINGS, App, CapsGroup
 
 
@@ -70,14 +70,14 @@ def main(ctx: click.Context, redis_url: str | None, redis_prefix: str | None, st
         raise click.BadParameter("must be non-empty without spaces", param_hint="'--redis-prefix'")
     overrides: dict[str, Any] = {"redis_url": (redis_url or "").strip() or None, "redis_prefix": redis_prefix,
                                  "ray_address": (ray_address or "").strip() or None,
-                                 "artifacts": Path(artifacts).expanduser() if artifacts else None}
+                                 "artifacts": artifacts.strip() or None if artifacts else None}
     ctx.obj = App({k: v for k, v in overrides.items() if v is not None},
                   state_dir.expanduser() if state_dir else None)
 
 
 
 for _command in (commands_jobs.submit, commands_jobs.eval_cmd, commands_jobs.tune, commands_jobs.models_cmd, commands_jobs.schema_cmd,
-                 commands_jobs.results, commands_jobs.compare,
+                 commands_jobs.results, commands_jobs.compare, commands_artifacts.artifacts,
                  commands_admin.status, commands_admin.workers, commands_admin.list_cmd, commands_admin.logs,
                  commands_admin.cancel, commands_admin.retry, commands_admin.dead_letters, commands_admin.prune,
                  commands_stack.worker, commands_stack.up, commands_stack.down):

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from services.artifacts import is_uri
 from services.cli.helpers import UserError, echo
 from services.queue.job import JobRecord
 from services.queue.parsing import finite, first, printable
@@ -317,7 +318,7 @@ def echo_tensorboard(result: JobResult) -> None:
     """The command that shows the job's curves: a train job's own event files, or the Tune
     experiment folder, where Ray Tune's logger writes one set per trial (local storage only)."""
     folder = result.tensorboard
-    if not folder and isinstance(result.experiment, str) and "://" not in result.experiment:
+    if not folder and isinstance(result.experiment, str) and not is_uri(result.experiment):
         folder = result.experiment
     if isinstance(folder, str) and folder:
         echo(f"TensorBoard: tensorboard --logdir {printable(folder)}  (pip install tensorboard)")

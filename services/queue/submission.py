@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from services.artifacts import is_uri
 from services.queue.job import AnySpec, JobRecord
 from services.queue.jobqueue import JobQueue
 from services.spec.errors import SpecError
@@ -19,10 +20,9 @@ def check_eval_source(queue: JobQueue, source: str) -> None:
         return
     if JOB_ID_RE.match(source):
         raise SpecError(f"source: no job {source} in Redis (see `capsctl list`)", "source")
-    scheme, sep, rest = source.partition("://")
-    if sep and scheme != "file":
+    if is_uri(source):
         return
-    path = Path(rest if sep else source).expanduser()
+    path = Path(source.removeprefix("file://")).expanduser()
     if not path.exists():
         raise SpecError(f"source: {source} is neither a job id nor an existing checkpoint path", "source")
 

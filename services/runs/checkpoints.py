@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from services.artifacts import is_uri
+
 # Checkpoints kept on storage (Ray's num_to_keep) and in the job record: the newest plus two
 # fallbacks, so one damaged checkpoint, or a damaged one and its missing predecessor (a disk
 # that filled up over two epochs), still leaves an intact one to resume from.
@@ -156,7 +158,7 @@ def walk_back(candidates: list[CheckpointEntry], fetch: Callable[[CheckpointEntr
 
 
 def _display(entry: CheckpointEntry, path: Path) -> str:
-    return f"{entry.uri.rstrip('/')}/{path.name}" if "://" in entry.uri else str(path)
+    return f"{entry.uri.rstrip('/')}/{path.name}" if is_uri(entry.uri) else str(path)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -168,7 +170,7 @@ def fetch_to(workdir: Path, file_name: str) -> Callable[[CheckpointEntry], Path 
     downloaded into ``workdir`` through Ray's storage layer."""
 
     def fetch(entry: CheckpointEntry) -> Path | None:
-        if "://" not in entry.uri:
+        if not is_uri(entry.uri):
             folder = Path(entry.uri)
             return folder / file_name if folder.is_dir() else None
         import ray.train

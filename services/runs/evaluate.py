@@ -19,7 +19,6 @@ from capsnet_core import load_dataset
 from capsnet_core.checkpoint import load_checkpoint, model_from_checkpoint
 from capsnet_core.evaluate import evaluate, evaluate_suites
 from capsnet_core.train import angle_key
-from services.config import Settings
 from services.queue.jobqueue import JobQueue
 from services.runs.runtime import CHECKPOINT_FILE, JobContext, JobRejected, assigned_device
 from services.runs.tracking import Tracker, result_metrics, spec_params, tracking_target
@@ -83,7 +82,7 @@ def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
 
     try:
         # The source and what a job id resolves to must both lie within the allowed roots.
-        roots = Settings.from_env().eval_roots
+        roots = ctx.eval_roots
         source = check_source_allowed(spec.source, ctx.artifacts, roots)
         checkpoint_uri = check_source_allowed(resolve_checkpoint(source, queue), ctx.artifacts, roots)
     except SourceRefused as err:

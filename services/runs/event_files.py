@@ -14,13 +14,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from services.artifacts import is_uri
+
 TENSORBOARD_DIR = "tensorboard"
 _EPOCH_SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "images_per_second", "lr")
 
 
 def tensorboard_dir(artifacts: str, job_id: str) -> Path | None:
     """Where a train job's event files go; None for URI storage (tensorboardX writes local files)."""
-    if "://" in artifacts:
+    if is_uri(artifacts):
         return None
     return Path(artifacts).expanduser() / job_id / TENSORBOARD_DIR
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from services.config import Settings
+from services.config import DEFAULT_MAX_PARAMS
 from services.queue.attempt import AttemptWriter
 from services.queue.connection import redis_client
 from services.queue.keys import Keys
@@ -52,11 +52,12 @@ class JobRejected(Exception):
     allowed roots, an oversize model): it fails for good, without retries. One-line message."""
 
 
-def check_job_limits(spec: TrainSpec | TuneSpec) -> None:
+def check_job_limits(spec: TrainSpec | TuneSpec, max_params: int) -> None:
     """The submit-time size check again, on the worker: a spec written straight into Redis
-    must not get a model the worker cannot hold."""
+    must not get a model the worker cannot hold. ``max_params`` is the worker's own setting
+    (``JobContext.max_params``), never re-read from the environment mid-run."""
     try:
-        check_model_size(spec, Settings.from_env().max_params)
+        check_model_size(spec, max_params)
     except SpecError as err:
         raise JobRejected(str(err)) from None
 
@@ -91,6 +92,10 @@ class JobContext:
     started_at: float = 0.0  # wall-clock time the worker started this attempt (start-up metric)
     niceness: int = 0  # the worker's own nice level: its ranks run at it (``adopt_worker_niceness``)
     deadline: float | None = None  # wall-clock time past which the attempt stops (spec.time_limit_s)
+    # The worker's Settings a run needs, read once by the worker (environment, <state_dir>/env,
+    # its command line): a run never calls Settings.from_env, which would miss the latter two.
+    max_params: int = DEFAULT_MAX_PARAMS
+    eval_roots: tuple[str, ...] = ()
 
 
 class JobChannel:

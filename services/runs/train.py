@@ -37,6 +37,7 @@ from capsnet_core.evaluate import cpu_threads
 from capsnet_core.models import model_reconstructs
 from capsnet_core.train import shard_indices
 from capsnet_core.validation import describe_split, split_training_pool
+from services.artifacts import is_uri, join
 from services.runs.checkpoints import (
     KEEP_CHECKPOINTS,
     RAY_SNAPSHOT_FILE,
@@ -177,7 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         written = entry_for(saved, epoch, "") if rank == 0 and saved is not None else None
         ray.train.report(metrics, checkpoint=ray_checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
         if rank == 0:
-            uri = f"{ctx.artifacts.rstrip('/')}/{ctx.job_id}/epoch-{epoch:04d}"
+            uri = join(ctx.artifacts, ctx.job_id, f"epoch-{epoch:04d}")
             entry = dataclasses.replace(written, uri=uri).to_dict() if written is not None else None
             channel.set_checkpoint(uri, entry)
             if tracker is not None:
@@ -236,9 +237,9 @@ def _write_plots(model: Any, test: Any, rotation: dict[str, float], history: lis
     )
     from services.results.plot_labels import curve_label, plot_title
 
-    if "://" in ctx.artifacts and scratch is None:
+    if is_uri(ctx.artifacts) and scratch is None:
         return []
-    folder = scratch if scratch is not None and "://" in ctx.artifacts else Path(ctx.artifacts) / ctx.job_id / "plots"
+    folder = scratch if scratch is not None and is_uri(ctx.artifacts) else Path(ctx.artifacts) / ctx.job_id / "plots"
     try:
         spec_dict, job = spec.to_dict(), getattr(spec, "name", None) or ctx.job_id
         title = plot_title(job, "train", spec.model, spec_dict)
@@ -249,7 +250,7 @@ def _write_plots(model: Any, test: Any, rotation: dict[str, float], history: lis
                                    folder / "rotated_digits.png", classes=test.classes)]
         if model_reconstructs(spec.model, **spec.model_kwargs()):
             paths.append(plot_reconstructions(model, test.images, folder / "reconstructions.png"))
-        if "://" not in ctx.artifacts:
+        if not is_uri(ctx.artifacts):
             channel.log(f"plots written to {folder}", plots=[str(p) for p in paths])
         return paths
     except Exception as exc:  # pictures are a courtesy: never fail a trained job over them
@@ -309,7 +310,7 @@ def choose_resume(ctx: JobContext, channel: JobChannel) -> str | None:
             channel.log(f"resuming from the checkpoint of epoch {chosen.epoch} ({chosen.uri}), "
                         f"the newest intact one", level="warning", resume_checkpoint=chosen.uri)
     run_dir = Path(ctx.artifacts) / ctx.job_id
-    if "://" not in ctx.artifacts and run_dir.is_dir():
+    if not is_uri(ctx.artifacts) and run_dir.is_dir():
         problem = ray_snapshot_problem(run_dir, ray.__version__)
         if problem is not None:
             moved = quarantine(run_dir / RAY_SNAPSHOT_FILE)
@@ -327,11 +328,19 @@ def run_state_vanished(exc: BaseException, ctx: JobContext) -> str | None:
     from services.runs.error_text import root_cause
 
     cause = root_cause(exc)
-    run_dir = str(Path(ctx.artifacts) / ctx.job_id)
+    run_dir = join(ctx.artifacts, ctx.job_id)
     text = f"{cause.type_name}: {cause.message}"
     if ("FileNotFoundError" in text or "Path not found" in text) and run_dir in text:
         return f"run state vanished under the attempt ({cause.line()})"
     return None
+
+
+def _checkpoint_location(ctx: JobContext, ray_path: str) -> str:
+    """The checkpoint as a location capsctl can open: Ray reports the path inside its filesystem
+    (``bucket/runs/J/epoch-0003`` for ``s3://bucket/runs``), which drops the scheme."""
+    if not is_uri(ctx.artifacts):
+        return ray_path
+    return join(ctx.artifacts, ctx.job_id, ray_path.rstrip("/").rsplit("/", 1)[-1])
 
 
 def run_train_job(spec: TrainSpec, ctx: JobContext) -> JobResult:
@@ -339,7 +348,7 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> JobResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    check_job_limits(spec)
+    check_job_limits(spec, ctx.max_params)
     use_gpu = spec.gpus > 0
     channel = JobChannel(ctx, check_interval_s=0.0)
     resume = choose_resume(ctx, channel)
@@ -381,7 +390,7 @@ def run_train_job(spec: TrainSpec, ctx: JobContext) -> JobResult:
                     if isinstance(h, dict)],
         world_size=metrics.get("world_size", spec.ranks),
         device=metrics.get("device"),
-        checkpoint=outcome.checkpoint.path if outcome.checkpoint is not None else None,
+        checkpoint=_checkpoint_location(ctx, outcome.checkpoint.path) if outcome.checkpoint is not None else None,
         validation=describe_split(load_dataset(spec.dataset, "train", root=ctx.data_dir), spec.val_split).to_dict(),
         tensorboard=str(tb_dir.absolute()) if tb_dir is not None and tb_dir.is_dir() else None,
     )

@@ -12,13 +12,13 @@ training or evaluating. Pure: no Ray.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.artifacts import is_uri, normalize
 from services.runs.runtime import CHECKPOINT_FILE
 
 if TYPE_CHECKING:
@@ -29,12 +29,8 @@ FINAL_FILE = "final.json"
 TRIALS_DIR = "trials"
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def experiment_path(ctx: JobContext) -> str:
-    base = ctx.artifacts if is_uri(ctx.artifacts) else os.path.abspath(os.path.expanduser(ctx.artifacts))
+    base = normalize(ctx.artifacts)
     return f"{base.rstrip('/')}/{ctx.job_id}-tune"
 
 

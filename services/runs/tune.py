@@ -51,6 +51,7 @@ import torch
 from capsnet_core import TrainConfig, build_model, fit, load_dataset
 from capsnet_core.train import angle_key
 from capsnet_core.validation import describe_split, split_training_pool
+from services.artifacts import is_uri
 from services.queue.jobqueue import JobQueue
 from services.results.tune_matrix import build_matrix, write_artifacts
 from services.runs.evaluate import evaluate_checkpoint
@@ -67,7 +68,7 @@ from services.runs.runtime import (
     stop_error,
 )
 from services.runs.tracking import Tracker, result_metrics, spec_params, tracking_target
-from services.runs.trial_store import TrialStore, experiment_path, final_document, is_uri
+from services.runs.trial_store import TrialStore, experiment_path, final_document
 from services.runs.tune_callback import LIVE, Live, SweepCallback
 from services.spec.jobspec import TuneSpec
 from services.spec.results import JobResult
@@ -344,7 +345,7 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
     import signal
     import threading
 
-    check_job_limits(spec)
+    check_job_limits(spec, ctx.max_params)
     trials = expand_trials(spec)
     experiment = experiment_path(ctx)
     channel = JobChannel(ctx)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from services.artifacts import is_uri
 from services.spec.types import JOB_ID_RE
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -23,7 +24,7 @@ class SourceRefused(ValueError):
 
 
 def _is_uri(text: str) -> bool:
-    return "://" in text and not text.startswith("file://")
+    return is_uri(text)
 
 
 def _local(text: str) -> Path:
@@ -45,7 +46,7 @@ def check_source_allowed(source: str, artifacts: str, extra_roots: Iterable[str]
     roots = [artifacts, *extra_roots]
     allowed = ", ".join(roots)
     if _is_uri(source):
-        scheme_path = source.split("://", 1)[1]
+        scheme_path = source.split(":", 1)[1].lstrip("/")
         if any(part in ("..", ".") for part in scheme_path.split("/")):
             raise SourceRefused(f"source: {source} contains '.' or '..' segments; name the checkpoint directly")
         for root in filter(_is_uri, roots):

@@ -22,17 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.artifacts import is_uri as artifacts_is_uri
 from services.runs.error_text import STORAGE_DENIED, STORAGE_FULL, STORAGE_READ_ONLY, RootCause
 
-REMOTE_PREFIXES = ("s3:", "gs:", "gcs:", "abfs:", "hdfs:")
 PROBE_BYTES = 4096  # enough to hit ENOSPC on a full file system (an empty file needs no block)
 # How long a probe result is reused: a worker's loop may pass the claim several times a second.
 PROBE_MAX_AGE_S = 1.0
 
 
 def is_remote(artifacts: str | Path) -> bool:
-    text = Path(artifacts).as_posix() if isinstance(artifacts, Path) else artifacts
-    return "://" in text or text.startswith(REMOTE_PREFIXES)
+    return artifacts_is_uri(str(artifacts))
 
 
 def fmt_bytes(n: float) -> str:

@@ -39,6 +39,7 @@ from typing import Any
 
 import redis
 
+from services.artifacts import is_uri
 from services.config import Settings, ray_node_env, ray_worker_env
 from services.metrics.http import start_metrics_server
 from services.metrics.queue import QueueCollector, known_job_labels
@@ -321,7 +322,8 @@ class Worker:
                           data_dir=str(self.settings.data_dir) if self.settings.data_dir else None,
                           resume_checkpoint=job.checkpoint, started_at=time.time(),
                           niceness=os.getpriority(os.PRIO_PROCESS, 0),
-                          deadline=time.time() + limit if (limit := getattr(job.spec, "time_limit_s", None)) else None)
+                          deadline=time.time() + limit if (limit := getattr(job.spec, "time_limit_s", None)) else None,
+                          max_params=self.settings.max_params, eval_roots=tuple(self.settings.eval_roots))
 
     def _heartbeat_loop(self, job: ClaimedJob, done: threading.Event, lost: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_seconds):
@@ -395,10 +397,9 @@ class Worker:
     # ------------------------------------------------------------------ results kept through outages
 
     def _pending_path(self, job_id: str, attempt: int) -> Path | None:
-        artifacts = self.settings.artifacts.as_posix()
-        if "://" in artifacts or artifacts.startswith(("s3:", "gs:", "abfs:", "hdfs:")):
+        if is_uri(self.settings.artifacts):
             return None  # remote storage: the result is kept in memory only
-        return Path(artifacts) / job_id / f"pending-result-{attempt}.json"
+        return Path(self.settings.artifacts) / job_id / f"pending-result-{attempt}.json"
 
     def _keep_result(self, job: ClaimedJob, result: Any) -> Path | None:
         """Write the result next to the checkpoints before recording it, so that a worker that
@@ -436,7 +437,7 @@ class Worker:
 
     def record_pending_results(self) -> None:
         """Record the results a previous worker process kept on disk but never got into Redis."""
-        artifacts = self.settings.artifacts
+        artifacts = Path(self.settings.artifacts)
         if self._pending_path("x", 0) is None or not artifacts.is_dir():
             return
         for path in sorted(artifacts.glob("*/pending-result-*.json")):
