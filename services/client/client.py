@@ -19,9 +19,9 @@ from services.queue.errors import JobNotFound
 from services.queue.job import JobRecord
 from services.queue.jobqueue import JobQueue
 from services.queue.submission import submit_job
-from services.queue.watch import JobEvent, watch_job
+from services.queue.watch import JobEvent, read_events, watch_job
 from services.results import compare as compare_mod
-from services.results.artifact_copy import copy_job_artifacts
+from services.results.artifact_copy import download_job_artifacts
 from services.results.job_results import job_result
 from services.spec.results import JobResult
 from services.spec.submittable import checked_spec
@@ -111,9 +111,19 @@ class Client:
         stops it); ``JobStateError`` for a finished job."""
         return self.queue.cancel(_job_id(job))
 
-    def artifacts(self, job: str | JobRecord, out: str | Path) -> Path:
-        """Copy the job's files (checkpoints, plots, result files) to ``<out>/<job id>``."""
-        return copy_job_artifacts(self.settings.artifacts, self.get(job).id, out)
+    def artifacts(self, job: str | JobRecord, out: str | Path,
+                  what: tuple[str, ...] = ("checkpoint", "plots")) -> Path:
+        """Download the job's files into ``<out>/<job id>`` (as ``capsctl artifacts``: from a local
+        folder or ``s3://``...; ``what`` from checkpoint, plots, results, logs); returns that folder.
+        ``FileNotFoundError`` when the store holds none of them."""
+        record = self.get(job)
+        target = Path(out).expanduser() / record.id
+        events = (e for _, e in read_events(self.queue, record.id)) if "logs" in what else ()
+        written = download_job_artifacts(record, self.settings.artifacts, target, what, events,
+                                         require_checkpoint=False)
+        if not written:
+            raise FileNotFoundError(f"artifacts: no files for job {record.id} in {self.settings.artifacts}")
+        return target
 
     def compare(self, jobs: Iterable[str | JobRecord], class_index: int | None = None) -> compare_mod.Comparison:
         """The table ``capsctl compare`` prints, as a ``Comparison`` (``.runs``, ``.angles``,
