@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from services.config import Settings
 from services.stack import processes, stack
 from services.stack import record as stack_record
 
 from .conftest import REPO_ROOT, free_port
+from .prometheus_helpers import require_binary
 from .service_helpers import wait_until
 
 pytestmark = pytest.mark.slow
@@ -66,6 +68,17 @@ def test_up_status_down(tmp_path: Path) -> None:
                 return False
 
         wait_until(answers, 60, interval=1, what="the Ray dashboard to answer")
+        # A Prometheus config for this stack: its worker, and its own Ray's discovery file (not /tmp/ray).
+        prom_config = Path(record["prometheus_config"])
+        assert f"prometheus --config.file={prom_config}" in out
+        prom = yaml.safe_load(prom_config.read_text())
+        jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+        assert jobs["capsctl"]["static_configs"][0]["targets"] == [f"127.0.0.1:{metrics_port}"]
+        assert jobs["ray"]["file_sd_configs"][0]["files"] == [
+            str(Path(record["ray"]["temp_dir"]) / "prom_metrics_service_discovery.json")]
+        checked = subprocess.run([require_binary("promtool"), "check", "config", str(prom_config)],
+                                 capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
         redis_pid, ray_sid = record["redis"]["pid"], record["ray"]["session"]
         ray_pids = processes.session_pids(ray_sid)
         assert processes.pid_alive(redis_pid, str(redis_port)) and processes.pid_alive(worker["pid"], worker["id"])

@@ -78,6 +78,8 @@ def _print_stack(record: Mapping[str, Any]) -> None:
     for w in record.get("workers") or []:
         echo(f"worker   {w.get('id')}  pid {w.get('pid')}  log {w.get('log')}")
         echo(f"metrics  {w.get('metrics_url') or '-'}")
+    if record.get("prometheus_config"):
+        echo(f"Prometheus for this stack: prometheus --config.file={record['prometheus_config']}")
     if record.get("env_file"):
         echo(f"env      {record['env_file']}  (capsctl reads it; other tools: set -a; . {record['env_file']})")
 

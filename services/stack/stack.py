@@ -40,6 +40,7 @@ from services.stack.processes import (
     stop_ray_session,
     terminate,
 )
+from services.stack.prometheus_config import write_prometheus_config
 from services.stack.record import (
     env_path,
     read_stack,
@@ -204,6 +205,7 @@ def _up_locked(settings: Settings, state_dir: Path, record: dict[str, Any], *, n
                   "CAPSNET_METRICS_ADDR": settings.metrics_addr}
     procs = _spawn_workers(settings, state_dir, logs, record, say, env_values, workers, metrics_port)
     _wait_for_registration(settings, url, record, procs, logs, timeout)
+    record["prometheus_config"] = str(write_prometheus_config(state_dir, record))
     record["complete"] = True
     record["env_file"] = str(env_path(state_dir))
     save_record(state_dir, record)
