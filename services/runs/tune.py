@@ -438,7 +438,7 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
                                                         "trials_done": len(trials), "trials_running": 0},
                           publish=False)
     _track_sweep(spec, ctx, channel, result, finals)
-    return JobResult.new("tune", **result)
+    return JobResult.new(**result)  # (result carries kind="tune")
 
 
 _TRIAL_PARAMS = ("model", "augment", "train_angle", "lr", "routing_iters", "seed")
