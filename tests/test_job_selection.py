@@ -5,9 +5,7 @@ through the queue API where a state other than queued is needed."""
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -17,15 +15,11 @@ from services.config import Settings
 from services.queue.jobqueue import JobQueue
 from services.queue.selection import JobFilter
 
+from .test_cli import env  # noqa: F401 - the clean capsctl environment fixture
+
 
 @pytest.fixture
-def queue(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> JobQueue:
-    for key in list(os.environ):
-        if key.startswith("CAPSCTL_") or key in ("RAY_ADDRESS", "CAPSNET_REDIS_PREFIX"):
-            monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("CAPSNET_REDIS_URL", redis_url)
-    monkeypatch.setenv("CAPSNET_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("CAPSNET_ARTIFACTS", str(tmp_path / "artifacts"))
+def queue(env: dict[str, str]) -> JobQueue:  # noqa: F811 - test_cli's clean capsctl environment
     q = JobQueue.from_settings(Settings.from_env())
     yield q
     q.client.close()
