@@ -24,7 +24,7 @@ from services.cli.options import (
     parse_model_config,
     parse_tags,
     range_of,
-    tracking_fields,
+    kept_spec_fields,
     training_job_options,
 )
 from services.cli.render import print_results, table, write_plots
@@ -41,11 +41,11 @@ SUITES_HELP = "Test suites: rotation (0-180° in 15° steps + AUC), affine (affi
 
 
 def with_tracking(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """``spec`` with --mlflow / --mlflow-experiment (or CAPSNET_MLFLOW_URI) in it; refuses a
-    tracking URI when mlflow is not installed, before anything is queued."""
+    """``spec`` with the kept-aside options in it (--time-limit, --mlflow / --mlflow-experiment, or
+    CAPSNET_MLFLOW_URI); refuses a tracking URI when mlflow is not installed, before anything is queued."""
     from services.runs.tracking import INSTALL_HINT, mlflow_installed
 
-    spec = {**spec, **tracking_fields()}
+    spec = {**spec, **kept_spec_fields()}
     if "mlflow_uri" not in spec and settings.mlflow_uri:
         spec["mlflow_uri"] = settings.mlflow_uri
     if spec.get("mlflow_uri") and not mlflow_installed():

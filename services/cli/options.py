@@ -177,13 +177,13 @@ def common_job_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--follow", is_flag=True, help="Show progress until the job ends; exit 1 if it fails."),
         click.option("--json", "as_json", is_flag=True, help="Print the job record as JSON."),
         click.option("--time-limit", "time_limit_s", type=Duration(unit="s"), metavar="DURATION",
-                     expose_value=False, callback=_keep_tracking,
+                     expose_value=False, callback=_keep_spec_field,
                      help="Stop each attempt past this wall time and fail the job (no retry), like sbatch "
                           "--time: 90s, 30m, 2h or 1d, 1..30d (default: none)."),
-        click.option("--mlflow", "mlflow_uri", metavar="URI", expose_value=False, callback=_keep_tracking,
+        click.option("--mlflow", "mlflow_uri", metavar="URI", expose_value=False, callback=_keep_spec_field,
                      help="Log the job to this MLflow tracking server (default: CAPSNET_MLFLOW_URI; "
                           "needs capsctl[mlflow])."),
-        click.option("--mlflow-experiment", metavar="NAME", expose_value=False, callback=_keep_tracking,
+        click.option("--mlflow-experiment", metavar="NAME", expose_value=False, callback=_keep_spec_field,
                      help="MLflow experiment to log the job under (default capsctl)."),
     ]
     for option in reversed(options):
@@ -191,22 +191,22 @@ def common_job_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-TRACKING_META = "capsctl.tracking"
+KEPT_FIELDS_META = "capsctl.spec_fields"
 
 
-def _keep_tracking(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """Keep --mlflow / --mlflow-experiment aside in the context (``tracking_fields``), so that
-    every submitting command passes them on without naming them in its signature."""
+def _keep_spec_field(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Keep --time-limit / --mlflow / --mlflow-experiment aside in the context (``kept_spec_fields``),
+    so that every submitting command passes them on without naming them in its signature."""
     if value is not None:
-        ctx.meta.setdefault(TRACKING_META, {})[param.name] = (
+        ctx.meta.setdefault(KEPT_FIELDS_META, {})[param.name] = (
             int(round(value)) if param.name == "time_limit_s" else value)
     return value
 
 
-def tracking_fields() -> dict[str, str]:
-    """The spec fields --mlflow and --mlflow-experiment gave (``mlflow_uri``, ``mlflow_experiment``)."""
+def kept_spec_fields() -> dict[str, Any]:
+    """The spec fields those options gave (``time_limit_s``, ``mlflow_uri``, ``mlflow_experiment``)."""
     ctx = click.get_current_context(silent=True)
-    return dict(ctx.meta.get(TRACKING_META, {})) if ctx is not None else {}
+    return dict(ctx.meta.get(KEPT_FIELDS_META, {})) if ctx is not None else {}
 
 
 def job_file_options(f: Callable[..., Any]) -> Callable[..., Any]:
