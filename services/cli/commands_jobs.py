@@ -21,10 +21,10 @@ from services.cli.options import (
     default_of,
     given,
     job_file_options,
+    kept_spec_fields,
     parse_model_config,
     parse_tags,
     range_of,
-    kept_spec_fields,
     training_job_options,
 )
 from services.cli.render import print_results, table, write_plots
