@@ -239,7 +239,8 @@ class Duration(click.ParamType):
         except ValueError:
             amount = math.nan
         if not math.isfinite(amount) or amount < 0:
-            self.fail(f"{value!r}: expected an age such as 7d, 12h, 30m or 90s", param, ctx)
+            what = "an age" if self.bare_unit == self.UNITS["d"] else "a duration"
+            self.fail(f"{value!r}: expected {what} such as 7d, 12h, 30m or 90s", param, ctx)
         return amount * (unit or self.bare_unit)
 
 
