@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import click
@@ -15,6 +17,7 @@ from services.cli.helpers import App, UserError, command, echo, emit_json, pass_
 from services.queue.connection import redis_client
 from services.queue.redis_health import EvictionPolicyRefused
 from services.stack import stack as stack_mod
+from services.stack.record import load_env
 
 
 @command()
@@ -46,11 +49,19 @@ def worker(app: App, worker_id: str | None, metrics_port: int | None, num_cpus: 
         logging.getLogger("capsctl.worker").warning("Redis at %s unavailable (%s): waiting for it",
                                                     stack_mod.redact_url(app.settings.redis_url), describe(err))
 
+    # Joining the Ray cluster `capsctl up` started: Ray itself reads its auth mode from the process
+    # environment, which the stack's env file (read for capsctl's own settings) does not set.
+    stack_auth = load_env(Path(app.settings.state_dir).expanduser()).get("RAY_AUTH_MODE")
+    if stack_auth and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = stack_auth
     try:
         Worker(app.settings, worker_id=worker_id, metrics_port=metrics_port, num_cpus=num_cpus).run(
             max_jobs=max_jobs, idle_exit_s=idle_exit)
     except EvictionPolicyRefused as err:
         raise UserError(str(err)) from None
+    except ConnectionError as err:  # ray.init could not join the cluster
+        raise UserError(f"cannot join the Ray cluster at {app.settings.ray_address or 'a local Ray'}: "
+                        f"{str(err).splitlines()[0]} (check RAY_ADDRESS and RAY_AUTH_MODE)") from None
     except OSError as err:
         if err.errno != errno.EADDRINUSE:
             raise
