@@ -150,10 +150,12 @@ def _most_at_once(events: list[dict[str, Any]]) -> int:
 @pytest.mark.slow
 def test_half_gpu_trials_pack_four_at_once_on_two_declared_gpus(
         queue: JobQueue, redis_url: str, ray_with_two_gpus: str, tmp_path: Path) -> None:
-    worker = WorkerProcess("w-frac", service_env(redis_url, ray_with_two_gpus, tmp_path / "artifacts"),
-                           tmp_path / "w-frac.log")
+    # The node runs without token auth; a session Ray started earlier in this process has set
+    # RAY_AUTH_MODE=token in os.environ, and a driver in token mode loses its trial actors there.
+    env = service_env(redis_url, ray_with_two_gpus, tmp_path / "artifacts", RAY_AUTH_MODE="disabled")
+    worker = WorkerProcess("w-frac", env, tmp_path / "w-frac.log")
     sampler = subprocess.Popen([sys.executable, "-c", _SAMPLER, ray_with_two_gpus, "150"],
-                               stdout=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, text=True, env=env)
     try:
         wait_until(lambda: queue.cluster_capacity()["max_gpus"] == 2, 90,
                    what=f"the worker to register 2 GPUs; log:\n{worker.output()[-2000:]}")
