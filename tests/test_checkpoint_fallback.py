@@ -146,6 +146,11 @@ def test_ray_snapshot_problems(tmp_path: Path) -> None:
     assert ray_snapshot_problem(tmp_path, "2.60.0") is None
     _snapshot(tmp_path, ["epoch-0001", "epoch-0003"])  # a checkpoint folder deleted since
     assert "epoch-0003, which no longer exists" in ray_snapshot_problem(tmp_path, "2.60.0")
+    # the attempt resumes from epoch 1 and writes epoch-0002 again: Ray would prune the new one
+    _snapshot(tmp_path, ["epoch-0001", "epoch-0002"])
+    assert ray_snapshot_problem(tmp_path, "2.60.0", resume_epoch=2) is None
+    assert "epoch-0002, later than the epoch 1" in ray_snapshot_problem(tmp_path, "2.60.0", resume_epoch=1)
+    assert "epoch-0001, later than the epoch 0" in ray_snapshot_problem(tmp_path, "2.60.0", resume_epoch=0)
     _snapshot(tmp_path, ["epoch-0001"], ray_version="2.9.0")
     assert "Ray '2.9.0'" in ray_snapshot_problem(tmp_path, "2.60.0")
     path.write_bytes(b"")
@@ -241,6 +246,14 @@ def test_damaged_checkpoint_after_sigkill_never_loses_the_job(queue: JobQueue, w
     else:
         assert len(skipped) == 1 and skipped[0]["level"] == "warning"
         assert f"epoch-{newest:04d}" in skipped[0]["checkpoint_skipped"]
+    if kind in ("truncated", "flipped"):  # the damaged folder is kept for inspection, out of the way
+        kept = [e["checkpoint_quarantined"] for e in logs if "checkpoint_quarantined" in e]
+        assert len(kept) == 1 and Path(kept[0]).name.startswith(f"epoch-{newest:04d}.corrupt-"), logs[-12:]
+        assert Path(kept[0]).is_dir()
+    # Every checkpoint the record still lists is on disk as written: none was pruned by Ray
+    # under the new attempt (its snapshot named epochs the attempt wrote again).
+    for entry in parse_entries(done.checkpoints):
+        assert verify_file(Path(entry.uri) / FILE, entry) is None, (entry, sorted(os.listdir(run_dir)))
     assert [h["epoch"] for h in done.result["history"]] == list(range(1, EPOCHS + 1))
     assert done.lease_expiries == 1 and done.attempt == 2  # the loss used max_lost, not max_retries (0)
     assert os.path.exists(run_dir / f"epoch-{EPOCHS:04d}" / FILE)

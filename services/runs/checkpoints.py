@@ -193,10 +193,14 @@ def quarantine(path: Path, now: float | None = None) -> Path:
     return target
 
 
-def ray_snapshot_problem(run_dir: Path, ray_version: str) -> str | None:
+def ray_snapshot_problem(run_dir: Path, ray_version: str, resume_epoch: int | None = None) -> str | None:
     """Why Ray Train could not restore its checkpoint manager from ``run_dir``'s snapshot (it
     raises in ``TrainController.__init__`` and fails every attempt), or None when it can (or
-    there is no snapshot: Ray then starts afresh)."""
+    there is no snapshot: Ray then starts afresh).
+
+    With ``resume_epoch`` (0: from scratch), a snapshot naming a later epoch is a problem too:
+    the attempt writes that epoch's folder again, and Ray, pruning its older entry of the same
+    name, would delete the new checkpoint under the running attempt."""
     path = run_dir / RAY_SNAPSHOT_FILE
     if not path.exists():
         return None
@@ -217,6 +221,8 @@ def ray_snapshot_problem(run_dir: Path, ray_version: str) -> str | None:
             return "a checkpoint entry without checkpoint_dir_name"
         if not (run_dir / name).is_dir():
             return f"names {name}, which no longer exists"
+        if resume_epoch is not None and epoch_of(name) > resume_epoch:
+            return f"names {name}, later than the epoch {resume_epoch} this attempt resumes from"
     return None
 
 

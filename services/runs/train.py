@@ -41,6 +41,7 @@ from services.artifacts import is_uri, join
 from services.runs.checkpoints import (
     KEEP_CHECKPOINTS,
     RAY_SNAPSHOT_FILE,
+    Skipped,
     entry_for,
     fetch_to,
     iter_warnings,
@@ -303,6 +304,10 @@ def choose_resume(ctx: JobContext, channel: JobChannel) -> str | None:
                                            check_loads=lambda path: load_checkpoint(path))
         for message, fields in iter_warnings(skipped):
             channel.log(message, **fields)
+        for folder in _local_folders(skipped):  # the attempt writes these epochs afresh
+            moved = quarantine(folder)
+            channel.log(f"damaged checkpoint folder {folder} moved aside to {moved.name}", level="warning",
+                        checkpoint_quarantined=str(moved))
         if chosen is None:
             channel.log(f"no intact checkpoint left of {len(candidates)} recorded: starting from epoch 0",
                         level="warning", resumed_from_epoch=0)
@@ -311,13 +316,18 @@ def choose_resume(ctx: JobContext, channel: JobChannel) -> str | None:
                         f"the newest intact one", level="warning", resume_checkpoint=chosen.uri)
     run_dir = Path(ctx.artifacts) / ctx.job_id
     if not is_uri(ctx.artifacts) and run_dir.is_dir():
-        problem = ray_snapshot_problem(run_dir, ray.__version__)
+        problem = ray_snapshot_problem(run_dir, ray.__version__, chosen.epoch if chosen is not None else 0)
         if problem is not None:
             moved = quarantine(run_dir / RAY_SNAPSHOT_FILE)
             channel.log(f"Ray Train's run snapshot {run_dir / RAY_SNAPSHOT_FILE} is {problem}: moved aside to "
                         f"{moved.name}; resuming from capsctl's own record instead", level="warning",
                         ray_snapshot=str(moved), reason=problem)
     return chosen.uri if chosen is not None else None
+
+
+def _local_folders(skipped: list[Skipped]) -> list[Path]:
+    """The skipped checkpoints' folders that are on local disk and still there."""
+    return [Path(s.entry.uri) for s in skipped if not is_uri(s.entry.uri) and Path(s.entry.uri).is_dir()]
 
 
 def run_state_vanished(exc: BaseException, ctx: JobContext) -> str | None:
