@@ -96,6 +96,7 @@ class FakeCluster:
         self.total = {"GPU": gpus, "CPU": cpus}
         self.free = dict(self.total)
         self.groups: dict[str, dict[str, Any]] = {}
+        self.reads = 0  # how often a worker has looked at the placement groups
 
     def place(self, group_id: str, gpus: int, cpus: int, free_lags: bool = False) -> None:
         """Ray creates a job's placement group: one bundle per rank. ``free_lags``: the free
@@ -125,6 +126,7 @@ class FakeRayWorker(Worker):
         return dict(self.cluster.total), dict(self.cluster.free)
 
     def _placement_groups(self) -> dict[str, dict[str, Any]]:
+        self.cluster.reads += 1
         return dict(self.cluster.groups)
 
 
@@ -156,7 +158,8 @@ def test_gpu_jobs_are_admitted_one_at_a_time_by_priority(redis_url: str, tmp_pat
     # While w0's job is not yet placed, the 3 GPUs still look free: the others must not count them.
     assert w1._admit() is ADMISSION_BUSY and w2._admit() is ADMISSION_BUSY
     holder = _hold(w0, first)
-    time.sleep(0.5)
+    seen = cluster.reads  # the holder looks at Ray three times and finds nothing new
+    wait_until(lambda: cluster.reads >= seen + 3, 10, interval=0.02, what="the holder to read Ray three times")
     assert holder.is_alive()  # nothing reserved yet: the lock stays
     cluster.place("pg-a", gpus=2, cpus=2)
     holder.join(timeout=5)

@@ -131,13 +131,16 @@ def test_finished_job_result_lingers_then_goes() -> None:
 
 
 def test_job_observed_again_while_its_result_lingers() -> None:
-    registry, t = finished_job(linger=0.3)
+    registry, t = finished_job(linger=60)
+    old_expiry = t._lingering["job-1"][2]
     t.observe("job-1", "lenet5", EVENTS[0])   # a retry of the job on the same worker
-    time.sleep(0.6)                           # the old expiry must not drop the new attempt's series
+    assert old_expiry.finished.is_set()       # the old expiry is cancelled ...
+    t._expire("job-1", old_expiry)            # ... and one that fired anyway, racing the retry, drops nothing
     s = samples(registry)
     assert {lab["angle"] for lab in with_labels(s, "capsnet_test_accuracy_ratio")} == {"0", "35"}
     assert with_labels(s, "capsnet_suite_accuracy_ratio") == [{"job_id": "job-1", "model": "lenet5", "suite": "rotation_auc"}]
     assert with_labels(s, "capsnet_train_loss", job_id="job-1")
+    t.result_linger_seconds = 0.3
     t.remove("job-1")
     deadline = time.monotonic() + 5
     while [k for k in samples(registry) if k[0].startswith(("capsnet_train", "capsnet_test", "capsnet_suite"))]:

@@ -18,6 +18,7 @@ from services.queue.jobqueue import JobQueue
 from services.queue.keys import Keys
 from services.queue.retention import Pruner
 
+from .service_helpers import wait_until
 from .test_cli import env, error_lines  # noqa: F401  (env is a fixture)
 
 CPU = {"gpus": 0, "cpus": 8}
@@ -131,12 +132,14 @@ def test_pruner_is_rate_limited_and_off_at_zero_days(q: JobQueue) -> None:
     for _ in range(3):
         q.submit(SPEC)
     finish_all(q, 3)
-    # finished "now": a retention of 0.5 s is a cheap stand-in for days
-    time.sleep(0.6)
-    pruner = Pruner(q, 0.5 / 86400, every_s=3600, batch=2)
+    # the jobs finished a second before the pruner's "now": a retention of 0.5 s stands in for days
+    paced = [1000.0]
+    pruner = Pruner(q, 0.5 / 86400, every_s=3600, batch=2, clock=lambda: paced[0],
+                    wall_time=lambda: time.time() + 1.0)
     assert pruner.maybe_run() == 2  # a full batch: more may wait, so it comes back within 1 s
+    paced[0] += 0.99
     assert pruner.maybe_run() == 0  # rate-limited
-    time.sleep(1.05)
+    paced[0] += 0.02
     assert pruner.maybe_run() == 1
     assert q.list() == []
     assert not Pruner(q, 0).enabled and Pruner(q, 0).maybe_run() == 0
@@ -158,7 +161,8 @@ def test_capsctl_prune(env: dict[str, str], redis_url: str) -> None:  # noqa: F8
     finish_all(q, 4)  # 4 finished, 1 still queued
     assert run("prune").output.strip() == "removed 0 finished job(s) older than 30d"
     assert "would remove 0" in run("prune", "--older-than", "1h", "--dry-run").output
-    time.sleep(1.1)
+    # Redis' clock decides the age: wait until it says the 4 are older than 1 s
+    wait_until(lambda: q.count_prunable(1.0) == 4, 10, interval=0.05, what="the finished jobs to age 1 s")
     out = json.loads(run("prune", "--older-than", "1s", "--dry-run", "--json").output)
     assert out == {"pruned": 0, "would_prune": 4, "dry_run": True, "older_than_seconds": 1.0}
     assert len(q.list()) == 5

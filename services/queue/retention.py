@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from services.queue.jobqueue import JobQueue
 
@@ -19,8 +20,13 @@ log = logging.getLogger("capsctl.retention")
 
 
 class Pruner:
-    def __init__(self, queue: JobQueue, retention_days: float, *, every_s: float = 60.0, batch: int = 200) -> None:
+    def __init__(self, queue: JobQueue, retention_days: float, *, every_s: float = 60.0, batch: int = 200,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_time: Callable[[], float | None] = lambda: None) -> None:
+        # clock paces the batches; wall_time is the "now" ages are measured from (None: Redis' own time)
         self.queue = queue
+        self.clock = clock
+        self.wall_time = wall_time
         self.older_than = float(retention_days) * 86400.0
         self.every_s = float(every_s)
         self.batch = int(batch)
@@ -33,11 +39,11 @@ class Pruner:
     def maybe_run(self) -> int:
         """Prune one batch if retention is on and the interval is over; returns the jobs removed.
         Never raises: retention must not stop a worker from serving jobs."""
-        now = time.monotonic()
+        now = self.clock()
         if not self.enabled or now < self._next:
             return 0
         try:
-            batch = self.queue.prune(self.older_than, limit=self.batch)
+            batch = self.queue.prune(self.older_than, limit=self.batch, now=self.wall_time())
         except Exception as err:  # Redis away or a script error: try again next interval
             log.warning("retention: prune failed (%s: %s); retrying in %.0f s", type(err).__name__, err,
                         self.every_s)
