@@ -165,6 +165,39 @@ def _gpu_memory(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
+@dataclass
+class _TestFigures:
+    """The figures reported at the end: accuracy per angle (and per class), confusions, suites."""
+    rotation: dict[str, float] = dataclasses.field(default_factory=dict)
+    per_class: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    confusion: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)
+    suites: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _evaluate_test_set(model: nn.Module, test: Dataset, config: TrainConfig, device: torch.device,
+                       emit: ProgressCallback | None) -> _TestFigures:
+    figures = _TestFigures()
+    with cpu_threads(config.eval_threads, device):
+        for angle in config.eval_angles:
+            result = evaluate(model, test.images, test.labels, batch_size=config.eval_batch_size,
+                              angle=angle, amp=config.amp)
+            key = angle_key(angle)
+            figures.rotation[key], figures.per_class[key], figures.confusion[key] = (
+                result.accuracy, result.per_class, result.confusion)
+        figures.suites.update(evaluate_suites(model, test, config.eval_suites, figures.rotation,
+                                              config.eval_batch_size, config.amp))
+        if emit is not None:
+            emit({"type": "eval", "test_accuracy": dict(figures.rotation),
+                  **({"suite_accuracy": dict(figures.suites)} if figures.suites else {})})
+    return figures
+
+
+def _epoch_record(epoch: int, stats: dict[str, Any], lr: float, world_size: int) -> dict[str, Any]:
+    return {"epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"], "lr": lr,
+            "epoch_seconds": stats["seconds"], "steps": stats["steps"], "images": stats["images"] * world_size,
+            "images_per_second": stats["images_per_second"]}
+
+
 def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainConfig, *,
         val: Dataset | None = None, rank: int = 0, world_size: int = 1, checkpoint_path: str | Path | None = None,
         resume_from: str | Path | None = None, on_progress: ProgressCallback | None = None,
@@ -175,11 +208,10 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
 
     Only rank 0 evaluates, writes `checkpoint_path` after every epoch, calls `on_checkpoint`
     and `on_progress`.  Per epoch it measures the validation split `val` (``val_accuracy``,
-    ``val_loss``; a hold-out of the training set, ``capsnet_core.validation``), never the test
-    set: `test` is evaluated once, after the last epoch, for the reported figures only.  The returned rotation accuracies are empty on other ranks.
-    `on_epoch_end(history, checkpoint)` runs on every rank after every epoch (history[-1] is
-    the epoch just done; checkpoint is None except on rank 0), for frameworks whose reporting
-    is a collective barrier.
+    ``val_loss``), never the test set: `test` is evaluated once, after the last epoch, for the
+    reported figures only (empty on other ranks).  `on_epoch_end(history, checkpoint)` runs on
+    every rank after every epoch (checkpoint is None except on rank 0), for frameworks whose
+    reporting is a collective barrier.
     """
     bare = unwrap(model)
     device = next(bare.parameters()).device
@@ -193,26 +225,12 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
         state = resume_training(resume_from, model, optimizer, scheduler, device)
         start_epoch, history = int(state["epoch"]), list(state["history"])
     train = train.to(device)
-    test = test.to(device) if test is not None else None
+    test = test.to(device) if test is not None and rank == 0 else None
     val = val.to(device) if val is not None and rank == 0 else None
     emit = on_progress if rank == 0 else None
     began = time.perf_counter()
-    rotation: dict[str, float] = {}
-    per_class: dict[str, list[float]] = {}
-    confusion: dict[str, list[list[int]]] = {}
-    suites: dict[str, float] = {}
+    figures: _TestFigures | None = None
     steps_done = sum(int(h.get("steps", 0)) for h in history)
-
-    def evaluate_angles() -> None:
-        for angle in config.eval_angles:
-            result = evaluate(model, test.images, test.labels, batch_size=config.eval_batch_size,
-                              angle=angle, amp=config.amp)
-            rotation[angle_key(angle)] = result.accuracy
-            per_class[angle_key(angle)] = result.per_class
-            confusion[angle_key(angle)] = result.confusion
-        suites.update(evaluate_suites(model, test, config.eval_suites, rotation, config.eval_batch_size, config.amp))
-        if emit is not None:
-            emit({"type": "eval", "test_accuracy": dict(rotation), **({"suite_accuracy": dict(suites)} if suites else {})})
 
     stepped = maybe_compile(model, config.compile)  # evaluation stays eager: one pass, no warm-up to pay back
     for epoch in range(start_epoch, config.epochs):
@@ -224,26 +242,21 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
                                 amp=config.amp, log_every=config.log_every, on_progress=emit,
                                 should_stop=should_stop, max_steps=steps_left)
         steps_done += stats["steps"]
-        lr = optimizer.param_groups[0]["lr"]
+        record = _epoch_record(epoch, stats, optimizer.param_groups[0]["lr"], world_size)
         scheduler.step()
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": stats["loss"],
-                                  "train_accuracy": stats["accuracy"], "lr": lr,
-                                  "epoch_seconds": stats["seconds"], "steps": stats["steps"],
-                                  "images": stats["images"] * world_size,
-                                  "images_per_second": stats["images_per_second"]}
         last = epoch + 1 == config.epochs or (config.max_steps is not None and steps_done >= config.max_steps)
         if val is not None and config.eval_every and ((epoch + 1) % config.eval_every == 0 or last):
             with cpu_threads(config.eval_threads, device):
                 upright = evaluate(model, val.images, val.labels, batch_size=config.eval_batch_size, amp=config.amp)
             record.update(val_accuracy=upright.accuracy, val_loss=upright.loss)
-        if last and rank == 0 and test is not None:
+        if last and test is not None:
             # The robustness evaluation belongs to the final checkpoint: do it before saving, so
             # the last checkpoint (and its report) carries the result.
-            with cpu_threads(config.eval_threads, device):
-                evaluate_angles()
-            record.update(rotation_accuracy=dict(rotation), per_class=dict(per_class), confusion=dict(confusion))
-            if suites:
-                record.update(suite_accuracy=dict(suites))
+            figures = _evaluate_test_set(model, test, config, device, emit)
+            record.update(rotation_accuracy=dict(figures.rotation), per_class=dict(figures.per_class),
+                          confusion=dict(figures.confusion))
+            if figures.suites:
+                record.update(suite_accuracy=dict(figures.suites))
         history.append(record)
         saved: Path | None = None
         if rank == 0 and checkpoint_path is not None:
@@ -259,9 +272,10 @@ def fit(model: nn.Module, train: Dataset, test: Dataset | None, config: TrainCon
         if last:
             break
     train_seconds = time.perf_counter() - began
-    if not rotation and rank == 0 and test is not None:
-        with cpu_threads(config.eval_threads, device):
-            evaluate_angles()  # nothing left to train (resumed after the last epoch): still evaluate
-    return FitResult(history=history, rotation_accuracy=rotation, per_class=per_class,
+    if figures is None and test is not None:
+        # nothing left to train (resumed after the last epoch): still evaluate
+        figures = _evaluate_test_set(model, test, config, device, emit)
+    figures = figures or _TestFigures()
+    return FitResult(history=history, rotation_accuracy=figures.rotation, per_class=figures.per_class,
                      start_epoch=start_epoch, epochs=config.epochs, train_seconds=train_seconds,
-                     suite_accuracy=suites, confusion=confusion)
+                     suite_accuracy=figures.suites, confusion=figures.confusion)

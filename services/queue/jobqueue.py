@@ -141,19 +141,7 @@ class JobQueue:
         idem = list(idempotency_keys) if idempotency_keys is not None else [None] * len(parsed)
         if len(idem) != len(parsed):
             raise ValueError("idempotency_keys must match specs one to one")
-        texts = [spec.to_json() for spec in parsed]
-        for text in texts:
-            if len(text.encode()) > self.max_spec_bytes:
-                raise SpecError(f"spec: {len(text.encode())} bytes of JSON, more than the {self.max_spec_bytes} "
-                                f"allowed", "spec")
-        for key in idem:
-            if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
-                raise SpecError(f"idempotency_key: at most {MAX_IDEMPOTENCY_KEY_CHARS} characters allowed "
-                                f"(got {len(key)})", "idempotency_key")
-        if check_capacity and parsed:
-            capacity = self.cluster_capacity()
-            for spec in parsed:
-                self._check_capacity(spec, capacity)
+        texts = self._checked_batch(parsed, idem, check_capacity)
         rows = []
         pipes = []
         header = self._header()
@@ -190,6 +178,32 @@ class JobQueue:
                 futures = [pool.submit(execute, p) for p in pipes]
                 for future in futures:
                     replies.extend(future.result())
+        out = self._submitted_records(rows, replies)
+        if acks and min(acks) < self.wait_replicas:
+            raise NotReplicated(min(acks), self.wait_replicas, self.wait_timeout_ms, reply=out)
+        return out
+
+    def _checked_batch(self, parsed: list[AnySpec], idem: list[str | None], check_capacity: bool) -> list[str]:
+        """The specs' JSON texts, once every spec and key is within limits (and fits the cluster)."""
+        texts = [spec.to_json() for spec in parsed]
+        for text in texts:
+            if len(text.encode()) > self.max_spec_bytes:
+                raise SpecError(f"spec: {len(text.encode())} bytes of JSON, more than the {self.max_spec_bytes} "
+                                f"allowed", "spec")
+        for key in idem:
+            if key is not None and len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+                raise SpecError(f"idempotency_key: at most {MAX_IDEMPOTENCY_KEY_CHARS} characters allowed "
+                                f"(got {len(key)})", "idempotency_key")
+        if check_capacity and parsed:
+            capacity = self.cluster_capacity()
+            for spec in parsed:
+                self._check_capacity(spec, capacity)
+        return texts
+
+    def _submitted_records(self, rows: list[tuple[AnySpec, dict[str, Any], str | None]],
+                           replies: list[Any]) -> list[JobRecord]:
+        """One record per submitted job (the existing one where an idempotency key matched);
+        raises the first idempotency conflict after the rest are accounted for."""
         out = []
         conflict: IdempotencyConflict | None = None
         for (spec, res, key), reply in zip(rows, replies, strict=True):
@@ -213,8 +227,6 @@ class JobQueue:
                 idempotency_key=key))
         if conflict is not None:
             raise conflict
-        if acks and min(acks) < self.wait_replicas:
-            raise NotReplicated(min(acks), self.wait_replicas, self.wait_timeout_ms, reply=out)
         return out
 
     def _check_capacity(self, spec: AnySpec, capacity: Mapping[str, Any]) -> None:

@@ -113,6 +113,42 @@ def adopt_worker_niceness(worker_niceness: int) -> int:
     return set_process_niceness(worker_niceness)
 
 
+def _announce_rank(channel: JobChannel, spec: TrainSpec, ctx: JobContext, train_size: int, rank: int,
+                   world_size: int, device: torch.device, niceness: int) -> None:
+    """One event per rank: where it runs, which shard it trains on, how long the hand-over took."""
+    import ray
+
+    # Which images this rank trains on in its first epoch: the test suite checks ranks differ.
+    shard = shard_indices(train_size, epoch=0, seed=spec.seed, rank=rank, world_size=world_size)
+    fingerprint = hashlib.sha1(shard.numpy().tobytes()).hexdigest()[:12]
+    # Ready to train: how long the worker's hand-over took (Ray Train's processes, data, model).
+    startup = round(time.time() - ctx.started_at, 3) if ctx.started_at else None
+    node_id = ray.get_runtime_context().get_node_id()  # which Ray node to blame if this rank is lost
+    channel.report_node(node_id)
+    channel.log(f"rank {rank}/{world_size} on {device}, Ray node {node_id[:8]}: {shard.numel()} images per epoch, "
+                f"shard {fingerprint}"
+                + (f"; ready {startup:.1f} s after the worker took the job" if startup is not None else "")
+                + (f"; running at nice {niceness}, not the worker's {ctx.niceness} (Ray's worker niceness; "
+                   "could not lower it)" if niceness > ctx.niceness else ""),
+                rank=rank, world_size=world_size, nice=niceness, torch_threads=torch.get_num_threads(),
+                shard_size=int(shard.numel()), shard_fingerprint=fingerprint, device=str(device), node_id=node_id,
+                **({"startup_seconds": startup} if rank == 0 and startup is not None else {}))
+
+
+def _fetch_resume(resume_uri: str | None, workdir: Path) -> Path | None:
+    """The checkpoint file to resume from, copied out of storage into this rank's workdir."""
+    # The driver chose (and verified) it out of the job record; Ray's own ``get_checkpoint()`` is
+    # ignored: it names the newest checkpoint whether intact or not.
+    if not resume_uri:
+        return None
+    import ray.train
+
+    ray.train.Checkpoint(resume_uri).to_directory(str(workdir / "resume"))
+    resume_file = workdir / "resume.pt"
+    (workdir / "resume" / CHECKPOINT_FILE).replace(resume_file)
+    return resume_file
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every rank inside Ray Train."""
     import ray
@@ -135,32 +171,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train, val, _ = split_training_pool(load_dataset(spec.dataset, "train", root=ctx.data_dir), spec.val_split,
                                         spec.train_subset)
     test = load_dataset(spec.dataset, "test", root=ctx.data_dir).subset(spec.test_subset) if rank == 0 else None
-
-    # Which images this rank trains on in its first epoch: the test suite checks ranks differ.
-    shard = shard_indices(len(train), epoch=0, seed=spec.seed, rank=rank, world_size=world_size)
-    fingerprint = hashlib.sha1(shard.numpy().tobytes()).hexdigest()[:12]
-    # Ready to train: how long the worker's hand-over took (Ray Train's processes, data, model).
-    startup = round(time.time() - ctx.started_at, 3) if ctx.started_at else None
-    node_id = ray.get_runtime_context().get_node_id()  # which Ray node to blame if this rank is lost
-    channel.report_node(node_id)
-    channel.log(f"rank {rank}/{world_size} on {device}, Ray node {node_id[:8]}: {shard.numel()} images per epoch, "
-                f"shard {fingerprint}"
-                + (f"; ready {startup:.1f} s after the worker took the job" if startup is not None else "")
-                + (f"; running at nice {niceness}, not the worker's {ctx.niceness} (Ray's worker niceness; "
-                   "could not lower it)" if niceness > ctx.niceness else ""),
-                rank=rank, world_size=world_size, nice=niceness, torch_threads=torch.get_num_threads(),
-                shard_size=int(shard.numel()), shard_fingerprint=fingerprint, device=str(device), node_id=node_id,
-                **({"startup_seconds": startup} if rank == 0 and startup is not None else {}))
+    _announce_rank(channel, spec, ctx, len(train), rank, world_size, device, niceness)
 
     workdir = Path(tempfile.mkdtemp(prefix=f"capsctl-{ctx.job_id}-r{rank}-"))
-    resume_file: Path | None = None
-    # The driver chose (and verified) the checkpoint to resume from, out of the job record; Ray's
-    # own ``get_checkpoint()`` is ignored: it names the newest checkpoint whether intact or not.
-    checkpoint = ray.train.Checkpoint(config["resume"]) if config.get("resume") else None
-    if checkpoint is not None:
-        resume_file = workdir / "resume.pt"
-        checkpoint.to_directory(str(workdir / "resume"))
-        (workdir / "resume" / CHECKPOINT_FILE).replace(resume_file)
+    resume_file = _fetch_resume(config.get("resume"), workdir)
 
     # Rank 0 alone tells MLflow and TensorBoard, after each epoch's barrier (services.runs.tracking).
     tracker = (Tracker.start(TrackingTarget(**config["tracking"]), channel.warn, spec_params(spec.to_dict()))

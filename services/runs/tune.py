@@ -38,10 +38,14 @@ each) and are marked ``early_stopped`` with the epochs they trained.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -340,11 +344,81 @@ def _evaluate_unfinished(spec: TuneSpec, ctx: JobContext, experiment: str, pendi
 # ----------------------------------------------------------------------------- entry point
 
 
+@contextlib.contextmanager
+def _tune_process_settings() -> Iterator[None]:
+    """What Tune would change in the worker's process while it runs, kept as the worker has it."""
+    # Tune installs SIGINT/SIGUSR1 handlers when run from the main thread; keep the worker's own.
+    saved_handlers = ({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
+                      if threading.current_thread() is threading.main_thread() else {})
+    # TUNE_DISABLE_SIGINT_HANDLER: Ctrl-C on a worker finishes the job, it does not cut it.
+    # RAY_AIR_NEW_OUTPUT=0: Tune's new console reporter prints its "Configuration for experiment"
+    # box and "View detailed results here" even with RunConfig(verbose=0); the legacy reporter
+    # honours verbose=0 and prints nothing. The job's own events already say what runs.
+    tune_env = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0"}
+    previous_env = {name: os.environ.get(name) for name in tune_env}
+    os.environ.update(tune_env)
+    try:
+        yield
+    finally:
+        for sig, handler in saved_handlers.items():
+            signal.signal(sig, handler)
+        for name, value in previous_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _check_trials(grid: Any, keys: list[str], stores: dict[str, TrialStore]) -> list[str]:
+    """The trials left without a final result that a checkpoint lets finish here; raises when
+    some failed: AttemptLost when Ray lost them (not the job's fault), else a one-line error."""
+    errors: dict[str, str] = {}
+    losses: dict[str, str] = {}
+    for res in grid:
+        key = (res.config or {}).get("trial", {}).get("key")
+        if key is None or res.error is None:
+            continue
+        errors[key] = f"{type(res.error).__name__}: {res.error}".splitlines()[0][:300]
+        lost = trial_loss(res.error)
+        if lost is not None:
+            losses[key] = lost
+    missing = [k for k in keys if stores[k].final() is None]
+    failed = [k for k in missing if k in errors or not stores[k].has_checkpoint()]
+    lost_trials = [k for k in failed if k in losses]
+    if lost_trials and not any(k in errors and k not in losses for k in failed):
+        # back to the queue (max_lost); the next attempt resumes these trials
+        raise AttemptLost(f"{len(lost_trials)} of {len(keys)} tune trials lost their Ray actor or node "
+                          f"({lost_trials[0]}: {losses[lost_trials[0]]})")
+    if failed:
+        first = next((errors[k] for k in failed if k in errors), "no checkpoint")
+        raise RuntimeError(f"{len(failed)} of {len(keys)} tune trials did not finish ({failed[0]}: {first}); "
+                           f"a retry resumes them, finished trials are kept")
+    return missing
+
+
+TRIAL_FIELDS = ("key", "model", "augment", "train_angle", "lr", "routing_iters", "seed", "status",
+                "epochs_trained", "val_accuracy", "rotation_accuracy", "train_seconds", "checkpoint",
+                "device", "world_size")
+
+
+def _sweep_result(spec: TuneSpec, ctx: JobContext, experiment: str, finals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sweep's result document: the model matrix (chosen on validation), every trial, artifacts."""
+    validation = describe_split(load_dataset(spec.dataset, "train", root=ctx.data_dir), spec.val_split)
+    result: dict[str, Any] = {
+        "kind": "tune", "eval_angles": [angle_key(a) for a in spec.eval_angles or spec.angles],
+        "experiment": experiment, "asha": bool(spec.asha and has_alternatives(spec) and spec.epochs > 1),
+        "validation": validation.to_dict(), "models": build_matrix(spec, finals),
+        "trials": [{k: f.get(k) for k in TRIAL_FIELDS} for f in finals],
+    }
+    if not is_uri(ctx.artifacts):
+        result["artifacts"] = write_artifacts(result, Path(os.path.expanduser(ctx.artifacts)).absolute() / ctx.job_id)
+    else:
+        result["artifacts"] = {}
+    return result
+
+
 def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
     """Run (or resume) a tune job on the connected Ray cluster; returns its result document."""
-    import signal
-    import threading
-
     check_job_limits(spec, ctx.max_params)
     trials = expand_trials(spec)
     experiment = experiment_path(ctx)
@@ -361,55 +435,17 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
                      f"{experiment}", trials=len(trials), finished=len(live.done), restored=how == "restored",
                      experiment=experiment, lease_token=ctx.lease_token)
     callback.report_progress(live)
-    # Tune installs SIGINT/SIGUSR1 handlers when run from the main thread; keep the worker's own.
-    saved_handlers = ({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
-                      if threading.current_thread() is threading.main_thread() else {})
-    # TUNE_DISABLE_SIGINT_HANDLER: Ctrl-C on a worker finishes the job, it does not cut it.
-    # RAY_AIR_NEW_OUTPUT=0: Tune's new console reporter prints its "Configuration for experiment"
-    # box and "View detailed results here" even with RunConfig(verbose=0); the legacy reporter
-    # honours verbose=0 and prints nothing. The job's own events already say what runs.
-    tune_env = {"TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_AIR_NEW_OUTPUT": "0"}
-    previous_env = {name: os.environ.get(name) for name in tune_env}
-    os.environ.update(tune_env)
     try:
-        grid = fit_or_stop(tuner.fit if tuner is not None else list, channel, lost=lambda exc: (
-            f"the Tune run lost a Ray process or node ({describe_error(exc)})" if process_gone(exc) else None))
+        with _tune_process_settings():
+            grid = fit_or_stop(tuner.fit if tuner is not None else list, channel, lost=lambda exc: (
+                f"the Tune run lost a Ray process or node ({describe_error(exc)})" if process_gone(exc) else None))
     finally:
-        for sig, handler in saved_handlers.items():
-            signal.signal(sig, handler)
-        for name, value in previous_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         LIVE.pop(ctx.job_id, None)
 
     by_key = {t["key"]: t for t in trials}
-    errors: dict[str, str] = {}
-    losses: dict[str, str] = {}
-    for res in grid:
-        key = (res.config or {}).get("trial", {}).get("key")
-        if key is None:
-            continue
-        if res.error is not None:
-            errors[key] = f"{type(res.error).__name__}: {res.error}".splitlines()[0][:300]
-            lost = trial_loss(res.error)
-            if lost is not None:
-                losses[key] = lost
     stores = {k: TrialStore(experiment, k) for k in by_key}
-    missing = [k for k in by_key if stores[k].final() is None]
-    failed = [k for k in missing if k in errors or not stores[k].has_checkpoint()]
-    lost_trials = [k for k in failed if k in losses]
-    if lost_trials and not any(k in errors and k not in losses for k in failed):
-        # Not the job's fault: back to the queue (max_lost); the next attempt resumes these trials.
-        raise AttemptLost(f"{len(lost_trials)} of {len(trials)} tune trials lost their Ray actor or node "
-                          f"({lost_trials[0]}: {losses[lost_trials[0]]})")
-    if failed:
-        first = next((errors[k] for k in failed if k in errors), "no checkpoint")
-        raise RuntimeError(f"{len(failed)} of {len(trials)} tune trials did not finish ({failed[0]}: {first}); "
-                           f"a retry resumes them, finished trials are kept")
-    pending = [by_key[k] for k in missing]
-    _evaluate_unfinished(spec, ctx, experiment, pending, channel)
+    pending = _check_trials(grid, list(by_key), stores)
+    _evaluate_unfinished(spec, ctx, experiment, [by_key[k] for k in pending], channel)
 
     finals = []
     for key in by_key:
@@ -418,22 +454,7 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
             raise RuntimeError(f"trial {key} has no final result")
         document["checkpoint"] = stores[key].checkpoint_uri
         finals.append(document)
-    models = build_matrix(spec, finals)
-    validation = describe_split(load_dataset(spec.dataset, "train", root=ctx.data_dir), spec.val_split)
-    result: dict[str, Any] = {
-        "kind": "tune", "eval_angles": [angle_key(a) for a in spec.eval_angles or spec.angles],
-        "experiment": experiment, "asha": bool(spec.asha and has_alternatives(spec) and spec.epochs > 1),
-        "validation": validation.to_dict(), "models": models,
-        "trials": [{k: f.get(k) for k in ("key", "model", "augment", "train_angle", "lr", "routing_iters", "seed",
-                                          "status", "epochs_trained", "val_accuracy", "rotation_accuracy",
-                                          "train_seconds", "checkpoint", "device", "world_size")}
-                   for f in finals],
-    }
-    if not is_uri(ctx.artifacts):
-        out_dir = Path(os.path.expanduser(ctx.artifacts)).absolute() / ctx.job_id
-        result["artifacts"] = write_artifacts(result, out_dir)
-    else:
-        result["artifacts"] = {}
+    result = _sweep_result(spec, ctx, experiment, finals)
     queue.report_progress(ctx.job_id, ctx.lease_token, {"type": "tune", "trials": len(trials),
                                                         "trials_done": len(trials), "trials_running": 0},
                           publish=False)
