@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from services.queue.connection import redis_client
 from services.queue.jobqueue import JobQueue
 from services.queue.keys import Keys
 from tests.conftest import free_port
+from tests.service_helpers import wait_until
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -345,3 +348,27 @@ def test_metric_names_follow_conventions() -> None:
         "capsnet_job_queue_wait_seconds_bucket", "capsnet_job_run_duration_seconds_bucket",
         "capsnet_job_startup_seconds_bucket", "capsnet_job_admission_seconds_bucket"}
     assert ml.angle_label(35) == ml.angle_label("35.0") == "35"
+
+
+@pytest.mark.slow
+def test_a_worker_shows_its_own_queue_while_it_runs_and_takes_it_away_after(redis_url: str, ray_cluster: str,
+                                                                           tmp_path: Path) -> None:
+    # Two workers in turn in one process: each exports its own queue's series, not a stale one.
+    from prometheus_client import REGISTRY
+
+    from services.config import Settings
+    from services.worker.worker import Worker
+
+    def exported_queues() -> list[Any]:
+        return [c.queue for c in list(REGISTRY._collector_to_names) if isinstance(c, mq.QueueCollector)]
+
+    for n in range(2):
+        worker = Worker(Settings.from_env({"CAPSNET_REDIS_URL": redis_url, "CAPSNET_ARTIFACTS": str(tmp_path),
+                                           "CAPSNET_METRICS_PORT": "0", "CAPSNET_OFFLINE": "1"}),
+                        worker_id=f"w-{n}")
+        running = threading.Thread(target=worker.run, daemon=True)
+        running.start()
+        wait_until(lambda w=worker: exported_queues() == [w.queue], 60, what=f"worker {n}'s queue on /metrics")
+        worker.request_stop()
+        running.join(30)
+        assert not running.is_alive() and exported_queues() == []

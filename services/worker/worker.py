@@ -122,7 +122,7 @@ class Worker:
         self._stop = threading.Event()
         self._current: ClaimedJob | None = None
         self._started = time.time()
-        self._collector_registered = False
+        self._collectors: list[Any] = []
         # Probed at start and before each claim: a read-only or full store would fail every job.
         self.store = StoreMonitor(settings.artifacts, settings.artifacts_min_free_bytes, on_change=self._store_changed)
         self.policy_watch = PolicyWatch(self.queue.client, log)  # an evicting Redis: loud, every few minutes
@@ -154,15 +154,13 @@ class Worker:
                      num_cpus=None if self.settings.ray_address else self.num_cpus,
                      runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING,
                      configure_logging=False, log_to_driver=False)
-        if not self._collector_registered:
+        if not self._collectors:  # this worker's queue and Redis views, until run() ends
             from prometheus_client import REGISTRY
 
-            try:
-                REGISTRY.register(QueueCollector(self.queue, zero_fill=known_job_labels()))
-                REGISTRY.register(RedisHealthCollector(self.queue.client))
-            except ValueError:
-                pass  # already registered in this process (a second Worker in tests)
-            self._collector_registered = True
+            self._collectors = [QueueCollector(self.queue, zero_fill=known_job_labels()),
+                                RedisHealthCollector(self.queue.client)]
+            for collector in self._collectors:
+                REGISTRY.register(collector)
         addr = self.settings.metrics_addr
         port = start_metrics_server(self.metrics_port, addr=addr)
         # a wildcard bind is reached by the host's name; otherwise by the address it is bound to
@@ -204,6 +202,7 @@ class Worker:
             self.start()
         except RedisUnavailable:
             log.info("stopped before Redis answered")
+            self._unregister_collectors()
             return
         done, idle_since, last_publish, published_status = 0, time.monotonic(), 0.0, ""
         try:
@@ -240,6 +239,14 @@ class Worker:
                                 timeout=5)
             except RedisUnavailable as exc:
                 log.warning("could not unregister (%s); the registration expires by itself", exc)
+            self._unregister_collectors()
+
+    def _unregister_collectors(self) -> None:
+        from prometheus_client import REGISTRY
+
+        for collector in self._collectors:
+            REGISTRY.unregister(collector)
+        self._collectors = []
 
     def _store_changed(self, health: StoreHealth) -> None:
         """One log line per change of the store's verdict (not per retry), and the metric."""
