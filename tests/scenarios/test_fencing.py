@@ -11,7 +11,7 @@ import pytest
 from services.queue.jobqueue import JobQueue
 from services.queue.keys import Keys
 
-from .queue_helpers import CPU, train
+from ..queue_helpers import CPU, train
 
 
 @pytest.fixture

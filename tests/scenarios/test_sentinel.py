@@ -25,7 +25,7 @@ from services.queue.redis_retry import is_transient
 from services.queue.replication import NotReplicated
 from services.stack.processes import free_port
 
-from .conftest import _wait_for_port
+from ..conftest import _wait_for_port
 
 SERVICE = "capsnet"
 SPEC = {"kind": "train", "model": "lenet5", "epochs": 1, "train_subset": 64, "test_subset": 64}

@@ -35,8 +35,8 @@ from services.queue.redis_retry import (
 )
 from services.worker.worker import Worker
 
-from .conftest import free_port
-from .service_helpers import WorkerProcess, service_env, wait_until
+from ..conftest import free_port
+from ..service_helpers import WorkerProcess, service_env, wait_until
 
 TINY_LENET = {"kind": "train", "model": "lenet5", "cpu_ranks": 1, "batch_size": 64, "test_subset": 300,
               "eval_angles": [0], "lr": 2e-3, "augment": "none"}

@@ -36,8 +36,8 @@ from services.runs.checkpoints import (
     walk_back,
 )
 
-from .queue_helpers import train
-from .service_helpers import wait_until
+from ..queue_helpers import train
+from ..service_helpers import wait_until
 
 CPU = {"gpus": 0, "cpus": 4}
 FILE = "checkpoint.pt"

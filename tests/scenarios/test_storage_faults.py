@@ -42,7 +42,7 @@ from services.worker.store_health import (
     storage_fault,
 )
 
-from .service_helpers import WorkerProcess, service_env, wait_until
+from ..service_helpers import WorkerProcess, service_env, wait_until
 
 # ---------------------------------------------------------------------------- real tmpfs mounts
 

@@ -35,7 +35,7 @@ from tests.prometheus_helpers import (
 )
 from tests.test_metrics import Samples, get, scrape
 
-from .service_helpers import WorkerProcess, service_env, wait_until
+from ..service_helpers import WorkerProcess, service_env, wait_until
 
 pytestmark = pytest.mark.slow
 

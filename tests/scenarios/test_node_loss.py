@@ -42,7 +42,7 @@ from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 from services.queue.jobqueue import JobQueue
 from services.runs.losses import infrastructure_loss, trial_loss
 
-from .service_helpers import WorkerProcess, service_env, wait_until
+from ..service_helpers import WorkerProcess, service_env, wait_until
 
 CPU = {"gpus": 0, "cpus": 8}
 
@@ -286,7 +286,7 @@ def test_a_collective_error_counts_as_lost_once_ray_declares_the_node_dead() -> 
         cluster.wait_for_nodes()
         driver = subprocess.Popen([sys.executable, "-c", _NODE_LOSS_DRIVER, cluster.address, doomed.node_id,
                                    cluster.head_node.node_id], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True, cwd=Path(__file__).resolve().parent.parent)
+                                  text=True, cwd=Path(__file__).resolve().parents[2])
         def result() -> dict:  # Ray may print to stdout too
             for line in driver.stdout:
                 if line.startswith("RESULT "):

@@ -28,10 +28,10 @@ from services.queue.keys import Keys
 from services.queue.redis_health import EvictionPolicyRefused, PolicyWatch, check_policy, read_health
 from services.queue.redis_retry import RedisRetry, is_out_of_memory, is_transient
 
-from .service_helpers import WorkerProcess, service_env, wait_until
+from ..service_helpers import WorkerProcess, service_env, wait_until
 from .test_redis_outage import TINY_LENET, RedisServer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from capsnet_core.suites import ROTATION_SUITE_ANGLES
 from services.cli import main
 from services.queue.jobqueue import JobQueue
 
-from .service_helpers import wait_until
+from ..service_helpers import wait_until
 
 pytestmark = pytest.mark.slow
 

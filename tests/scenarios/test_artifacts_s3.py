@@ -81,7 +81,7 @@ def test_capsctl_artifacts_downloads_a_checkpoint_from_s3(s3: str, queue: JobQue
 @pytest.mark.slow
 def test_a_killed_job_resumes_from_its_s3_checkpoint_and_evaluates_from_it(
         s3: str, queue: JobQueue, redis_url: str, ray_cluster: str, tmp_path: Path) -> None:
-    from .service_helpers import WorkerProcess, service_env, wait_until
+    from ..service_helpers import WorkerProcess, service_env, wait_until
 
     env = service_env(redis_url, ray_cluster, "s3://bucket/runs")  # AWS_* from the s3 fixture
     job = queue.submit({"kind": "train", "model": "lenet5", "workers": 1, "batch_size": 64, "epochs": 3,

@@ -13,7 +13,7 @@ import redis
 from services.queue.jobqueue import JobQueue
 from services.queue.keys import Keys
 
-from .service_helpers import wait_until
+from ..service_helpers import wait_until
 
 pytestmark = pytest.mark.slow
 

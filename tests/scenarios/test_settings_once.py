@@ -16,7 +16,7 @@ from services.cli import main
 from services.config import Settings
 from services.queue.jobqueue import JobQueue
 
-from .service_helpers import service_env, wait_until
+from ..service_helpers import service_env, wait_until
 
 # A worker whose Settings carry an override the environment does not (as CLI flags and
 # <state_dir>/env give it): before, the run re-read the environment and trained the model anyway.

@@ -19,7 +19,7 @@ from services.queue.jobqueue import JobQueue
 from services.queue.keys import Keys
 from services.queue.states import JobState
 
-from .queue_helpers import CPU, train
+from ..queue_helpers import CPU, train
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from services.spec.errors import SpecError
 from services.spec.jobspec import parse_spec
 from services.stack.processes import free_port, log_tail, spawn, stop_ray_session
 
-from .service_helpers import WorkerProcess, service_env, wait_until
+from ..service_helpers import WorkerProcess, service_env, wait_until
 
 LENET = {"kind": "train", "model": "lenet5", "epochs": 1, "train_subset": 300, "test_subset": 200}
 
