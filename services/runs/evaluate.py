@@ -20,7 +20,14 @@ from capsnet_core.checkpoint import load_checkpoint, model_from_checkpoint
 from capsnet_core.evaluate import evaluate, evaluate_suites
 from capsnet_core.train import angle_key
 from services.queue.jobqueue import JobQueue
-from services.runs.runtime import CHECKPOINT_FILE, JobContext, JobRejected, assigned_device
+from services.runs.runtime import (
+    CHECKPOINT_FILE,
+    JobChannel,
+    JobContext,
+    JobRejected,
+    assigned_device,
+    stop_error,
+)
 from services.runs.tracking import Tracker, result_metrics, spec_params, tracking_target
 from services.spec.jobspec import EvalSpec
 from services.spec.results import JobResult
@@ -74,6 +81,18 @@ def _eval_task(spec_dict: dict[str, Any], checkpoint_uri: str, data_dir: str | N
     return result
 
 
+def _wait_or_stop(running: Any, channel: JobChannel, poll_s: float = 1.0) -> None:
+    """Wait for the eval task; past the time limit, on a cancel or a lost lease, kill it and raise
+    why (``stop_error``), as a train or tune run stops."""
+    import ray
+
+    while not ray.wait([running], timeout=poll_s)[0]:
+        reason = channel.stop_reason()
+        if reason is not None:
+            ray.cancel(running, force=True)  # the task holds its CPUs/GPU until it is killed
+            raise stop_error(reason)
+
+
 def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
     """Evaluate a trained model on the rotated test set as a Ray task (on a GPU if the spec asks)."""
     import ray
@@ -89,8 +108,10 @@ def run_eval_job(spec: EvalSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
         raise JobRejected(str(err)) from None
     resources = spec.resources()
     task = ray.remote(num_cpus=max(1, resources.get("cpus", 1)), num_gpus=resources.get("gpus", 0))(_eval_task)
+    running = task.remote(spec.to_dict(), checkpoint_uri, ctx.data_dir)
+    _wait_or_stop(running, JobChannel(ctx))
     try:
-        result = ray.get(task.remote(spec.to_dict(), checkpoint_uri, ctx.data_dir))
+        result = ray.get(running)
     except CheckpointRejected as exc:  # Ray re-raises the task's error as an instance of its cause
         raise JobRejected(str(getattr(exc, "cause", None) or exc)) from None
     except Exception as exc:

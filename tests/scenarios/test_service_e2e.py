@@ -160,3 +160,40 @@ def test_a_job_past_its_time_limit_is_stopped_and_fails_without_a_retry(queue: J
     nxt = wait_until(lambda: (r := queue.get(after.id)) and r.is_terminal and r, 240,
                      what=f"the next job to run; worker log:\n{worker.output()[-3000:]}")
     assert nxt.state == "succeeded", nxt.error
+
+
+def test_an_eval_past_its_time_limit_or_cancelled_is_stopped_and_its_task_killed(queue: JobQueue, workers,
+                                                                                 tmp_path: Path) -> None:
+    """An eval runs as one Ray task: past --time-limit it is killed and the job fails (time_limit,
+    no retry); a cancel stops it too; its CPU goes back to Ray and the next job runs."""
+    import ray
+
+    from capsnet_core import build_model
+    from capsnet_core.checkpoint import save_checkpoint
+
+    # A full-size CapsNet at 30 angles of the whole test set: many minutes of work on a CPU.
+    capsnet = save_checkpoint(tmp_path / "artifacts" / "given" / "capsnet.pt", build_model("capsnet"))
+    lenet = save_checkpoint(tmp_path / "artifacts" / "given" / "lenet5.pt", build_model("lenet5"))
+    heavy = {"kind": "eval", "source": str(capsnet), "angles": list(range(-174, 180, 12))}
+    limited = queue.submit({**heavy, "time_limit_s": 5, "max_retries": 2})
+    cancelled = queue.submit(heavy)
+    quick = queue.submit({"kind": "eval", "source": str(lenet), "angles": [0], "test_subset": 200})
+    worker = workers("w-eval-limit")
+    record = wait_until(lambda: (r := queue.get(limited.id)) and r.is_terminal and r, 240,
+                        what=f"the time-limited eval to end; worker log:\n{worker.output()[-3000:]}")
+    assert record.state == "failed" and record.cause == "time_limit", (record.state, record.error)
+    assert record.attempt == 1 and "time limit" in record.error
+    started = next(t["at"] for t in record.transitions if t["state"] == "running")
+    ended = next(t["at"] for t in record.transitions if t["state"] == "failed")
+    assert 5 <= ended - started < 60
+    wait_until(lambda: queue.get(cancelled.id).state == "running", 120, what="the second eval to start")
+    queue.cancel(cancelled.id)
+    record = wait_until(lambda: (r := queue.get(cancelled.id)) and r.is_terminal and r, 120,
+                        what=f"the cancelled eval to end; worker log:\n{worker.output()[-3000:]}")
+    assert record.state == "cancelled", (record.state, record.error)
+    record = wait_until(lambda: (r := queue.get(quick.id)) and r.is_terminal and r, 240,
+                        what=f"the next eval to run; worker log:\n{worker.output()[-3000:]}")
+    assert record.state == "succeeded", record.error
+    # the killed tasks hold no CPU any more
+    wait_until(lambda: ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], 60,
+               what="Ray to get the killed eval tasks' CPUs back")
