@@ -195,9 +195,16 @@ def test_sweep_logs_trials_as_child_runs_and_eval_logs_its_results(queue: JobQue
     for child in children:
         trial = trials[child.info.run_name]
         assert child.data.params["augment"] == trial["augment"] and child.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1, 2]
+        curve = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in curve] == [1, 2]
         for angle, accuracy in trial["rotation_accuracy"].items():
             assert child.data.metrics[f"rotation_accuracy/{angle}"] == pytest.approx(accuracy)
+        # The curve is logged as the trial trains, not when the sweep ends: its first epoch
+        # reached MLflow before the trial reported its end.
+        ended_ms = min(int(entry_id.split("-")[0]) for entry_id, e in queue.events.read(sweep.id)
+                       if e["type"] == "progress" and e["data"].get("trial") == child.info.run_name
+                       and e["data"].get("status") in ("finished", "early_stopped"))
+        assert curve[0].timestamp <= ended_ms, (curve[0].timestamp, ended_ms)
     # Ray Tune's own TensorBoard logger wrote one event file per trial; `results` names the folder.
     experiment_dir = Path(record.result["experiment"])
     assert len(list(experiment_dir.glob("*/events.out.tfevents.*"))) == len(trials)
@@ -215,3 +222,36 @@ def test_sweep_logs_trials_as_child_runs_and_eval_logs_its_results(queue: JobQue
     assert run[0].data.tags["capsctl.model"] == "lenet5" and run[0].data.params["source"] == checkpoint
     assert run[0].data.metrics["rotation_accuracy/30"] == pytest.approx(evaluated.result["rotation_accuracy"]["30"])
     assert {a.path for a in client.list_artifacts(run[0].info.run_id)} == {"results.json"}
+
+
+@pytest.mark.slow
+def test_a_later_attempt_continues_the_sweep_run_and_each_trial_curve(mlflow_server: str) -> None:
+    # A worker killed mid-sweep leaves its runs open; the next attempt finds them again: one
+    # sweep run, one child per trial, and an epoch logged before the kill is not logged twice.
+    from mlflow.tracking import MlflowClient
+
+    from services.runs.sweep_tracking import SweepRuns
+    from services.runs.tracking import Tracker, TrackingTarget
+
+    target = TrackingTarget(uri=mlflow_server, experiment="resumed-sweeps", run_name="sweep-1",
+                            tags={"capsctl.job_id": "j-resumed", "capsctl.kind": "tune"})
+    warnings: list[str] = []
+    trial = {"key": "lenet5-none-0", "model": "lenet5", "augment": "none", "lr": 0.001, "seed": 0}
+    first = SweepRuns(Tracker.start(target, lambda message, **_: warnings.append(message)))
+    first.epoch(trial, {"epoch": 1, "train_loss": 2.0, "val_accuracy": 0.3})  # then the worker is killed
+    second = SweepRuns(Tracker.start(target, lambda message, **_: warnings.append(message)))
+    assert second.sweep.run_id == first.sweep.run_id
+    for epoch, loss in ((1, 2.0), (2, 1.5)):  # Tune restores the trial and reports epoch 1 again
+        second.epoch(trial, {"epoch": epoch, "train_loss": loss, "val_accuracy": 0.3 + epoch / 10})
+    second.final({**trial, "status": "finished", "epochs_trained": 2, "val_accuracy": 0.5,
+                  "rotation_accuracy": {"0": 0.6}, "history": [{"epoch": 1, "train_loss": 2.0},
+                                                              {"epoch": 2, "train_loss": 1.5}]})
+    second.sweep.finish()
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("resumed-sweeps").experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{first.sweep.run_id}'")
+    assert [c.info.run_name for c in children] == [trial["key"]] and children[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(children[0].info.run_id, "train_loss")] == [1, 2]
+    assert children[0].data.metrics["rotation_accuracy/0"] == pytest.approx(0.6)
+    assert children[0].data.tags["capsctl.status"] == "finished"
+    assert warnings == []

@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,7 @@ class Tracker:
         self._client = client
         self.run_id = run_id
         self._experiment_id = experiment_id
+        self.logged_steps: set[int] = set()  # epochs of the curve this run holds (a child found again)
 
     @classmethod
     def start(cls, target: TrackingTarget, warn: Warn, params: Mapping[str, str] | None = None,
@@ -143,14 +144,27 @@ class Tracker:
         if not job_id:
             return None
         runs = client.search_runs([experiment_id], filter_string=f"tags.`capsctl.job_id` = '{job_id}' "
-                                  "and attributes.status = 'RUNNING'", max_results=1)
-        return runs[0].info.run_id if runs else None
+                                  "and attributes.status = 'RUNNING'", max_results=1000)
+        # a sweep's open trial runs carry its job id too: the job's own run is the one without a parent
+        return next((r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
 
-    def child(self, run_name: str, tags: Mapping[str, str], params: Mapping[str, str]) -> Tracker:
-        """A child run (a tune trial) under this one; shares its health."""
+    def child(self, run_name: str, tags: Mapping[str, str], params: Mapping[str, str],
+              resume: bool = False) -> Tracker:
+        """A child run (a tune trial) under this one; shares its health. With ``resume``, the
+        child of that name an earlier attempt opened, with the epochs it already holds."""
         child = Tracker(self.target, self._health, self._client, None, self._experiment_id)
 
         def open_child() -> None:
+            if resume:
+                found = self._client.search_runs(
+                    [self._experiment_id], max_results=1,
+                    filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}' and tags.`mlflow.runName` = "
+                                  f"'{run_name}'")
+                if found:
+                    child.run_id = found[0].info.run_id
+                    child.logged_steps = {m.step for m in self._client.get_metric_history(child.run_id,
+                                                                                          "train_loss")}
+                    return
             run = self._client.create_run(self._experiment_id, run_name=run_name,
                                           tags={**self.target.tags, **tags, "mlflow.parentRunId": self.run_id})
             child.run_id = run.info.run_id
@@ -191,6 +205,9 @@ class Tracker:
 
         self._call(send)
 
+    def set_tag(self, key: str, value: str) -> None:
+        self._call(lambda: self._client.set_tag(self.run_id, key, value))
+
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         if not metrics:
             return
@@ -202,12 +219,6 @@ class Tracker:
             self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
         self._call(send)
-
-    def log_history(self, history: Iterable[Mapping[str, Any]]) -> None:
-        """Every epoch of a finished curve (a tune trial), step = epoch."""
-        for record in history:
-            if isinstance(record, Mapping) and isinstance(record.get("epoch"), int):
-                self.log_metrics(epoch_metrics(record), step=record["epoch"])
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         self._call(lambda: self._client.log_artifact(self.run_id, str(path), folder))

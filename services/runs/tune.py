@@ -63,6 +63,7 @@ from services.runs.losses import describe_error, process_gone, trial_loss
 from services.runs.runtime import (
     CHECKPOINT_FILE,
     AttemptLost,
+    JobCancelled,
     JobChannel,
     JobContext,
     assigned_device,
@@ -71,7 +72,8 @@ from services.runs.runtime import (
     prepare_ddp_model,
     stop_error,
 )
-from services.runs.tracking import Tracker, result_metrics, spec_params, tracking_target
+from services.runs.sweep_tracking import SweepRuns
+from services.runs.tracking import Tracker, spec_params, tracking_target
 from services.runs.trial_store import TrialStore, experiment_path, final_document
 from services.runs.tune_callback import LIVE, Live, SweepCallback
 from services.spec.jobspec import TuneSpec
@@ -420,10 +422,34 @@ def _sweep_result(spec: TuneSpec, ctx: JobContext, experiment: str, finals: list
 def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
     """Run (or resume) a tune job on the connected Ray cluster; returns its result document."""
     check_job_limits(spec, ctx.max_params)
+    channel = JobChannel(ctx)
+    # The sweep's MLflow run opens first, so trials log their curves to it while they train.
+    target = tracking_target(spec, ctx.job_id)
+    runs = SweepRuns(Tracker.start(target, channel.warn, spec_params(spec.to_dict()))) if target else None
+    try:
+        result, finals = _run_sweep(spec, ctx, queue, channel, runs)
+    except AttemptLost:
+        raise  # the runs stay open: the next attempt continues them
+    except JobCancelled as exc:
+        if runs is not None and not str(exc).startswith("lease lost"):  # a newer attempt owns them
+            runs.abandon("KILLED")
+        raise
+    except Exception:
+        if runs is not None:
+            runs.abandon("FAILED")
+        raise
+    if runs is not None:
+        _finish_sweep_runs(runs, result, finals, channel)
+    return JobResult.new(**result)  # (result carries kind="tune")
+
+
+def _run_sweep(spec: TuneSpec, ctx: JobContext, queue: JobQueue, channel: JobChannel,
+               runs: SweepRuns | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The sweep itself: trials on Ray Tune, the unfinished ones evaluated; its result and the
+    trials' final documents."""
     trials = expand_trials(spec)
     experiment = experiment_path(ctx)
-    channel = JobChannel(ctx)
-    live = Live(ctx=ctx, queue=queue, channel=channel, total=len(trials))
+    live = Live(ctx=ctx, queue=queue, channel=channel, total=len(trials), runs=runs)
     for t in trials:
         if TrialStore(experiment, t["key"]).final() is not None:
             live.done.add(t["key"])
@@ -458,31 +484,16 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
     queue.report_progress(ctx.job_id, ctx.lease_token, {"type": "tune", "trials": len(trials),
                                                         "trials_done": len(trials), "trials_running": 0},
                           publish=False)
-    _track_sweep(spec, ctx, channel, result, finals)
-    return JobResult.new(**result)  # (result carries kind="tune")
+    return result, finals
 
 
-_TRIAL_PARAMS = ("model", "augment", "train_angle", "lr", "routing_iters", "seed")
-
-
-def _track_sweep(spec: TuneSpec, ctx: JobContext, channel: JobChannel, result: dict[str, Any],
-                 finals: list[dict[str, Any]]) -> None:
-    """The sweep's MLflow run, logged by the driver once every trial is final: the spec, the
-    matrix files and heatmaps; one child run per trial with its per-epoch curve and results."""
-    target = tracking_target(spec, ctx.job_id)
-    if target is None:
-        return
-    sweep = Tracker.start(target, channel.warn, spec_params(spec.to_dict()))
+def _finish_sweep_runs(runs: SweepRuns, result: dict[str, Any], finals: list[dict[str, Any]],
+                       channel: JobChannel) -> None:
+    """Every trial's results and end (their curves were logged as they trained), then the
+    sweep's matrix files, heatmaps and each model's best checkpoint."""
     for document in finals:
-        trial = sweep.child(document["key"], {"capsctl.kind": "trial", "capsctl.trial": document["key"],
-                                              "capsctl.model": document["model"], "capsctl.status": document["status"]},
-                            spec_params({k: document.get(k) for k in _TRIAL_PARAMS}))
-        trial.log_history(document.get("history") or [])
-        final = result_metrics(document)
-        if isinstance(document.get("val_accuracy"), int | float):
-            final["final_val_accuracy"] = float(document["val_accuracy"])
-        trial.log_metrics(final, step=int(document.get("epochs_trained") or 0))
-        trial.finish()
+        runs.final(document)
+    sweep = runs.sweep
     artifacts = result.get("artifacts") or {}
     for path in [artifacts.get("csv"), artifacts.get("json"), *(artifacts.get("heatmaps") or {}).values()]:
         if path:

@@ -16,6 +16,7 @@ from ray.tune import Callback
 
 from services.queue.jobqueue import JobQueue
 from services.runs.runtime import JobChannel, JobContext
+from services.runs.sweep_tracking import SweepRuns
 
 log = logging.getLogger("capsctl.tune")
 
@@ -32,6 +33,7 @@ class Live:
     running: set[str] = field(default_factory=set)
     last_val: dict[str, float] = field(default_factory=dict)
     starts: dict[str, int] = field(default_factory=dict)
+    runs: SweepRuns | None = None  # the sweep's MLflow runs, when it is tracked
 
 
 LIVE: dict[str, Live] = {}
@@ -105,6 +107,11 @@ class SweepCallback(Callback):
             return  # reported by on_trial_complete
         if live is not None and result.get("val_accuracy") is not None:
             live.last_val[trial.config["trial"]["key"]] = float(result["val_accuracy"])
+        if live is not None and live.runs is not None:
+            try:  # the trial's MLflow curve grows as it trains; MLflow errors are the tracker's to count
+                live.runs.epoch(trial.config["trial"], result)
+            except Exception:
+                log.exception("MLflow logging of a trial of %s failed", self.job_id)
         self._publish(trial, "running", epoch=result.get("epoch"), epochs=result.get("epochs"),
                       val_accuracy=result.get("val_accuracy"), train_loss=result.get("train_loss"),
                       epoch_seconds=result.get("epoch_seconds"), early_stop=bool(result.get("done")))
