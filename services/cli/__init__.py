@@ -1,32 +1,8 @@
 """``capsctl``: submit and watch capsule-network jobs (one click group, in the style of rq/flask).
 
-Settings come from, in order of precedence: command-line options, the environment
-(``CAPSNET_REDIS_URL``, ``CAPSNET_REDIS_PREFIX``, ``CAPSNET_STATE_DIR``, ``CAPSNET_ARTIFACTS``,
-``RAY_ADDRESS`` ...), then ``<state_dir>/env`` written by ``capsctl up`` (so commands find the
-Redis that ``up`` started, even on a non-default port), then the defaults of ``services.config``.
-Every command option can also be set as ``CAPSCTL_<COMMAND>_<OPTION>`` (click's
-``auto_envvar_prefix``), e.g. ``CAPSCTL_SUBMIT_EPOCHS=3``.
-
-Exit codes:
-
-* 0 — done. ``status``/``logs -f`` of a failed job still exit 0: only commands that wait for a
-  job (``submit/eval/tune --follow``) report its failure.
-* 1 — a job waited for failed or was cancelled; or the command could not do its work:
-  Redis unreachable, unknown job id, a job in the wrong state (cancel a finished job), no result.
-* 2 — bad usage, nothing was done: unknown options or values (click's usage errors), an
-  invalid job spec (the spec's own one-line message, e.g. ``epochs: must be an integer in
-  1..1000 (got 0)``), a job bigger than every live worker, an eval of a job or path that does
-  not exist, an idempotency key reused with a different spec, an invalid setting in the environment.
-
-Errors are one ``Error: ...`` line on stderr, never a traceback. Read commands take ``--json``
-(stable keys; ``logs --json`` writes one JSON object per line).
-
-The package: ``helpers`` (errors, the App, the click classes), ``options`` (option types and
-shared options), ``render`` (tables and lines), ``follow`` (following a running job),
-``jobfiles`` (``-f`` job files), ``dry_run`` (``--dry-run`` reports),
-``commands_jobs`` (submit, eval, tune, schema, models, results, compare), ``commands_admin`` (status,
-workers, list, logs, cancel, retry, dead-letters, prune) and ``commands_stack`` (worker, up, down).
-This module defines the ``capsctl`` group itself and adds the commands to it.
+This module defines the ``capsctl`` group (settings precedence, exit codes) and adds the
+commands of ``commands_jobs``, ``commands_admin`` and ``commands_stack`` to it; docs/architecture.md
+*The command line* says how settings are found and what each exit code means.
 """
 
 from __future__ import annotations

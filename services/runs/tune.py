@@ -1,39 +1,8 @@
-"""Tune jobs: a robustness study (models × training augmentations × lr × routing × seeds) on Ray Tune.
+"""Tune jobs: a robustness study (models × augmentations × lr × routing × seeds) on Ray Tune.
 
-One Tune trial per combination, expanded up front by ``expand_trials`` (a deterministic list,
-so every attempt of a job names the same trials the same way). A trial is a function
-trainable (``_trial``) that trains with ``capsnet_core.fit``, reports the upright accuracy on
-the validation split after every epoch (``val_accuracy``, the ASHA metric: a fixed hold-out of
-the training set, ``capsnet_core.validation``) through ``ray.tune.report``, and only at the end
-evaluates the test set rotated by every eval angle. No decision (ASHA, a row's configuration,
-the best trial) ever sees a test figure. With
-``gpus_per_trial > 1`` the trial drives a Ray Train ``TorchTrainer`` (one GPU rank each)
-instead of training in its own process.
-
-Storage: ``RunConfig(storage_path=<artifacts>, name=<job id>-tune)``. Each trial also keeps
-its own state at a fixed place in that experiment folder (``trial_store``).
-
-Resume: a later attempt of the same job finds the experiment (``Tuner.can_restore``) and
-restores it with ``resume_errored=True``: finished trials are not rerun, unfinished and
-errored ones continue from their last epoch.
-
-Progress and cancel: ``tune_callback.SweepCallback`` runs in the driver (the worker process),
-publishes per-trial progress and aborts the Tune loop on a cancel request (or a lost lease);
-``run_tune_job`` then raises ``JobCancelled``. Trials check the record too, between steps, so
-they stop within a step even before the driver notices.
-
-A trial whose actor died with its Ray node is an infrastructure loss (``losses.trial_loss``):
-when every unfinished trial failed that way, the attempt is handed back (``AttemptLost``,
-charged to ``max_lost``) and the next one resumes them; a trial's own error fails the job.
-
-The search space is ``tune_space``, the result matrix and its files ``tune_matrix``: both pure,
-importable without Ray.
-
-Early stopping (``asha``): ASHA on ``val_accuracy`` (the validation split) over epochs, used only when the search
-has hyperparameter alternatives (several lr values, routing_iters values or samples); with a
-plain grid of conditions every trial is a cell of the matrix and none is stopped. Trials that
-ASHA stopped are still evaluated at every eval angle from their last checkpoint (a Ray task
-each) and are marked ``early_stopped`` with the epochs they trained.
+``run_tune_job`` expands the trials, runs (or restores) the Tune experiment, evaluates the
+trials ASHA stopped and builds the result matrix; ``_trial`` is one trial. The design (storage,
+resume, cancel, losses, early stopping) is in docs/architecture.md, *Tune jobs*.
 """
 
 from __future__ import annotations

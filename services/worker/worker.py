@@ -1,26 +1,9 @@
 """``capsctl worker``: the long-running consumer of the job queue.
 
-One worker process runs one job at a time, as a Ray driver: it claims a job only when the
-Ray cluster currently has the GPUs/CPUs the job asks for (so waiting jobs wait in Redis,
-visible to every worker, not inside Ray), heartbeats the job's lease while it runs, and
-records the outcome with the lease token (a worker that lost its lease can't overwrite a
-newer attempt). Several workers may run against one queue and one Ray cluster: they admit
-jobs one at a time under the admission lock (``services.worker.admission``), each holding it from
-reading the free resources until its job's resources are reserved in Ray, so two workers
-never count the same free CPUs or GPUs.
-
-If the worker dies (SIGKILL, machine gone), Ray tears down its runs (their driver is gone),
-the lease expires, and another worker re-claims the job, which resumes from its last
-checkpoint (see ``services.runs.train``). If a Ray node under a running job dies (its ranks' processes
-go with it), the run raises ``AttemptLost`` and the worker hands the job straight back to the
-queue (``JobQueue.hand_back``, fenced): charged to ``max_lost`` like a lost worker, never to
-``max_retries``, and the next attempt, on the nodes that are left, resumes from the checkpoint.
-
-Redis going away (restart, failover, network) never ends the worker: every Redis call goes
-through one ``RedisRetry`` (``redis_retry``) and waits, backing off, for Redis to answer; a job
-in flight keeps training. A result that is ready while Redis is away is kept in memory and in
-``<artifacts>/<job id>/pending-result-<attempt>.json`` and recorded, fenced by the lease token,
-as soon as Redis answers (a worker restarted meanwhile records the files it finds at start-up).
+One worker runs one job at a time as a Ray driver: it admits a job only when Ray has the
+resources it asks for, heartbeats its lease while it runs and records the outcome fenced by the
+lease token. What happens when the worker, a Ray node or Redis goes away is in
+docs/architecture.md, *The worker*.
 """
 
 from __future__ import annotations
