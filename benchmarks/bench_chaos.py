@@ -236,7 +236,8 @@ DAMAGE_KINDS = ("truncate", "flip", "delete-folder", "empty-snapshot")
 
 def damage_newest_checkpoint(job_dir: Path, kind: str) -> str | None:
     """Damage a job's newest epoch checkpoint on disk as a crash or a full disk would; says what it did."""
-    epochs = sorted(p for p in job_dir.glob("epoch-*") if (p / "checkpoint.pt").is_file())
+    # epoch-NNNN only: a resume moves damaged folders aside as epoch-NNNN.corrupt-<ms>
+    epochs = sorted(p for p in job_dir.glob("epoch-[0-9][0-9][0-9][0-9]") if (p / "checkpoint.pt").is_file())
     if not epochs:
         return None
     newest = epochs[-1] / "checkpoint.pt"
@@ -433,7 +434,7 @@ def main() -> None:
             if fault in ("kill", "damage"):
                 busy = busy_workers()
                 if fault == "damage":  # only jobs that have a checkpoint to damage
-                    busy = [(w, j) for w, j in busy if any((artifacts / j).glob("epoch-*/checkpoint.pt"))]
+                    busy = [(w, j) for w, j in busy if any((artifacts / j).glob("epoch-[0-9][0-9][0-9][0-9]/checkpoint.pt"))]
                 if busy:  # an idle kill tests nothing: wait for a busy worker
                     victim, job_id = rng.choice(busy)
                     what = ""
