@@ -41,6 +41,7 @@ class JobCancelled(Exception):
 
 
 TIME_LIMIT_REASON = "time limit reached"
+LEASE_LOST_REASON = "lease lost to a newer attempt"
 
 
 class TimeLimitReached(JobCancelled):
@@ -157,7 +158,7 @@ class JobChannel:
             elif record.cancel_requested:
                 self._stop_reason = "cancel requested"
             elif record.lease_token != self.ctx.lease_token:
-                self._stop_reason = "lease lost to a newer attempt"
+                self._stop_reason = LEASE_LOST_REASON
         return self._stop_reason
 
     def should_stop(self) -> bool:

@@ -31,6 +31,7 @@ from services.runs.evaluate import evaluate_checkpoint
 from services.runs.losses import describe_error, process_gone, trial_loss
 from services.runs.runtime import (
     CHECKPOINT_FILE,
+    LEASE_LOST_REASON,
     AttemptLost,
     JobCancelled,
     JobChannel,
@@ -400,7 +401,7 @@ def run_tune_job(spec: TuneSpec, ctx: JobContext, queue: JobQueue) -> JobResult:
     except AttemptLost:
         raise  # the runs stay open: the next attempt continues them
     except JobCancelled as exc:
-        if runs is not None and not str(exc).startswith("lease lost"):  # a newer attempt owns them
+        if runs is not None and str(exc) != LEASE_LOST_REASON:  # else a newer attempt owns them
             runs.abandon("KILLED")
         raise
     except Exception:
